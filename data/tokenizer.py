@@ -1,0 +1,35 @@
+"""Byte-level BPE: every string encodes (no unknown tokens) and decodes back exactly."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"  # id 0; separates documents in the token shards
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE with `<|endoftext|>` as id 0."""
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False and no normalizer keep decode(encode(s)) == s.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json (a prepared dataset dir's, or any pretrained one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"tokenizer file {path} does not exist; set data.tokenizer to 'bpe' or a tokenizer.json")
+    return Tokenizer.from_file(str(path))

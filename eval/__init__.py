@@ -1,0 +1,57 @@
+"""Evaluations of trained runs (DESIGN.md, "Evals"): `python -m eval.<name> --ckpt out/<run>`.
+
+Each module has pure metric functions on tensors / lists (what the tests check) and a
+`main(argv=None)` CLI that writes JSON + PNG under `<run>/eval/`. This file holds the few
+helpers the CLIs share; it imports nothing heavy so `python -m eval.spikes` stays light.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def eval_dir(run_dir) -> Path:
+    """`<run>/eval/`, created on demand: every eval writes its outputs there."""
+    path = Path(run_dir) / "eval"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _json_safe(obj):
+    """NaN/inf are not JSON; write them as null so any JSON reader can load the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path, data: dict) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    return path
+
+
+def held_out_sequences(tokens, n_seqs: int, length: int):
+    """(n, length) LongTensor of consecutive, non-overlapping windows from the start of the
+    held-out token stream: deterministic, so two runs on the same data see the same text.
+    Fewer than n_seqs come back when the stream is short (at least one is required)."""
+    import numpy as np
+    import torch
+
+    tokens = np.asarray(tokens)
+    n = min(n_seqs, len(tokens) // length)
+    if n < 1:
+        raise ValueError(f"held-out data has {len(tokens)} tokens, fewer than one sequence of {length}")
+    return torch.from_numpy(tokens[: n * length].astype(np.int64).reshape(n, length))
+
+
+def pick_device(name: str | None = None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,138 @@
+"""Massive activations in the residual stream (Sun et al. 2024, "Massive Activations in Large
+Language Models"): a few activations per layer orders of magnitude above the median, usually
+at the first token in fixed channels, which act as an attention sink's bias.
+
+Per layer (hidden state after each block): the top-3 |h| with their (sequence, position,
+channel), the median |h|, the ratio top-1 / median, and the first token's hidden-state norm
+over the mean norm of the other tokens.
+
+    python -m eval.activations --ckpt out/<run> [--n-seqs 8]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+# Sun et al.'s working definition: |h| > 100 and about 1000x the median of its hidden state.
+MASSIVE_ABS = 100.0
+MASSIVE_REL = 1000.0
+
+
+def massive_activations(hidden, top: int = 3) -> list[dict]:
+    """Per-layer statistics of `hidden` (a list of (B, T, C) tensors), pooled over the batch."""
+    stats = []
+    for h in hidden:
+        a = h.detach().float().abs()
+        B, T, C = a.shape
+        vals, flat = a.reshape(-1).topk(min(top, a.numel()))
+        median = float(np.median(a.cpu().numpy()))  # interpolated median, as numpy defines it
+        top_list = []
+        for v, f in zip(vals.tolist(), flat.tolist()):
+            seq, rest = divmod(f, T * C)
+            pos, ch = divmod(rest, C)
+            top_list.append({"value": v, "seq": seq, "position": pos, "channel": ch})
+        norms = h.detach().float().norm(dim=-1)  # (B, T)
+        rest_norm = float(norms[:, 1:].mean()) if T > 1 else float("nan")
+        first_norm = float(norms[:, 0].mean())
+        stats.append({
+            "top": top_list,
+            "median_abs": median,
+            "ratio_top1_median": vals[0].item() / median if median > 0 else float("inf"),
+            "n_massive": int(((a > MASSIVE_ABS) & (a > MASSIVE_REL * median)).sum()),
+            "first_token_norm": first_norm,
+            "other_tokens_mean_norm": rest_norm,
+            "first_token_norm_ratio": first_norm / rest_norm if rest_norm > 0 else float("nan"),
+        })
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, sequences, batch_size: int = 8) -> dict:
+    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual
+    stream; the batches are concatenated so the statistics pool every sequence."""
+    device = next(model.parameters()).device
+    model.eval()
+    per_layer = None
+    for batch in torch.as_tensor(sequences).long().split(batch_size):
+        hidden = [h.cpu() for h in model(batch.to(device), return_hidden=True).hidden]
+        per_layer = hidden if per_layer is None else [torch.cat(p) for p in zip(per_layer, hidden)]
+    layers = massive_activations(per_layer)
+    return {
+        "layers": layers,
+        "max_abs": max(l["top"][0]["value"] for l in layers),
+        "max_ratio_top1_median": max(l["ratio_top1_median"] for l in layers),
+        "n_seqs": int(per_layer[0].shape[0]),
+        "T": int(per_layer[0].shape[1]),
+        "definitions": {
+            "layers": "one entry per block, hidden state (residual stream) after that block",
+            "top": "3 largest |h| over all sequences, positions and channels, with their location "
+                   "(seq = sequence index, position = token index from 0)",
+            "median_abs": "median |h| over all sequences, positions and channels",
+            "ratio_top1_median": "largest |h| / median |h|",
+            "n_massive": f"activations with |h| > {MASSIVE_ABS:g} and > {MASSIVE_REL:g} x median "
+                         "(Sun et al.'s working definition)",
+            "first_token_norm_ratio": "mean L2 norm of the first token's hidden state / mean L2 norm "
+                                      "of the other tokens' hidden states",
+        },
+    }
+
+
+def plot(result: dict, path) -> None:
+    """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), and the first-token
+    norm ratio per layer."""
+    from .plots import save, subplots
+
+    layers = result["layers"]
+    x = list(range(1, len(layers) + 1))
+    fig, axes = subplots(1, 2, width=5.5, height=3.8)
+    ax = axes[0, 0]
+    for r in range(len(layers[0]["top"])):
+        ax.plot(x, [l["top"][r]["value"] for l in layers], marker="o", label=f"top {r + 1}")
+    ax.plot(x, [l["median_abs"] for l in layers], marker="o", color="gray", label="median")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("|h|")
+    ax.set_title("largest activation magnitudes")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.bar(x, [l["first_token_norm_ratio"] for l in layers])
+    ax.axhline(1.0, color="gray", ls="--")
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_title("first-token norm / mean norm of other tokens")
+    save(fig, path)
+
+
+def main(argv=None) -> dict:
+    from model.load import load_run
+
+    from . import eval_dir, held_out_sequences, pick_device, write_json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="run directory, e.g. out/<run>")
+    ap.add_argument("--n-seqs", type=int, default=8)
+    ap.add_argument("--length", type=int, default=None, help="tokens per sequence (default: block size)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+
+    run = load_run(args.ckpt)
+    model = run.model.to(pick_device(args.device)).eval()
+    T = min(args.length or model.config.block_size, model.config.block_size)
+    seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T)
+    result = evaluate(model, seqs, args.batch_size)
+    cfg = model.config
+    result["attention"] = {"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate}
+    out = eval_dir(run.run_dir)
+    write_json(out / "activations.json", result)
+    plot(result, out / "activations.png")
+    print(f"max |h| {result['max_abs']:.1f}, max top1/median {result['max_ratio_top1_median']:.0f}x "
+          f"-> {out / 'activations.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Loss and gradient-norm spikes, as OLMo-core's StabilityMonitor / OLMo 2 define them.
+
+A step is a spike when its value > mean + k * std of the previous `window` values (population
+std, current value excluded). Defaults W=128, k=6 follow OLMo-core; W=1000, k=7 is OLMo 2's
+spike score. The spike score is the percentage of eligible steps that are spikes.
+
+    python -m eval.spikes --run out/<run> [--window 128] [--k 6]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("loss", "grad_norm")
+_CHUNK = 4096  # rows of the sliding window processed at once: bounded memory at any length
+
+
+def _finite(values) -> tuple[np.ndarray, np.ndarray]:
+    """(finite values, their indices in `values`); None counts as non-finite."""
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    idx = np.flatnonzero(np.isfinite(v))
+    return v[idx], idx
+
+
+def detect_spikes(values, window: int = 128, k: float = 6.0) -> list[int]:
+    """Indices i with values[i] > mean + k*std of the `window` previous finite values.
+
+    Eligible steps: finite values with at least `window` finite values before them, as in
+    OLMo-core, which checks nothing until its window is full. NaN/inf never enter the
+    statistics and are never spikes (they are divergence, see `divergence`). A window with
+    std < 1e-10 flags nothing (OLMo-core's guard against a flat history).
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    f, idx = _finite(values)
+    if len(f) <= window:
+        return []
+    hist = sliding_window_view(f[:-1], window)  # row j = the window before f[j + window]
+    spikes = []
+    for start in range(0, len(hist), _CHUNK):
+        rows = hist[start : start + _CHUNK]
+        mean, std = rows.mean(axis=1), rows.std(axis=1)
+        cur = f[start + window : start + window + len(rows)]
+        hit = (cur > mean + k * std) & (std >= 1e-10)
+        spikes.extend(idx[np.flatnonzero(hit) + start + window].tolist())
+    return spikes
+
+
+def n_eligible(values, window: int = 128) -> int:
+    """How many steps `detect_spikes` can judge: the spike score's denominator."""
+    return max(0, len(_finite(values)[0]) - window)
+
+
+def merge_events(spike_steps, max_gap: int = 1) -> list[tuple[int, int]]:
+    """Merge flagged steps into (start, end) events; steps at most `max_gap` apart (1 =
+    consecutive) join one event, so a burst counts once and an isolated spike is (s, s)."""
+    events: list[tuple[int, int]] = []
+    for s in sorted(spike_steps):
+        if events and s - events[-1][1] <= max_gap:
+            events[-1] = (events[-1][0], s)
+        else:
+            events.append((s, s))
+    return events
+
+
+def divergence(values) -> int | None:
+    """Index of the first NaN/inf (or None value), or None if the series stays finite."""
+    for i, x in enumerate(values):
+        if x is None or not math.isfinite(x):
+            return i
+    return None
+
+
+def spike_report(steps, values, window: int = 128, k: float = 6.0) -> dict:
+    """Spike score, spike steps, merged events and divergence of one series, in step numbers."""
+    steps = list(steps)
+    if len(steps) != len(values):
+        raise ValueError(f"{len(steps)} steps but {len(values)} values")
+    flagged = detect_spikes(values, window, k)
+    eligible = n_eligible(values, window)
+    # merge on positions in the series (consecutive logged rows), then report step numbers
+    events = [(steps[a], steps[b]) for a, b in merge_events(flagged)]
+    div = divergence(values)
+    return {
+        "spike_score": 100.0 * len(flagged) / eligible if eligible else None,
+        "n_spikes": len(flagged),
+        "n_eligible": eligible,
+        "n_values": len(values),
+        "spikes": [steps[i] for i in flagged],
+        "events": [list(e) for e in events],
+        "n_events": len(events),
+        "divergence": None if div is None else steps[div],
+        "window": window,
+        "k": k,
+    }
+
+
+def read_metrics(path, metric: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `metric` from training rows of metrics.jsonl.
+
+    Rows without the metric, and eval rows (a "split" other than "train"), are skipped.
+    A step logged twice (a resumed run) keeps its last value; rows come back sorted by step.
+    """
+    by_step: dict[int, float] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if metric not in row or row.get("split", "train") != "train" or "step" not in row:
+            continue
+        v = row[metric]
+        by_step[int(row["step"])] = float("nan") if v is None else float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot(series: dict, reports: dict, path) -> None:
+    """One panel per metric: the curve, spikes as red dots, divergence as a dashed line."""
+    from .plots import save, subplots
+
+    names = list(series)
+    fig, axes = subplots(len(names), 1, width=9, height=3.2)
+    for ax, name in zip(axes[:, 0], names):
+        steps, values = series[name]
+        rep = reports[name]
+        ax.plot(steps, values, lw=0.8, label=name)
+        pos = {s: i for i, s in enumerate(steps)}
+        if rep["spikes"]:
+            ax.scatter(rep["spikes"], [values[pos[s]] for s in rep["spikes"]], color="red", s=14,
+                       zorder=3, label=f"spikes ({rep['n_spikes']}, {rep['n_events']} events)")
+        if rep["divergence"] is not None:
+            ax.axvline(rep["divergence"], color="black", ls="--", label=f"non-finite at {rep['divergence']}")
+        finite = [v for v in values if math.isfinite(v)]
+        if name == "grad_norm" and finite and min(finite) > 0:
+            ax.set_yscale("log")
+        score = "n/a" if rep["spike_score"] is None else f"{rep['spike_score']:.3f}%"
+        ax.set_title(f"{name}: spike score {score} (W={rep['window']}, k={rep['k']})")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def main(argv=None) -> dict:
+    from . import eval_dir, write_json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", "--ckpt", dest="run", required=True, help="run directory with metrics.jsonl")
+    ap.add_argument("--window", type=int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")
+    ap.add_argument("--k", type=float, default=6.0, help="6 = OLMo-core, 7 = OLMo 2")
+    args = ap.parse_args(argv)
+
+    run_dir = Path(args.run)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.exists():
+        raise SystemExit(f"{metrics_path} not found: --run must be a training run directory")
+    series = {m: read_metrics(metrics_path, m) for m in METRICS}
+    series = {m: sv for m, sv in series.items() if sv[0]}
+    if not series:
+        raise SystemExit(f"{metrics_path} has no training rows with any of {list(METRICS)}")
+    reports = {m: spike_report(steps, values, args.window, args.k) for m, (steps, values) in series.items()}
+    result = {
+        "metrics": reports,
+        "window": args.window,
+        "k": args.k,
+        "definitions": {
+            "spike": f"value > mean + k*std (population std) of the previous {args.window} finite values",
+            "spike_score": "percentage of eligible steps that are spikes; eligible = finite value with a "
+                           "full window of finite values before it",
+            "spikes": "step numbers flagged as spikes",
+            "events": "[start, end] steps of runs of spikes on consecutive logged rows",
+            "divergence": "first step whose value is NaN/inf (null = none)",
+        },
+        "source": str(metrics_path),
+    }
+    out = eval_dir(run_dir)
+    write_json(out / "spikes.json", result)
+    plot(series, reports, out / "spikes.png")
+    for m, r in reports.items():
+        score = "n/a" if r["spike_score"] is None else f"{r['spike_score']:.3f}%"
+        print(f"{m}: spike score {score} ({r['n_spikes']}/{r['n_eligible']}), "
+              f"{r['n_events']} events, divergence {r['divergence']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Model configuration: one dataclass for the decoder, shared fields reused by the ViT."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear")
+GATE_KINDS = ("none", "headwise", "elementwise")
+# Which kernels can run which attention kind. `math` materialises the weights and is the
+# reference; `auto` picks the fastest path available for the kind and device.
+BACKENDS = {
+    "softmax": ("auto", "math", "sdpa", "flex", "flash"),
+    "sigmoid": ("auto", "math", "flex"),
+    "elu1": ("auto", "math", "flex"),
+    "linear": ("auto", "math", "chunked"),
+}
+ALL_BACKENDS = tuple(sorted({b for kinds in BACKENDS.values() for b in kinds}))
+
+
+@dataclass
+class AttentionConfig:
+    """Fields of the attention block (see DESIGN.md, "The attention block")."""
+
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    attention: str = "softmax"
+    attn_normalize: bool = False  # sigmoid / elu1: divide each row by its sum
+    sigmoid_bias: float | None = None  # None = -log(block_size)
+    gate: str = "none"
+    qk_norm: bool = False
+    backend: str = "auto"
+    linear_chunk_size: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    block_size: int = 256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def resolved_sigmoid_bias(self) -> float:
+        return -math.log(self.block_size) if self.sigmoid_bias is None else self.sigmoid_bias
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the allowed values."""
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {list(ATTENTION_KINDS)}")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"model.gate={self.gate!r} is not one of {list(GATE_KINDS)}")
+        allowed = BACKENDS[self.attention]
+        if self.backend not in allowed:
+            raise ValueError(
+                f"model.backend={self.backend!r} cannot run attention={self.attention!r}; "
+                f"allowed: {list(allowed)}"
+            )
+        if self.attn_normalize and self.attention not in ("sigmoid", "elu1"):
+            raise ValueError(
+                "model.attn_normalize=true only applies to attention=sigmoid or elu1 "
+                f"(softmax and linear are always row-normalised); got attention={self.attention!r}"
+            )
+        for name in ("n_embd", "n_head", "block_size", "linear_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
+
+
+@dataclass
+class GPTConfig(AttentionConfig):
+    """Llama-style decoder. vocab_size None = take it from the tokenizer."""
+
+    vocab_size: int | None = None
+    n_layer: int = 4
+    intermediate_size: int | None = None  # SwiGLU hidden width; None = 8/3 * n_embd rounded to 64
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vocab_size is not None and self.vocab_size <= 0:  # None: filled from the tokenizer
+            raise ValueError(f"model.vocab_size must be a positive integer, got {self.vocab_size}")
+        if self.n_layer <= 0:
+            raise ValueError(f"model.n_layer must be a positive integer, got {self.n_layer}")
+

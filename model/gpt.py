@@ -1,0 +1,170 @@
+"""Llama-style decoder: embedding, N pre-norm blocks (attention + SwiGLU), RMSNorm, LM head.
+
+Parameter names follow HF Llama (q_proj ... down_proj, rotate-half RoPE), so a softmax model
+without a gate exports to LlamaForCausalLM as it is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import Attention, AttentionWeights
+from .cache import Cache, make_cache
+from .config import GPTConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, causal: bool = True):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, causal=causal)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden)
+
+    def forward(self, x, cache=None, return_attn: bool = False):
+        a, weights = self.self_attn(self.input_layernorm(x), cache=cache, return_attn=return_attn)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, weights
+
+
+def init_weights(model: nn.Module, n_layer: int, std: float) -> None:
+    """GPT-2 / nanoGPT init: N(0, std), residual output projections scaled by 1/sqrt(2 n_layer)."""
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue  # norm weights stay at 1
+        scale = 1 / math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        nn.init.normal_(p, mean=0.0, std=std * scale)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    attn: list[torch.Tensor] | None = None  # per layer (B, H, T, T) row-normalised (proxy) weights
+    attn_mass: list[torch.Tensor] | None = None  # per layer (B, H, T) raw row mass
+    hidden: list[torch.Tensor] | None = None  # residual stream after each block
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size is None: set it, or let train.py take it from the tokenizer")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        init_weights(self, config.n_layer, config.init_std)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, return_attn=False, return_hidden=False, cache: Cache | None = None):
+        """idx (B, T) token ids; targets (B, T) with -100 = ignore. With `cache`, idx are the
+        next tokens after what the cache has seen; without, T must fit in block_size."""
+        T = idx.shape[1]
+        if cache is None and T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
+                             "use a cache (model.make_cache) to go further")
+        x = self.embed_tokens(idx)
+        attn, mass, hidden = [], [], []
+        for i, block in enumerate(self.layers):
+            x, weights = block(x, cache=None if cache is None else cache.layers[i], return_attn=return_attn)
+            if isinstance(weights, AttentionWeights):
+                attn.append(weights.probs)
+                mass.append(weights.mass)
+            if return_hidden:
+                hidden.append(x)
+        if cache is not None:
+            cache.seen += T
+        logits = self.lm_head(self.norm(x)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            attn=attn if return_attn else None,
+            attn_mass=mass if return_attn else None,
+            hidden=hidden if return_hidden else None,
+        )
+
+    def make_cache(self, n_sink: int | None = None, window: int | None = None) -> Cache:
+        return make_cache(self.config, n_sink, window)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, cache: Cache | None = None, generator=None, on_token=None):
+        """Sample max_new_tokens after idx (B, T) with a KV cache; returns (B, T + new).
+
+        Without a cache, a full cache is made, so the prompt plus the new tokens must fit in
+        block_size; pass `make_cache(n_sink, window)` to generate without a length limit.
+        `on_token(tokens (B,))` is called after each step (streaming print).
+        """
+        if cache is None:
+            if idx.shape[1] + max_new_tokens > self.config.block_size:
+                raise ValueError(
+                    f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                    f"context of {self.config.block_size}; shorten them or use a sink cache "
+                    "(sample.py --sink-cache S --window W)")
+            cache = self.make_cache()
+        logits = self._prefill(idx, cache)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt[:, 0])
+            logits = self(nxt, cache=cache).logits[:, -1]
+        return torch.cat(out, dim=1)
+
+    def _prefill(self, idx, cache: Cache):
+        """Feed the prompt in pieces that a sink cache can take; return the last logits."""
+        step = idx.shape[1]
+        window = getattr(cache.layers[0], "window", None)
+        if window is not None:
+            step = max(1, window)
+        logits = None
+        for start in range(0, idx.shape[1], step):
+            logits = self(idx[:, start : start + step], cache=cache).logits[:, -1]
+        return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -1,0 +1,95 @@
+"""Generate text from a trained run, printing tokens as they come.
+
+    python sample.py --ckpt out/default --prompt "ROMEO:"
+    python sample.py --ckpt out/default --prompt-file prompt.txt --num-samples 3 --top-p 0.9
+    python sample.py --ckpt out/default --sink-cache 4 --window 252 --max-new-tokens 5000   # no length limit
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run dir (uses its latest checkpoint) or a checkpoint dir")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--sink-cache", type=int, default=None, metavar="S",
+                   help="keep S first tokens + --window recent ones (StreamingLLM): generate past the context")
+    p.add_argument("--window", type=int, default=None, help="recent tokens kept with --sink-cache")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def check_args(args, block_size: int, n_prompt: int):
+    """User errors, said before any generation starts."""
+    if args.max_new_tokens < 0:
+        raise ValueError("--max-new-tokens must be >= 0")
+    if args.temperature < 0:
+        raise ValueError("--temperature must be >= 0 (0 = greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError("--top-p must be in (0, 1]")
+    if args.num_samples < 1:
+        raise ValueError("--num-samples must be >= 1")
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty; pass --prompt with some text")
+    if (args.sink_cache is None) != (args.window is None):
+        raise ValueError("--sink-cache S and --window W go together")
+    if args.sink_cache is not None:
+        if args.sink_cache < 0 or args.window < 1 or args.sink_cache + args.window > block_size:
+            raise ValueError(f"need --sink-cache >= 0, --window >= 1 and their sum <= the context ({block_size})")
+    elif n_prompt + args.max_new_tokens > block_size:
+        raise ValueError(f"prompt ({n_prompt} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the model's "
+                         f"context of {block_size} tokens; shorten them, or generate without a limit with "
+                         f"--sink-cache 4 --window {block_size - 4}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from model.load import load_run
+
+    try:
+        prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
+        run = load_run(args.ckpt, device=args.device)
+        ids = run.tokenizer.encode(prompt).ids
+        check_args(args, run.model.config.block_size, len(ids))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok = run.tokenizer
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        idx = torch.tensor([ids], device=args.device)
+        cache = None if args.sink_cache is None else run.model.make_cache(args.sink_cache, args.window)
+        printed = []
+
+        def stream(token):  # decode the whole tail so multi-byte characters print whole
+            printed.append(int(token[0]))
+            text = tok.decode(printed)
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                printed.clear()
+
+        sys.stdout.write(prompt)
+        run.model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, cache=cache, generator=generator, on_token=stream)
+        sys.stdout.write(tok.decode(printed) + "\n")
+        if i + 1 < args.num_samples:
+            sys.stdout.write("-" * 40 + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Shared helpers for the model tests: an independent reference implementation of the
+attention block and of the Llama-style decoder, written from the formulas in DESIGN.md
+("Model", "The attention block") with plain tensor math. Nothing here calls model/ code.
+
+The reference is exposed through the `ref` fixture (a namespace of functions) so the test
+modules do not import conftest directly.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so plain `pytest` works as well as `python -m pytest`
+    sys.path.insert(0, str(ROOT))
+
+NORMALISED_KINDS = ("softmax", "linear")  # always row-normalised
+
+
+# --------------------------------------------------------------------------------------------
+# primitives
+# --------------------------------------------------------------------------------------------
+def ref_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight."""
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def ref_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (1.0 + torch.exp(-z))
+
+
+def ref_elu1(z: torch.Tensor) -> torch.Tensor:
+    """elu(z) + 1 = z + 1 for z > 0, exp(z) otherwise."""
+    return torch.where(z > 0, z + 1.0, torch.exp(z.clamp(max=0.0)))
+
+
+def ref_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """x: (B, T, H, D). HF Llama rotate-half convention: pair i is (x_i, x_{i+D/2}) and is
+    rotated by angle pos * theta^(-2i/D). Done as a complex multiplication per pair.
+
+    The angles and their cos / sin are computed in float32, as HF Llama does, so the float64
+    tests can use tight tolerances; the rotation itself is done in float64.
+    """
+    D = x.shape[-1]
+    half = D // 2
+    i = torch.arange(half, dtype=torch.float32)
+    inv_freq = 1.0 / (torch.tensor(theta, dtype=torch.float32) ** (2.0 * i / D))
+    ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    rot = torch.complex(torch.cos(ang).to(torch.float64), torch.sin(ang).to(torch.float64))
+    rot = rot[None, :, None, :]  # (1, T, 1, D/2): e^{i * angle} per pair
+    z = torch.complex(x[..., :half].to(torch.float64), x[..., half:].to(torch.float64)) * rot
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
+def attn_params(module_or_sd, prefix: str = "") -> dict:
+    """The attention block's parameter tensors (the very same tensors, so gradients flow)."""
+    if isinstance(module_or_sd, torch.nn.Module):
+        sd = dict(module_or_sd.named_parameters())
+    else:
+        sd = module_or_sd
+    names = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
+             "g": "g_proj.weight", "qn": "q_norm.weight", "kn": "k_norm.weight"}
+    return {key: sd[prefix + name] for key, name in names.items() if prefix + name in sd}
+
+
+def ref_attention(x, P, cfg, causal: bool = True):
+    """Reference attention block. x: (B, T, C) normed input; P from `attn_params`.
+
+    Returns (y (B,T,C), w (B,H,T,T) raw masked weights f(s) before any row normalisation,
+    applied (B,H,T,T) the weights actually multiplied into v).
+    """
+    B, T, C = x.shape
+    H = cfg.n_head
+    Hkv = cfg.n_kv_head or cfg.n_head
+    D = C // H
+    q = (x @ P["q"].T).view(B, T, H, D)
+    k = (x @ P["k"].T).view(B, T, Hkv, D)
+    v = (x @ P["v"].T).view(B, T, Hkv, D)
+    if cfg.qk_norm:
+        q = ref_rms(q, P["qn"], cfg.norm_eps)
+        k = ref_rms(k, P["kn"], cfg.norm_eps)
+    pos = torch.arange(T)
+    q, k = ref_rope(q, pos, cfg.rope_theta), ref_rope(k, pos, cfg.rope_theta)
+    # grouped-query attention: query head h reads kv head h // (H / Hkv)
+    kv_of = torch.tensor([h // (H // Hkv) for h in range(H)])
+    k, v = k[:, :, kv_of], v[:, :, kv_of]
+
+    allowed = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        allowed = torch.tril(allowed)
+    if cfg.attention == "linear":
+        s = torch.einsum("bihd,bjhd->bhij", ref_elu1(q), ref_elu1(k))  # phi(q).phi(k), no 1/sqrt(d)
+        w = s * allowed
+    else:
+        s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+        if cfg.attention == "softmax":
+            s = s.masked_fill(~allowed, float("-inf"))
+            e = torch.exp(s - s.max(-1, keepdim=True).values)
+            w = e / e.sum(-1, keepdim=True)
+        elif cfg.attention == "sigmoid":
+            b = -math.log(cfg.block_size) if cfg.sigmoid_bias is None else cfg.sigmoid_bias
+            w = ref_sigmoid(s + b) * allowed
+        elif cfg.attention == "elu1":
+            w = ref_elu1(s) * allowed
+        else:
+            raise AssertionError(cfg.attention)
+    applied = w
+    if cfg.attention == "linear" or cfg.attn_normalize:
+        applied = w / w.sum(-1, keepdim=True)
+    y = torch.einsum("bhij,bjhd->bihd", applied, v)  # (B, T, H, D)
+    if cfg.gate == "headwise":
+        y = y * ref_sigmoid(x @ P["g"].T)[..., None]
+    elif cfg.gate == "elementwise":
+        y = y * ref_sigmoid(x @ P["g"].T).view(B, T, H, D)
+    return y.reshape(B, T, H * D) @ P["o"].T, w, applied
+
+
+def ref_gpt(idx, sd, cfg):
+    """Reference decoder forward from a state_dict (HF Llama names).
+
+    Returns (logits, hidden list (residual after each block), per-layer raw weights w,
+    per-layer applied weights).
+    """
+    emb = sd["embed_tokens.weight"]
+    x = emb[idx]
+    hidden, ws, applied = [], [], []
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        h = ref_rms(x, sd[p + "input_layernorm.weight"], cfg.norm_eps)
+        a, w, ap = ref_attention(h, attn_params(sd, p + "self_attn."), cfg)
+        x = x + a
+        h = ref_rms(x, sd[p + "post_attention_layernorm.weight"], cfg.norm_eps)
+        g = h @ sd[p + "mlp.gate_proj.weight"].T
+        u = h @ sd[p + "mlp.up_proj.weight"].T
+        x = x + (g * ref_sigmoid(g) * u) @ sd[p + "mlp.down_proj.weight"].T
+        hidden.append(x)
+        ws.append(w)
+        applied.append(ap)
+    logits = ref_rms(x, sd["norm.weight"], cfg.norm_eps) @ emb.T  # lm_head tied to the embedding
+    return logits, hidden, ws, applied
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace the (tiny, near-uniform-attention) init with O(1) random weights so that the
+    attention patterns are peaked and norm weights are not all ones."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1:  # norm weights
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+            else:
+                p.copy_(1.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) / math.sqrt(p.shape[1]))
+    return module
+
+
+def assert_close(actual, expected, tol: float = 1e-6, what: str = "") -> None:
+    """max |actual - expected| <= tol * max(1, max |expected|).
+
+    Scaled to the tensor's magnitude: the model forms RoPE angles in the module's dtype
+    (float64 after .double()) while the reference forms them in float32 like HF Llama, and the
+    unnormalised kinds (elu1) produce outputs and gradients of size ~100; both give relative
+    differences ~1e-8, far below any real bug (relative differences of order 1).
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.to(expected.dtype) - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+@pytest.fixture
+def ref():
+    return types.SimpleNamespace(
+        rms=ref_rms, rope=ref_rope, sigmoid=ref_sigmoid, elu1=ref_elu1, attention=ref_attention,
+        attn_params=attn_params, gpt=ref_gpt, close=assert_close, randomize_=randomize_, normalised_kinds=NORMALISED_KINDS,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
