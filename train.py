@@ -93,6 +93,26 @@ class Trainer:
         # The global batch is fixed by the config; accumulation makes up for fewer processes.
         self.grad_accum = cfg.train.batch_size // per_step
         self.acc.gradient_accumulation_steps = self.grad_accum
+        if self.acc.state.deepspeed_plugin is not None:
+            self.fill_deepspeed_config()
+
+    def fill_deepspeed_config(self):
+        """Put the run config's batch, accumulation and clipping into the DeepSpeed config.
+
+        The shipped JSONs say "auto" for these; Accelerate would otherwise take accumulation
+        from the JSON (silently overriding ours) and clip at 1.0. Explicit values must agree.
+        """
+        tcfg, ds = self.cfg.train, self.acc.state.deepspeed_plugin.deepspeed_config
+        ours = {"train_micro_batch_size_per_gpu": tcfg.micro_batch_size, "gradient_accumulation_steps": self.grad_accum,
+                "train_batch_size": tcfg.batch_size, "gradient_clipping": tcfg.grad_clip}
+        for key, value in ours.items():
+            theirs = ds.get(key, "auto")
+            if theirs == "auto":
+                ds[key] = value
+            elif float(theirs) != float(value):
+                raise ConfigError(f"the DeepSpeed config sets {key}={theirs} but this run needs {value} (from "
+                                  "train.batch_size, train.micro_batch_size, train.grad_clip and the number of "
+                                  f'processes); set "{key}": "auto" in the DeepSpeed JSON (see configs/deepspeed/)')
 
     # ---------------------------------------------------------------- set-up
     def setup(self):
@@ -178,9 +198,10 @@ class Trainer:
         tmp = ckpt_root / f".tmp_{final.name}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / "accelerate").mkdir(parents=True)  # before any rank writes its random states there
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        acc.wait_for_everyone()  # every rank's files are in tmp before the main process renames it
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on the main process
         if acc.is_main_process:
             save_weights(state_dict, tmp / "model.safetensors", self.cfg.model.tie_embeddings)

@@ -18,10 +18,14 @@ from pathlib import Path
 import yaml
 
 from data.config import DataConfig
+from data.images import ImageDataConfig
 from model.config import GPTConfig
+from model.vit import ViTConfig
 
 CONFIG_DIR = Path(__file__).parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+# `task` picks the classes of the model and data sections.
+TASKS = {"lm": (GPTConfig, DataConfig), "vit": (ViTConfig, ImageDataConfig)}
 
 
 class ConfigError(ValueError):
@@ -77,8 +81,9 @@ class RunConfig:
     name: str = "default"  # outputs go to <out_dir>/<name>/
     out_dir: str = "out"
     seed: int = 1337
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    task: str = "lm"  # "lm": decoder on text; "vit": image classifier (model: ViTConfig, data: ImageDataConfig)
+    model: GPTConfig | ViTConfig = field(default_factory=GPTConfig)
+    data: DataConfig | ImageDataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -125,6 +130,11 @@ def _coerce(key: str, value, tp):
         elif t is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
         elif t is str:
             if isinstance(value, str):
                 return value
@@ -137,6 +147,11 @@ def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
+    if cls is RunConfig:
+        task = values.get("task", "lm")
+        if task not in TASKS:
+            raise ConfigError(f"task={task!r} is not one of {list(TASKS)}")
+        hints["model"], hints["data"] = TASKS[task]
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -149,6 +164,9 @@ def _build(cls, values: dict, prefix: str):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(prefix + key, value, tp)
+    if cls is RunConfig:  # sections left out get the task's defaults
+        kwargs.setdefault("model", hints["model"]())
+        kwargs.setdefault("data", hints["data"]())
     return cls(**kwargs)
 
 

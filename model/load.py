@@ -33,11 +33,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir (-> its latest checkpoint), a `latest` link, or a checkpoint dir."""
+    """A run dir (-> checkpoints/latest), a checkpoints dir (-> latest), or a checkpoint dir."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run dir like out/default or a checkpoint dir")
-    if (path / "latest").exists():
+    if (path / "checkpoints" / "latest").exists():
+        path = path / "checkpoints" / "latest"
+    elif (path / "latest").exists():
         path = path / "latest"
     path = path.resolve()
     if not (path / WEIGHTS).is_file():
