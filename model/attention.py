@@ -137,15 +137,21 @@ def linear_attention_global(phi_q, phi_k, v):
     return (phi_q @ S) / (phi_q * z.unsqueeze(-2)).sum(-1, keepdim=True)
 
 
-def resolve_backend(cfg: AttentionConfig, device: torch.device) -> str:
-    """`auto` -> the fastest path known to be correct for this kind on this device."""
+def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """`auto` -> the fastest path known to be correct for this kind on this device and dtype:
+    softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA; sigmoid / elu1: FlexAttention
+    on CUDA, materialised weights elsewhere (flex has no CPU backward); linear: chunked."""
     if cfg.backend != "auto":
         return cfg.backend
+    from . import kernels
+
+    cuda = torch.device(device).type == "cuda"
     if cfg.attention == "softmax":
-        return "sdpa"
+        half = dtype in (torch.float16, torch.bfloat16)
+        return "flash" if cuda and half and kernels.FLASH_AVAILABLE else "sdpa"
     if cfg.attention == "linear":
         return "chunked"
-    return "math"
+    return "flex" if cuda else "math"
 
 
 class Attention(nn.Module):
@@ -154,6 +160,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: AttentionConfig, causal: bool = True):
         super().__init__()
         cfg.validate()
+        if cfg.backend in ("flash", "triton"):
+            from . import kernels
+
+            kernels.require(cfg.backend)  # a missing package fails here, not at the first step
         self.cfg, self.causal = cfg, causal
         H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, H * D, bias=False)
@@ -165,10 +175,15 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
-        self.register_buffer("inv_freq", rope_frequencies(D, cfg.rope_theta), persistent=False)
+        # A plain attribute, not a buffer: module casts (bf16 under DeepSpeed) must not round it.
+        self.inv_freq = rope_frequencies(D, cfg.rope_theta)
 
     def rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (B,H,T,D) as if it sat at positions start .. start+T-1."""
+        if not self.cfg.rope:
+            return x
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
         positions = torch.arange(start, start + x.shape[-2], device=x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         return apply_rope(x, cos, sin)
@@ -207,7 +222,7 @@ class Attention(nn.Module):
         if cfg.kv_heads != cfg.n_head:
             rep = cfg.n_head // cfg.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        backend = "math" if return_attn else resolve_backend(cfg, q.device)
+        backend = "math" if return_attn else resolve_backend(cfg, q.device, q.dtype)
         if backend == "math":
             y, w = math_attention(q, k, v, cfg, self.causal)
             if not return_attn:

@@ -183,6 +183,16 @@ def ref():
     )
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add overhead (and OpenMP spin-waiting makes a
+    loaded 2-core machine ~5x slower), so the model tests run single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

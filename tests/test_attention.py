@@ -17,6 +17,8 @@ from model import Attention, AttentionConfig
 from model.attention import resolve_backend
 from model.cache import LinearState
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 KINDS = ("softmax", "sigmoid", "elu1", "linear")
 GATES = ("none", "headwise", "elementwise")
 T = 13  # deliberately not a multiple of the linear chunk size used below
@@ -228,3 +230,15 @@ def test_reference_rope_is_rotate_half(ref):
         4 * math.cos(a1) + 2 * math.sin(a1),
     ], dtype=torch.float64)
     torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-6)
+
+
+# DeepSpeed's bf16 mode casts the whole module: RoPE frequencies must not be rounded with it.
+def test_rope_frequencies_survive_a_bf16_module_cast(ref):
+    cfg = make_cfg(n_embd=64, n_head=2, block_size=256)
+    x = torch.randn(1, 2, 256, 32, generator=torch.Generator().manual_seed(0))
+    want = ref.rope(x.transpose(1, 2).double(), torch.arange(256), cfg.rope_theta).transpose(1, 2)
+    attn = Attention(cfg)
+    rounding_only = (attn.rope(x.bfloat16(), 0).double() - want).abs().max().item()  # ~0.025
+    attn.to(torch.bfloat16)
+    err = (attn.rope(x.bfloat16(), 0).double() - want).abs().max().item()  # ~0.12 if inv_freq were cast
+    assert err <= 2 * rounding_only, f"bf16-cast module: RoPE error {err:.3f} vs {rounding_only:.3f} from bf16 rounding"
