@@ -53,7 +53,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
 
     def validate(self):
-        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_batches", "ckpt_interval"):
+        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_batches", "ckpt_interval",
+                     "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:

@@ -10,8 +10,8 @@ GATE_KINDS = ("none", "headwise", "elementwise")
 # reference; `auto` picks the fastest path available for the kind and device.
 BACKENDS = {
     "softmax": ("auto", "math", "sdpa", "flex", "flash"),
-    "sigmoid": ("auto", "math", "flex"),
-    "elu1": ("auto", "math", "flex"),
+    "sigmoid": ("auto", "math", "flex", "triton"),
+    "elu1": ("auto", "math", "flex", "triton"),
     "linear": ("auto", "math", "chunked"),
 }
 ALL_BACKENDS = tuple(sorted({b for kinds in BACKENDS.values() for b in kinds}))
@@ -31,6 +31,7 @@ class AttentionConfig:
     qk_norm: bool = False
     backend: str = "auto"
     linear_chunk_size: int = 64
+    rope: bool = True  # RoPE over the sequence index; the ViT turns it off (absolute 2-D position embeddings)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     block_size: int = 256
@@ -69,7 +70,7 @@ class AttentionConfig:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.head_dim % 2:
+        if self.rope and self.head_dim % 2:
             raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")

@@ -24,7 +24,12 @@ def save_weights(state_dict: dict, path: Path, tied: bool) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is damaged ({e}); use another checkpoint of the run") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == TIED_KEY and getattr(model.config, "tie_embeddings", False))]
     if missing or unexpected:
@@ -51,7 +56,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 @dataclass
 class LoadedRun:
     model: torch.nn.Module
-    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer: object  # tokenizers.Tokenizer (None for a ViT run)
     config: dict  # the run's resolved config.yaml
     checkpoint: Path
 
@@ -66,6 +71,9 @@ class LoadedRun:
         from data.loader import TokenShards
         from data.prepare import prepare
 
+        if self.config.get("task", "lm") != "lm":
+            raise ValueError(f"{self.run_dir} is a {self.config['task']} run, not a language model; "
+                             "analyse it with python -m eval.vit_artifacts")
         data_dir = prepare(from_dict({"data": self.config["data"]}).data, progress=False)
         return TokenShards(data_dir, "val").tokens
 
@@ -75,11 +83,14 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     from data.tokenizer import load_tokenizer
 
     from .gpt import GPT
+    from .vit import ViT
 
     ckpt = resolve_checkpoint(path)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
-    model_cfg = from_dict({"model": config["model"]}).model
-    model = GPT(model_cfg)
+    task = config.get("task", "lm")
+    model_cfg = from_dict({"task": task, "model": config["model"]}).model
+    model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device).eval()
-    return LoadedRun(model=model, tokenizer=load_tokenizer(ckpt / "tokenizer.json"), config=config, checkpoint=ckpt)
+    tokenizer = None if task == "vit" else load_tokenizer(ckpt / "tokenizer.json")  # a ViT run has none
+    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)

@@ -1,0 +1,343 @@
+"""High-norm artifact tokens in a ViT (Darcet et al. 2024) and test-time registers (Jiang et al. 2025).
+
+Per layer (residual stream after each block): the L2-norm distribution of the patch, CLS and
+register tokens; outliers = patch tokens whose norm exceeds mean + 3 std of that layer's patch
+norms (or a fixed `--threshold`); the outlier fraction; whether outliers sit on the image border
+or inside it; how CLS splits its attention over CLS / registers / patches; and CLS-to-patch
+attention maps of the last layer for a few images.
+
+`--test-time-register`: rank the SwiGLU hidden units (the input of down_proj) of blocks 0..L by
+their mean |activation| at outlier positions, take the top k ("register neurons"), then at
+inference append one zero token after the patches and move those units' activations from the
+patch tokens to it (zero on every patch, the patch value of largest magnitude on the new
+token). Outlier fraction (same thresholds) and accuracy are reported with and without, on the
+same images.
+
+    python -m eval.vit_artifacts --ckpt out/<run> [--threshold X] [--test-time-register --ttr-layer L --ttr-top-k K]
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+
+import torch
+
+SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
+
+
+# ------------------------------------------------------------------------------ token layout
+def token_slices(n_registers: int, n_patches: int) -> dict[str, slice]:
+    """Positions in the sequence [CLS, registers, patches, (test-time register)]."""
+    p = 1 + n_registers
+    return {"cls": slice(0, 1), "registers": slice(1, p), "patches": slice(p, p + n_patches),
+            "extra": slice(p + n_patches, None)}
+
+
+def border_mask(grid: int) -> torch.Tensor:
+    """(grid*grid,) bool, row-major like the patch tokens: True on the outer ring of patches."""
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return ((r == 0) | (c == 0) | (r == grid - 1) | (c == grid - 1)).flatten()
+
+
+# ------------------------------------------------------------------------------ norms and outliers
+def patch_thresholds(hidden, patches: slice, sigmas: float = SIGMAS) -> list[float]:
+    """Per layer: mean + sigmas * std of the patch-token norms over all images."""
+    out = []
+    for h in hidden:
+        n = h[:, patches].float().norm(dim=-1)
+        out.append(float(n.mean() + sigmas * n.std()))
+    return out
+
+
+def find_outliers(hidden, patches: slice, threshold: float | list[float] | None = None) -> list[torch.Tensor]:
+    """Per layer a (B, n_patches) bool mask of patch tokens whose norm exceeds the layer's threshold
+    (a float for every layer, one per layer, or None = mean + 3 std of that layer's patch norms)."""
+    if threshold is None:
+        threshold = patch_thresholds(hidden, patches)
+    if not isinstance(threshold, (list, tuple)):
+        threshold = [float(threshold)] * len(hidden)
+    return [h[:, patches].float().norm(dim=-1) > t for h, t in zip(hidden, threshold)]
+
+
+def _summary(x: torch.Tensor) -> dict | None:
+    if x.numel() == 0:
+        return None
+    x = x.float().flatten()
+    q = torch.quantile(x, torch.tensor([0.5, 0.99]))
+    return {"mean": float(x.mean()), "std": float(x.std()) if x.numel() > 1 else 0.0,
+            "median": float(q[0]), "p99": float(q[1]), "max": float(x.max())}
+
+
+def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[dict]:
+    """Per-layer norm distributions and outlier statistics (see the module docstring)."""
+    sl = token_slices(n_registers, grid * grid)
+    if threshold is None:
+        threshold = patch_thresholds(hidden, sl["patches"])
+    thresholds = threshold if isinstance(threshold, (list, tuple)) else [float(threshold)] * len(hidden)
+    masks = find_outliers(hidden, sl["patches"], thresholds)
+    border = border_mask(grid)
+    layers = []
+    for i, (h, mask, t) in enumerate(zip(hidden, masks, thresholds)):
+        norms = h.float().norm(dim=-1)  # (B, T)
+        n_out = int(mask.sum())
+        layers.append({
+            "layer": i,
+            "patch_norm": _summary(norms[:, sl["patches"]]),
+            "cls_norm": _summary(norms[:, sl["cls"]]),
+            "register_norm": _summary(norms[:, sl["registers"]]),
+            "extra_token_norm": _summary(norms[:, sl["extra"]]),
+            "threshold": t,
+            "n_outliers": n_out,
+            "outlier_fraction": n_out / mask.numel(),
+            "outliers_on_border": int(mask[:, border].sum()),
+            "outlier_border_share": int(mask[:, border].sum()) / n_out if n_out else None,
+        })
+    return layers
+
+
+# ------------------------------------------------------------------------------ running the model
+@torch.no_grad()
+def mlp_inputs(model, images) -> list[torch.Tensor]:
+    """Per block, the SwiGLU hidden activation silu(gate(x)) * up(x) (down_proj's input), (B, T, hidden)."""
+    acts, handles = [], []
+    for block in model.layers:
+        handles.append(block.mlp.down_proj.register_forward_pre_hook(lambda m, args: acts.append(args[0].cpu())))
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def find_register_neurons(acts, outlier_positions: torch.Tensor, max_layer: int, top_k: int) -> list[dict]:
+    """The top_k (layer <= max_layer, unit) by mean |activation| over the outlier positions.
+
+    acts: per layer (B, T, hidden); outlier_positions: (B, T) bool over the full sequence."""
+    if not outlier_positions.any():
+        return []
+    scores = torch.stack([a[outlier_positions].abs().float().mean(0) for a in acts[: max_layer + 1]])  # (L, hidden)
+    vals, flat = scores.flatten().topk(min(top_k, scores.numel()))
+    return [{"layer": f // scores.shape[1], "unit": f % scores.shape[1], "score": v}
+            for v, f in zip(vals.tolist(), flat.tolist())]
+
+
+@contextmanager
+def test_time_register(model, neurons: list[dict]):
+    """Within the block: every forward of `model` (a ViT) appends one zero token after the patches,
+    and the given MLP units are moved from the patch tokens to that token."""
+    sl = token_slices(model.config.n_registers, model.config.n_patches)
+    by_layer: dict[int, list[int]] = {}
+    for n in neurons:
+        by_layer.setdefault(n["layer"], []).append(n["unit"])
+
+    def append_token(module, args, kwargs):
+        x = args[0]
+        return (torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1), *args[1:]), kwargs
+
+    def move_units(units):
+        def hook(module, args):
+            h = args[0].clone()
+            patch = h[:, sl["patches"], units]  # (B, N, k)
+            pick = patch.abs().argmax(dim=1, keepdim=True)
+            h[:, -1, units] = patch.gather(1, pick).squeeze(1)
+            h[:, sl["patches"], units] = 0.0
+            return (h,)
+        return hook
+
+    handles = [model.layers[0].register_forward_pre_hook(append_token, with_kwargs=True)]
+    handles += [model.layers[layer].mlp.down_proj.register_forward_pre_hook(move_units(units))
+                for layer, units in by_layer.items()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -> dict:
+    """Hidden states per layer, last-layer attention and accuracy over `images`, batched."""
+    hidden, last_attn, correct = None, [], 0
+    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+        out = model(x, return_hidden=True, return_attn=attn)
+        hs = [h.cpu() for h in out.hidden]
+        hidden = hs if hidden is None else [torch.cat(p) for p in zip(hidden, hs)]
+        if attn:
+            last_attn.append(out.attn[-1].cpu())
+        correct += int((out.logits.argmax(-1).cpu() == y).sum())
+    return {"hidden": hidden, "attn": torch.cat(last_attn) if attn else None, "accuracy": correct / len(labels)}
+
+
+def cls_attention_split(attn: torch.Tensor, n_registers: int, n_patches: int) -> dict:
+    """Mean over images and heads of CLS's (proxy) attention on CLS, registers and patches."""
+    row = attn[:, :, 0].float().mean(dim=(0, 1))
+    sl = token_slices(n_registers, n_patches)
+    return {k: float(row[s].sum()) for k, s in sl.items() if k != "extra"}
+
+
+# ------------------------------------------------------------------------------ plots
+def plot_norms(hidden, n_registers: int, grid: int, layers: list[dict], path) -> None:
+    """Per layer: patch-token norm distribution (box), CLS and register norms, outlier threshold."""
+    from .plots import save, subplots
+
+    sl = token_slices(n_registers, grid * grid)
+    fig, axes = subplots(1, 1, width=max(5.0, 1.2 * len(hidden)), height=4.0)
+    ax = axes[0, 0]
+    x = list(range(len(hidden)))
+    ax.boxplot([h[:, sl["patches"]].float().norm(dim=-1).flatten().numpy() for h in hidden], positions=x,
+               widths=0.5, flierprops={"markersize": 3})
+    ax.plot(x, [l["cls_norm"]["mean"] for l in layers], "o", color="C3", label="CLS (mean)")
+    if n_registers:
+        ax.plot(x, [l["register_norm"]["mean"] for l in layers], "s", color="C2", label="registers (mean)")
+    ax.plot(x, [l["threshold"] for l in layers], "_", color="k", markersize=20, label="outlier threshold")
+    ax.set_xticks(x)
+    ax.set_xlabel("block")
+    ax.set_ylabel("token L2 norm")
+    ax.set_title("patch-token norms per layer")
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_attention_maps(images, attn, n_registers: int, grid: int, path, n_maps: int = 4) -> None:
+    """Rows: image, last-layer CLS->patch attention (mean over heads), and register 0's when there is one."""
+    from .plots import save, subplots
+
+    sl = token_slices(n_registers, grid * grid)
+    n = min(n_maps, len(images))
+    rows = 3 if n_registers else 2
+    fig, axes = subplots(rows, n, width=2.2, height=2.2)
+    for j in range(n):
+        img = images[j].float()
+        axes[0, j].imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
+        axes[1, j].imshow(attn[j, :, 0, sl["patches"]].mean(0).view(grid, grid).numpy(), cmap="viridis")
+        if n_registers:
+            axes[2, j].imshow(attn[j, :, 1, sl["patches"]].mean(0).view(grid, grid).numpy(), cmap="viridis")
+        for ax in axes[:, j]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("CLS -> patches")
+    if n_registers:
+        axes[2, 0].set_ylabel("register 0 -> patches")
+    save(fig, path)
+
+
+def plot_ttr(base: list[dict], ttr: list[dict], path) -> None:
+    from .plots import save, subplots
+
+    fig, axes = subplots(1, 1, width=5.0, height=3.5)
+    ax = axes[0, 0]
+    x = [l["layer"] for l in base]
+    ax.plot(x, [100 * l["outlier_fraction"] for l in base], "o-", label="model as trained")
+    ax.plot(x, [100 * l["outlier_fraction"] for l in ttr], "s-", label="with test-time register")
+    ax.set_xticks(x)
+    ax.set_xlabel("block")
+    ax.set_ylabel("outlier patch tokens (%)")
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+# ------------------------------------------------------------------------------ the whole analysis
+def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None, ttr_top_k: int | None = None,
+            batch_size: int = 128) -> dict:
+    """Everything the CLI reports, on normalised `images` (N, C, H, W) with `labels` (N,).
+    ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer)."""
+    c = model.config
+    base = run_model(model, images, labels, batch_size)
+    sl = token_slices(c.n_registers, c.n_patches)
+    thresholds = threshold if threshold is not None else patch_thresholds(base["hidden"], sl["patches"])
+    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds)
+    result = {
+        "n_images": len(labels),
+        "accuracy": base["accuracy"],
+        "threshold_rule": f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
+        "border_share_of_patches": float(border_mask(c.grid).float().mean()),
+        "layers": layers,
+        "cls_attention_last_layer": cls_attention_split(base["attn"], c.n_registers, c.n_patches),
+        "model": {"attention": c.attention, "gate": c.gate, "n_registers": c.n_registers, "n_layer": c.n_layer,
+                  "grid": c.grid, "pool": c.pool},
+    }
+    if ttr_top_k:
+        layer = c.n_layer - 1 if ttr_layer is None else ttr_layer
+        if not 0 <= layer < c.n_layer:
+            raise ValueError(f"--ttr-layer {layer} is not a block index in [0, {c.n_layer - 1}]")
+        masks = find_outliers(base["hidden"], sl["patches"], thresholds)
+        positions = torch.zeros(len(labels), 1 + c.n_registers + c.n_patches, dtype=torch.bool)
+        positions[:, sl["patches"]] = torch.stack(masks).any(0)  # flagged in any layer
+        acts = [torch.cat(p) for p in zip(*(mlp_inputs(model, x) for x in images.split(batch_size)))]
+        neurons = find_register_neurons(acts, positions, layer, ttr_top_k)
+        with test_time_register(model, neurons):
+            ttr = run_model(model, images, labels, batch_size, attn=False)
+        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds)
+        result["test_time_register"] = {
+            "ttr_layer": layer, "top_k": ttr_top_k, "neurons": neurons,
+            "n_outlier_positions": int(positions.sum()),
+            "accuracy_without": base["accuracy"], "accuracy_with": ttr["accuracy"],
+            "outlier_fraction_without": [l["outlier_fraction"] for l in layers],
+            "outlier_fraction_with": [l["outlier_fraction"] for l in ttr_layers],
+            "layers_with": ttr_layers,
+        }
+    result["_hidden"], result["_attn"] = base["hidden"], base["attn"]
+    return result
+
+
+def main(argv=None) -> dict:
+    from data.images import ImageDataConfig, load_images
+    from model.load import load_run
+
+    from . import eval_dir, pick_device, write_json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="a ViT run directory, e.g. out/vit_digits")
+    ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
+                    f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
+    ap.add_argument("--n-images", type=int, default=None, help="held-out images to use (default: all)")
+    ap.add_argument("--n-maps", type=int, default=4, help="images to draw attention maps for")
+    ap.add_argument("--test-time-register", action="store_true", help="also run the test-time register intervention")
+    ap.add_argument("--ttr-layer", type=int, default=None, help="search MLP units in blocks 0..L (default: all)")
+    ap.add_argument("--ttr-top-k", type=int, default=4, help="number of register neurons to move")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    if args.ttr_top_k < 1 or (args.n_images is not None and args.n_images < 1):
+        ap.error("--ttr-top-k and --n-images must be positive")
+
+    try:
+        run = load_run(args.ckpt)
+        if run.config.get("task", "lm") != "vit":
+            raise ValueError(f"{args.ckpt} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
+        data_cfg = ImageDataConfig(**run.config["data"])
+        images = load_images(data_cfg)
+        model = run.model.to(pick_device(args.device)).eval()
+        device = next(model.parameters()).device
+        loader = images.loader("val", args.batch_size, 0)
+        n = len(loader) if args.n_images is None else min(args.n_images, len(loader))
+        x = loader.normalise(images.val_x[:n]).to(device)
+        y = images.val_y[:n]
+        result = analyse(model, x, y, args.threshold, args.ttr_layer,
+                         args.ttr_top_k if args.test_time_register else None, args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    c = model.config
+    out = eval_dir(run.run_dir)
+    hidden, attn = result.pop("_hidden"), result.pop("_attn")
+    plot_norms(hidden, c.n_registers, c.grid, result["layers"], out / "vit_norms.png")
+    plot_attention_maps(images.val_x[:n], attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
+    if "test_time_register" in result:
+        plot_ttr(result["layers"], result["test_time_register"]["layers_with"], out / "vit_ttr.png")
+    write_json(out / "vit_artifacts.json", result)
+    fr = ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in result["layers"])
+    print(f"accuracy {result['accuracy']:.4f} on {n} held-out images; outlier % per block: {fr}")
+    if "test_time_register" in result:
+        t = result["test_time_register"]
+        fr = ", ".join(f"{100 * f:.1f}" for f in t["outlier_fraction_with"])
+        print(f"test-time register ({len(t['neurons'])} units): accuracy {t['accuracy_with']:.4f}; "
+              f"outlier % per block: {fr}")
+    print(f"-> {out / 'vit_artifacts.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
