@@ -53,6 +53,34 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_checkpoint(ckpt: Path) -> None:
+    """Refuse, before anything is written, to resume from a checkpoint with missing or damaged files."""
+    from safetensors import SafetensorError, safe_open
+
+    problem = None
+    if not ckpt.is_dir():
+        problem = "no such directory"
+    else:
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            if not {"step", "tokens", "bad_in_row", "skipped_steps"} <= set(state):
+                problem = "trainer_state.json lacks step/tokens/bad_in_row/skipped_steps"
+        except (OSError, ValueError) as e:
+            problem = f"trainer_state.json is missing or unreadable ({e})"
+        if problem is None:
+            try:
+                with safe_open(str(ckpt / "model.safetensors"), "pt"):  # checks the header covers the whole file
+                    pass
+            except (OSError, SafetensorError) as e:
+                problem = f"model.safetensors is missing or damaged ({e})"
+        if problem is None and not any((ckpt / "accelerate").glob("*")):
+            problem = "the accelerate/ state dir is missing or empty"
+    if problem:
+        raise ConfigError(f"cannot resume from {ckpt}: {problem}. Nothing was overwritten; resume from an earlier "
+                          "checkpoint with train.resume=<its dir> (or repoint checkpoints/latest), or start a new "
+                          "run with name=<new name>")
+
+
 class StopFlag:
     """SIGTERM / SIGINT ask the loop to checkpoint and exit at the end of the current step."""
 
@@ -82,9 +110,13 @@ class Trainer:
             os.environ.setdefault("WANDB_MODE", "offline")
         # gloo works for CPU processes (tests, laptops); NCCL is Accelerate's default on GPUs.
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+        cpu_procs = distributed and not torch.cuda.is_available()
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_procs else []
+        # Plain torchrun on CPU: without cpu=True Accelerate sees no device and does not sync
+        # the processes at all. DeepSpeed runs on CPU by itself (cpu=True would switch it off).
+        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
         self.acc = Accelerator(mixed_precision=mp, log_with="wandb" if use_wandb else None,
-                               kwargs_handlers=handlers)
+                               kwargs_handlers=handlers, cpu=cpu_procs and not use_deepspeed)
         world = self.acc.num_processes
         per_step = cfg.train.micro_batch_size * world
         if cfg.train.batch_size % per_step:
@@ -122,39 +154,74 @@ class Trainer:
         from model import GPT
 
         cfg, acc = self.cfg, self.acc
-        with acc.main_process_first():
-            self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
-        self.meta = json.loads((self.data_dir / "meta.json").read_text())
-        vocab = self.meta["vocab_size"]
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = vocab
-        elif cfg.model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary ({vocab}); set model.vocab_size={vocab} or leave it null")
-        self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        if cfg.task == "vit":
+            self.setup_images()
+        else:
+            with acc.main_process_first():
+                self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
+            self.meta = json.loads((self.data_dir / "meta.json").read_text())
+            vocab = self.meta["vocab_size"]
+            if cfg.model.vocab_size is None:
+                cfg.model.vocab_size = vocab
+            elif cfg.model.vocab_size < vocab:
+                raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                                  f"vocabulary ({vocab}); set model.vocab_size={vocab} or leave it null")
+            split, n = min(("train", self.meta["train_tokens"]), ("val", self.meta["val_tokens"]), key=lambda t: t[1])
+            if n < cfg.model.block_size + 1:  # said here, before the run dir is written
+                raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
+                                  f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
+            self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
         self.start_step, self.tokens_seen, self.bad_in_row, self.skipped = 0, 0, 0, 0
         resume_from = self.find_resume_checkpoint()  # checks config compatibility before writing
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            shutil.copyfile(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
+            if cfg.task == "lm":
+                shutil.copyfile(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
 
         torch.manual_seed(cfg.seed)  # same initial weights on every process
-        model = GPT(cfg.model)
-        self.flops_per_token = training_flops_per_token(cfg.model, cfg.model.block_size)
+        if cfg.task == "vit":
+            from model.vit import ViT, training_flops_per_token as vit_flops
+
+            model = ViT(cfg.model)
+            self.flops_per_token = vit_flops(cfg.model)
+        else:
+            model = GPT(cfg.model)
+            self.flops_per_token = training_flops_per_token(cfg.model, cfg.model.block_size)
         self.peak = peak_tflops(acc.device)
         if cfg.train.compile:
             model = torch.compile(model)
         optimizer = make_optimizer(model, cfg.train, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.train_loader = BatchLoader(self.data_dir, "train", cfg.train.micro_batch_size, cfg.model.block_size,
-                                        cfg.seed, acc.process_index, acc.num_processes, self.grad_accum)
-        self.val_loader = BatchLoader(self.data_dir, "val", cfg.train.micro_batch_size, cfg.model.block_size,
-                                      cfg.seed, 0, 1)
+        if cfg.task == "vit":
+            self.train_loader = self.images.loader("train", cfg.train.micro_batch_size, cfg.seed, acc.process_index,
+                                                   acc.num_processes, self.grad_accum, cfg.data)
+            self.val_loader = self.images.loader("val", cfg.train.micro_batch_size, cfg.seed)
+        else:
+            self.train_loader = BatchLoader(self.data_dir, "train", cfg.train.micro_batch_size, cfg.model.block_size,
+                                            cfg.seed, acc.process_index, acc.num_processes, self.grad_accum)
+            self.val_loader = BatchLoader(self.data_dir, "val", cfg.train.micro_batch_size, cfg.model.block_size,
+                                          cfg.seed, 0, 1)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if cfg.logging.wandb:
             acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg), init_kwargs={"wandb": {"name": cfg.name}})
+
+    def setup_images(self):
+        """ViT: load the image splits and check them against the model (n_classes null = from the data)."""
+        from data.images import load_images
+
+        cfg = self.cfg
+        self.images, self.tokenizer = load_images(cfg.data), None
+        want = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+        if self.images.shape != want:
+            raise ConfigError(f"data.source={cfg.data.source!r} has images of shape {self.images.shape} (C, H, W) but "
+                              f"the model takes {want}; set model.in_channels and model.image_size to match")
+        if cfg.model.n_classes is None:
+            cfg.model.n_classes = self.images.n_classes
+        elif cfg.model.n_classes < self.images.n_classes:
+            raise ConfigError(f"model.n_classes={cfg.model.n_classes} is below the data's {self.images.n_classes} "
+                              "classes; raise it or leave it null")
 
     def find_resume_checkpoint(self) -> Path | None:
         cfg = self.cfg
@@ -166,14 +233,15 @@ class Trainer:
                                   "or start a new run with name=<new name> (nothing was overwritten)")
             return None
         if resume == "auto":
+            if latest.is_symlink() and not latest.exists():
+                raise ConfigError(f"{latest} points at a missing checkpoint; point it at an existing step_* dir "
+                                  "or pass train.resume=<checkpoint dir>")
             if not latest.exists():
                 return None
             ckpt = latest.resolve()
         else:
             ckpt = Path(resume)
-        state_file = ckpt / "trainer_state.json"
-        if not state_file.is_file():
-            raise ConfigError(f"cannot resume from {ckpt}: no trainer_state.json there (not a complete checkpoint)")
+        check_checkpoint(ckpt)
         try:
             saved = yaml.safe_load((ckpt / "config.yaml").read_text())
         except (OSError, yaml.YAMLError) as e:
@@ -204,9 +272,10 @@ class Trainer:
         acc.wait_for_everyone()  # every rank's files are in tmp before the main process renames it
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on the main process
         if acc.is_main_process:
-            save_weights(state_dict, tmp / "model.safetensors", self.cfg.model.tie_embeddings)
+            save_weights(state_dict, tmp / "model.safetensors", getattr(self.cfg.model, "tie_embeddings", False))
             shutil.copyfile(self.run_dir / "config.yaml", tmp / "config.yaml")
-            shutil.copyfile(self.run_dir / "tokenizer.json", tmp / "tokenizer.json")
+            if self.tokenizer is not None:
+                shutil.copyfile(self.run_dir / "tokenizer.json", tmp / "tokenizer.json")
             state = {"step": step, "tokens": self.tokens_seen, "bad_in_row": self.bad_in_row,
                      "skipped_steps": self.skipped, "world_size": acc.num_processes}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -241,18 +310,24 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over fixed held-out batches, shared out across processes."""
+        """Mean loss over fixed held-out batches, shared out across processes.
+
+        For a ViT the accuracy on the same batches goes to self.val_metrics (logged with the loss)."""
         acc, model = self.acc, self.model
         model.eval()
-        total = torch.zeros(2, device=acc.device)
+        total = torch.zeros(3, device=acc.device)
         for i, (x, y) in enumerate(self.val_loader.eval_batches(self.cfg.train.eval_batches)):
             if i % acc.num_processes != acc.process_index:
                 continue
+            x, y = x.to(acc.device), y.to(acc.device)
             with acc.autocast():
-                loss = model(x.to(acc.device), y.to(acc.device)).loss
-            total += torch.stack((loss.float() * x.shape[0], torch.tensor(float(x.shape[0]), device=acc.device)))
+                out = model(x, y)
+            n = torch.tensor(float(x.shape[0]), device=acc.device)
+            correct = (out.logits.argmax(-1) == y).sum().float() if self.cfg.task == "vit" else torch.zeros_like(n)
+            total += torch.stack((out.loss.float() * n, n, correct))
         total = acc.reduce(total, reduction="sum")
         model.train()
+        self.val_metrics = {"val_accuracy": (total[2] / total[1]).item()} if self.cfg.task == "vit" else {}
         return (total[0] / total[1]).item()
 
     def log(self, row: dict):
@@ -265,14 +340,15 @@ class Trainer:
     def train_step(self, step: int):
         """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm, finite, lr).
 
-        A non-finite loss on any process skips the whole update (every process agrees).
+        A non-finite loss on any process, or a non-finite gradient norm, skips the whole update
+        (every process agrees); the weights and optimizer state stay as they were.
         """
         acc, model, cfg = self.acc, self.model, self.cfg.train
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=acc.device)
-        finite, grad_norm = True, float("nan")
+        finite, loss_ok, grad_norm = True, True, float("nan")
         for micro in range(self.grad_accum):
             x, y = self.train_loader.get_batch(step, micro)
             with acc.accumulate(model):  # syncs gradients on the last micro-batch only
@@ -280,18 +356,22 @@ class Trainer:
                     loss = model(x.to(acc.device), y.to(acc.device)).loss
                 ok = acc.reduce(torch.isfinite(loss.detach()).float(), reduction="sum").item() == acc.num_processes
                 if not ok:
-                    finite = False
+                    finite = loss_ok = False
                     # Backward a zero that touches every parameter: keeps DDP/DeepSpeed in step.
                     loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
                 acc.backward(loss)
                 loss_sum += loss.detach().float()
                 if acc.sync_gradients and finite:
-                    if cfg.grad_clip > 0:
-                        norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        grad_norm = float("nan") if norm is None else float(norm)
-                    self.optimizer.step()
+                    # max_norm=inf measures without clipping. The gradients are already reduced, so
+                    # every process sees the same norm and takes the same decision.
+                    norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    grad_norm = float("nan") if norm is None else float(norm)
+                    if norm is not None and not math.isfinite(grad_norm):
+                        finite = False  # overflowing gradients: skip the update like a non-finite loss
+                    else:
+                        self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = acc.reduce(loss_sum / self.grad_accum, reduction="mean").item() if finite else float("nan")
+        mean_loss = acc.reduce(loss_sum / self.grad_accum, reduction="mean").item() if loss_ok else float("nan")
         return mean_loss, grad_norm, finite, lr
 
     def fit(self) -> int:
@@ -334,7 +414,7 @@ class Trainer:
             if self.bad_in_row >= tcfg.max_bad_steps:
                 if bar is not None:
                     bar.close()
-                acc.print(f"stopping: the loss was not finite for {self.bad_in_row} steps in a row (step {step}). "
+                acc.print(f"stopping: the loss or gradient norm was not finite for {self.bad_in_row} steps in a row (step {step}). "
                           "Lower train.lr, raise train.warmup_steps or check the data; the last good checkpoint "
                           f"is in {self.run_dir / 'checkpoints'}.")
                 return 1
@@ -342,9 +422,10 @@ class Trainer:
                                   reduction="sum").item() > 0
             if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
                 val = self.evaluate()
-                self.log({"step": step, "split": "val", "val_loss": val})
+                self.log({"step": step, "split": "val", "val_loss": val, **self.val_metrics})
                 if bar is not None:
-                    bar.write(f"step {step}: val loss {val:.4f}")
+                    bar.write(f"step {step}: val loss {val:.4f}"
+                              + "".join(f", {k} {v:.4f}" for k, v in self.val_metrics.items()))
             if step % tcfg.ckpt_interval == 0 or step == tcfg.max_steps or stopping:
                 self.save_checkpoint(step)
             if stopping:
@@ -357,7 +438,10 @@ class Trainer:
         if bar is not None:
             bar.close()
         val = self.evaluate()
-        if acc.is_main_process:
+        if acc.is_main_process and self.cfg.task == "vit":
+            print(f"final val loss {val:.4f}  |  val accuracy {self.val_metrics['val_accuracy']:.4f}  |  chance "
+                  f"{1 / self.cfg.model.n_classes:.4f}  ({self.run_dir})", flush=True)
+        elif acc.is_main_process:
             uni = self.meta["unigram_val_nll"]
             print(f"final val loss {val:.4f} nats/token  |  unigram baseline {uni:.4f}  |  "
                   f"{uni - val:.2f} nats better  ({self.run_dir})", flush=True)

@@ -69,6 +69,9 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
 def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     """Return the prepared dataset dir for `cfg`, building it if it is not cached yet."""
     cfg.validate()
+    if cfg.tokenizer != "bpe" and not Path(cfg.tokenizer).is_file():
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} does not exist; set it to 'bpe' (train one on the corpus) "
+                         "or to the path of a tokenizer.json")
     root = Path(cfg.cache_dir)
     out = root / dataset_key(cfg)
     if (out / "meta.json").is_file():

@@ -32,4 +32,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"tokenizer file {path} does not exist; set data.tokenizer to 'bpe' or a tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises plain Exception on a malformed file
+        raise ValueError(f"{path} is not a valid tokenizer.json ({e}); set data.tokenizer to 'bpe' or a "
+                         "tokenizer.json saved by HF tokenizers") from None
