@@ -119,7 +119,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
-    run = load_run(args.ckpt)
+    try:
+        run = load_run(args.ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     model = run.model.to(pick_device(args.device)).eval()
     T = min(args.length or model.config.block_size, model.config.block_size)
     seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T)

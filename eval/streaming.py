@@ -1,0 +1,250 @@
+"""Streaming perplexity with KV-sink windows, the StreamingLLM protocol (Xiao et al., ICLR 2024).
+
+Token-by-token decoding over a long held-out text (default: the run's held-out plays,
+concatenated, first 20k tokens); the NLL of every next token is recorded and the cache is
+trimmed after every step. Modes:
+
+* `window`    window attention: the W most recent tokens only (cache 0+W);
+* `sinks`     StreamingLLM: the S first tokens + the W most recent (cache S+W), keys re-rotated
+              at their cache positions ("pos shift");
+* `recompute` sliding window with recomputation, the quality reference: each token is predicted
+              by a fresh forward over the last S+W tokens placed at positions 0..S+W-1. Windows
+              are batched; `--recompute-stride k` scores every k-th position only.
+
+`linear` attention has no window: it runs its exact recurrent state over the whole text (one
+mode, `recurrent`). W defaults to block_size - S so that S+W fits the trained context.
+
+    python -m eval.streaming --ckpt out/<run> [--n-sink 4] [--window W] [--tokens 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.cache import LinearState
+
+MODES = ("window", "sinks", "recompute")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes resident in a cache: K and V of every layer, or linear attention's state."""
+    total = 0
+    for layer in cache.layers:
+        tensors = [getattr(layer, "k", None), getattr(layer, "v", None)]
+        state = getattr(layer, "state", None)
+        tensors += list(state) if isinstance(state, (tuple, list)) else [state]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+@torch.inference_mode()
+def stream_nll(model, tokens: torch.Tensor, cache) -> dict:
+    """Feed `tokens` (1-D) one at a time through `cache`; NLL of each next token (len N-1).
+
+    Returns {"nll": np.ndarray, "seconds", "cache_tokens_peak", "cache_bytes_peak"}.
+    """
+    device = next(model.parameters()).device
+    ids = tokens.to(device).long().view(-1, 1)
+    n = ids.shape[0] - 1
+    nll = torch.empty(n, device=device)
+    peak = 0
+    t0 = time.perf_counter()
+    for t in range(n):
+        logits = model(ids[t : t + 1], cache=cache).logits[0, -1]
+        nll[t] = torch.logsumexp(logits, -1) - logits[ids[t + 1, 0]]
+        peak = max(peak, len(cache))
+    nll = nll.cpu().numpy()  # synchronises on GPU before the clock stops
+    seconds = time.perf_counter() - t0
+    if isinstance(cache.layers[0], LinearState):
+        peak = None  # a fixed-size state, not tokens (len() counts tokens seen)
+    return {"nll": nll, "seconds": seconds, "cache_tokens_peak": peak, "cache_bytes_peak": cache_bytes(cache)}
+
+
+@torch.inference_mode()
+def recompute_nll(model, tokens: torch.Tensor, context: int, stride: int = 1, batch_size: int = 16) -> dict:
+    """Sliding window with recomputation: token t+1 is predicted from tokens[t-context+1 .. t]
+    at positions 0..context-1 (fewer at the start). Positions not scored (stride > 1) are NaN.
+
+    The first `context` predictions share one prefix forward; later ones are batched windows.
+    """
+    device = next(model.parameters()).device
+    tokens = tokens.to(device).long()
+    n = tokens.shape[0] - 1
+    nll = torch.full((n,), float("nan"), device=device)
+    t0 = time.perf_counter()
+    head = min(context, n)  # predictions t = 0..head-1 see the prefix tokens[0..t]
+    logits = model(tokens[None, :head]).logits[0]
+    nll[:head] = F.cross_entropy(logits, tokens[1 : head + 1], reduction="none")
+    ends = torch.arange(head, n, stride, device=device)  # t: last context token of each window
+    for chunk in ends.split(batch_size) if len(ends) else ():
+        windows = torch.stack([tokens[t - context + 1 : t + 1] for t in chunk.tolist()])
+        last = model(windows).logits[:, -1]
+        nll[chunk] = F.cross_entropy(last, tokens[chunk + 1], reduction="none")
+    out = nll.cpu().numpy()
+    seconds = time.perf_counter() - t0
+    return {"nll": out, "seconds": seconds, "cache_tokens_peak": context, "cache_bytes_peak": None}
+
+
+def _summary(res: dict, cache: str) -> dict:
+    nll = res["nll"]
+    scored = np.isfinite(nll)
+    mean = float(nll[scored].mean())
+    return {
+        "cache": cache,
+        "ppl": float(np.exp(mean)),
+        "mean_nll": mean,
+        "n_scored": int(scored.sum()),
+        "tokens_per_s": int(scored.sum()) / res["seconds"],
+        "seconds": res["seconds"],
+        "cache_tokens_peak": res["cache_tokens_peak"],
+        "cache_bytes_peak": res["cache_bytes_peak"],
+    }
+
+
+def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = None, modes=MODES,
+             recompute_stride: int = 1, batch_size: int = 16) -> tuple[dict, dict]:
+    """Run each mode over `tokens`. Returns (JSON-ready result, {mode: per-token NLL array})."""
+    cfg = model.config
+    window = cfg.block_size - n_sink if window is None else window
+    device = next(model.parameters()).device
+    if cfg.attention == "linear":
+        modes = ("recurrent",)
+    results, curves = {}, {}
+    for mode in modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if mode == "recurrent":
+            res, cache = stream_nll(model, tokens, model.make_cache()), "exact recurrent state"
+        elif mode == "window":
+            res, cache = stream_nll(model, tokens, model.make_cache(0, window)), f"0+{window}"
+        elif mode == "sinks":
+            res, cache = stream_nll(model, tokens, model.make_cache(n_sink, window)), f"{n_sink}+{window}"
+        elif mode == "recompute":
+            res = recompute_nll(model, tokens, n_sink + window, recompute_stride, batch_size)
+            cache = f"recompute last {n_sink + window}"
+        else:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        results[mode] = _summary(res, cache)
+        if device.type == "cuda":
+            results[mode]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        curves[mode] = res["nll"]
+    if "recompute" in curves and recompute_stride > 1:  # every mode on the positions recompute scored
+        scored = np.isfinite(curves["recompute"])
+        for mode, nll in curves.items():
+            results[mode]["ppl_on_recompute_positions"] = float(np.exp(nll[scored].mean()))
+    result = {
+        "n_tokens": int(tokens.shape[0]),
+        "n_predictions": int(tokens.shape[0]) - 1,
+        "n_sink": n_sink,
+        "window": window,
+        "block_size": cfg.block_size,
+        "recompute_stride": recompute_stride,
+        "attention": {"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
+        "modes": results,
+        "definitions": {
+            "ppl": "exp(mean NLL of each next token) over the scored positions, decoding token by token",
+            "window": "window attention, cache = the W most recent tokens (0+W)",
+            "sinks": "StreamingLLM: S first tokens + W most recent, keys re-rotated at cache positions",
+            "recompute": "sliding window with recomputation over the last S+W tokens (quality reference)",
+            "recurrent": "linear attention: exact recurrent state over the whole text (no window)",
+            "tokens_per_s": "scored tokens / wall seconds of the mode",
+            "cache_tokens_peak": "largest number of tokens held in the cache (context length for recompute)",
+            "cache_bytes_peak": "bytes of K/V (or linear state) resident at the end, where the cache is largest",
+        },
+    }
+    if cfg.attention == "linear":
+        result["notes"] = "linear attention runs its exact recurrent state: no eviction, one mode"
+    return result, curves
+
+
+def plot(result: dict, curves: dict, path) -> None:
+    """NLL vs position, moving average, one line per mode; dashed line where eviction starts."""
+    from .plots import save, subplots
+
+    n = result["n_predictions"]
+    smooth = max(1, n // 100)
+    fig, axes = subplots(1, 1, width=8, height=4)
+    ax = axes[0, 0]
+    for mode, nll in curves.items():
+        pos = np.flatnonzero(np.isfinite(nll))
+        vals = nll[pos]
+        k = min(smooth, len(vals))
+        avg = np.convolve(vals, np.ones(k) / k, mode="valid")
+        ax.plot(pos[k - 1 :], avg, lw=1, label=f"{mode} ({result['modes'][mode]['cache']}): "
+                                                f"ppl {result['modes'][mode]['ppl']:.2f}")
+    if result["attention"]["kind"] != "linear":
+        ax.axvline(result["n_sink"] + result["window"], color="gray", ls="--", lw=0.8, label="cache full")
+    ax.set_xlabel("position in the text (tokens)")
+    ax.set_ylabel(f"NLL (nats), moving average over {smooth}")
+    ax.set_title(f"streaming NLL, {result['attention']['kind']} (gate {result['attention']['gate']})")
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def _fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv=None) -> dict:
+    from model.load import load_run
+
+    from . import eval_dir, pick_device, write_json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="run directory, e.g. out/<run>")
+    ap.add_argument("--n-sink", type=int, default=4, help="S: first tokens kept (sinks mode)")
+    ap.add_argument("--window", type=int, default=None, help="W: recent tokens kept (default block_size - S)")
+    ap.add_argument("--tokens", type=int, default=20000, help="held-out tokens to stream (at most)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--recompute-stride", type=int, default=1, help="score every k-th position in recompute")
+    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward in recompute")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+
+    if args.n_sink < 0:
+        _fail(f"--n-sink must be >= 0, got {args.n_sink}")
+    if args.tokens < 2:
+        _fail(f"--tokens must be >= 2 (one prediction needs two tokens), got {args.tokens}")
+    if args.recompute_stride < 1 or args.batch_size < 1:
+        _fail("--recompute-stride and --batch-size must be >= 1")
+    try:
+        run = load_run(args.ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    model = run.model.to(pick_device(args.device)).eval()
+    cfg = model.config
+    window = cfg.block_size - args.n_sink if args.window is None else args.window
+    if window < 1:
+        _fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} >= block_size "
+              f"{cfg.block_size} pass --window explicitly")
+    if "recompute" in args.modes and args.n_sink + window > cfg.block_size and cfg.attention != "linear":
+        _fail(f"recompute needs S+W = {args.n_sink + window} <= block_size {cfg.block_size}; "
+              "lower --window or drop recompute from --modes")
+    val = run.val_tokens()
+    tokens = torch.from_numpy(np.asarray(val[: args.tokens]).astype(np.int64))
+    if tokens.shape[0] < 2:
+        _fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
+
+    result, curves = evaluate(model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size)
+    result["text"] = (f"first {tokens.shape[0]} tokens of the held-out split (documents concatenated), "
+                      f"of {len(val)} available")
+    result["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = eval_dir(run.run_dir)
+    write_json(out / "streaming.json", result)
+    plot(result, curves, out / "streaming.png")
+    for mode, r in result["modes"].items():
+        print(f"{mode:>10} [{r['cache']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
+              f"peak cache {r['cache_tokens_peak']} tokens")
+    print(f"-> {out / 'streaming.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Every eval CLI end to end on one tiny checkpoint trained here: each writes its JSON and PNG
+under <run>/eval/ with values that mean what their definitions say; bad input is one clear error."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from eval import ablate, activations, sink, spikes, streaming
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+TEXT = ("ROMEO. But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+        "JULIET. O Romeo, Romeo, wherefore art thou Romeo?\nDeny thy father and refuse thy name.\n")
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """One tiny softmax run shared by every CLI test: 12 steps on a small text corpus."""
+    tmp = tmp_path_factory.mktemp("eval_cli")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"play{i}.txt").write_text(f"Play {i}.\n" + TEXT * (6 + i))
+    os.environ["WANDB_MODE"] = "disabled"
+    assert train.main([
+        "name=tiny", f"out_dir={tmp / 'out'}", f"data.source={corpus}", f"data.cache_dir={tmp / 'cache'}",
+        "data.vocab_size=300", "data.val_fraction=0.25", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+        "model.block_size=32", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=12",
+        "train.warmup_steps=2", "train.eval_interval=6", "train.eval_batches=2", "train.ckpt_interval=12",
+        "logging.progress=false",
+    ]) == 0
+    return tmp / "out" / "tiny"
+
+
+def outputs(run_dir: Path, json_name: str, png_name: str) -> dict:
+    png = run_dir / "eval" / png_name
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 1000
+    return json.loads((run_dir / "eval" / json_name).read_text())
+
+
+def test_sink_cli(run_dir):
+    sink.main(["--ckpt", str(run_dir), "--n-seqs", "4", "--lengths", "16", "block"])
+    r = outputs(run_dir, "sink.json", "sink_heatmap.png")
+    assert r["lengths"] == [16, 32]
+    alpha = r["by_length"]["16"]["alpha_1"]
+    assert len(alpha) == 2 and len(alpha[0]) == 2  # [layer][head]
+    flat = [a for row in alpha for a in row]
+    assert r["sink_1"] == pytest.approx(100 * sum(a > 0.3 for a in flat) / len(flat))
+    assert 0 < r["f_attn"] < 1
+
+
+def test_spikes_cli(run_dir):
+    spikes.main(["--run", str(run_dir), "--window", "4", "--k", "6"])
+    r = outputs(run_dir, "spikes.json", "spikes.png")
+    loss = r["metrics"]["loss"]
+    assert loss["n_values"] == 12 and loss["n_eligible"] == 8 and loss["divergence"] is None
+    assert loss["spike_score"] == pytest.approx(100 * loss["n_spikes"] / 8)
+
+
+def test_activations_cli(run_dir):
+    activations.main(["--ckpt", str(run_dir), "--n-seqs", "2"])
+    r = outputs(run_dir, "activations.json", "activations.png")
+    assert len(r["layers"]) == 2 and r["T"] == 32
+    assert r["max_abs"] == max(l["top"][0]["value"] for l in r["layers"]) > 0
+
+
+def test_streaming_cli(run_dir):
+    """As a real subprocess: `python -m eval.streaming` is the documented entry point."""
+    cmd = [sys.executable, "-m", "eval.streaming", "--ckpt", str(run_dir), "--tokens", "90", "--n-sink", "2",
+           "--window", "10", "--recompute-stride", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    r = outputs(run_dir, "streaming.json", "streaming.png")
+    assert r["n_tokens"] == 90 and set(r["modes"]) == {"window", "sinks", "recompute"}
+    assert r["modes"]["sinks"]["cache_tokens_peak"] == 12 and r["modes"]["window"]["cache_tokens_peak"] == 10
+    assert r["modes"]["recompute"]["n_scored"] == 12 + len(range(12, 89, 2))
+    for m in r["modes"].values():
+        assert math.isfinite(m["ppl"]) and m["ppl"] > 1 and m["tokens_per_s"] > 0
+
+
+def test_streaming_bad_input_is_one_clear_error(run_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "eval.streaming", "--ckpt", str(tmp_path / "nope")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(SystemExit) as e:
+        streaming.main(["--ckpt", str(run_dir), "--n-sink", "4", "--window", "40"])  # 44 > block 32
+    assert e.value.code == 2
+
+
+def test_ablate_collects_runs(run_dir, tmp_path):
+    out = tmp_path / "ablate"
+    rows = ablate.main(["--runs", str(run_dir), "--out", str(out), "--stream-tokens", "60",
+                        "--recompute-stride", "3"])
+    assert (out / "ablation.png").read_bytes()[:8] == PNG
+    table = (out / "ablation.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| tiny | softmax | none |")
+    data = json.loads((out / "ablation.json").read_text())
+    row = data["rows"][0]
+    val = [json.loads(l)["val_loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert row["val_loss"] == pytest.approx(val[-1]) and row["steps"] == 12
+    assert row["sink_1"] == rows[0]["sink_1"] == json.loads((run_dir / "eval" / "sink.json").read_text())["sink_1"]
+    assert set(row["stream_ppl"]) == {"window", "sinks", "recompute"}
+    with pytest.raises(SystemExit):
+        ablate.main(["--runs", str(tmp_path / "missing"), "--out", str(out / "x")])
+    assert not (out / "x").exists()

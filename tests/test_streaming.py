@@ -1,0 +1,96 @@
+"""eval/streaming.py against independent references: the full forward pass (nothing evicted), a
+fresh forward over the retained tokens at positions 0..n-1 (one layer, where pos-shift is exact),
+and per-window forwards for the recomputation baseline; the cache never grows past S+W."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval.streaming import cache_bytes, evaluate, recompute_nll, stream_nll
+from model import GPT, GPTConfig
+
+V = 64
+
+
+def tiny(ref, attention="softmax", gate="none", n_layer=2, block_size=32, seed=0):
+    cfg = GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=block_size, vocab_size=V,
+                    attention=attention, gate=gate, qk_norm=attention == "sigmoid")
+    return ref.randomize_(GPT(cfg), seed).eval()  # peaked attention: evictions change the output
+
+
+def full_forward_nll(model, tokens):
+    with torch.no_grad():
+        logits = model(tokens[None, :-1]).logits[0]
+    return F.cross_entropy(logits, tokens[1:], reduction="none")
+
+
+@pytest.mark.parametrize("attention,gate", [("softmax", "none"), ("sigmoid", "none"), ("elu1", "none"),
+                                            ("linear", "none"), ("softmax", "elementwise")])
+def test_window_covering_the_text_equals_full_forward(ref, attention, gate):
+    model = tiny(ref, attention, gate)
+    tokens = torch.randint(0, V, (29,))  # 28 predictions: fits 0+28, 4+28 and recompute over 32
+    expected = full_forward_nll(model, tokens)
+    result, curves = evaluate(model, tokens, n_sink=4, window=28)
+    assert set(curves) == ({"recurrent"} if attention == "linear" else {"window", "sinks", "recompute"})
+    for mode, nll in curves.items():
+        ref.close(torch.from_numpy(nll), expected, tol=1e-4, what=mode)
+        assert math.isclose(result["modes"][mode]["ppl"], math.exp(expected.mean().item()), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("attention,gate", [("softmax", "none"), ("sigmoid", "none"), ("softmax", "headwise")])
+def test_one_layer_sink_cache_equals_fresh_forward_on_retained_tokens(ref, attention, gate):
+    """After eviction, token t is predicted from tokens[:S] + tokens[t-W+1..t] placed at
+    positions 0..S+W-1. With one layer the cached keys depend on their own token only, so the
+    streamed NLL must equal a fresh forward over exactly those tokens."""
+    S, W, N = 3, 6, 40
+    model = tiny(ref, attention, gate, n_layer=1)
+    tokens = torch.randint(0, V, (N,))
+    nll = torch.from_numpy(stream_nll(model, tokens, model.make_cache(S, W))["nll"])
+    expected = []
+    for t in range(N - 1):
+        kept = list(range(t + 1)) if t + 1 <= S + W else list(range(S)) + list(range(t - W + 1, t + 1))
+        with torch.no_grad():
+            logits = model(tokens[kept][None]).logits[0, -1]
+        expected.append(F.cross_entropy(logits[None], tokens[t + 1 : t + 2]))
+    expected = torch.stack(expected)
+    ref.close(nll, expected, tol=1e-4, what="sink cache vs fresh forward")
+    # the eviction is real: past the window the streamed NLL differs from a full (unevicted) cache's
+    full = torch.from_numpy(stream_nll(model, tokens, model.make_cache())["nll"])
+    ref.close(full[: S + W], nll[: S + W], tol=1e-4, what="before eviction")
+    assert (nll[S + W :] - full[S + W :]).abs().max() > 1e-3
+
+
+def test_peak_cache_stays_s_plus_w(ref):
+    S, W = 4, 12
+    model = tiny(ref)
+    cfg = model.config
+    D = cfg.n_embd // cfg.n_head
+    per_token = 2 * cfg.n_layer * cfg.n_head * D * 4  # K and V, float32
+    for n in (50, 200):
+        cache = model.make_cache(S, W)
+        res = stream_nll(model, torch.randint(0, V, (n,)), cache)
+        assert res["cache_tokens_peak"] == S + W
+        assert all(len(layer) == S + W for layer in cache.layers)
+        assert res["cache_bytes_peak"] == cache_bytes(cache) == (S + W) * per_token
+        window_only = stream_nll(model, torch.randint(0, V, (n,)), model.make_cache(0, W))
+        assert window_only["cache_tokens_peak"] == W
+
+
+def test_recompute_matches_per_window_forward(ref):
+    model = tiny(ref)
+    tokens = torch.randint(0, V, (60,))
+    ctx, stride = 10, 3
+    res = recompute_nll(model, tokens, ctx, stride=stride, batch_size=4)
+    nll = torch.from_numpy(res["nll"])
+    for t in range(59):
+        if t < ctx or (t - ctx) % stride == 0:
+            lo = max(0, t - ctx + 1)
+            with torch.no_grad():
+                logits = model(tokens[None, lo : t + 1]).logits[0, -1]
+            want = F.cross_entropy(logits[None], tokens[t + 1 : t + 2])
+            assert abs(nll[t].item() - want.item()) < 1e-4, t
+        else:
+            assert torch.isnan(nll[t]), t
