@@ -17,6 +17,11 @@ BACKENDS = {
 ALL_BACKENDS = tuple(sorted({b for kinds in BACKENDS.values() for b in kinds}))
 
 
+def swiglu_hidden(n_embd: int, intermediate_size: int | None) -> int:
+    """SwiGLU width: given, or 8/3 n_embd (same parameters as a 4x GELU MLP) rounded up to 64."""
+    return intermediate_size or 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
 @dataclass
 class AttentionConfig:
     """Fields of the attention block (see DESIGN.md, "The attention block")."""
@@ -88,9 +93,7 @@ class GPTConfig(AttentionConfig):
 
     @property
     def mlp_hidden(self) -> int:
-        if self.intermediate_size:
-            return self.intermediate_size
-        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return swiglu_hidden(self.n_embd, self.intermediate_size)
 
     def validate(self) -> None:
         super().validate()

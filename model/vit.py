@@ -7,7 +7,6 @@ reads the final CLS token (or the mean of the patch tokens), never the registers
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import AttentionWeights
-from .config import AttentionConfig
+from .config import AttentionConfig, swiglu_hidden
 from .gpt import Block, ModelOutput, init_weights
 
 POOLS = ("cls", "mean")
@@ -57,9 +56,7 @@ class ViTConfig(AttentionConfig):
 
     @property
     def mlp_hidden(self) -> int:
-        if self.intermediate_size:
-            return self.intermediate_size
-        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return swiglu_hidden(self.n_embd, self.intermediate_size)
 
     def validate(self) -> None:
         super().validate()
