@@ -1,0 +1,191 @@
+"""Fused sigmoid / elu+1 attention in Triton, forward and backward (FlashSigmoid-style).
+
+Unnormalised kinds need no row statistics: out_i = sum_j f(s_ij) v_j with s = q.k / sqrt(d), so
+each query block streams over the key blocks with no running max and no rescaling
+(Ramapuram et al. 2025). The backward recomputes f from q and k block by block:
+
+    dV_j = sum_i f_ij dO_i,   dF_ij = dO_i . v_j,   dS = dF * f'(s),
+    dQ_i = scale * sum_j dS_ij k_j,   dK_j = scale * sum_i dS_ij q_i.
+
+`attn_normalize` keeps the row sums l_i = sum_j f_ij: out = (sum_j f v) / l, and then
+dF_ij = (dO_i . v_j - dO_i . out_i) / l_i. Nothing T x T is stored.
+
+Block sizes are untuned (64 x 64 on the GPU); `python -m eval.bench` times this against flex
+and flash softmax. Runs on the CPU under TRITON_INTERPRET=1 (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SIGMOID, ELU1 = 0, 1
+
+
+@triton.jit
+def _weights(s, bias, KIND: tl.constexpr):
+    """f(s) and f'(s) in fp32."""
+    if KIND == 0:
+        f = tl.sigmoid(s + bias)
+        df = f * (1.0 - f)
+    else:
+        e = tl.exp(tl.minimum(s, 0.0))
+        f = tl.where(s > 0, s + 1.0, e)
+        df = tl.where(s > 0, 1.0, e)
+    return f, df
+
+
+@triton.jit
+def _fwd(Q, K, V, O, L, T, scale, bias, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+         KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
+    start_m = tl.program_id(0) * BM
+    base = tl.program_id(1).to(tl.int64) * T * D
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    acc = tl.zeros((BM, D), dtype=tl.float32)
+    l = tl.zeros((BM,), dtype=tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(start_m + BM, T)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        kv_mask = offs_n[:, None] < T
+        k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        f, _ = _weights(s, bias, KIND)
+        keep = offs_n[None, :] < T
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        f = tl.where(keep, f, 0.0)
+        l += tl.sum(f, 1)
+        acc += tl.dot(f.to(v.dtype), v)
+    if NORMALIZE:
+        acc = acc / l[:, None]
+        tl.store(L + tl.program_id(1).to(tl.int64) * T + offs_m, l, mask=offs_m < T)
+    tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
+    start_n = tl.program_id(0) * BN
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * T * D
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    kv_mask = offs_n[:, None] < T
+    k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BN, D), dtype=tl.float32)
+    dv = tl.zeros((BN, D), dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BM) * BM
+    for start_m in range(lo, T, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        q_mask = offs_m[:, None] < T
+        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN)
+        f, fprime = _weights(s, bias, KIND)
+        keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        f = tl.where(keep, f, 0.0)
+        dfw = tl.dot(do, tl.trans(v)).to(tl.float32)  # dO_i . v_j
+        if NORMALIZE:
+            l = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=1.0)
+            delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+            f = f / l[:, None]
+            dfw = (dfw - delta[:, None]) / l[:, None]
+        dv += tl.dot(tl.trans(f.to(do.dtype)), do)
+        ds = tl.where(keep, dfw * fprime, 0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
+    start_m = tl.program_id(0) * BM
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * T * D
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    q_mask = offs_m[:, None] < T
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    if NORMALIZE:
+        l = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=1.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros((BM, D), dtype=tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(start_m + BM, T)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        kv_mask = offs_n[:, None] < T
+        k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        _, fprime = _weights(s, bias, KIND)
+        keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        dfw = tl.dot(do, tl.trans(v)).to(tl.float32)
+        if NORMALIZE:
+            dfw = (dfw - delta[:, None]) / l[:, None]
+        ds = tl.where(keep, dfw * fprime, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _blocks(T: int) -> tuple[int, int]:
+    b = 64 if T >= 64 else 16
+    return b, b
+
+
+class _SigmoidFamilyAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kind: int, bias: float, causal: bool, normalize: bool):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, T, D = q.shape
+        o = torch.empty_like(q)
+        l = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+        BM, BN = _blocks(T)
+        scale = D ** -0.5
+        _fwd[(triton.cdiv(T, BM), B * H)](q, k, v, o, l, T, scale, bias, D=D, BM=BM, BN=BN,
+                                           KIND=kind, CAUSAL=causal, NORMALIZE=normalize)
+        ctx.save_for_backward(q, k, v, o, l)
+        ctx.args = (kind, bias, causal, normalize)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, l = ctx.saved_tensors
+        kind, bias, causal, normalize = ctx.args
+        do = do.contiguous()
+        B, H, T, D = q.shape
+        BM, BN = _blocks(T)
+        scale = D ** -0.5
+        delta = (do.float() * o.float()).sum(-1) if normalize else l  # dO_i . out_i
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        meta = dict(D=D, BM=BM, BN=BN, KIND=kind, CAUSAL=causal, NORMALIZE=normalize)
+        _bwd_dkdv[(triton.cdiv(T, BN), B * H)](q, k, v, do, l, delta, dk, dv, T, scale, bias, **meta)
+        _bwd_dq[(triton.cdiv(T, BM), B * H)](q, k, v, do, l, delta, dq, T, scale, bias, **meta)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_attention(q, k, v, cfg, causal: bool):
+    """q, k, v (B, H, T, D) with equal query and key lengths; D a power of two >= 16."""
+    if cfg.attention not in ("sigmoid", "elu1"):
+        raise ValueError(f"model.backend=triton runs sigmoid and elu1, not attention={cfg.attention!r}; use auto")
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"model.backend=triton needs head_dim = n_embd / n_head a power of two >= 16, got {D}; "
+                         "use model.backend=flex")
+    kind = SIGMOID if cfg.attention == "sigmoid" else ELU1
+    return _SigmoidFamilyAttention.apply(q, k, v, kind, float(cfg.resolved_sigmoid_bias), causal, cfg.attn_normalize)

@@ -1,0 +1,69 @@
+"""eval.bench runs end to end on the CPU at tiny shapes and writes its JSON; bad flags fail
+cleanly; the nanoGPT baseline has GPT-2's parameter count and is causal."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.nanogpt_baseline import NanoGPT, NanoGPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--lengths", "32", "--batch", "2", "--vocab", "64",
+        "--warmup", "1", "--reps", "2"]
+
+
+def bench(*args, out: Path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "eval.bench", *args, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cpu_suite_runs_and_writes_json(tmp_path):
+    proc = bench("--suite", "cpu", "--check", "--kinds", "softmax", "sigmoid", "linear", "--gates", "none",
+                 "elementwise", *TINY, out=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = list(tmp_path.glob("bench-cpu-*.json"))
+    assert len(files) == 1
+    result = json.loads(files[0].read_text())
+    assert result["check"]["pass"] and {r["backend"] for r in result["check"]["rows"]} >= {"sdpa", "flex", "chunked"}
+    assert all(r["out"] < 1e-4 for r in result["check"]["rows"])
+    rows = {r["model"]: r for r in result["train"]}
+    assert set(rows) == {"softmax/none", "nanogpt", "sigmoid/none", "linear/none", "softmax/elementwise",
+                         "sigmoid/elementwise", "linear/elementwise"}
+    for r in rows.values():
+        assert len(r["step_ms_all"]) == 2 and r["step_ms"] > 0
+        assert r["tok_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
+    assert rows["softmax/none"]["vs_softmax"] == 1.0
+    assert "| nanogpt |" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    proc = bench("--device", "cuda", *TINY, out=tmp_path / "b")
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_shape_is_a_clear_error(tmp_path):
+    proc = bench("--suite", "cpu", "--lengths", "0", out=tmp_path / "b")
+    assert proc.returncode == 2 and "--lengths must be positive" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_nanogpt_has_gpt2_small_parameter_count_and_is_causal():
+    with torch.device("meta"):  # 124M parameters without allocating them
+        big = NanoGPT(NanoGPTConfig(vocab_size=50257, block_size=1024))
+    assert sum(p.numel() for p in big.parameters()) == 124_439_808  # GPT-2 small, wte tied to lm_head
+    model = NanoGPT(NanoGPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 40, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 40
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])

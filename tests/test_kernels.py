@@ -1,0 +1,184 @@
+"""The fused attention paths (model/kernels.py, model/kernels_triton.py) against the `math`
+backend, which tests/test_attention.py checks against the independent reference.
+
+On the CPU: backend selection and its errors, FlexAttention's forward (PyTorch has no CPU
+backward for it), the Triton kernel forward and backward under TRITON_INTERPRET=1 when triton is
+installed. Tests marked `gpu` run every fast path in bf16 on CUDA and are skipped without it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, kernels
+from model.attention import Attention, math_attention, resolve_backend
+from model.config import AttentionConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+ELEMENTWISE = [("sigmoid", False), ("sigmoid", True), ("elu1", False), ("elu1", True)]
+
+
+def cfg_for(kind="softmax", normalize=False, backend="auto", **kw) -> AttentionConfig:
+    return AttentionConfig(n_embd=64, n_head=4, attention=kind, attn_normalize=normalize, backend=backend,
+                           block_size=64, **kw)
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --------------------------------------------------------------------------------------------
+# choosing a backend, and the errors for the combinations that cannot run
+# --------------------------------------------------------------------------------------------
+def test_auto_picks_per_kind_and_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolve_backend needs no GPU to answer
+    assert [resolve_backend(cfg_for(k), cpu) for k in ("softmax", "sigmoid", "elu1", "linear")] == \
+        ["sdpa", "math", "math", "chunked"]
+    assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == \
+        ["flex", "flex", "chunked"]
+    assert resolve_backend(cfg_for(), cuda, torch.bfloat16) == ("flash" if kernels.FLASH_AVAILABLE else "sdpa")
+    assert resolve_backend(cfg_for(), cuda, torch.float32) == "sdpa"  # flash-attn takes fp16/bf16 only
+    assert resolve_backend(cfg_for("sigmoid", backend="math"), cuda) == "math"
+
+
+@pytest.mark.skipif(kernels.FLASH_AVAILABLE, reason="flash-attn is installed here")
+def test_flash_without_the_package_fails_at_construction():
+    with pytest.raises(ValueError, match="pip install flash-attn"):
+        Attention(cfg_for(backend="flash"))
+
+
+@pytest.mark.skipif(kernels.TRITON_AVAILABLE, reason="triton is installed here")
+def test_triton_without_the_package_fails_at_construction():
+    with pytest.raises(ValueError, match="pip install triton"):
+        Attention(cfg_for("sigmoid", backend="triton"))
+
+
+def test_kernel_backends_refuse_kinds_they_cannot_run():
+    with pytest.raises(ValueError, match="allowed"):
+        cfg_for("sigmoid", backend="flash").validate()
+    with pytest.raises(ValueError, match="allowed"):
+        cfg_for("linear", backend="flex").validate()
+
+
+def test_flex_training_on_cpu_is_a_clear_error():
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_embd=32, n_head=2, block_size=16, attention="sigmoid",
+                          backend="flex"))
+    idx = torch.randint(0, 50, (2, 16))
+    with pytest.raises(ValueError, match="no backward on cpu.*backend=auto"):
+        model(idx, targets=idx)
+
+
+# --------------------------------------------------------------------------------------------
+# FlexAttention forward on the CPU
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kind,normalize", [("softmax", False), *ELEMENTWISE])
+def test_flex_forward_matches_math(kind, normalize, causal):
+    cfg = cfg_for(kind, normalize, sigmoid_bias=-1.5)
+    q, k, v = (3 * torch.randn(2, 4, 40, 16) for _ in range(3))  # peaked weights, T not a block multiple
+    with torch.no_grad():
+        y = kernels.attend("flex", q, k, v, cfg, causal)
+        ref = math_attention(q, k, v, cfg, causal)[0]
+    assert rel(y, ref) < 1e-5
+
+
+def test_flex_model_decodes_like_its_full_forward():
+    """Prefill runs flex (Tq == Tk); cached decoding steps fall back to math (Tq != Tk)."""
+    cfg = GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_size=16,
+                    attention="elu1", backend="flex")
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        full = model(idx).logits
+        ref = GPT(replace(cfg, backend="math")).eval()
+        ref.load_state_dict(model.state_dict())
+        assert rel(full, ref(idx).logits) < 1e-5
+        cache = model.make_cache()
+        step = [model(idx[:, :8], cache=cache).logits]
+        step += [model(idx[:, t : t + 1], cache=cache).logits for t in range(8, 12)]
+    assert rel(torch.cat(step, 1), full) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# the Triton kernel, in Triton's CPU interpreter
+# --------------------------------------------------------------------------------------------
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from model.attention import math_attention
+    from model.config import AttentionConfig
+    from model.kernels_triton import triton_attention
+    torch.manual_seed(0)
+    worst = 0.0
+    for kind in ("sigmoid", "elu1"):
+        for normalize in (False, True):
+            for causal in (True, False):
+                cfg = AttentionConfig(n_embd=32, n_head=2, attention=kind, attn_normalize=normalize,
+                                      sigmoid_bias=-1.0, block_size=64)
+                q, k, v = (2 * torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                g = torch.randn(1, 2, 40, 16)
+                outs = []
+                for fn in (triton_attention, lambda *a: math_attention(*a)[0]):
+                    y = fn(q, k, v, cfg, causal)
+                    outs.append([y, *torch.autograd.grad(y, (q, k, v), g)])
+                for a, b in zip(*outs):
+                    worst = max(worst, ((a - b).norm() / b.norm()).item())
+    print("WORST", worst)
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_matches_math_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = float(proc.stdout.split("WORST")[-1])
+    assert worst < 1e-4, f"triton vs math relative error {worst:.3g} (forward or a gradient)"
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU: every fast path in bf16, forward and gradients
+# --------------------------------------------------------------------------------------------
+@gpu
+@needs_cuda
+def test_every_fast_path_matches_math_in_bf16():
+    from eval.bench import check
+
+    rows, ok = check(["softmax", "sigmoid", "elu1", "linear"], torch.device("cuda"), torch.bfloat16, 1e-2, t=300)
+    assert {r["backend"] for r in rows} >= {"sdpa", "flex", "chunked"}
+    assert all(r["grads"] for r in rows)
+    assert ok, [r for r in rows if not r["pass"]]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "elu1", "linear"])
+def test_auto_model_step_on_gpu_matches_math(kind):
+    """A whole model under bf16 autocast: auto's loss and gradients agree with math's."""
+    cfg = GPTConfig(vocab_size=256, n_layer=2, n_embd=128, n_head=2, block_size=256, attention=kind, gate="elementwise")
+    idx = torch.randint(0, 256, (2, 256), device="cuda")
+    results = []
+    for backend in ("auto", "math"):
+        torch.manual_seed(0)
+        model = GPT(replace(cfg, backend=backend)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, targets=idx).loss
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_a, grad_a), (loss_m, grad_m) = results
+    assert abs(loss_a - loss_m).item() < 1e-2 * loss_m.item()
+    assert rel(grad_a, grad_m) < 2e-2
