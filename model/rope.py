@@ -14,17 +14,17 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (T, head_dim) for integer positions of shape (T,)."""
+    """cos and sign-folded sin, each (T, head_dim), for integer positions of shape (T,).
+
+    HF writes the rotation as x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1].
+    That equals x * cos + roll(x, d/2) * [-sin, sin]: one fused multiply-add instead of a
+    chunk, a negation and a concatenation per call (RoPE runs twice per layer).
+    """
     freqs = torch.outer(positions.to(inv_freq.device, torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos, sin: (T, D)."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by (cos, signed_sin) from `rope_cos_sin`, each (T, D)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
