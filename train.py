@@ -375,6 +375,15 @@ class Trainer:
         return mean_loss, grad_norm, finite, lr
 
     def fit(self) -> int:
+        """Train to max_steps (or a stop signal); returns the exit code."""
+        code = self.train_loop()
+        # Every process leaves together: a rank that tears down gloo while another is still in
+        # a collective aborts the whole job.
+        self.acc.wait_for_everyone()
+        self.acc.end_training()  # finishes trackers, destroys the process group
+        return code
+
+    def train_loop(self) -> int:
         cfg, acc = self.cfg, self.acc
         stop = StopFlag()
         tcfg = cfg.train
@@ -445,7 +454,6 @@ class Trainer:
             uni = self.meta["unigram_val_nll"]
             print(f"final val loss {val:.4f} nats/token  |  unigram baseline {uni:.4f}  |  "
                   f"{uni - val:.2f} nats better  ({self.run_dir})", flush=True)
-        acc.end_training()
         return 0
 
 
