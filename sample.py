@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     try:
         prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
-        run = load_run(args.ckpt, device=args.device)
+        run = load_run(args.ckpt, device=args.device, task="lm")
         ids = run.tokenizer.encode(prompt).ids
         check_args(args, run.model.config.block_size, len(ids))
     except (OSError, ValueError) as e:

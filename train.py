@@ -1,7 +1,7 @@
 """Train a sinklab model. One loop for every config, on Accelerate (DDP / DeepSpeed when launched so).
 
     python train.py                                   # default config, embedded Shakespeare
-    python train.py --config configs/sigmoid.yaml train.max_steps=200
+    python train.py --config configs/ablate/sigmoid.yaml train.max_steps=200
     accelerate launch --config_file configs/accelerate/ddp.yaml train.py --config ...
 
 Outputs go to out/<name>/: config.yaml, tokenizer.json, metrics.jsonl and
@@ -28,6 +28,7 @@ from configs import ConfigError, RunConfig, load_config, to_dict
 from model.flops import peak_tflops, training_flops_per_token
 
 CHECKPOINT_FMT = "step_{:07d}"
+RESUME_MAY_CHANGE = ("backend", "linear_chunk_size", "cache_dir")  # same math, other kernels / paths
 
 
 def lr_at(step: int, cfg) -> float:
@@ -171,6 +172,7 @@ class Trainer:
                 raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
                                   f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
             self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        self.check_backend()
         self.start_step, self.tokens_seen, self.bad_in_row, self.skipped = 0, 0, 0, 0
         resume_from = self.find_resume_checkpoint()  # checks config compatibility before writing
         if acc.is_main_process:
@@ -204,6 +206,8 @@ class Trainer:
                                           cfg.seed, 0, 1)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        elif acc.is_main_process:
+            self.truncate_metrics(0)  # a fresh start after a run that died before its first checkpoint
         if cfg.logging.wandb:
             acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg), init_kwargs={"wandb": {"name": cfg.name}})
 
@@ -222,6 +226,15 @@ class Trainer:
         elif cfg.model.n_classes < self.images.n_classes:
             raise ConfigError(f"model.n_classes={cfg.model.n_classes} is below the data's {self.images.n_classes} "
                               "classes; raise it or leave it null")
+
+    def check_backend(self):
+        """GPU-only kernels fail here, before any work, rather than at the first step."""
+        backend, device = self.cfg.model.backend, self.acc.device
+        if backend in ("flex", "flash", "triton") and device.type != "cuda":
+            raise ConfigError(f"model.backend={backend} trains on CUDA GPUs only (this run is on {device.type}); "
+                              "use model.backend=auto (math / sdpa / chunked here) or math")
+        if backend == "flash" and self.acc.mixed_precision not in ("bf16", "fp16"):
+            raise ConfigError("model.backend=flash needs bf16 or fp16; set train.mixed_precision=bf16 (or auto)")
 
     def find_resume_checkpoint(self) -> Path | None:
         cfg = self.cfg
@@ -246,10 +259,12 @@ class Trainer:
             saved = yaml.safe_load((ckpt / "config.yaml").read_text())
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot resume from {ckpt}: its config.yaml is unreadable ({e})") from None
-        ours = to_dict(cfg)
-        changed = [f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}"
-                   for section in ("model", "data") for k, v in ours[section].items()
-                   if saved.get(section, {}).get(k) != v and k not in ("backend",)]
+        # What fixes the weights' shapes and the data order must match; how kernels run may change.
+        ours, saved = to_dict(cfg), saved if isinstance(saved, dict) else {}
+        changed = [f"seed: {saved.get('seed')!r} -> {cfg.seed!r}"] if saved.get("seed") != cfg.seed else []
+        changed += [f"{section}.{k}: {(saved.get(section) or {}).get(k)!r} -> {v!r}"
+                    for section in ("model", "data") for k, v in ours[section].items()
+                    if (saved.get(section) or {}).get(k) != v and k not in RESUME_MAY_CHANGE]
         if changed:
             raise ConfigError(f"cannot resume {self.run_dir} with a different model or data config ("
                               + "; ".join(changed) + "). Use name=<new name> for a new run, or restore those values.")
@@ -271,6 +286,8 @@ class Trainer:
         acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
         acc.wait_for_everyone()  # every rank's files are in tmp before the main process renames it
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on the main process
+        # torch.compile wraps the model: store the plain names so the weights load anywhere.
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in (state_dict or {}).items()}
         if acc.is_main_process:
             save_weights(state_dict, tmp / "model.safetensors", getattr(self.cfg.model, "tie_embeddings", False))
             shutil.copyfile(self.run_dir / "config.yaml", tmp / "config.yaml")
@@ -316,14 +333,17 @@ class Trainer:
         acc, model = self.acc, self.model
         model.eval()
         total = torch.zeros(3, device=acc.device)
-        for i, (x, y) in enumerate(self.val_loader.eval_batches(self.cfg.train.eval_batches)):
-            if i % acc.num_processes != acc.process_index:
-                continue
+        batches = list(self.val_loader.eval_batches(self.cfg.train.eval_batches))
+        world = acc.num_processes
+        # Every rank runs the same number of forwards (ZeRO-3 gathers weights in each one);
+        # when the batches do not divide evenly, the extra forwards are weighted 0.
+        for i in range(acc.process_index, -(-len(batches) // world) * world, world):
+            x, y = batches[i % len(batches)]
             x, y = x.to(acc.device), y.to(acc.device)
             with acc.autocast():
                 out = model(x, y)
-            n = torch.tensor(float(x.shape[0]), device=acc.device)
-            correct = (out.logits.argmax(-1) == y).sum().float() if self.cfg.task == "vit" else torch.zeros_like(n)
+            n = torch.tensor(float(x.shape[0]) if i < len(batches) else 0.0, device=acc.device)
+            correct = (out.logits.argmax(-1) == y).sum().float() * (n > 0) if self.cfg.task == "vit" else torch.zeros_like(n)
             total += torch.stack((out.loss.float() * n, n, correct))
         total = acc.reduce(total, reduction="sum")
         model.train()
@@ -333,7 +353,8 @@ class Trainer:
     def log(self, row: dict):
         if self.acc.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in row.items()}) + "\n")
         if self.cfg.logging.wandb:
             self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
@@ -408,7 +429,7 @@ class Trainer:
             tok_s = tokens_per_step / dt
             mfu = None
             if self.peak:
-                mfu = self.flops_per_token * tok_s / (self.peak * 1e12)
+                mfu = self.flops_per_token * tok_s / (acc.num_processes * self.peak * 1e12)  # per device
             if finite:
                 self.bad_in_row = 0
             else:

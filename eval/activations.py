@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     try:
-        run = load_run(args.ckpt)
+        run = load_run(args.ckpt, task="lm")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     model = run.model.to(pick_device(args.device)).eval()

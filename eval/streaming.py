@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
     if args.recompute_stride < 1 or args.batch_size < 1:
         _fail("--recompute-stride and --batch-size must be >= 1")
     try:
-        run = load_run(args.ckpt)
+        run = load_run(args.ckpt, task="lm")
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     model = run.model.to(pick_device(args.device)).eval()

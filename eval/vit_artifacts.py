@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
         ap.error("--ttr-top-k and --n-images must be positive")
 
     try:
-        run = load_run(args.ckpt)
+        run = load_run(args.ckpt, task="vit")
         if run.config.get("task", "lm") != "vit":
             raise ValueError(f"{args.ckpt} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
         data_cfg = ImageDataConfig(**run.config["data"])

@@ -77,6 +77,10 @@ class AttentionConfig:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.rope and self.head_dim % 2:
             raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+        if self.n_kv_head is not None and self.n_kv_head <= 0:
+            raise ValueError(f"model.n_kv_head must be null (= n_head) or a positive integer, got {self.n_kv_head}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(f"model.rope_theta and model.norm_eps must be > 0, got {self.rope_theta}, {self.norm_eps}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
 

@@ -26,6 +26,8 @@ def unsupported(model_cfg: dict) -> list[str]:
         reasons.append(f"gate={model_cfg['gate']!r} (Llama has no attention output gate)")
     if model_cfg.get("qk_norm"):
         reasons.append("qk_norm=true (Llama has no q/k RMSNorm)")
+    if not model_cfg.get("rope", True):
+        reasons.append("rope=false (Llama always applies RoPE)")
     return reasons
 
 

@@ -75,10 +75,15 @@ class LoadedRun:
             raise ValueError(f"{self.run_dir} is a {self.config['task']} run, not a language model; "
                              "analyse it with python -m eval.vit_artifacts")
         data_dir = prepare(from_dict({"data": self.config["data"]}).data, progress=False)
+        if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
+            raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
+                             "checkpoint (the source changed since training?); the held-out tokens would not match")
         return TokenShards(data_dir, "val").tokens
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | None = None) -> LoadedRun:
+    """Model (eval mode), tokenizer and config of a run or checkpoint. `task` ("lm" or "vit"):
+    refuse, with a message, a run of the other kind (an LM eval pointed at a ViT run)."""
     from configs import from_dict
     from data.tokenizer import load_tokenizer
 
@@ -87,7 +92,11 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 
     ckpt = resolve_checkpoint(path)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
-    task = config.get("task", "lm")
+    kind = config.get("task", "lm")
+    if task is not None and kind != task:
+        tool = "python -m eval.vit_artifacts" if kind == "vit" else "sample.py and the LM evals"
+        raise ValueError(f"{ckpt} holds a {kind} run, not a {task} run; analyse it with {tool}")
+    task = kind
     model_cfg = from_dict({"task": task, "model": config["model"]}).model
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)

@@ -86,3 +86,20 @@ def test_config_errors_name_the_key(tmp_path, cache_dir, capsys):
     assert train.main([*base, f"data.source={tmp_path / 'empty.txt'}"]) == 2
     assert "empty" in capsys.readouterr().err
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # no run dir was created
+
+
+def test_compiled_run_writes_plain_weights(tmp_path, cache_dir, monkeypatch):
+    """train.compile=true wraps the model (torch.compile's `_orig_mod.` names); its checkpoints
+    must still load into a plain model. The eager backend keeps the wrapper but skips codegen."""
+    import functools
+
+    import torch
+
+    from model.load import load_run
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    run = tiny_run(tmp_path, cache_dir, "compiled", "train.compile=true", "train.max_steps=4")
+    loaded = load_run(run, task="lm")
+    assert not any("_orig_mod" in k for k in loaded.model.state_dict())
+    steps, _ = read_metrics(run)
+    assert len(steps) == 4
