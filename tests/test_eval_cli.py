@@ -56,12 +56,20 @@ def test_sink_cli(run_dir):
     assert 0 < r["f_attn"] < 1
 
 
-def test_spikes_cli(run_dir):
-    spikes.main(["--run", str(run_dir), "--window", "4", "--k", "6"])
-    r = outputs(run_dir, "spikes.json", "spikes.png")
+def test_spikes_cli(run_dir, tmp_path):
+    """On the run's real loss curve with one planted spike: exactly that step is flagged."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    spike_step = [r["step"] for r in rows if "loss" in r][-2]
+    for r in rows:
+        if r.get("step") == spike_step and "loss" in r:
+            r["loss"] = 1e3
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spikes.main(["--run", str(tmp_path), "--window", "4", "--k", "6"])
+    r = outputs(tmp_path, "spikes.json", "spikes.png")
     loss = r["metrics"]["loss"]
     assert loss["n_values"] == 12 and loss["n_eligible"] == 8 and loss["divergence"] is None
-    assert loss["spike_score"] == pytest.approx(100 * loss["n_spikes"] / 8)
+    assert loss["spikes"] == [spike_step]
+    assert loss["spike_score"] == pytest.approx(100 / 8)
 
 
 def test_activations_cli(run_dir):
