@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,9 @@ import yaml
 
 from configs import ConfigError, RunConfig, load_config, to_dict
 from model.flops import peak_tflops, training_flops_per_token
+
+# Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 CHECKPOINT_FMT = "step_{:07d}"
 RESUME_MAY_CHANGE = ("backend", "linear_chunk_size", "cache_dir")  # same math, other kernels / paths
