@@ -11,13 +11,15 @@ on rank r takes rows [(m*world + r)*B, +B), so resume and world-size changes are
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .loader import seed_from_key
+from .prepare import split_documents
 
 DIGITS = "digits"
 
@@ -72,19 +74,13 @@ class ImageSet:
                                 shift=cfg.augment_shift, flip=cfg.augment_flip)
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * val_fraction))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
 def _digits(cfg: ImageDataConfig):
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.from_numpy(d.images / 16.0).float().unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
     y = torch.from_numpy(d.target).long()
-    tr, va = _split(len(y), cfg.val_fraction, cfg.seed)
+    tr, va = split_documents(len(y), cfg.val_fraction, cfg.seed)
     return x[tr], y[tr], x[va], y[va]
 
 
@@ -114,7 +110,7 @@ def _hub(cfg: ImageDataConfig):
     if "test" in ds:
         return (*arrays(train), *arrays(ds["test"]))
     x, y = arrays(train)
-    tr, va = _split(len(y), cfg.val_fraction, cfg.seed)
+    tr, va = split_documents(len(y), cfg.val_fraction, cfg.seed)
     return x[tr], y[tr], x[va], y[va]
 
 
@@ -125,10 +121,6 @@ def load_images(cfg: ImageDataConfig) -> ImageSet:
     mean = train_x.mean(dim=(0, 2, 3))
     std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return ImageSet(train_x, train_y, val_x, val_y, n_classes, mean, std)
-
-
-def _seed_of(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
 class ImageBatchLoader:
@@ -155,7 +147,7 @@ class ImageBatchLoader:
         if not 0 <= micro_step < self.grad_accum:
             raise ValueError(f"micro_step must be in [0, {self.grad_accum}), got {micro_step}")
         n_rows = self.batch_size * self.world_size * self.grad_accum
-        gen = torch.Generator().manual_seed(_seed_of(f"{self.seed}/{self.split}/{step}"))
+        gen = torch.Generator().manual_seed(seed_from_key(f"{self.seed}/{self.split}/{step}"))
         idx = torch.randint(len(self), (n_rows,), generator=gen)
         shifts = torch.randint(-self.shift, self.shift + 1, (n_rows, 2), generator=gen)
         flips = torch.rand(n_rows, generator=gen) < 0.5

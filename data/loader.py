@@ -18,6 +18,11 @@ import torch
 SPLITS = ("train", "val")
 
 
+def seed_from_key(key: str) -> int:
+    """A generator seed that depends on nothing but `key` (no global RNG state)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
 class TokenShards:
     """One split of a prepared dataset dir: a read-only memmap of token ids + meta.json."""
 
@@ -63,7 +68,7 @@ class BatchLoader:
 
     def _batch(self, key: str, slot: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [slot*B, (slot+1)*B) of the n_slots*B windows drawn for `key`."""
-        gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1)
+        gen = torch.Generator().manual_seed(seed_from_key(key))
         n_windows = len(self.shards) - self.block_size  # starts leaving room for the shifted target
         starts = torch.randint(n_windows, (self.batch_size * n_slots,), generator=gen)
         starts = starts[slot * self.batch_size : (slot + 1) * self.batch_size].tolist()

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+
+
+def fail(msg: str):
+    """A user error in an eval CLI: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def eval_dir(run_dir) -> Path:

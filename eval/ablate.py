@@ -21,12 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import fail
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]]:
@@ -39,11 +36,11 @@ def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]
         try:
             cfg = load_config(c, ov)
         except (ConfigError, FileNotFoundError, ValueError) as e:
-            _fail(f"{c}: {e}")
+            fail(f"{c}: {e}")
         plans.append((Path(cfg.out_dir) / cfg.name, ["--config", str(c), *ov]))
     names = [p[0] for p in plans]
     if len(set(names)) != len(names):
-        _fail(f"two configs write the same run dir ({names}); give each config a distinct `name:`")
+        fail(f"two configs write the same run dir ({names}); give each config a distinct `name:`")
     return plans
 
 
@@ -54,7 +51,7 @@ def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     rc = subprocess.call([sys.executable, str(ROOT / "train.py"), *argv, "logging.progress=false"], cwd=ROOT, env=env)
     if rc != 0:
-        _fail(f"training {run_dir} failed with exit code {rc}; see its output above")
+        fail(f"training {run_dir} failed with exit code {rc}; see its output above")
 
 
 def read_run_metrics(run_dir: Path) -> dict:
@@ -173,18 +170,18 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
 
     if not args.configs and not args.runs:
-        _fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
+        fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
     if args.steps is not None and args.steps <= 0:
-        _fail(f"--steps must be positive, got {args.steps}")
+        fail(f"--steps must be positive, got {args.steps}")
     from model.load import resolve_checkpoint
 
     for r in args.runs:
         try:
             resolve_checkpoint(r)
         except FileNotFoundError as e:
-            _fail(f"--runs {r}: {e}")
+            fail(f"--runs {r}: {e}")
         if not (Path(r) / "metrics.jsonl").is_file():
-            _fail(f"--runs {r}: no metrics.jsonl; pass run dirs (out/<run>), not checkpoint dirs")
+            fail(f"--runs {r}: no metrics.jsonl; pass run dirs (out/<run>), not checkpoint dirs")
     out = Path(args.out)
     plans = plan_runs(args.configs, args.steps, out, args.set)
     for run_dir, train_argv in plans:

@@ -15,6 +15,8 @@ import argparse
 import numpy as np
 import torch
 
+from . import fail
+
 # Sun et al.'s working definition: |h| > 100 and about 1000x the median of its hidden state.
 MASSIVE_ABS = 100.0
 MASSIVE_REL = 1000.0
@@ -122,7 +124,7 @@ def main(argv=None) -> dict:
     try:
         run = load_run(args.ckpt, task="lm")
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
     model = run.model.to(pick_device(args.device)).eval()
     T = min(args.length or model.config.block_size, model.config.block_size)
     seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T)

@@ -17,6 +17,8 @@ import argparse
 
 import torch
 
+from . import fail
+
 PROXY_NOTE = ("attention weights are row-normalised; for unnormalised kinds (sigmoid, elu1 without "
               "attn_normalize) they are Gu et al.'s proxy weights w/sum(w)")
 
@@ -187,7 +189,7 @@ def main(argv=None) -> dict:
     try:
         run = load_run(args.ckpt, task="lm")
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
     model = run.model.to(pick_device(args.device)).eval()
     Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size)
     seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import fail
+
 METRICS = ("loss", "grad_norm")
 _CHUNK = 4096  # rows of the sliding window processed at once: bounded memory at any length
 
@@ -156,11 +158,11 @@ def main(argv=None) -> dict:
     run_dir = Path(args.run)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.exists():
-        raise SystemExit(f"{metrics_path} not found: --run must be a training run directory")
+        fail(f"{metrics_path} not found: --run must be a training run directory")
     series = {m: read_metrics(metrics_path, m) for m in METRICS}
     series = {m: sv for m, sv in series.items() if sv[0]}
     if not series:
-        raise SystemExit(f"{metrics_path} has no training rows with any of {list(METRICS)}")
+        fail(f"{metrics_path} has no training rows with any of {list(METRICS)}")
     reports = {m: spike_report(steps, values, args.window, args.k) for m, (steps, values) in series.items()}
     result = {
         "metrics": reports,

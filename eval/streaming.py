@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from model.cache import LinearState
 
+from . import fail
+
 MODES = ("window", "sinks", "recompute")
 
 
@@ -187,11 +189,6 @@ def plot(result: dict, curves: dict, path) -> None:
     save(fig, path)
 
 
-def _fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(argv=None) -> dict:
     from model.load import load_run
 
@@ -209,28 +206,28 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     if args.n_sink < 0:
-        _fail(f"--n-sink must be >= 0, got {args.n_sink}")
+        fail(f"--n-sink must be >= 0, got {args.n_sink}")
     if args.tokens < 2:
-        _fail(f"--tokens must be >= 2 (one prediction needs two tokens), got {args.tokens}")
+        fail(f"--tokens must be >= 2 (one prediction needs two tokens), got {args.tokens}")
     if args.recompute_stride < 1 or args.batch_size < 1:
-        _fail("--recompute-stride and --batch-size must be >= 1")
+        fail("--recompute-stride and --batch-size must be >= 1")
     try:
         run = load_run(args.ckpt, task="lm")
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     model = run.model.to(pick_device(args.device)).eval()
     cfg = model.config
     window = cfg.block_size - args.n_sink if args.window is None else args.window
     if window < 1:
-        _fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} >= block_size "
+        fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} >= block_size "
               f"{cfg.block_size} pass --window explicitly")
     if "recompute" in args.modes and args.n_sink + window > cfg.block_size and cfg.attention != "linear":
-        _fail(f"recompute needs S+W = {args.n_sink + window} <= block_size {cfg.block_size}; "
+        fail(f"recompute needs S+W = {args.n_sink + window} <= block_size {cfg.block_size}; "
               "lower --window or drop recompute from --modes")
     val = run.val_tokens()
     tokens = torch.from_numpy(np.asarray(val[: args.tokens]).astype(np.int64))
     if tokens.shape[0] < 2:
-        _fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
+        fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
 
     result, curves = evaluate(model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size)
     result["text"] = (f"first {tokens.shape[0]} tokens of the held-out split (documents concatenated), "

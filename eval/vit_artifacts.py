@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
 
 

@@ -137,6 +137,12 @@ def linear_attention_global(phi_q, phi_k, v):
     return (phi_q @ S) / (phi_q * z.unsqueeze(-2)).sum(-1, keepdim=True)
 
 
+def expand_kv(k, v, n_head: int):
+    """Grouped-query attention: repeat each of the Hkv key/value heads for its n_head/Hkv query heads."""
+    rep = n_head // k.shape[1]
+    return (k, v) if rep == 1 else (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
+
+
 def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """`auto` -> the fastest path known to be correct for this kind on this device and dtype:
     softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA; sigmoid / elu1: FlexAttention
@@ -219,9 +225,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, return_attn: bool = False):
         """Rotated q (B,H,Tq,D) against rotated k, v (B,Hkv,Tk,D); queries are the last Tq keys."""
         cfg = self.cfg
-        if cfg.kv_heads != cfg.n_head:
-            rep = cfg.n_head // cfg.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = expand_kv(k, v, cfg.n_head)
         backend = "math" if return_attn else resolve_backend(cfg, q.device, q.dtype)
         if backend == "math":
             y, w = math_attention(q, k, v, cfg, self.causal)

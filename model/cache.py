@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import feature_map, linear_attention_chunked
+from .attention import expand_kv, feature_map, linear_attention_chunked
 
 
 class KVCache:
@@ -68,9 +68,7 @@ class LinearState:
         return self.position
 
     def attend(self, attn, q, k, v):
-        if attn.cfg.kv_heads != attn.cfg.n_head:
-            rep = attn.cfg.n_head // attn.cfg.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = expand_kv(k, v, attn.cfg.n_head)
         q, k = attn.rope(q, self.position), attn.rope(k, self.position)
         y, self.state = linear_attention_chunked(
             feature_map(q), feature_map(k), v, attn.cfg.linear_chunk_size, self.state

@@ -29,17 +29,18 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def training_flops_per_token(cfg, seq_len: int) -> float:
-    """6 * (non-embedding params) + 12 * n_layer * n_head * head_dim * T (attention scores)."""
+def block_matmul_params(cfg) -> int:
+    """Weights multiplied per token in one block: q/k/v/o, the gate, and the SwiGLU MLP."""
     H, D, C = cfg.n_head, cfg.head_dim, cfg.n_embd
     attn = C * H * D + 2 * C * cfg.kv_heads * D + H * D * C
-    if cfg.gate == "headwise":
-        attn += C * H
-    elif cfg.gate == "elementwise":
-        attn += C * H * D
-    mlp = 3 * C * cfg.mlp_hidden
-    n = cfg.n_layer * (attn + mlp) + C * cfg.vocab_size  # the LM head's matmul counts
-    return 6 * n + 12 * cfg.n_layer * H * D * seq_len
+    attn += {"none": 0, "headwise": C * H, "elementwise": C * H * D}[cfg.gate]
+    return attn + 3 * C * cfg.mlp_hidden
+
+
+def training_flops_per_token(cfg, seq_len: int) -> float:
+    """6 * (non-embedding params) + 12 * n_layer * n_head * head_dim * T (attention scores)."""
+    n = cfg.n_layer * block_matmul_params(cfg) + cfg.n_embd * cfg.vocab_size  # the LM head's matmul counts
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
 def peak_tflops(device: torch.device | str) -> float | None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionWeights
 from .config import AttentionConfig, swiglu_hidden
+from .flops import block_matmul_params
 from .gpt import Block, ModelOutput, init_weights
 
 POOLS = ("cls", "mean")
@@ -154,9 +155,7 @@ class ViT(nn.Module):
 def training_flops_per_token(cfg: ViTConfig) -> float:
     """model/flops.py's PaLM count for the ViT: 6 x (block matmuls + patch embedding) per token plus
     the attention scores; the class head runs once per image and is spread over its tokens."""
-    H, D, C = cfg.n_head, cfg.head_dim, cfg.n_embd
-    attn = C * H * D + 2 * C * cfg.kv_heads * D + H * D * C
-    attn += {"none": 0, "headwise": C * H, "elementwise": C * H * D}[cfg.gate]
-    n = cfg.n_layer * (attn + 3 * C * cfg.mlp_hidden) + C * cfg.in_channels * cfg.patch_size**2
+    C = cfg.n_embd
+    n = cfg.n_layer * block_matmul_params(cfg) + C * cfg.in_channels * cfg.patch_size**2
     n += C * (cfg.n_classes or 0) / cfg.n_tokens
-    return 6 * n + 12 * cfg.n_layer * H * D * cfg.n_tokens
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.n_tokens
