@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 import torch
 
-
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
 
 
