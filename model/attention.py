@@ -169,7 +169,7 @@ class Attention(nn.Module):
         if cfg.backend in ("flash", "triton"):
             from . import kernels
 
-            kernels.require(cfg.backend)  # a missing package fails here, not at the first step
+            kernels.require(cfg.backend, cfg)  # a missing package fails here, not at the first step
         self.cfg, self.causal = cfg, causal
         H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, H * D, bias=False)

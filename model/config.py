@@ -12,7 +12,7 @@ BACKENDS = {
     "softmax": ("auto", "math", "sdpa", "flex", "flash"),
     "sigmoid": ("auto", "math", "flex", "triton"),
     "elu1": ("auto", "math", "flex", "triton"),
-    "linear": ("auto", "math", "chunked"),
+    "linear": ("auto", "math", "chunked", "triton"),
 }
 ALL_BACKENDS = tuple(sorted({b for kinds in BACKENDS.values() for b in kinds}))
 

@@ -1,5 +1,6 @@
 """Fused attention kernels for the GPU: FlexAttention for every kind with an elementwise score
-function, flash-attn for softmax, and the optional Triton sigmoid / elu+1 kernel.
+function, flash-attn for softmax, and the Triton kernels: sigmoid / elu+1 (model/kernels_triton.py)
+and chunked causal linear attention (model/kernels_linear.py).
 
 Called from `Attention.attend` for backends other than math / sdpa / chunked. Every path here is
 checked against `math_attention` (tests/test_kernels.py, `python -m eval.bench --check`).
@@ -21,22 +22,32 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .attention import math_attention
+from .attention import feature_map, linear_attention_global, math_attention
 from .config import AttentionConfig
 
 FLASH_INSTALL = "pip install flash-attn --no-build-isolation"
 FLASH_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for tests
 
 
-def require(backend: str) -> None:
-    """Fail at model construction when the backend's package is missing."""
+def require(backend: str, cfg: AttentionConfig | None = None) -> None:
+    """Fail at model construction when the backend's package is missing or cannot take the shapes."""
     if backend == "flash" and not FLASH_AVAILABLE:
         raise ValueError(f"model.backend=flash needs the flash-attn package ({FLASH_INSTALL}, CUDA only); "
                          "or use model.backend=sdpa (PyTorch's own flash kernel) or auto")
     if backend == "triton" and not TRITON_AVAILABLE:
         raise ValueError("model.backend=triton needs the triton package (pip install triton; it ships "
                          "with CUDA builds of torch); or use model.backend=flex or auto")
+    if backend == "triton" and cfg is not None:  # tl.arange and tl.dot need powers of two >= 16
+        sizes = {"head_dim (n_embd / n_head)": cfg.head_dim}
+        if cfg.attention == "linear":
+            sizes["model.linear_chunk_size"] = cfg.linear_chunk_size
+        bad = {name: n for name, n in sizes.items() if n < 16 or n & (n - 1)}
+        if bad:
+            fallback = "chunked" if cfg.attention == "linear" else "flex"
+            raise ValueError(f"model.backend=triton needs powers of two >= 16, got {bad}; change them or use "
+                             f"model.backend={fallback} or auto")
 
 
 def attend(backend: str, q, k, v, cfg: AttentionConfig, causal: bool):
@@ -49,9 +60,15 @@ def attend(backend: str, q, k, v, cfg: AttentionConfig, causal: bool):
         return flash_attend(q, k, v, cfg, causal)
     if backend == "triton":
         require("triton")
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if q.device.type != "cuda" and not TRITON_INTERPRET:
             raise ValueError(f"model.backend=triton runs on CUDA, not {q.device.type} (the CPU only under "
                              "TRITON_INTERPRET=1, for tests); use model.backend=auto")
+        if cfg.attention == "linear":
+            if not causal:  # bidirectional linear attention is two matrix products already
+                return linear_attention_global(feature_map(q), feature_map(k), v)
+            from .kernels_linear import linear_attention_triton
+
+            return linear_attention_triton(q, k, v, cfg.linear_chunk_size)
         from .kernels_triton import triton_attention
 
         return triton_attention(q, k, v, cfg, causal)

@@ -10,8 +10,10 @@ each query block streams over the key blocks with no running max and no rescalin
 `attn_normalize` keeps the row sums l_i = sum_j f_ij: out = (sum_j f v) / l, and then
 dF_ij = (dO_i . v_j - dO_i . out_i) / l_i. Nothing T x T is stored.
 
-Block sizes are untuned (64 x 64 on the GPU); `python -m eval.bench` times this against flex
-and flash softmax. Runs on the CPU under TRITON_INTERPRET=1 (tests/test_kernels.py).
+Block sizes, warps and pipeline stages are autotuned per (T, kind) on the GPU (the first call of
+each shape times every config); `python -m eval.bench` times the result against flash softmax.
+Runs on the CPU under TRITON_INTERPRET=1 (tests/test_kernels.py) with one small config, since
+the interpreter has no GPU driver to time configs with.
 """
 from __future__ import annotations
 
@@ -19,7 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernels import TRITON_INTERPRET
+
 SIGMOID, ELU1 = 0, 1
+_KEY = ["T", "D", "KIND", "CAUSAL", "NORMALIZE"]
+
+
+def _configs(blocks: list[tuple[int, int, int, int]]) -> list:
+    """(BM, BN, warps, stages) on the GPU; one 16 x 16 block in the interpreter."""
+    if TRITON_INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 16}, num_warps=4)]
+    return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
 
 @triton.jit
@@ -35,6 +47,7 @@ def _weights(s, bias, KIND: tl.constexpr):
     return f, df
 
 
+@triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]), key=_KEY)
 @triton.jit
 def _fwd(Q, K, V, O, L, T, scale, bias, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
          KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -67,6 +80,7 @@ def _fwd(Q, K, V, O, L, T, scale, bias, D: tl.constexpr, BM: tl.constexpr, BN: t
     tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
+@triton.autotune(configs=_configs([(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]), key=_KEY)
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -107,6 +121,7 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM
     tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.autotune(configs=_configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]), key=_KEY)
 @triton.jit
 def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
             BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -143,11 +158,6 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, T, scale, bias, D: tl.constexpr, BM: tl.c
     tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _blocks(T: int) -> tuple[int, int]:
-    b = 64 if T >= 64 else 16
-    return b, b
-
-
 class _SigmoidFamilyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kind: int, bias: float, causal: bool, normalize: bool):
@@ -155,10 +165,9 @@ class _SigmoidFamilyAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         o = torch.empty_like(q)
         l = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-        BM, BN = _blocks(T)
         scale = D ** -0.5
-        _fwd[(triton.cdiv(T, BM), B * H)](q, k, v, o, l, T, scale, bias, D=D, BM=BM, BN=BN,
-                                           KIND=kind, CAUSAL=causal, NORMALIZE=normalize)
+        _fwd[lambda meta: (triton.cdiv(T, meta["BM"]), B * H)](q, k, v, o, l, T, scale, bias, D=D, KIND=kind,
+                                                             CAUSAL=causal, NORMALIZE=normalize)
         ctx.save_for_backward(q, k, v, o, l)
         ctx.args = (kind, bias, causal, normalize)
         return o
@@ -169,23 +178,18 @@ class _SigmoidFamilyAttention(torch.autograd.Function):
         kind, bias, causal, normalize = ctx.args
         do = do.contiguous()
         B, H, T, D = q.shape
-        BM, BN = _blocks(T)
         scale = D ** -0.5
         delta = (do.float() * o.float()).sum(-1) if normalize else l  # dO_i . out_i
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        meta = dict(D=D, BM=BM, BN=BN, KIND=kind, CAUSAL=causal, NORMALIZE=normalize)
-        _bwd_dkdv[(triton.cdiv(T, BN), B * H)](q, k, v, do, l, delta, dk, dv, T, scale, bias, **meta)
-        _bwd_dq[(triton.cdiv(T, BM), B * H)](q, k, v, do, l, delta, dq, T, scale, bias, **meta)
+        flags = dict(D=D, KIND=kind, CAUSAL=causal, NORMALIZE=normalize)
+        _bwd_dkdv[lambda meta: (triton.cdiv(T, meta["BN"]), B * H)](q, k, v, do, l, delta, dk, dv, T, scale, bias,
+                                                                    **flags)
+        _bwd_dq[lambda meta: (triton.cdiv(T, meta["BM"]), B * H)](q, k, v, do, l, delta, dq, T, scale, bias, **flags)
         return dq, dk, dv, None, None, None, None
 
 
 def triton_attention(q, k, v, cfg, causal: bool):
-    """q, k, v (B, H, T, D) with equal query and key lengths; D a power of two >= 16."""
-    if cfg.attention not in ("sigmoid", "elu1"):
-        raise ValueError(f"model.backend=triton runs sigmoid and elu1, not attention={cfg.attention!r}; use auto")
-    D = q.shape[-1]
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"model.backend=triton needs head_dim = n_embd / n_head a power of two >= 16, got {D}; "
-                         "use model.backend=flex")
+    """q, k, v (B, H, T, D) with equal query and key lengths; D a power of two >= 16 (checked by
+    kernels.require when the model is built)."""
     kind = SIGMOID if cfg.attention == "sigmoid" else ELU1
     return _SigmoidFamilyAttention.apply(q, k, v, kind, float(cfg.resolved_sigmoid_bias), causal, cfg.attn_normalize)

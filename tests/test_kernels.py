@@ -2,8 +2,8 @@
 backend, which tests/test_attention.py checks against the independent reference.
 
 On the CPU: backend selection and its errors, FlexAttention's forward (PyTorch has no CPU
-backward for it), the Triton kernel forward and backward under TRITON_INTERPRET=1 when triton is
-installed. Tests marked `gpu` run every fast path in bf16 on CUDA and are skipped without it.
+backward for it), the Triton kernels (sigmoid / elu1, chunked linear) forward and backward under TRITON_INTERPRET=1
+when triton is installed. Tests marked `gpu` run every fast path in bf16 on CUDA and are skipped without it.
 """
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def test_triton_without_the_package_fails_at_construction():
         Attention(cfg_for("sigmoid", backend="triton"))
 
 
+@pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="triton is not installed")
+def test_triton_shapes_it_cannot_tile_fail_at_construction():
+    with pytest.raises(ValueError, match=r"powers of two.*linear_chunk_size.*backend=chunked"):
+        Attention(cfg_for("linear", backend="triton", linear_chunk_size=24))
+    with pytest.raises(ValueError, match=r"powers of two.*head_dim.*backend=flex"):
+        Attention(replace(cfg_for("elu1", backend="triton"), n_embd=48))  # head_dim 12
+    Attention(cfg_for("linear", backend="triton", linear_chunk_size=32))  # fine
+
+
 def test_kernel_backends_refuse_kinds_they_cannot_run():
     with pytest.raises(ValueError, match="allowed"):
         cfg_for("sigmoid", backend="flash").validate()
@@ -113,12 +122,15 @@ def test_flex_model_decodes_like_its_full_forward():
 
 
 # --------------------------------------------------------------------------------------------
-# the Triton kernel, in Triton's CPU interpreter
+# the Triton kernels, in Triton's CPU interpreter
 # --------------------------------------------------------------------------------------------
 INTERPRETED = textwrap.dedent("""
+    from dataclasses import replace
     import torch
+    from model import GPT, GPTConfig
     from model.attention import math_attention
     from model.config import AttentionConfig
+    from model.kernels_linear import linear_attention_triton
     from model.kernels_triton import triton_attention
     torch.manual_seed(0)
     worst = 0.0
@@ -136,6 +148,27 @@ INTERPRETED = textwrap.dedent("""
                     outs.append([y, *torch.autograd.grad(y, (q, k, v), g)])
                 for a, b in zip(*outs):
                     worst = max(worst, ((a - b).norm() / b.norm()).item())
+    for t in (40, 7):  # linear: chunks of 16, a ragged last chunk, and one shorter than a chunk
+        cfg = AttentionConfig(n_embd=32, n_head=2, attention="linear", linear_chunk_size=16, block_size=64)
+        q, k, v = (torch.randn(2, 2, t, 16, requires_grad=True) for _ in range(3))
+        g = torch.randn(2, 2, t, 16)
+        outs = []
+        for fn in (lambda *a: linear_attention_triton(*a[:3], 16), lambda *a: math_attention(*a)[0]):
+            y = fn(q, k, v, cfg, True)
+            outs.append([y, *torch.autograd.grad(y, (q, k, v), g)])
+        for a, b in zip(*outs):
+            worst = max(worst, ((a - b).norm() / b.norm()).item())
+    for kind in ("sigmoid", "linear"):  # a whole model: dispatch through Attention, GQA, loss and grads
+        cfg = GPTConfig(vocab_size=50, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=24,
+                        attention=kind, gate="elementwise", linear_chunk_size=16, backend="triton")
+        idx = torch.randint(0, 50, (2, 24))
+        weights, grads = GPT(cfg).state_dict(), []
+        for backend in ("triton", "math"):
+            model = GPT(replace(cfg, backend=backend))
+            model.load_state_dict(weights)
+            model(idx, targets=idx).loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        worst = max(worst, ((grads[0] - grads[1]).norm() / grads[1].norm()).item())
     print("WORST", worst)
 """)
 
