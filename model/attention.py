@@ -51,6 +51,11 @@ def feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def unnormalised_weights(scores: torch.Tensor, kind: str, sigmoid_bias: float) -> torch.Tensor:
     """f(s) for the kinds whose weights need no row statistics."""
     if kind == "sigmoid":
@@ -93,14 +98,19 @@ def sdpa_attention(q, k, v, causal: bool):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device))
 
 
-def linear_attention_chunked(phi_q, phi_k, v, chunk_size: int, state=None):
+def linear_attention_chunked(q, k, v, chunk_size: int, state=None):
     """Causal linear attention in O(T) memory, with an optional recurrent state carried in.
 
-    phi_q, phi_k: (B,H,T,D) positive features; v: (B,H,T,Dv). state = (S, z) with
-    S = sum_j phi(k_j) v_j^T (B,H,D,Dv) and z = sum_j phi(k_j) (B,H,D) over earlier tokens.
-    Within a chunk the weights are materialised (C x C); across chunks only S and z travel.
-    Returns (y, new_state). chunk_size=1 is exactly the recurrent (RNN) form.
+    q, k: (B,H,T,D); v: (B,H,T,Dv). state = (S, z) with S = sum_j phi(k_j) v_j^T (B,H,D,Dv) and
+    z = sum_j phi(k_j) (B,H,D) over earlier tokens, fp32. Within a chunk the weights are
+    materialised (C x C); across chunks only S and z travel. Returns (y in v's dtype, new_state).
+    chunk_size=1 is exactly the recurrent (RNN) form.
+
+    Computed in fp32 whatever the input dtype: the division by phi(q).z cancels much of the
+    numerator's gradient, and bf16 features and states put dq and dk over 1e-2 relative error.
     """
+    out_dtype = v.dtype
+    phi_q, phi_k, v = feature_map(at_least_fp32(q)), feature_map(at_least_fp32(k)), at_least_fp32(v)
     B, H, T, D = phi_q.shape
     Dv = v.shape[-1]
     C = min(chunk_size, T)
@@ -126,15 +136,17 @@ def linear_attention_chunked(phi_q, phi_k, v, chunk_size: int, state=None):
     num = num + q_c @ S_prev
     den = den + (q_c * z_prev.unsqueeze(-2)).sum(-1)
     y = (num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)).reshape(B, H, N * C, Dv)[:, :, :T]
+    y = y.to(out_dtype)
     new_state = (S_prev[:, :, -1] + kv[:, :, -1], z_prev[:, :, -1] + ksum[:, :, -1])
     return y, new_state
 
 
-def linear_attention_global(phi_q, phi_k, v):
-    """Non-causal linear attention (ViT): every query sees every key, O(T)."""
-    S = phi_k.transpose(-2, -1) @ v  # (B,H,D,Dv)
+def linear_attention_global(q, k, v):
+    """Non-causal linear attention (ViT): every query sees every key, O(T); fp32 inside as above."""
+    phi_q, phi_k = feature_map(at_least_fp32(q)), feature_map(at_least_fp32(k))
+    S = phi_k.transpose(-2, -1) @ at_least_fp32(v)  # (B,H,D,Dv)
     z = phi_k.sum(-2)  # (B,H,D)
-    return (phi_q @ S) / (phi_q * z.unsqueeze(-2)).sum(-1, keepdim=True)
+    return ((phi_q @ S) / (phi_q * z.unsqueeze(-2)).sum(-1, keepdim=True)).to(v.dtype)
 
 
 def expand_kv(k, v, n_head: int):
@@ -236,13 +248,12 @@ class Attention(nn.Module):
         if backend == "sdpa":
             return sdpa_attention(q, k, v, self.causal), None
         if backend == "chunked":
-            phi_q, phi_k = feature_map(q), feature_map(k)
             if not self.causal:
-                return linear_attention_global(phi_q, phi_k, v), None
+                return linear_attention_global(q, k, v), None
             if q.shape[-2] != k.shape[-2]:
                 raise ValueError("chunked linear attention takes equal query and key lengths; "
                                  "decode with the recurrent state (model/cache.py)")
-            return linear_attention_chunked(phi_q, phi_k, v, cfg.linear_chunk_size)[0], None
+            return linear_attention_chunked(q, k, v, cfg.linear_chunk_size)[0], None
         from . import kernels  # GPU fast paths (flex / flash), imported only when asked for
 
         return kernels.attend(backend, q, k, v, cfg, self.causal), None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import expand_kv, feature_map, linear_attention_chunked
+from .attention import expand_kv, linear_attention_chunked
 
 
 class KVCache:
@@ -70,9 +70,7 @@ class LinearState:
     def attend(self, attn, q, k, v):
         k, v = expand_kv(k, v, attn.cfg.n_head)
         q, k = attn.rope(q, self.position), attn.rope(k, self.position)
-        y, self.state = linear_attention_chunked(
-            feature_map(q), feature_map(k), v, attn.cfg.linear_chunk_size, self.state
-        )
+        y, self.state = linear_attention_chunked(q, k, v, attn.cfg.linear_chunk_size, self.state)
         self.position += q.shape[-2]
         return y
 

@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .attention import feature_map, linear_attention_global, math_attention
+from .attention import linear_attention_global, math_attention
 from .config import AttentionConfig
 
 FLASH_INSTALL = "pip install flash-attn --no-build-isolation"
@@ -65,7 +65,7 @@ def attend(backend: str, q, k, v, cfg: AttentionConfig, causal: bool):
                              "TRITON_INTERPRET=1, for tests); use model.backend=auto")
         if cfg.attention == "linear":
             if not causal:  # bidirectional linear attention is two matrix products already
-                return linear_attention_global(feature_map(q), feature_map(k), v)
+                return linear_attention_global(q, k, v)
             from .kernels_linear import linear_attention_triton
 
             return linear_attention_triton(q, k, v, cfg.linear_chunk_size)
