@@ -313,7 +313,8 @@ def target_rows(kernel_rows: list[dict], train_rows: list[dict]) -> list[dict]:
                 judge(f"softmax {gate} gate step / plain step, T={t}", r["step_ms"] / base["step_ms"], 1.05, "step time")
         if r := by_name.get("nanogpt"):
             judge(f"sinklab softmax tokens/s / nanoGPT's, T={t}", base["tok_per_s"] / r["tok_per_s"], 1.0,
-                  f"{base['tok_per_s']:,.0f} vs {r['tok_per_s']:,.0f} tok/s, MFU {base.get('mfu', 0):.1%}", below=False)
+                  f"{base['tok_per_s']:,.0f} vs {r['tok_per_s']:,.0f} tok/s"
+                  + (f", MFU {base['mfu']:.1%}" if "mfu" in base else ""), below=False)
     return out
 
 

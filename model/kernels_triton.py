@@ -34,6 +34,20 @@ def _configs(blocks: list[tuple[int, int, int, int]]) -> list:
     return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
 
+# Triton's interpreter multiplies bf16 blocks wrongly. Tensor cores multiply bf16 exactly and add
+# in fp32, so on the CPU `_dot` widens the operands first: same numbers, and the bf16 path can be
+# checked there. Compiled for the GPU this is a plain tl.dot.
+_WIDEN = tl.constexpr(TRITON_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b):
+    if _WIDEN:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b)
+
+
 @triton.jit
 def _weights(s, bias, KIND: tl.constexpr):
     """f(s) and f'(s) in fp32."""
@@ -66,14 +80,14 @@ def _fwd(Q, K, V, O, L, T, scale, bias, D: tl.constexpr, BM: tl.constexpr, BN: t
         kv_mask = offs_n[:, None] < T
         k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = _dot(q, tl.trans(k)) * scale
         f, _ = _weights(s, bias, KIND)
         keep = offs_n[None, :] < T
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
         f = tl.where(keep, f, 0.0)
         l += tl.sum(f, 1)
-        acc += tl.dot(f.to(v.dtype), v)
+        acc += _dot(f.to(v.dtype), v)
     if NORMALIZE:
         acc = acc / l[:, None]
         tl.store(L + tl.program_id(1).to(tl.int64) * T + offs_m, l, mask=offs_m < T)
@@ -102,21 +116,21 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM
         q_mask = offs_m[:, None] < T
         q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN)
+        s = _dot(q, tl.trans(k)) * scale  # (BM, BN)
         f, fprime = _weights(s, bias, KIND)
         keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
         f = tl.where(keep, f, 0.0)
-        dfw = tl.dot(do, tl.trans(v)).to(tl.float32)  # dO_i . v_j
+        dfw = _dot(do, tl.trans(v)).to(tl.float32)  # dO_i . v_j
         if NORMALIZE:
             l = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=1.0)
             delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
             f = f / l[:, None]
             dfw = (dfw - delta[:, None]) / l[:, None]
-        dv += tl.dot(tl.trans(f.to(do.dtype)), do)
+        dv += _dot(tl.trans(f.to(do.dtype)), do)
         ds = tl.where(keep, dfw * fprime, 0.0)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q)
     tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -145,16 +159,16 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, T, scale, bias, D: tl.constexpr, BM: tl.c
         kv_mask = offs_n[:, None] < T
         k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = _dot(q, tl.trans(k)) * scale
         _, fprime = _weights(s, bias, KIND)
         keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        dfw = tl.dot(do, tl.trans(v)).to(tl.float32)
+        dfw = _dot(do, tl.trans(v)).to(tl.float32)
         if NORMALIZE:
             dfw = (dfw - delta[:, None]) / l[:, None]
         ds = tl.where(keep, dfw * fprime, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k)
     tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
