@@ -34,9 +34,13 @@ import triton.language as tl
 from .attention import feature_map
 from .kernels import TRITON_INTERPRET
 
-# Value-column blocks of the scan: more blocks, more programs for the sequential walk.
+# Value-column blocks of the scan: more blocks, more programs for the sequential walk. The
+# chunk kernels hold a dozen C x D fp32 tiles, so they try 8 warps as well as 4. The
+# interpreter cannot time configs: it gets one.
 _SCAN_CONFIGS = [triton.Config({"BV": 16}, num_warps=2)] if TRITON_INTERPRET else [
     triton.Config({"BV": bv}, num_warps=w) for bv, w in ((16, 2), (32, 4), (64, 4))]
+_CHUNK_CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if TRITON_INTERPRET else (4, 8))]
+_CHUNK_KEY = ["T", "D", "DV", "C"]
 
 
 @triton.autotune(configs=_SCAN_CONFIGS, key=["T", "D", "DV", "C", "REVERSE"])
@@ -61,6 +65,7 @@ def _scan(K, V, S, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV:
         acc += tl.dot(tl.trans(k.to(tl.float32)), v.to(tl.float32))
 
 
+@triton.autotune(configs=_CHUNK_CONFIGS, key=_CHUNK_KEY)
 @triton.jit
 def _chunk_fwd(Q, K, V, S, O, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
     n = tl.program_id(0)
@@ -79,6 +84,7 @@ def _chunk_fwd(Q, K, V, S, O, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.con
     tl.store(O + bh * T * DV + rows[:, None] * DV + offs_v[None, :], o, mask=inside)
 
 
+@triton.autotune(configs=_CHUNK_CONFIGS, key=_CHUNK_KEY)
 @triton.jit
 def _chunk_bwd(Q, K, V, S, DO, DS, DQ, DK, DV_, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
     n = tl.program_id(0)
