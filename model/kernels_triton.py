@@ -61,37 +61,77 @@ def _weights(s, bias, KIND: tl.constexpr):
     return f, df
 
 
+# The causal kernels visit the blocks below the diagonal without masks and mask only the
+# diagonal ones, so a query block must be a whole number of key blocks (forward, dQ) or the
+# reverse (dK, dV). Rows past the end of the sequence load as zeros, which add nothing to any
+# sum but the forward's row sums, which the masked ragged block takes care of.
+@triton.jit
+def _fwd_range(acc, l, q, K, V, offs_m, offs_d, lo, hi, T, scale, bias, D: tl.constexpr, BN: tl.constexpr,
+               KIND: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    for start_n in range(lo, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        k = tl.load(K + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        v = tl.load(V + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        f, _ = _weights(_dot(q, tl.trans(k)) * scale, bias, KIND)
+        if MASK:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            f = tl.where(keep, f, 0.0)
+        l += tl.sum(f, 1)
+        acc += _dot(f.to(v.dtype), v)
+    return acc, l
+
+
 @triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]), key=_KEY)
 @triton.jit
 def _fwd(Q, K, V, O, L, T, scale, bias, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
          KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
     start_m = tl.program_id(0) * BM
-    base = tl.program_id(1).to(tl.int64) * T * D
+    bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, O = Q + bh * T * D, K + bh * T * D, V + bh * T * D, O + bh * T * D
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     acc = tl.zeros((BM, D), dtype=tl.float32)
     l = tl.zeros((BM,), dtype=tl.float32)
-    hi = T
-    if CAUSAL:
-        hi = tl.minimum(start_m + BM, T)
-    for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kv_mask = offs_n[:, None] < T
-        k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k)) * scale
-        f, _ = _weights(s, bias, KIND)
-        keep = offs_n[None, :] < T
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        f = tl.where(keep, f, 0.0)
-        l += tl.sum(f, 1)
-        acc += _dot(f.to(v.dtype), v)
+    args = (q, K, V, offs_m, offs_d)
+    if CAUSAL:  # below the diagonal, then the diagonal block
+        acc, l = _fwd_range(acc, l, *args, 0, start_m, T, scale, bias, D, BN, KIND, CAUSAL, False)
+        acc, l = _fwd_range(acc, l, *args, start_m, tl.minimum(start_m + BM, T), T, scale, bias, D, BN, KIND,
+                            CAUSAL, True)
+    else:  # whole key blocks, then the ragged end (if any)
+        whole = (T // BN) * BN
+        acc, l = _fwd_range(acc, l, *args, 0, whole, T, scale, bias, D, BN, KIND, CAUSAL, False)
+        acc, l = _fwd_range(acc, l, *args, whole, T, T, scale, bias, D, BN, KIND, CAUSAL, True)
     if NORMALIZE:
         acc = acc / l[:, None]
-        tl.store(L + tl.program_id(1).to(tl.int64) * T + offs_m, l, mask=offs_m < T)
-    tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+        tl.store(L + bh * T + offs_m, l, mask=offs_m < T)
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, Q, DO, L, DELTA, offs_n, offs_d, lo, hi, T, scale, bias, D: tl.constexpr,
+                BM: tl.constexpr, KIND: tl.constexpr, NORMALIZE: tl.constexpr, MASK: tl.constexpr):
+    for start_m in range(lo, hi, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        f, fprime = _weights(_dot(q, tl.trans(k)) * scale, bias, KIND)  # (BM, BN)
+        dfw = _dot(do, tl.trans(v))  # dO_i . v_j
+        if NORMALIZE:
+            l = tl.load(L + offs_m, mask=offs_m < T, other=1.0)
+            delta = tl.load(DELTA + offs_m, mask=offs_m < T, other=0.0)
+            f = f / l[:, None]
+            dfw = (dfw - delta[:, None]) / l[:, None]
+        ds = dfw * fprime
+        if MASK:
+            causal = offs_m[:, None] >= offs_n[None, :]
+            f = tl.where(causal, f, 0.0)
+            ds = tl.where(causal, ds, 0.0)
+        dv += _dot(tl.trans(f.to(do.dtype)), do)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
 
 
 @triton.autotune(configs=_configs([(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]), key=_KEY)
@@ -100,39 +140,42 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM
               BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
     start_n = tl.program_id(0) * BN
     bh = tl.program_id(1).to(tl.int64)
-    base = bh * T * D
+    Q, K, V, DO, DK, DV = Q + bh * T * D, K + bh * T * D, V + bh * T * D, DO + bh * T * D, DK + bh * T * D, DV + bh * T * D
+    L, DELTA = L + bh * T, DELTA + bh * T
     offs_n = start_n + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     kv_mask = offs_n[:, None] < T
-    k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BN, D), dtype=tl.float32)
     dv = tl.zeros((BN, D), dtype=tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (start_n // BM) * BM
-    for start_m in range(lo, T, BM):
-        offs_m = start_m + tl.arange(0, BM)
-        q_mask = offs_m[:, None] < T
-        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-        s = _dot(q, tl.trans(k)) * scale  # (BM, BN)
-        f, fprime = _weights(s, bias, KIND)
-        keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        f = tl.where(keep, f, 0.0)
-        dfw = _dot(do, tl.trans(v)).to(tl.float32)  # dO_i . v_j
+    args = (k, v, Q, DO, L, DELTA, offs_n, offs_d)
+    if CAUSAL:  # the query blocks on the diagonal, then those below it (earlier ones cannot see k)
+        diagonal_end = tl.minimum(start_n + BN, T)
+        dk, dv = _dkdv_range(dk, dv, *args, start_n, diagonal_end, T, scale, bias, D, BM, KIND, NORMALIZE, True)
+        dk, dv = _dkdv_range(dk, dv, *args, diagonal_end, T, T, scale, bias, D, BM, KIND, NORMALIZE, False)
+    else:
+        dk, dv = _dkdv_range(dk, dv, *args, 0, T, T, scale, bias, D, BM, KIND, NORMALIZE, False)
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_range(dq, q, do, l, delta, K, V, offs_m, offs_d, lo, hi, T, scale, bias, D: tl.constexpr,
+              BN: tl.constexpr, KIND: tl.constexpr, NORMALIZE: tl.constexpr, MASK: tl.constexpr):
+    for start_n in range(lo, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        k = tl.load(K + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        v = tl.load(V + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        _, fprime = _weights(_dot(q, tl.trans(k)) * scale, bias, KIND)
+        dfw = _dot(do, tl.trans(v))
         if NORMALIZE:
-            l = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=1.0)
-            delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
-            f = f / l[:, None]
             dfw = (dfw - delta[:, None]) / l[:, None]
-        dv += _dot(tl.trans(f.to(do.dtype)), do)
-        ds = tl.where(keep, dfw * fprime, 0.0)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        ds = dfw * fprime
+        if MASK:
+            ds = tl.where(offs_m[:, None] >= offs_n[None, :], ds, 0.0)
+        dq += _dot(ds.to(k.dtype), k)
+    return dq
 
 
 @triton.autotune(configs=_configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]), key=_KEY)
@@ -141,35 +184,26 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, T, scale, bias, D: tl.constexpr, BM: tl.c
             BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
     start_m = tl.program_id(0) * BM
     bh = tl.program_id(1).to(tl.int64)
-    base = bh * T * D
+    Q, K, V, DO, DQ = Q + bh * T * D, K + bh * T * D, V + bh * T * D, DO + bh * T * D, DQ + bh * T * D
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     q_mask = offs_m[:, None] < T
-    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
     if NORMALIZE:
         l = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=1.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    else:  # unused
+        l = tl.full((BM,), 1.0, tl.float32)
+        delta = tl.zeros((BM,), dtype=tl.float32)
     dq = tl.zeros((BM, D), dtype=tl.float32)
-    hi = T
-    if CAUSAL:
-        hi = tl.minimum(start_m + BM, T)
-    for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kv_mask = offs_n[:, None] < T
-        k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k)) * scale
-        _, fprime = _weights(s, bias, KIND)
-        keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        dfw = _dot(do, tl.trans(v)).to(tl.float32)
-        if NORMALIZE:
-            dfw = (dfw - delta[:, None]) / l[:, None]
-        ds = tl.where(keep, dfw * fprime, 0.0)
-        dq += _dot(ds.to(k.dtype), k)
-    tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    args = (q, do, l, delta, K, V, offs_m, offs_d)
+    if CAUSAL:  # below the diagonal, then the diagonal block
+        dq = _dq_range(dq, *args, 0, start_m, T, scale, bias, D, BN, KIND, NORMALIZE, False)
+        dq = _dq_range(dq, *args, start_m, tl.minimum(start_m + BM, T), T, scale, bias, D, BN, KIND, NORMALIZE, True)
+    else:
+        dq = _dq_range(dq, *args, 0, T, T, scale, bias, D, BN, KIND, NORMALIZE, False)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 class _SigmoidFamilyAttention(torch.autograd.Function):

@@ -3,7 +3,8 @@ backend, which tests/test_attention.py checks against the independent reference.
 
 On the CPU: backend selection and its errors, FlexAttention's forward (PyTorch has no CPU
 backward for it), the Triton kernels (sigmoid / elu1, chunked linear) forward and backward under TRITON_INTERPRET=1
-when triton is installed, in fp32 and in bf16 (the GPU check's bound). Tests marked `gpu` run every fast path in bf16 on CUDA and are skipped without it.
+when triton is installed, in fp32 and in bf16 (the GPU check's bound), and every Triton kernel
+config through the real compiler for sm_90 (eval/compile_kernels.py). Tests marked `gpu` run every fast path in bf16 on CUDA and are skipped without it.
 """
 from __future__ import annotations
 
@@ -189,6 +190,21 @@ def test_triton_kernel_matches_math_in_the_interpreter():
     assert worst < 1e-4, f"triton vs math relative error {worst:.3g} (forward or a gradient)"
     bf16_ok, bf16_worst = proc.stdout.split("BF16")[-1].split()
     assert bf16_ok == "True", f"linear attention in bf16: relative error {bf16_worst} over the 1e-2 bound"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_every_triton_kernel_config_compiles_for_the_h100():
+    """The interpreter runs kernels as Python; this runs Triton's real compiler (front end, LLVM,
+    ptxas) for sm_90 on the CPU, over every autotune config and flag set."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "eval.compile_kernels", "--arch", "90"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| _")]
+    assert {r[1].strip() for r in rows} == {"_fwd", "_bwd_dkdv", "_bwd_dq", "_scan", "_chunk_fwd", "_chunk_bwd"}
+    assert len(rows) == 8 * 3 * 3 + 2 * 3 + 2 * 2  # every (kind, causal, normalize) and config
+    assert all(r[6].strip() == "ok" for r in rows), [r for r in rows if r[6].strip() != "ok"]
 
 
 # --------------------------------------------------------------------------------------------

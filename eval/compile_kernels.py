@@ -1,0 +1,91 @@
+"""Compile every Triton kernel config for a GPU architecture, on any machine, without a GPU.
+
+    python -m eval.compile_kernels               # sm_90 (H100 / H200), every autotune config
+    python -m eval.compile_kernels --arch 80     # A100
+    python -m eval.compile_kernels --quick       # one config per kernel and flag set (the test)
+
+Triton's front end, LLVM and the bundled ptxas run on the CPU, so this catches what the
+interpreter cannot: syntax the compiler rejects, type errors in tl.dot, and configs whose shared
+memory exceeds the GPU's (autotuning would skip those at run time, silently). Prints one row per
+(kernel, flags, config) with the shared memory it needs; exits 1 if any compile fails.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block (opt-in max)
+
+
+def kernel_cases(io_dtype: str = "bf16"):
+    """(name, autotuned kernel, arg types, constexpr flags) for every kernel and flag set, D = 64."""
+    from model import kernels_linear, kernels_triton
+
+    ptr, f32 = f"*{io_dtype}", "*fp32"
+    ints = {"T": "i32", "N": "i32", "scale": "fp32", "bias": "fp32"}
+    attn = {**ints, "Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "DQ": ptr, "DK": ptr, "DV": ptr,
+            "L": f32, "DELTA": f32}
+    for kind, causal, normalize in itertools.product((0, 1), (True, False), (False, True)):
+        flags = {"D": 64, "KIND": kind, "CAUSAL": causal, "NORMALIZE": normalize}
+        for kernel in (kernels_triton._fwd, kernels_triton._bwd_dkdv, kernels_triton._bwd_dq):
+            yield kernel.fn.__name__, kernel, attn, flags
+    # linear: features, states and the numerator are fp32; the values and dV keep the input dtype
+    lin = {**ints, "Q": f32, "K": f32, "S": f32, "DS": f32, "O": f32, "DO": f32, "DQ": f32, "DK": f32, "V": ptr,
+           "DV_": ptr}
+    for reverse in (False, True):  # forward: (phi_k, v); backward: (phi_q, dO in fp32)
+        yield "_scan", kernels_linear._scan, {**lin, "V": f32 if reverse else ptr}, \
+            {"D": 64, "DV": 64, "C": 64, "REVERSE": reverse}
+    for kernel in (kernels_linear._chunk_fwd, kernels_linear._chunk_bwd):
+        yield kernel.fn.__name__, kernel, lin, {"D": 64, "DV": 64, "C": 64}
+
+
+def compile_one(kernel, types: dict, flags: dict, config, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    constexprs = {**flags, **config.kwargs}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.compile_kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT), help="compute capability x10")
+    p.add_argument("--quick", action="store_true", help="only the first config of each kernel")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("unset TRITON_INTERPRET: the interpreter replaces the GPU configs with one CPU config")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        p.error("needs the triton package (pip install triton)")
+
+    limit, failed = SHARED_LIMIT[args.arch], 0
+    print(f"| kernel | flags | config | shared KiB | seconds | result |\n|---|---|---|---|---|---|")
+    for name, kernel, types, flags in kernel_cases():
+        for config in kernel.configs[:1] if args.quick else kernel.configs:
+            t0 = time.perf_counter()
+            try:
+                compiled = compile_one(kernel, types, flags, config, args.arch)
+                shared = compiled.metadata.shared
+                result = "ok" if shared <= limit else f"over the {limit // 1024} KiB limit: skipped at run time"
+            except Exception as e:  # the compiler's own message names the line
+                shared, result, failed = None, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", failed + 1
+            tuned = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+            tuned += f", warps={config.num_warps}, stages={config.num_stages}"
+            shown = ", ".join(f"{k}={v}" for k, v in flags.items() if k not in ("D", "DV", "C"))
+            kib = "" if shared is None else f"{shared / 1024:.0f}"
+            print(f"| {name} | {shown} | {tuned} | {kib} | {time.perf_counter() - t0:.1f} | {result} |", flush=True)
+    print(f"\n{failed} failed" if failed else "\nall compiled")
+    return int(failed > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
