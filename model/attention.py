@@ -156,9 +156,12 @@ def expand_kv(k, v, n_head: int):
 
 
 def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """`auto` -> the fastest path known to be correct for this kind on this device and dtype:
-    softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA; sigmoid / elu1: FlexAttention
-    on CUDA, materialised weights elsewhere (flex has no CPU backward); linear: chunked."""
+    """`auto` -> the fastest path known to be correct for this kind on this device and dtype.
+
+    softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA. On CUDA, sigmoid / elu1 /
+    linear: the Triton kernels when triton is installed and the sizes tile, else FlexAttention /
+    chunked PyTorch (measured at about 5x flash softmax: DESIGN.md). Elsewhere: materialised
+    weights (flex has no CPU backward) and chunked linear attention."""
     if cfg.backend != "auto":
         return cfg.backend
     from . import kernels
@@ -167,6 +170,8 @@ def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dty
     if cfg.attention == "softmax":
         half = dtype in (torch.float16, torch.bfloat16)
         return "flash" if cuda and half and kernels.FLASH_AVAILABLE else "sdpa"
+    if cuda and kernels.TRITON_AVAILABLE and not kernels.triton_untileable(cfg):
+        return "triton"
     if cfg.attention == "linear":
         return "chunked"
     return "flex" if cuda else "math"

@@ -39,15 +39,18 @@ def require(backend: str, cfg: AttentionConfig | None = None) -> None:
     if backend == "triton" and not TRITON_AVAILABLE:
         raise ValueError("model.backend=triton needs the triton package (pip install triton; it ships "
                          "with CUDA builds of torch); or use model.backend=flex or auto")
-    if backend == "triton" and cfg is not None:  # tl.arange and tl.dot need powers of two >= 16
-        sizes = {"head_dim (n_embd / n_head)": cfg.head_dim}
-        if cfg.attention == "linear":
-            sizes["model.linear_chunk_size"] = cfg.linear_chunk_size
-        bad = {name: n for name, n in sizes.items() if n < 16 or n & (n - 1)}
-        if bad:
-            fallback = "chunked" if cfg.attention == "linear" else "flex"
-            raise ValueError(f"model.backend=triton needs powers of two >= 16, got {bad}; change them or use "
-                             f"model.backend={fallback} or auto")
+    if backend == "triton" and cfg is not None and (bad := triton_untileable(cfg)):
+        fallback = "chunked" if cfg.attention == "linear" else "flex"
+        raise ValueError(f"model.backend=triton needs powers of two >= 16, got {bad}; change them or use "
+                         f"model.backend={fallback} or auto")
+
+
+def triton_untileable(cfg: AttentionConfig) -> dict:
+    """The sizes the Triton kernels cannot tile (tl.arange and tl.dot take powers of two >= 16)."""
+    sizes = {"head_dim (n_embd / n_head)": cfg.head_dim}
+    if cfg.attention == "linear":
+        sizes["model.linear_chunk_size"] = cfg.linear_chunk_size
+    return {name: n for name, n in sizes.items() if n < 16 or n & (n - 1)}
 
 
 def attend(backend: str, q, k, v, cfg: AttentionConfig, causal: bool):

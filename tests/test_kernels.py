@@ -44,12 +44,21 @@ def rel(a, b) -> float:
 # --------------------------------------------------------------------------------------------
 # choosing a backend, and the errors for the combinations that cannot run
 # --------------------------------------------------------------------------------------------
+def test_auto_without_triton_falls_back_to_flex_and_chunked(monkeypatch):
+    monkeypatch.setattr(kernels, "TRITON_AVAILABLE", False)
+    cuda = torch.device("cuda")
+    assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == \
+        ["flex", "flex", "chunked"]
+
+
 def test_auto_picks_per_kind_and_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolve_backend needs no GPU to answer
     assert [resolve_backend(cfg_for(k), cpu) for k in ("softmax", "sigmoid", "elu1", "linear")] == \
         ["sdpa", "math", "math", "chunked"]
-    assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == \
-        ["flex", "flex", "chunked"]
+    fused = ["triton"] * 3 if kernels.TRITON_AVAILABLE else ["flex", "flex", "chunked"]
+    assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == fused
+    untileable = [replace(cfg_for(k), n_embd=48) for k in ("sigmoid", "linear")]  # head_dim 12
+    assert [resolve_backend(c, cuda, torch.bfloat16) for c in untileable] == ["flex", "chunked"]
     assert resolve_backend(cfg_for(), cuda, torch.bfloat16) == ("flash" if kernels.FLASH_AVAILABLE else "sdpa")
     assert resolve_backend(cfg_for(), cuda, torch.float32) == "sdpa"  # flash-attn takes fp16/bf16 only
     assert resolve_backend(cfg_for("sigmoid", backend="math"), cuda) == "math"
