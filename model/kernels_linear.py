@@ -65,47 +65,51 @@ def _scan(K, V, S, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV:
         acc += tl.dot(tl.trans(k.to(tl.float32)), v.to(tl.float32))
 
 
+@triton.jit
+def _chunk_offsets(T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
+    """This program's chunk: which rows exist, and the offsets of its (C, D) query / key block,
+    its (C, DV) value block and its (D, DV) state."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = n * C + tl.arange(0, C)
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, DV)
+    qk = bh * T * D + rows[:, None] * D + offs_d[None, :]
+    v = bh * T * DV + rows[:, None] * DV + offs_v[None, :]
+    s = (bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :]
+    return rows[:, None] < T, qk, v, s
+
+
+@triton.jit
+def _lower(C: tl.constexpr):
+    """(C, C) causal mask within a chunk."""
+    return tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+
+
 @triton.autotune(configs=_CHUNK_CONFIGS, key=_CHUNK_KEY)
 @triton.jit
 def _chunk_fwd(Q, K, V, S, O, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, C)
-    offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, DV)
-    rows = n * C + offs_c
-    inside = rows[:, None] < T
-    q = tl.load(Q + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=inside, other=0.0)
-    k = tl.load(K + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=inside, other=0.0)
-    v = tl.load(V + bh * T * DV + rows[:, None] * DV + offs_v[None, :], mask=inside, other=0.0).to(tl.float32)
-    s = tl.load(S + (bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :])
-    a = tl.where(offs_c[:, None] >= offs_c[None, :], tl.dot(q, tl.trans(k)), 0.0)
-    o = tl.dot(a, v) + tl.dot(q, s)
-    tl.store(O + bh * T * DV + rows[:, None] * DV + offs_v[None, :], o, mask=inside)
+    inside, qk_ptrs, v_ptrs, s_ptrs = _chunk_offsets(T, N, D, DV, C)
+    q = tl.load(Q + qk_ptrs, mask=inside, other=0.0)
+    k = tl.load(K + qk_ptrs, mask=inside, other=0.0)
+    v = tl.load(V + v_ptrs, mask=inside, other=0.0).to(tl.float32)
+    s = tl.load(S + s_ptrs)
+    a = tl.where(_lower(C), tl.dot(q, tl.trans(k)), 0.0)
+    tl.store(O + v_ptrs, tl.dot(a, v) + tl.dot(q, s), mask=inside)
 
 
 @triton.autotune(configs=_CHUNK_CONFIGS, key=_CHUNK_KEY)
 @triton.jit
 def _chunk_bwd(Q, K, V, S, DO, DS, DQ, DK, DV_, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, C)
-    offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, DV)
-    rows = n * C + offs_c
-    inside = rows[:, None] < T
-    qk_ptrs = bh * T * D + rows[:, None] * D + offs_d[None, :]
-    v_ptrs = bh * T * DV + rows[:, None] * DV + offs_v[None, :]
-    s_ptrs = (bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :]
+    inside, qk_ptrs, v_ptrs, s_ptrs = _chunk_offsets(T, N, D, DV, C)
     q = tl.load(Q + qk_ptrs, mask=inside, other=0.0)
     k = tl.load(K + qk_ptrs, mask=inside, other=0.0)
     v = tl.load(V + v_ptrs, mask=inside, other=0.0).to(tl.float32)
     do = tl.load(DO + v_ptrs, mask=inside, other=0.0)
     s = tl.load(S + s_ptrs)
     ds = tl.load(DS + s_ptrs)
-    lower = offs_c[:, None] >= offs_c[None, :]
-    a = tl.where(lower, tl.dot(q, tl.trans(k)), 0.0)
-    da = tl.where(lower, tl.dot(do, tl.trans(v)), 0.0)
+    a = tl.where(_lower(C), tl.dot(q, tl.trans(k)), 0.0)
+    da = tl.where(_lower(C), tl.dot(do, tl.trans(v)), 0.0)
     dq = tl.dot(da, k) + tl.dot(do, tl.trans(s))
     dk = tl.dot(tl.trans(da), q) + tl.dot(v, tl.trans(ds))
     dv = tl.dot(tl.trans(a), do) + tl.dot(k, ds)
