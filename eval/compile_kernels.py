@@ -7,14 +7,20 @@
 Triton's front end, LLVM and the bundled ptxas run on the CPU, so this catches what the
 interpreter cannot: syntax the compiler rejects, type errors in tl.dot, and configs whose shared
 memory exceeds the GPU's (autotuning would skip those at run time, silently). Prints one row per
-(kernel, flags, config) with the shared memory it needs; exits 1 if any compile fails.
+(kernel, flags, config) with its shared memory, registers per thread and register spills (from
+ptxas -v; spilling configs are slow, and autotuning will rarely pick them); exits 1 if any
+compile fails.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import os
+import re
 import sys
+import tempfile
 import time
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block (opt-in max)
@@ -52,7 +58,12 @@ def compile_one(kernel, types: dict, flags: dict, config, arch: int):
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    registers = re.findall(r"Used (\d+) registers", log.getvalue())
+    spills = re.findall(r"(\d+) bytes spill stores", log.getvalue())
+    return compiled, int(registers[-1]) if registers else None, int(spills[-1]) if spills else None
 
 
 def main(argv=None) -> int:
@@ -62,27 +73,32 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: the interpreter replaces the GPU configs with one CPU config")
+    # A fresh cache, so that ptxas runs (and reports registers) for every kernel.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sinklab-compile-")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     try:
         import triton  # noqa: F401
     except ImportError:
         p.error("needs the triton package (pip install triton)")
 
     limit, failed = SHARED_LIMIT[args.arch], 0
-    print(f"| kernel | flags | config | shared KiB | seconds | result |\n|---|---|---|---|---|---|")
+    print("| kernel | flags | config | shared KiB | registers | spill bytes | seconds | result |\n" + "|---" * 8 + "|")
     for name, kernel, types, flags in kernel_cases():
         for config in kernel.configs[:1] if args.quick else kernel.configs:
             t0 = time.perf_counter()
+            shared = registers = spills = None
             try:
-                compiled = compile_one(kernel, types, flags, config, args.arch)
+                compiled, registers, spills = compile_one(kernel, types, flags, config, args.arch)
                 shared = compiled.metadata.shared
                 result = "ok" if shared <= limit else f"over the {limit // 1024} KiB limit: skipped at run time"
             except Exception as e:  # the compiler's own message names the line
-                shared, result, failed = None, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", failed + 1
+                result, failed = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", failed + 1
             tuned = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
             tuned += f", warps={config.num_warps}, stages={config.num_stages}"
             shown = ", ".join(f"{k}={v}" for k, v in flags.items() if k not in ("D", "DV", "C"))
             kib = "" if shared is None else f"{shared / 1024:.0f}"
-            print(f"| {name} | {shown} | {tuned} | {kib} | {time.perf_counter() - t0:.1f} | {result} |", flush=True)
+            print(f"| {name} | {shown} | {tuned} | {kib} | {registers or ''} | {'' if spills is None else spills} | "
+                  f"{time.perf_counter() - t0:.1f} | {result} |", flush=True)
     print(f"\n{failed} failed" if failed else "\nall compiled")
     return int(failed > 0)
 
