@@ -102,12 +102,15 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check(kinds, device: torch.device, dtype: torch.dtype, tol: float, t: int = 256, batch: int = 2) -> tuple[list, bool]:
-    """Every fast backend vs math on fresh random inputs: forward and d(q, k, v)."""
+def check(kinds, device: torch.device, dtype: torch.dtype, tol: float, t: int = 256, batch: int = 2,
+          backends=None) -> tuple[list, bool]:
+    """Every fast backend (or those in `backends`) vs math on fresh random inputs: forward and d(q, k, v)."""
     rows, ok = [], True
     grads_here = device.type == "cuda"  # flex has no CPU backward; chunked and sdpa do
     for label, fields in variants(kinds):
         for backend in fast_backends(fields["attention"], device):
+            if backends is not None and backend not in backends:
+                continue
             torch.manual_seed(len(rows))
             q, k, v = (torch.randn(batch, HEADS, t, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
             g = torch.randn_like(q)
@@ -353,8 +356,8 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--skip", nargs="*", choices=["kernels", "train", "nanogpt"], default=[], help="parts to leave out")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the training rows")
-    p.add_argument("--backends", nargs="+", default=None, help="kernel rows: only these backends (SDPA softmax, "
-                   "the baseline, always runs), e.g. sdpa flash triton chunked math")
+    p.add_argument("--backends", nargs="+", default=None, help="check and kernel rows: only these backends (the "
+                   "kernel table's baseline, SDPA softmax, always runs), e.g. sdpa flash triton chunked math")
     p.add_argument("--train-backend", choices=["auto", "math", "flex", "chunked", "triton"], default="auto",
                    help="backend of the sigmoid / elu1 / linear training rows where the kind allows it "
                         "(e.g. triton: both Triton kernels); other rows use auto")
@@ -422,7 +425,7 @@ def main(argv=None) -> int:
     if args.check or args.check_only:
         gpu = device.type == "cuda"
         dtype, tol = (torch.bfloat16, 1e-2) if gpu else (torch.float32, 1e-4)
-        rows, ok = check(args.kinds, device, dtype, tol)
+        rows, ok = check(args.kinds, device, dtype, tol, backends=args.backends)
         result["check"] = {"dtype": str(dtype), "tol": tol, "rows": rows, "pass": ok}
         print(f"## check: fast path vs math, relative error ({dtype}, bound {tol:g})\n")
         print(markdown(rows, ["variant", "backend", "out", "dq", "dk", "dv", "pass"]) + "\n")

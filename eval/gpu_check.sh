@@ -22,9 +22,11 @@ step() {  # step <seconds> <name> <eval.bench args...>
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-# 1. every fast path (sdpa, flash, flex, triton, chunked) vs math, bf16, forward and gradients;
-#    the first call of each Triton kernel compiles and autotunes its configs (a minute in all)
-step 120 check --check-only
+# 1. the fast paths auto picks (sdpa, flash, triton) and chunked vs math, bf16, forward and
+#    gradients; the first call of each Triton kernel compiles and autotunes (about a minute).
+#    flex, the fallback, compiles slowly per shape: check it alone when there is time left,
+#    python -m eval.bench --check-only --backends flex
+step 120 check --check-only --backends sdpa flash triton chunked
 # 2. attention kernels alone at T 1024/4096/8192 (flex left out: compiling it per shape is slow;
 #    DESIGN.md has its numbers), ratios to SDPA softmax
 step 140 kernels --skip train nanogpt --backends sdpa flash triton chunked math

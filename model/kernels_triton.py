@@ -27,8 +27,11 @@ SIGMOID, ELU1 = 0, 1
 _KEY = ["T", "D", "KIND", "CAUSAL", "NORMALIZE"]
 
 
-def _configs(blocks: list[tuple[int, int, int, int]]) -> list:
-    """(BM, BN, warps, stages) on the GPU; one 16 x 16 block in the interpreter."""
+def _configs(blocks: list[tuple[int, int, int, int]], query_block_larger: bool) -> list:
+    """(BM, BN, warps, stages) on the GPU; one 16 x 16 block in the interpreter. The causal split
+    below needs BM a multiple of BN (forward, dQ) or BN a multiple of BM (dK, dV)."""
+    for m, n, _, _ in blocks:
+        assert (m % n if query_block_larger else n % m) == 0, f"block sizes {m} x {n} break the causal split"
     if TRITON_INTERPRET:
         return [triton.Config({"BM": 16, "BN": 16}, num_warps=4)]
     return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
@@ -63,7 +66,7 @@ def _weights(s, bias, KIND: tl.constexpr):
 
 # The causal kernels visit the blocks below the diagonal without masks and mask only the
 # diagonal ones, so a query block must be a whole number of key blocks (forward, dQ) or the
-# reverse (dK, dV). Rows past the end of the sequence load as zeros, which add nothing to any
+# reverse (dK, dV): `_configs` checks. Rows past the end of the sequence load as zeros, which add nothing to any
 # sum but the forward's row sums, which the masked ragged block takes care of.
 @triton.jit
 def _fwd_range(acc, l, q, K, V, offs_m, offs_d, lo, hi, T, scale, bias, D: tl.constexpr, BN: tl.constexpr,
@@ -83,7 +86,7 @@ def _fwd_range(acc, l, q, K, V, offs_m, offs_d, lo, hi, T, scale, bias, D: tl.co
     return acc, l
 
 
-@triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]), key=_KEY)
+@triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)], True), key=_KEY)
 @triton.jit
 def _fwd(Q, K, V, O, L, T, scale, bias, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
          KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -136,7 +139,7 @@ def _dkdv_range(dk, dv, k, v, Q, DO, L, DELTA, offs_n, offs_d, lo, hi, T, scale,
 
 # dK and dV keep two BN x D fp32 accumulators per program: (64, 64) on 4 warps and (64, 128)
 # on 8 spilled registers for sm_90 (python -m eval.compile_kernels), these three do not.
-@triton.autotune(configs=_configs([(32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3)]), key=_KEY)
+@triton.autotune(configs=_configs([(32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3)], False), key=_KEY)
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -180,7 +183,7 @@ def _dq_range(dq, q, do, l, delta, K, V, offs_m, offs_d, lo, hi, T, scale, bias,
     return dq
 
 
-@triton.autotune(configs=_configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]), key=_KEY)
+@triton.autotune(configs=_configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)], True), key=_KEY)
 @triton.jit
 def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
             BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
