@@ -257,3 +257,45 @@ def test_auto_model_step_on_gpu_matches_math(kind):
     (loss_a, grad_a), (loss_m, grad_m) = results
     assert abs(loss_a - loss_m).item() < 1e-2 * loss_m.item()
     assert rel(grad_a, grad_m) < 2e-2
+
+
+@gpu
+@needs_cuda
+def test_triton_linear_memory_is_linear_in_t():
+    """At a fixed number of tokens B * T, the kernel's extra memory does not grow with T."""
+    from model.kernels_linear import linear_attention_triton
+
+    extra = []
+    for t in (2048, 8192):
+        q, k, v = (torch.randn(16384 // t, 12, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        g = torch.randn_like(q)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        linear_attention_triton(q, k, v, 64).backward(g)
+        torch.cuda.synchronize()
+        extra.append(torch.cuda.max_memory_allocated() - held)
+    assert extra[1] < 1.2 * extra[0], f"extra memory {extra[0] / 2**20:.0f} MiB at T=2048, {extra[1] / 2**20:.0f} at 8192"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["sigmoid", "linear"])
+def test_compiled_model_with_triton_kernels_matches_eager(kind):
+    """torch.compile traces through the autotuned Triton kernels (or breaks the graph around them)
+    and computes the same loss and gradients."""
+    cfg = GPTConfig(vocab_size=256, n_layer=2, n_embd=128, n_head=2, block_size=256, attention=kind, backend="triton")
+    idx = torch.randint(0, 256, (2, 256), device="cuda")
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = GPT(cfg).cuda()
+        run = torch.compile(model) if compiled else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = run(idx, targets=idx).loss
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_e, grad_e), (loss_c, grad_c) = results
+    assert abs(loss_c - loss_e).item() < 1e-2 * loss_e.item()
+    assert rel(grad_c, grad_e) < 2e-2
