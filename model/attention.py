@@ -155,12 +155,18 @@ def expand_kv(k, v, n_head: int):
     return (k, v) if rep == 1 else (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
 
 
+def shared_memory_kib(device) -> float:
+    """Shared memory one CUDA thread block may use on this GPU (the opt-in maximum)."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin / 1024
+
+
 def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """`auto` -> the fastest path known to be correct for this kind on this device and dtype.
 
     softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA. On CUDA, sigmoid / elu1 /
-    linear: the Triton kernels when triton is installed and the sizes tile, else FlexAttention /
-    chunked PyTorch (measured at about 5x flash softmax: DESIGN.md). Elsewhere: materialised
+    linear: the Triton kernels when triton is installed and the sizes tile (for linear, also when
+    the GPU has the shared memory), else FlexAttention / chunked PyTorch (measured at about 5x
+    flash softmax: DESIGN.md). Elsewhere: materialised
     weights (flex has no CPU backward) and chunked linear attention."""
     if cfg.backend != "auto":
         return cfg.backend
@@ -170,7 +176,8 @@ def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dty
     if cfg.attention == "softmax":
         half = dtype in (torch.float16, torch.bfloat16)
         return "flash" if cuda and half and kernels.FLASH_AVAILABLE else "sdpa"
-    if cuda and kernels.TRITON_AVAILABLE and not kernels.triton_untileable(cfg):
+    if cuda and kernels.TRITON_AVAILABLE and not kernels.triton_untileable(cfg) and (
+            cfg.attention != "linear" or shared_memory_kib(device) >= kernels.LINEAR_SHARED_KIB):
         return "triton"
     if cfg.attention == "linear":
         return "chunked"

@@ -41,22 +41,45 @@ def require(backend: str, cfg: AttentionConfig | None = None) -> None:
                          "with CUDA builds of torch); or use model.backend=flex or auto")
     if backend == "triton" and cfg is not None and (bad := triton_untileable(cfg)):
         fallback = "chunked" if cfg.attention == "linear" else "flex"
-        raise ValueError(f"model.backend=triton needs powers of two >= 16, got {bad}; change them or use "
-                         f"model.backend={fallback} or auto")
+        top = LINEAR_MAX_TILE if cfg.attention == "linear" else 128
+        raise ValueError(f"model.backend=triton needs powers of two from 16 to {top}, got {bad}; change them or "
+                         f"use model.backend={fallback} or auto")
+
+
+# The linear kernel's backward holds about ten C x D fp32 tiles in shared memory: 68 KiB at
+# head_dim 32, 160 KiB at 64 and 416 KiB at 128 with chunks of 64 (python -m eval.compile_kernels).
+LINEAR_MAX_TILE = 64
+LINEAR_SHARED_KIB = 160  # what head_dim 64 needs: A100, H100 and H200 have it, consumer GPUs do not
 
 
 def triton_untileable(cfg: AttentionConfig) -> dict:
-    """The sizes the Triton kernels cannot tile (tl.arange and tl.dot take powers of two >= 16)."""
+    """The sizes the Triton kernels cannot tile: tl.arange and tl.dot take powers of two >= 16, and
+    the linear kernel's shared memory caps head_dim and chunk at LINEAR_MAX_TILE."""
     sizes = {"head_dim (n_embd / n_head)": cfg.head_dim}
     if cfg.attention == "linear":
         sizes["model.linear_chunk_size"] = cfg.linear_chunk_size
-    return {name: n for name, n in sizes.items() if n < 16 or n & (n - 1)}
+    top = LINEAR_MAX_TILE if cfg.attention == "linear" else 128
+    return {name: n for name, n in sizes.items() if n < 16 or n > top or n & (n - 1)}
+
+
+def same_dtype(q, k, v):
+    """One dtype for the fused kernels. Under autocast, qk_norm's RMSNorm returns fp32 q and k
+    while v stays bf16: take autocast's dtype then (as SDPA does), else the widest of the three."""
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def attend(backend: str, q, k, v, cfg: AttentionConfig, causal: bool):
     """q, k, v: (B, H, T, D) rotated, heads already repeated for GQA. Returns y (B, H, Tq, D)."""
     if causal and q.shape[-2] != k.shape[-2]:
         return math_attention(q, k, v, cfg, causal)[0]
+    q, k, v = same_dtype(q, k, v)
     if backend == "flex":
         return flex_attend(q, k, v, cfg, causal)
     if backend == "flash":

@@ -52,16 +52,18 @@ def _scan(K, V, S, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV:
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, D)
     offs_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    columns = offs_v[None, :] < DV  # a value block wider than DV (autotuning tries them all) stops at DV
     acc = tl.zeros((D, BV), dtype=tl.float32)
     for i in range(0, N):
         if REVERSE:
             n = N - 1 - i
         else:
             n = i
-        tl.store(S + (bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :], acc)
+        tl.store(S + (bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :], acc, mask=columns)
         rows = n * C + offs_c
         k = tl.load(K + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=rows[:, None] < T, other=0.0)
-        v = tl.load(V + bh * T * DV + rows[:, None] * DV + offs_v[None, :], mask=rows[:, None] < T, other=0.0)
+        v = tl.load(V + bh * T * DV + rows[:, None] * DV + offs_v[None, :], mask=(rows[:, None] < T) & columns,
+                    other=0.0)
         acc += tl.dot(tl.trans(k.to(tl.float32)), v.to(tl.float32))
 
 
@@ -100,7 +102,8 @@ def _chunk_fwd(Q, K, V, S, O, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.con
 
 @triton.autotune(configs=_CHUNK_CONFIGS, key=_CHUNK_KEY)
 @triton.jit
-def _chunk_bwd(Q, K, V, S, DO, DS, DQ, DK, DV_, T, N, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
+def _chunk_bwd(Q, K, V, S, DO, DS, GRAD_Q, GRAD_K, GRAD_V, T, N, D: tl.constexpr, DV: tl.constexpr,
+               C: tl.constexpr):
     inside, qk_ptrs, v_ptrs, s_ptrs = _chunk_offsets(T, N, D, DV, C)
     q = tl.load(Q + qk_ptrs, mask=inside, other=0.0)
     k = tl.load(K + qk_ptrs, mask=inside, other=0.0)
@@ -113,9 +116,9 @@ def _chunk_bwd(Q, K, V, S, DO, DS, DQ, DK, DV_, T, N, D: tl.constexpr, DV: tl.co
     dq = tl.dot(da, k) + tl.dot(do, tl.trans(s))
     dk = tl.dot(tl.trans(da), q) + tl.dot(v, tl.trans(ds))
     dv = tl.dot(tl.trans(a), do) + tl.dot(k, ds)
-    tl.store(DQ + qk_ptrs, dq, mask=inside)
-    tl.store(DK + qk_ptrs, dk, mask=inside)
-    tl.store(DV_ + v_ptrs, dv.to(DV_.dtype.element_ty), mask=inside)
+    tl.store(GRAD_Q + qk_ptrs, dq, mask=inside)
+    tl.store(GRAD_K + qk_ptrs, dk, mask=inside)
+    tl.store(GRAD_V + v_ptrs, dv.to(GRAD_V.dtype.element_ty), mask=inside)
 
 
 def _chunk_states(k, v, chunk: int, reverse: bool) -> torch.Tensor:

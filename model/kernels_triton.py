@@ -137,15 +137,16 @@ def _dkdv_range(dk, dv, k, v, Q, DO, L, DELTA, offs_n, offs_d, lo, hi, T, scale,
     return dk, dv
 
 
-# dK and dV keep two BN x D fp32 accumulators per program: (64, 64) on 4 warps and (64, 128)
-# on 8 spilled registers for sm_90 (python -m eval.compile_kernels), these three do not.
+# dK and dV keep two BN x D fp32 accumulators per program. On sm_90 the configs (64, 64) with 4
+# warps and (64, 128) with 8 spilled registers (python -m eval.compile_kernels); these do not.
 @triton.autotune(configs=_configs([(32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3)], False), key=_KEY)
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr):
     start_n = tl.program_id(0) * BN
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, DK, DV = Q + bh * T * D, K + bh * T * D, V + bh * T * D, DO + bh * T * D, DK + bh * T * D, DV + bh * T * D
+    Q, K, V, DO = Q + bh * T * D, K + bh * T * D, V + bh * T * D, DO + bh * T * D
+    DK, DV = DK + bh * T * D, DV + bh * T * D
     L, DELTA = L + bh * T, DELTA + bh * T
     offs_n = start_n + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
@@ -232,7 +233,8 @@ class _SigmoidFamilyAttention(torch.autograd.Function):
         do = do.contiguous()
         B, H, T, D = q.shape
         scale = D ** -0.5
-        delta = (do.float() * o.float()).sum(-1) if normalize else l  # dO_i . out_i
+        # delta_i = dO_i . out_i, read only with normalize (any fp32 tensor stands in otherwise)
+        delta = (do.float() * o.float()).sum(-1) if normalize else l
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(D=D, KIND=kind, CAUSAL=causal, NORMALIZE=normalize)
         _bwd_dkdv[lambda meta: (triton.cdiv(T, meta["BN"]), B * H)](q, k, v, do, l, delta, dk, dv, T, scale, bias,

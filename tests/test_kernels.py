@@ -44,14 +44,32 @@ def rel(a, b) -> float:
 # --------------------------------------------------------------------------------------------
 # choosing a backend, and the errors for the combinations that cannot run
 # --------------------------------------------------------------------------------------------
-def test_auto_without_triton_falls_back_to_flex_and_chunked(monkeypatch):
-    monkeypatch.setattr(kernels, "TRITON_AVAILABLE", False)
+@pytest.fixture
+def h100_shared_memory(monkeypatch):
+    """resolve_backend asks the GPU for its shared memory; answer as an H100 would."""
+    from model import attention
+
+    monkeypatch.setattr(attention, "shared_memory_kib", lambda device: 227.0)
+    return monkeypatch
+
+
+def test_auto_without_triton_falls_back_to_flex_and_chunked(h100_shared_memory):
+    h100_shared_memory.setattr(kernels, "TRITON_AVAILABLE", False)
     cuda = torch.device("cuda")
     assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == \
         ["flex", "flex", "chunked"]
 
 
-def test_auto_picks_per_kind_and_device():
+@pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="triton is not installed")
+def test_auto_keeps_linear_off_triton_where_its_shared_memory_does_not_fit(monkeypatch):
+    from model import attention
+
+    monkeypatch.setattr(attention, "shared_memory_kib", lambda device: 99.0)  # an RTX 4090
+    cuda = torch.device("cuda")
+    assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "linear")] == ["triton", "chunked"]
+
+
+def test_auto_picks_per_kind_and_device(h100_shared_memory):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolve_backend needs no GPU to answer
     assert [resolve_backend(cfg_for(k), cpu) for k in ("softmax", "sigmoid", "elu1", "linear")] == \
         ["sdpa", "math", "math", "chunked"]
@@ -59,6 +77,9 @@ def test_auto_picks_per_kind_and_device():
     assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == fused
     untileable = [replace(cfg_for(k), n_embd=48) for k in ("sigmoid", "linear")]  # head_dim 12
     assert [resolve_backend(c, cuda, torch.bfloat16) for c in untileable] == ["flex", "chunked"]
+    head_dim_128 = [replace(cfg_for(k), n_embd=512) for k in ("sigmoid", "linear")]  # linear's tiles stop at 64
+    assert [resolve_backend(c, cuda, torch.bfloat16) for c in head_dim_128] == \
+        (["triton", "chunked"] if kernels.TRITON_AVAILABLE else ["flex", "chunked"])
     assert resolve_backend(cfg_for(), cuda, torch.bfloat16) == ("flash" if kernels.FLASH_AVAILABLE else "sdpa")
     assert resolve_backend(cfg_for(), cuda, torch.float32) == "sdpa"  # flash-attn takes fp16/bf16 only
     assert resolve_backend(cfg_for("sigmoid", backend="math"), cuda) == "math"
@@ -80,6 +101,8 @@ def test_triton_without_the_package_fails_at_construction():
 def test_triton_shapes_it_cannot_tile_fail_at_construction():
     with pytest.raises(ValueError, match=r"powers of two.*linear_chunk_size.*backend=chunked"):
         Attention(cfg_for("linear", backend="triton", linear_chunk_size=24))
+    with pytest.raises(ValueError, match=r"from 16 to 64.*linear_chunk_size': 128"):
+        Attention(cfg_for("linear", backend="triton", linear_chunk_size=128))
     with pytest.raises(ValueError, match=r"powers of two.*head_dim.*backend=flex"):
         Attention(replace(cfg_for("elu1", backend="triton"), n_embd=48))  # head_dim 12
     Attention(cfg_for("linear", backend="triton", linear_chunk_size=32))  # fine
@@ -180,6 +203,27 @@ INTERPRETED = textwrap.dedent("""
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         worst = max(worst, ((grads[0] - grads[1]).norm() / grads[1].norm()).item())
     print("WORST", worst)
+    # qk_norm under autocast hands fp32 q, k and bf16 v to the kernels: one dtype is chosen for them
+    from model.kernels import attend
+    cfg = AttentionConfig(n_embd=32, n_head=2, attention="sigmoid", block_size=64)
+    q, k = (torch.randn(1, 2, 40, 16) for _ in range(2))
+    v = torch.randn(1, 2, 40, 16).bfloat16()
+    mixed = attend("triton", q, k, v, cfg, True)
+    assert mixed.dtype == torch.float32  # no autocast: the widest
+    worst = max(worst, ((mixed.float() - math_attention(q, k, v.float(), cfg, True)[0]).norm()
+                        / math_attention(q, k, v.float(), cfg, True)[0].norm()).item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attend("triton", q, k, v, cfg, True).dtype == torch.bfloat16
+    # the scan's value blocks may be wider than the values (autotuning tries every width): no
+    # write may land outside the states
+    from model.kernels_linear import _scan
+    kf, vf = torch.rand(2, 40, 16), torch.randn(2, 40, 16)
+    states = torch.zeros(2 * 3 * 16 * 16 + 64)
+    _scan.fn[(1, 2)](kf, vf, states, 40, 3, D=16, DV=16, C=16, BV=32, REVERSE=False)
+    kv = kf.view(2, 40, 16)[:, :32].reshape(2, 2, 16, 16).transpose(-1, -2) @ vf[:, :32].reshape(2, 2, 16, 16)
+    expected = torch.stack([torch.zeros(2, 16, 16), kv[:, 0], kv[:, 0] + kv[:, 1]], 1)
+    worst = max(worst, ((states[:-64].view(2, 3, 16, 16) - expected).norm() / expected.norm()).item())
+    assert not states[-64:].any(), "the scan wrote past the end of its states"
     # bf16 inputs against fp32 math under the GPU check's bound (pessimistic here: the
     # interpreter rounds fp32 -> bf16 by truncation, doubling the rounding error)
     from eval.bench import check
@@ -223,6 +267,12 @@ def test_every_triton_kernel_config_compiles_for_the_h100():
     assert len(rows) == 8 * 3 * 3 + 2 * 3 + 2 * 2  # every (kind, causal, normalize) and config
     assert all(r[8].strip() == "ok" for r in rows), [r for r in rows if r[8].strip() != "ok"]
     assert all(0 < int(r[5]) <= 255 for r in rows)  # ptxas reported the registers of every kernel
+    # other head dims (linear only up to 64), the first config that fits
+    proc = subprocess.run([sys.executable, "-m", "eval.compile_kernels", "--quick", "--head-dims", "16", "32", "128"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| _")]
+    assert sum("D=128" in r[2] for r in rows) == 8 * 3 and sum("D=16" in r[2] for r in rows) == 8 * 3 + 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,8 +293,10 @@ def test_every_fast_path_matches_math_in_bf16():
 @needs_cuda
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid", "elu1", "linear"])
 def test_auto_model_step_on_gpu_matches_math(kind):
-    """A whole model under bf16 autocast: auto's loss and gradients agree with math's."""
-    cfg = GPTConfig(vocab_size=256, n_layer=2, n_embd=128, n_head=2, block_size=256, attention=kind, gate="elementwise")
+    """A whole model under bf16 autocast: auto's loss and gradients agree with math's. qk_norm (as in
+    the ablation configs) hands the kernels fp32 q, k and bf16 v."""
+    cfg = GPTConfig(vocab_size=256, n_layer=2, n_embd=128, n_head=2, block_size=256, attention=kind, gate="elementwise",
+                    qk_norm=True)
     idx = torch.randint(0, 256, (2, 256), device="cuda")
     results = []
     for backend in ("auto", "math"):
