@@ -278,6 +278,17 @@ def test_every_triton_kernel_config_compiles_for_the_h100():
 # --------------------------------------------------------------------------------------------
 # on a GPU: every fast path in bf16, forward and gradients
 # --------------------------------------------------------------------------------------------
+def bf16_step(cfg: GPTConfig, compiled: bool = False):
+    """Loss and flat gradients of one bf16-autocast step of a fresh model (seed 0) on a fixed batch."""
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = (torch.compile(model) if compiled else model)(idx, targets=idx).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
 @gpu
 @needs_cuda
 def test_every_fast_path_matches_math_in_bf16():
@@ -297,16 +308,7 @@ def test_auto_model_step_on_gpu_matches_math(kind):
     the ablation configs) hands the kernels fp32 q, k and bf16 v."""
     cfg = GPTConfig(vocab_size=256, n_layer=2, n_embd=128, n_head=2, block_size=256, attention=kind, gate="elementwise",
                     qk_norm=True)
-    idx = torch.randint(0, 256, (2, 256), device="cuda")
-    results = []
-    for backend in ("auto", "math"):
-        torch.manual_seed(0)
-        model = GPT(replace(cfg, backend=backend)).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(idx, targets=idx).loss
-        loss.backward()
-        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
-    (loss_a, grad_a), (loss_m, grad_m) = results
+    (loss_a, grad_a), (loss_m, grad_m) = (bf16_step(replace(cfg, backend=b)) for b in ("auto", "math"))
     assert abs(loss_a - loss_m).item() < 1e-2 * loss_m.item()
     assert rel(grad_a, grad_m) < 2e-2
 
@@ -338,16 +340,6 @@ def test_compiled_model_with_triton_kernels_matches_eager(kind):
     """torch.compile traces through the autotuned Triton kernels (or breaks the graph around them)
     and computes the same loss and gradients."""
     cfg = GPTConfig(vocab_size=256, n_layer=2, n_embd=128, n_head=2, block_size=256, attention=kind, backend="triton")
-    idx = torch.randint(0, 256, (2, 256), device="cuda")
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = GPT(cfg).cuda()
-        run = torch.compile(model) if compiled else model
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = run(idx, targets=idx).loss
-        loss.backward()
-        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
-    (loss_e, grad_e), (loss_c, grad_c) = results
+    (loss_e, grad_e), (loss_c, grad_c) = (bf16_step(cfg, compiled) for compiled in (False, True))
     assert abs(loss_c - loss_e).item() < 1e-2 * loss_e.item()
     assert rel(grad_c, grad_e) < 2e-2
