@@ -8,6 +8,7 @@ modules do not import conftest directly.
 from __future__ import annotations
 
 import math
+import random
 import sys
 import types
 from pathlib import Path
@@ -197,3 +198,17 @@ def single_thread():
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def word_corpus(tmp_path_factory) -> Path:
+    """A fresh folder with corpus/: six 600-word documents over a 24-word vocabulary, enough for a
+    300-token BPE and a few training steps of a tiny model."""
+    root = tmp_path_factory.mktemp("words")
+    words = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon"
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for d in range(6):
+        (corpus / f"doc{d}.txt").write_text(" ".join(rng.choice(words.split()) for _ in range(600)) + "\n")
+    return root

@@ -20,18 +20,12 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> list[str]:
+def base(word_corpus) -> list[str]:
     """Overrides for a tiny run on a 6-document text folder with a 300-token BPE."""
-    root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    for d in range(6):
-        (corpus / f"doc{d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(600)) + "\n")
+    root, corpus = word_corpus, word_corpus / "corpus"
     return [f"out_dir={root / 'out'}", f"data.cache_dir={root / 'cache'}", f"data.source={corpus}",
             "data.vocab_size=300", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=4", "train.warmup_steps=1",

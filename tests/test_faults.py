@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,6 @@ import train
 from configs import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()
 
 # Dies by SIGKILL half-way through writing the weights of the second checkpoint.
 KILL_IN_SECOND_SAVE = """
@@ -60,13 +58,8 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("faults")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    for d in range(6):
-        (corpus / f"doc{d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(600)) + "\n")
+def base(word_corpus) -> list[str]:
+    root, corpus = word_corpus, word_corpus / "corpus"
     return [f"data.cache_dir={root / 'cache'}", f"data.source={corpus}", "data.vocab_size=300",
             "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
