@@ -12,8 +12,10 @@ Kernel rows are (B, H, T, D) = (16384 / T, 12, T, 64) in bf16, causal, timed as 
 N runs after warm-up (CUDA events on the GPU), each as a ratio to PyTorch SDPA softmax timed in
 the same run, with the peak memory one fwd+bwd allocates (extra_mem_mb: at B = 16384 / T a
 kernel with memory linear in T keeps it flat across T). Training rows time a whole step
-(forward, backward, AdamW) of a GPT-2-124M-shaped model; MFU uses model/flops.py. The CPU suite interleaves the models' repetitions so that load
-from other processes falls on all of them alike. Prints markdown; writes JSON to --out.
+(forward, backward, AdamW) of a GPT-2-124M-shaped model; MFU uses model/flops.py. The CPU suite
+interleaves the models' repetitions so that load from other processes falls on all of them
+alike. The GPU suite ends with issue 6's targets judged from the rows it measured. Prints
+markdown; writes JSON to --out.
 """
 from __future__ import annotations
 
@@ -313,7 +315,8 @@ def target_rows(kernel_rows: list[dict], train_rows: list[dict]) -> list[dict]:
             continue
         for gate in ("headwise", "elementwise"):
             if r := by_name.get(f"softmax/{gate}"):
-                judge(f"softmax {gate} gate step / plain step, T={t}", r["step_ms"] / base["step_ms"], 1.05, "step time")
+                judge(f"softmax {gate} gate step / plain step, T={t}", r["step_ms"] / base["step_ms"], 1.05,
+                      "step time")
         if r := by_name.get("nanogpt"):
             judge(f"sinklab softmax tokens/s / nanoGPT's, T={t}", base["tok_per_s"] / r["tok_per_s"], 1.0,
                   f"{base['tok_per_s']:,.0f} vs {r['tok_per_s']:,.0f} tok/s"

@@ -166,8 +166,8 @@ def resolve_backend(cfg: AttentionConfig, device: torch.device, dtype: torch.dty
     softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA. On CUDA, sigmoid / elu1 /
     linear: the Triton kernels when triton is installed and the sizes tile (for linear, also when
     the GPU has the shared memory), else FlexAttention / chunked PyTorch (measured at about 5x
-    flash softmax: DESIGN.md). Elsewhere: materialised
-    weights (flex has no CPU backward) and chunked linear attention."""
+    flash softmax: DESIGN.md). Elsewhere: materialised weights (flex has no CPU backward) and
+    chunked linear attention."""
     if cfg.backend != "auto":
         return cfg.backend
     from . import kernels
@@ -266,6 +266,6 @@ class Attention(nn.Module):
                 raise ValueError("chunked linear attention takes equal query and key lengths; "
                                  "decode with the recurrent state (model/cache.py)")
             return linear_attention_chunked(q, k, v, cfg.linear_chunk_size)[0], None
-        from . import kernels  # GPU fast paths (flex / flash), imported only when asked for
+        from . import kernels  # GPU fast paths (flex / flash / triton), imported only when asked for
 
         return kernels.attend(backend, q, k, v, cfg, self.causal), None

@@ -41,9 +41,8 @@ def require(backend: str, cfg: AttentionConfig | None = None) -> None:
                          "with CUDA builds of torch); or use model.backend=flex or auto")
     if backend == "triton" and cfg is not None and (bad := triton_untileable(cfg)):
         fallback = "chunked" if cfg.attention == "linear" else "flex"
-        top = LINEAR_MAX_TILE if cfg.attention == "linear" else 128
-        raise ValueError(f"model.backend=triton needs powers of two from 16 to {top}, got {bad}; change them or "
-                         f"use model.backend={fallback} or auto")
+        raise ValueError(f"model.backend=triton needs powers of two from 16 to {triton_max_tile(cfg)}, got {bad}; "
+                         f"change them or use model.backend={fallback} or auto")
 
 
 # The linear kernel's backward holds about ten C x D fp32 tiles in shared memory: 68 KiB at
@@ -52,14 +51,18 @@ LINEAR_MAX_TILE = 64
 LINEAR_SHARED_KIB = 160  # what head_dim 64 needs: A100, H100 and H200 have it, consumer GPUs do not
 
 
+def triton_max_tile(cfg: AttentionConfig) -> int:
+    """The largest head_dim (and linear chunk) the Triton kernels take: shared memory caps linear's."""
+    return LINEAR_MAX_TILE if cfg.attention == "linear" else 128
+
+
 def triton_untileable(cfg: AttentionConfig) -> dict:
-    """The sizes the Triton kernels cannot tile: tl.arange and tl.dot take powers of two >= 16, and
-    the linear kernel's shared memory caps head_dim and chunk at LINEAR_MAX_TILE."""
+    """The sizes the Triton kernels cannot tile: tl.arange and tl.dot take powers of two >= 16, up
+    to triton_max_tile."""
     sizes = {"head_dim (n_embd / n_head)": cfg.head_dim}
     if cfg.attention == "linear":
         sizes["model.linear_chunk_size"] = cfg.linear_chunk_size
-    top = LINEAR_MAX_TILE if cfg.attention == "linear" else 128
-    return {name: n for name, n in sizes.items() if n < 16 or n > top or n & (n - 1)}
+    return {name: n for name, n in sizes.items() if n < 16 or n > triton_max_tile(cfg) or n & (n - 1)}
 
 
 def same_dtype(q, k, v):

@@ -1,10 +1,11 @@
-"""The fused attention paths (model/kernels.py, model/kernels_triton.py) against the `math`
-backend, which tests/test_attention.py checks against the independent reference.
+"""The fused attention paths (model/kernels.py, kernels_triton.py, kernels_linear.py) against the
+`math` backend, which tests/test_attention.py checks against the independent reference.
 
-On the CPU: backend selection and its errors, FlexAttention's forward (PyTorch has no CPU
-backward for it), the Triton kernels (sigmoid / elu1, chunked linear) forward and backward under TRITON_INTERPRET=1
-when triton is installed, in fp32 and in bf16 (the GPU check's bound), and every Triton kernel
-config through the real compiler for sm_90 (eval/compile_kernels.py). Tests marked `gpu` run every fast path in bf16 on CUDA and are skipped without it.
+On the CPU: backend selection and its errors; FlexAttention's forward (PyTorch has no CPU
+backward for it); the Triton kernels (sigmoid / elu1, chunked linear), forward and backward,
+under TRITON_INTERPRET=1 in fp32 and in bf16 (the GPU check's bound); and every Triton kernel
+config through the real compiler for sm_90 (eval/compile_kernels.py). Tests marked `gpu` run
+every fast path in bf16 on CUDA and are skipped without it.
 """
 from __future__ import annotations
 
@@ -330,7 +331,8 @@ def test_triton_linear_memory_is_linear_in_t():
         linear_attention_triton(q, k, v, 64).backward(g)
         torch.cuda.synchronize()
         extra.append(torch.cuda.max_memory_allocated() - held)
-    assert extra[1] < 1.2 * extra[0], f"extra memory {extra[0] / 2**20:.0f} MiB at T=2048, {extra[1] / 2**20:.0f} at 8192"
+    assert extra[1] < 1.2 * extra[0], \
+        f"extra memory {extra[0] / 2**20:.0f} MiB at T=2048, {extra[1] / 2**20:.0f} at 8192"
 
 
 @gpu
