@@ -159,7 +159,7 @@ class _CausalLinearNumerator(torch.autograd.Function):
 
 def linear_attention_triton(q, k, v, chunk_size: int):
     """Causal linear attention of rotated q, k (B, H, T, D) and v (B, H, T, Dv); returns v's dtype.
-    D, Dv and chunk_size are powers of two >= 16 (checked by kernels.require when the model is built)."""
+    D, Dv and chunk_size are powers of two from 16 to 64 (kernels.require checks when the model is built)."""
     phi_q, phi_k = feature_map(q.float()), feature_map(k.float())
     num = _CausalLinearNumerator.apply(phi_q, phi_k, v, chunk_size)
     den = (phi_q * phi_k.cumsum(-2)).sum(-1, keepdim=True)

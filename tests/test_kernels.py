@@ -161,37 +161,39 @@ def test_flex_model_decodes_like_its_full_forward():
 INTERPRETED = textwrap.dedent("""
     from dataclasses import replace
     import torch
+    from eval.bench import check
     from model import GPT, GPTConfig
     from model.attention import math_attention
     from model.config import AttentionConfig
-    from model.kernels_linear import linear_attention_triton
+    from model.kernels import attend
+    from model.kernels_linear import _scan, linear_attention_triton
     from model.kernels_triton import triton_attention
     torch.manual_seed(0)
-    worst = 0.0
+    errors = []
+
+    def rel(a, b):
+        errors.append(((a.float() - b.float()).norm() / b.float().norm()).item())
+
+    def compare(fast, cfg, causal, q, k, v):  # output and d(q, k, v) against math
+        g = torch.randn_like(q)
+        outs = []
+        for fn in (fast, lambda *a: math_attention(*a)[0]):
+            y = fn(q, k, v, cfg, causal)
+            outs.append([y, *torch.autograd.grad(y, (q, k, v), g)])
+        for a, b in zip(*outs):
+            rel(a, b)
+
     for kind in ("sigmoid", "elu1"):
         for normalize in (False, True):
             for causal in (True, False):
                 cfg = AttentionConfig(n_embd=32, n_head=2, attention=kind, attn_normalize=normalize,
                                       sigmoid_bias=-1.0, block_size=64)
-                q, k, v = (2 * torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
-                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-                g = torch.randn(1, 2, 40, 16)
-                outs = []
-                for fn in (triton_attention, lambda *a: math_attention(*a)[0]):
-                    y = fn(q, k, v, cfg, causal)
-                    outs.append([y, *torch.autograd.grad(y, (q, k, v), g)])
-                for a, b in zip(*outs):
-                    worst = max(worst, ((a - b).norm() / b.norm()).item())
+                compare(triton_attention, cfg, causal,
+                        *((2 * torch.randn(1, 2, 40, 16)).requires_grad_() for _ in range(3)))
     for t in (40, 7):  # linear: chunks of 16, a ragged last chunk, and one shorter than a chunk
         cfg = AttentionConfig(n_embd=32, n_head=2, attention="linear", linear_chunk_size=16, block_size=64)
-        q, k, v = (torch.randn(2, 2, t, 16, requires_grad=True) for _ in range(3))
-        g = torch.randn(2, 2, t, 16)
-        outs = []
-        for fn in (lambda *a: linear_attention_triton(*a[:3], 16), lambda *a: math_attention(*a)[0]):
-            y = fn(q, k, v, cfg, True)
-            outs.append([y, *torch.autograd.grad(y, (q, k, v), g)])
-        for a, b in zip(*outs):
-            worst = max(worst, ((a - b).norm() / b.norm()).item())
+        compare(lambda *a: linear_attention_triton(*a[:3], 16), cfg, True,
+                *(torch.randn(2, 2, t, 16, requires_grad=True) for _ in range(3)))
     for kind in ("sigmoid", "linear"):  # a whole model: dispatch through Attention, GQA, loss and grads
         cfg = GPTConfig(vocab_size=50, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=24,
                         attention=kind, gate="elementwise", linear_chunk_size=16, backend="triton")
@@ -202,32 +204,27 @@ INTERPRETED = textwrap.dedent("""
             model.load_state_dict(weights)
             model(idx, targets=idx).loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        worst = max(worst, ((grads[0] - grads[1]).norm() / grads[1].norm()).item())
-    print("WORST", worst)
+        rel(*grads)
     # qk_norm under autocast hands fp32 q, k and bf16 v to the kernels: one dtype is chosen for them
-    from model.kernels import attend
     cfg = AttentionConfig(n_embd=32, n_head=2, attention="sigmoid", block_size=64)
     q, k = (torch.randn(1, 2, 40, 16) for _ in range(2))
     v = torch.randn(1, 2, 40, 16).bfloat16()
     mixed = attend("triton", q, k, v, cfg, True)
     assert mixed.dtype == torch.float32  # no autocast: the widest
-    worst = max(worst, ((mixed.float() - math_attention(q, k, v.float(), cfg, True)[0]).norm()
-                        / math_attention(q, k, v.float(), cfg, True)[0].norm()).item())
+    rel(mixed, math_attention(q, k, v.float(), cfg, True)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attend("triton", q, k, v, cfg, True).dtype == torch.bfloat16
     # the scan's value blocks may be wider than the values (autotuning tries every width): no
     # write may land outside the states
-    from model.kernels_linear import _scan
     kf, vf = torch.rand(2, 40, 16), torch.randn(2, 40, 16)
     states = torch.zeros(2 * 3 * 16 * 16 + 64)
     _scan.fn[(1, 2)](kf, vf, states, 40, 3, D=16, DV=16, C=16, BV=32, REVERSE=False)
-    kv = kf.view(2, 40, 16)[:, :32].reshape(2, 2, 16, 16).transpose(-1, -2) @ vf[:, :32].reshape(2, 2, 16, 16)
-    expected = torch.stack([torch.zeros(2, 16, 16), kv[:, 0], kv[:, 0] + kv[:, 1]], 1)
-    worst = max(worst, ((states[:-64].view(2, 3, 16, 16) - expected).norm() / expected.norm()).item())
+    kv = kf[:, :32].reshape(2, 2, 16, 16).transpose(-1, -2) @ vf[:, :32].reshape(2, 2, 16, 16)
+    rel(states[:-64].view(2, 3, 16, 16), torch.stack([torch.zeros(2, 16, 16), kv[:, 0], kv[:, 0] + kv[:, 1]], 1))
     assert not states[-64:].any(), "the scan wrote past the end of its states"
+    print("WORST", max(errors))
     # bf16 inputs against fp32 math under the GPU check's bound (pessimistic here: the
     # interpreter rounds fp32 -> bf16 by truncation, doubling the rounding error)
-    from eval.bench import check
     rows, ok = check(["sigmoid", "elu1", "linear"], torch.device("cpu"), torch.bfloat16, 1e-2, t=64, batch=1)
     assert {r["backend"] for r in rows} >= {"triton", "chunked"}
     print("BF16", ok, max(r.get(key, 0) for r in rows for key in ("out", "dq", "dk", "dv")))
