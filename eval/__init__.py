@@ -1,8 +1,9 @@
-"""Evaluations of trained runs (DESIGN.md, "Evals"): `python -m eval.<name> --ckpt out/<run>`.
+"""Evaluations of trained runs (docs/design.md, "Evals"): `python -m eval.<name> --ckpt out/<run>`.
 
-Each module has pure metric functions on tensors / lists (what the tests check) and a
-`main(argv=None)` CLI that writes JSON + PNG under `<run>/eval/`. This file holds the few
-helpers the CLIs share; it imports nothing heavy so `python -m eval.spikes` stays light.
+Each module has pure metric functions on tensors / lists, one library function `evaluate(...)`
+returning a result dataclass (eval/result.py), and a thin `main(argv=None)` CLI that writes its
+JSON + PNG under `<run>/eval/` (eval/checkpoints.py: flags, loading, output dirs). This file
+holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes` stays light.
 """
 from __future__ import annotations
 

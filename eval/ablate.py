@@ -1,12 +1,13 @@
 """Ablation report: train (or collect) a grid of variants on the same data, steps and seed, run
-the evals on each and write one markdown table plus JSON and plots (DESIGN.md, "Evals").
+the evals on each and write one markdown table plus JSON and plots (docs/design.md, "Evals").
 
     python -m eval.ablate --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
     python -m eval.ablate --runs out/a out/b [--out out/ablate]
 
 Training goes through `python train.py` in a subprocess per variant (so each run is exactly
 what a user gets from the command line); a variant already trained to `--steps` is reused
-(train.resume=auto), so an interrupted ablation continues where it stopped. Per run: final
+(train.resume=auto), so an interrupted ablation continues where it stopped. Each run's checkpoint
+and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
 val loss, Sink_1 and F-Attn (eval.sink, T=64), max |h| (eval.activations), loss spike score
 (eval.spikes, OLMo-core W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming)
 and training tokens/s.
@@ -71,36 +72,59 @@ def read_run_metrics(run_dir: Path) -> dict:
 
 
 def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], recompute_stride: int) -> dict:
-    """Run every eval CLI on one run (each writes its own JSON + PNG under <run>/eval/)."""
-    from . import activations, sink, spikes, streaming
+    """Every eval on one run, loading its checkpoint and held-out tokens once; each eval's JSON
+    and plot go under <run>/eval/ as its CLI writes them."""
+    import numpy as np
+    import torch
+
+    from model.load import load_run
+
+    from . import activations, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
+    from .checkpoints import checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)
-    s = sink.main(["--ckpt", str(run_dir)])
-    sp = spikes.main(["--run", str(run_dir)])
-    act = activations.main(["--ckpt", str(run_dir)])
-    st = streaming.main(["--ckpt", str(run_dir), "--tokens", str(stream_tokens), "--modes", *stream_modes,
-                         "--recompute-stride", str(recompute_stride)])
-    m = read_run_metrics(run_dir)
-    cfg = st["attention"]
-    ppl = {name: r["ppl"] for name, r in st["modes"].items()}
-    # with --recompute-stride > 1 recompute scores a subset: compare sinks on that same subset
-    sinks_same = st["modes"].get("sinks", {}).get("ppl_on_recompute_positions")
+    try:
+        run = load_run(run_dir, pick_device(), task="lm")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    model, val, out, info = run.model, run.val_tokens(), eval_dir(run_dir), checkpoint_info(run)
+    cfg = model.config
+
+    def save(name, result):
+        result.checkpoint = info
+        write_json(out / f"{name}.json", result.to_json())
+        return result
+
+    Ts = sink.resolve_lengths(sink.LENGTHS, cfg.block_size)
+    s = save("sink", sink.evaluate(model, held_out_sequences(val, sink.N_SEQS, max(Ts)), Ts))
+    sink.plot_heatmap(s, out / "sink_heatmap.png")
+    act = save("activations", activations.evaluate(model, held_out_sequences(val, activations.N_SEQS, cfg.block_size)))
+    activations.plot(act, out / "activations.png")
+    st = save("streaming", streaming.evaluate(model, torch.from_numpy(np.asarray(val[:stream_tokens]).astype(np.int64)),
+                                              modes=stream_modes, recompute_stride=recompute_stride))
+    streaming.plot(st, out / "streaming.png")
+    sp = spikes.evaluate(run_dir / "metrics.jsonl")
+    write_json(out / "spikes.json", sp.to_json())
+    spikes.plot(sp._series, sp.metrics, out / "spikes.png")
+
+    ppl = {name: r["ppl"] for name, r in st.modes.items()}
     return {
         "run": str(run_dir),
         "variant": run_dir.name,
-        "attention": cfg,
-        **m,
-        "sink_1": s["sink_1"],
-        "f_attn": s["f_attn"],
-        "sink_T": s["headline_T"],
-        "max_abs_activation": act["max_abs"],
-        "spike_score_loss": sp["metrics"].get("loss", {}).get("spike_score"),
-        "spike_score_grad_norm": sp["metrics"].get("grad_norm", {}).get("spike_score"),
+        "attention": st.attention,
+        **read_run_metrics(run_dir),
+        "sink_1": s.sink_1,
+        "f_attn": s.f_attn,
+        "sink_T": s.headline_T,
+        "max_abs_activation": act.max_abs,
+        "spike_score_loss": sp.metrics.get("loss", {}).get("spike_score"),
+        "spike_score_grad_norm": sp.metrics.get("grad_norm", {}).get("spike_score"),
         "stream_ppl": ppl,
-        "stream_ppl_sinks_on_recompute_positions": sinks_same,
-        "stream_tok_per_s": {name: r["tokens_per_s"] for name, r in st["modes"].items()},
-        "stream_tokens": st["n_tokens"],
-        "stream_cache": f"{st['n_sink']}+{st['window']}",
+        # with --recompute-stride > 1 recompute scores a subset: compare sinks on that same subset
+        "stream_ppl_sinks_on_recompute_positions": st.modes.get("sinks", {}).get("ppl_on_recompute_positions"),
+        "stream_tok_per_s": {name: r["tokens_per_s"] for name, r in st.modes.items()},
+        "stream_tokens": st.n_tokens,
+        "stream_cache": f"{st.n_sink}+{st.window}",
     }
 
 

@@ -11,15 +11,18 @@ over the mean norm of the other tokens.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import fail
+from .result import EvalResult
 
 # Sun et al.'s working definition: |h| > 100 and about 1000x the median of its hidden state.
 MASSIVE_ABS = 100.0
 MASSIVE_REL = 1000.0
+
+N_SEQS = 8  # held-out sequences of block_size tokens
 
 
 def massive_activations(hidden, top: int = 3) -> list[dict]:
@@ -50,8 +53,30 @@ def massive_activations(hidden, top: int = 3) -> list[dict]:
     return stats
 
 
+@dataclass
+class ActivationsResult(EvalResult):
+    layers: list
+    max_abs: float
+    max_ratio_top1_median: float
+    n_seqs: int
+    T: int
+    attention: dict
+
+    DEFINITIONS = {
+        "layers": "one entry per block, hidden state (residual stream) after that block",
+        "top": "3 largest |h| over all sequences, positions and channels, with their location "
+               "(seq = sequence index, position = token index from 0)",
+        "median_abs": "median |h| over all sequences, positions and channels",
+        "ratio_top1_median": "largest |h| / median |h|",
+        "n_massive": f"activations with |h| > {MASSIVE_ABS:g} and > {MASSIVE_REL:g} x median "
+                     "(Sun et al.'s working definition)",
+        "first_token_norm_ratio": "mean L2 norm of the first token's hidden state / mean L2 norm "
+                                  "of the other tokens' hidden states",
+    }
+
+
 @torch.no_grad()
-def evaluate(model, sequences, batch_size: int = 8) -> dict:
+def evaluate(model, sequences, batch_size: int = 8) -> ActivationsResult:
     """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual
     stream; the batches are concatenated so the statistics pool every sequence."""
     device = next(model.parameters()).device
@@ -61,32 +86,21 @@ def evaluate(model, sequences, batch_size: int = 8) -> dict:
         hidden = [h.cpu() for h in model(batch.to(device), return_hidden=True).hidden]
         per_layer = hidden if per_layer is None else [torch.cat(p) for p in zip(per_layer, hidden)]
     layers = massive_activations(per_layer)
-    return {
-        "layers": layers,
-        "max_abs": max(l["top"][0]["value"] for l in layers),
-        "max_ratio_top1_median": max(l["ratio_top1_median"] for l in layers),
-        "n_seqs": int(per_layer[0].shape[0]),
-        "T": int(per_layer[0].shape[1]),
-        "definitions": {
-            "layers": "one entry per block, hidden state (residual stream) after that block",
-            "top": "3 largest |h| over all sequences, positions and channels, with their location "
-                   "(seq = sequence index, position = token index from 0)",
-            "median_abs": "median |h| over all sequences, positions and channels",
-            "ratio_top1_median": "largest |h| / median |h|",
-            "n_massive": f"activations with |h| > {MASSIVE_ABS:g} and > {MASSIVE_REL:g} x median "
-                         "(Sun et al.'s working definition)",
-            "first_token_norm_ratio": "mean L2 norm of the first token's hidden state / mean L2 norm "
-                                      "of the other tokens' hidden states",
-        },
-    }
+    cfg = model.config
+    return ActivationsResult(
+        layers=layers,
+        max_abs=max(l["top"][0]["value"] for l in layers),
+        max_ratio_top1_median=max(l["ratio_top1_median"] for l in layers),
+        n_seqs=int(per_layer[0].shape[0]), T=int(per_layer[0].shape[1]),
+        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate})
 
 
-def plot(result: dict, path) -> None:
+def plot(result: ActivationsResult, path) -> None:
     """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), and the first-token
     norm ratio per layer."""
     from .plots import save, subplots
 
-    layers = result["layers"]
+    layers = result.layers
     x = list(range(1, len(layers) + 1))
     fig, axes = subplots(1, 2, width=5.5, height=3.8)
     ax = axes[0, 0]
@@ -108,35 +122,26 @@ def plot(result: dict, path) -> None:
     save(fig, path)
 
 
-def main(argv=None) -> dict:
-    from model.load import load_run
-
-    from . import eval_dir, held_out_sequences, pick_device, write_json
+def main(argv=None) -> list[ActivationsResult]:
+    from . import held_out_sequences
+    from .checkpoints import add_lm_arguments, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="run directory, e.g. out/<run>")
-    ap.add_argument("--n-seqs", type=int, default=8)
+    add_lm_arguments(ap)
+    ap.add_argument("--n-seqs", type=int, default=N_SEQS)
     ap.add_argument("--length", type=int, default=None, help="tokens per sequence (default: block size)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
-    try:
-        run = load_run(args.ckpt, task="lm")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    model = run.model.to(pick_device(args.device)).eval()
-    T = min(args.length or model.config.block_size, model.config.block_size)
-    seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T)
-    result = evaluate(model, seqs, args.batch_size)
-    cfg = model.config
-    result["attention"] = {"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate}
-    out = eval_dir(run.run_dir)
-    write_json(out / "activations.json", result)
-    plot(result, out / "activations.png")
-    print(f"max |h| {result['max_abs']:.1f}, max top1/median {result['max_ratio_top1_median']:.0f}x "
-          f"-> {out / 'activations.json'}")
-    return result
+    def one(run, out):
+        cfg = run.model.config
+        T = min(args.length or cfg.block_size, cfg.block_size)
+        result = evaluate(run.model, held_out_sequences(run.val_tokens(), args.n_seqs, T), args.batch_size)
+        plot(result, out / "activations.png")
+        print(f"max |h| {result.max_abs:.1f}, max top1/median {result.max_ratio_top1_median:.0f}x")
+        return result
+
+    return for_each_checkpoint(args, "activations", one, headline=("max_abs", "max_ratio_top1_median"))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,21 @@
-"""Speed of every attention kind: kernel timings against flash softmax, training throughput,
-MFU and peak memory, and the CPU comparison with nanoGPT's model.
+"""Speed of every attention kind: kernel timings against flash softmax (eval/bench_kernels.py),
+training throughput, MFU and peak memory (eval/bench_train.py), and the CPU comparison with
+nanoGPT's model. This module is the command line; it prints markdown and writes JSON to --out.
 
-    python -m eval.bench --check                       # GPU: verify fast paths, then time them
+    python -m eval.bench --check                       # verify fast paths against math, then time them
     python -m eval.bench --lengths 1024 4096 --kinds softmax sigmoid
     python -m eval.bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind
 
 `--check` runs every fast backend against the `math` backend (forward and gradients, relative
 error ||fast - ref|| / ||ref|| with the reference in fp32 on the same inputs) and exits non-zero
-when one is over the bound (1e-2 for bf16 on the GPU, 1e-4 for fp32 on the CPU).
-Kernel rows are (B, H, T, D) = (16384 / T, 12, T, 64) in bf16, causal, timed as the median of
-N runs after warm-up (CUDA events on the GPU), each as a ratio to PyTorch SDPA softmax timed in
-the same run, with the peak memory one fwd+bwd allocates (extra_mem_mb: at B = 16384 / T a
-kernel with memory linear in T keeps it flat across T). Training rows time a whole step
-(forward, backward, AdamW) of a GPT-2-124M-shaped model; MFU uses model/flops.py. The CPU suite
-interleaves the models' repetitions so that load from other processes falls on all of them
-alike. The GPU suite ends with issue 6's targets judged from the rows it measured. Prints
-markdown; writes JSON to --out.
+when one is over the bound (1e-2 for bf16 on the GPU, 1e-4 for fp32 on the CPU). The speed
+targets the rows are read against are in docs/gpu.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -30,303 +23,12 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig
-from model.attention import Attention
-from model.config import ATTENTION_KINDS, BACKENDS, GATE_KINDS, AttentionConfig
-from model.flops import peak_tflops, training_flops_per_token
+from model.config import ATTENTION_KINDS, GATE_KINDS
 
-from . import nanogpt_baseline
-
-HEADS, HEAD_DIM, TOKENS = 12, 64, 16384  # kernel and GPU training shapes: B = TOKENS // T
+from .bench_kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table  # noqa: F401  (check: used by the tests)
+from .bench_train import train_table
 
 
-# --------------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in ms: CUDA events on the GPU, perf_counter elsewhere."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-# --------------------------------------------------------------------------------------------
-# the attention kernels alone
-# --------------------------------------------------------------------------------------------
-def variants(kinds) -> list[tuple[str, dict]]:
-    """(label, config fields) for every kind (and its normalised ablation) in `kinds`."""
-    out = []
-    for kind in kinds:
-        out.append((kind, {"attention": kind}))
-        if kind in ("sigmoid", "elu1"):
-            out.append((f"{kind}+norm", {"attention": kind, "attn_normalize": True}))
-    return out
-
-
-def fast_backends(kind: str, device: torch.device) -> list[str]:
-    """The fused backends that can run `kind` here (math is the reference, not listed)."""
-    from model import kernels
-
-    cuda = device.type == "cuda"
-    names = {"softmax": ["sdpa", "flex"], "linear": ["chunked"]}.get(kind, ["flex"])
-    if kind == "softmax" and cuda and kernels.FLASH_AVAILABLE:
-        names.append("flash")
-    if (cuda or kernels.TRITON_INTERPRET) and kernels.TRITON_AVAILABLE and "triton" in BACKENDS[kind]:
-        names.append("triton")
-    return names
-
-
-def make_attention(fields: dict, backend: str, t: int, device) -> Attention:
-    cfg = AttentionConfig(n_embd=HEADS * HEAD_DIM, n_head=HEADS, block_size=t, backend=backend, **fields)
-    return Attention(cfg).to(device)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def check(kinds, device: torch.device, dtype: torch.dtype, tol: float, t: int = 256, batch: int = 2,
-          backends=None) -> tuple[list, bool]:
-    """Every fast backend (or those in `backends`) vs math on fresh random inputs: forward and d(q, k, v)."""
-    rows, ok = [], True
-    grads_here = device.type == "cuda"  # flex has no CPU backward; chunked and sdpa do
-    for label, fields in variants(kinds):
-        for backend in fast_backends(fields["attention"], device):
-            if backends is not None and backend not in backends:
-                continue
-            torch.manual_seed(len(rows))
-            q, k, v = (torch.randn(batch, HEADS, t, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
-            g = torch.randn_like(q)
-            with_grads = grads_here or backend != "flex"
-            ref_attn = make_attention(fields, "math", t, device)
-            fast_attn = make_attention(fields, backend, t, device)
-
-            def run(attn, inputs):
-                inputs = [x.detach().requires_grad_(with_grads) for x in inputs]
-                with torch.set_grad_enabled(with_grads):
-                    y = attn.attend(*inputs)[0]
-                    grads = torch.autograd.grad(y, inputs, g.to(y.dtype)) if with_grads else ()
-                return [y, *grads]
-
-            fast = run(fast_attn, (q, k, v))
-            ref = run(ref_attn, (q.float(), k.float(), v.float()))
-            errs = dict(zip(("out", "dq", "dk", "dv"), (rel_err(a, b) for a, b in zip(fast, ref))))
-            finite = all(torch.isfinite(x).all().item() for x in fast)
-            passed = finite and max(errs.values()) < tol
-            ok &= passed
-            rows.append({"variant": label, "backend": backend, **errs, "grads": with_grads, "pass": passed})
-    return rows, ok
-
-
-def kernel_table(kinds, lengths, device, dtype, warmup: int, reps: int, backends=None) -> list[dict]:
-    """fwd and fwd+bwd ms of every backend (or those in `backends`) per kind and T, as ratios to
-    SDPA softmax."""
-    rows = []
-    for t in lengths:
-        b = max(1, TOKENS // t)
-        q, k, v = (torch.randn(b, HEADS, t, HEAD_DIM, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        g = torch.randn_like(q)
-        base = None
-        cases = [("softmax", {"attention": "softmax"}, "sdpa")]
-        for label, fields in variants(kinds):
-            for backend in ["math"] + fast_backends(fields["attention"], device):
-                if backend == "flex" and device.type != "cuda":
-                    continue  # no CPU backward
-                if (label, backend) != ("softmax", "sdpa") and (backends is None or backend in backends):
-                    cases.append((label, fields, backend))
-        for label, fields, backend in cases:
-            attn = make_attention(fields, backend, t, device)
-            row = {"T": t, "B": b, "variant": label, "backend": backend}
-            try:
-                def fwd():
-                    with torch.no_grad():
-                        attn.attend(q, k, v)
-
-                def fwd_bwd():
-                    attn.attend(q, k, v)[0].backward(g)
-
-                row["fwd_ms"] = time_ms(fwd, device, warmup, reps)
-                for _ in range(warmup):  # compiling and autotuning allocate scratch memory: before the peak
-                    fwd_bwd()
-                if device.type == "cuda":
-                    sync(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    held = torch.cuda.memory_allocated(device)
-                row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, 0, reps)
-                if device.type == "cuda":  # peak beyond what is held (q, k, v, their grads): saved tensors, scratch
-                    row["extra_mem_mb"] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
-            except torch.cuda.OutOfMemoryError:
-                row["error"] = "out of memory"
-            q.grad = k.grad = v.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if base is None:
-                base = row
-            for key in ("fwd_ms", "fwd_bwd_ms"):
-                if key in row and key in base:
-                    row[key.replace("_ms", "_x")] = row[key] / base[key]
-            rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# whole training steps
-# --------------------------------------------------------------------------------------------
-def training_step(model, opt, x, y, device):
-    """One optimizer step; bf16 autocast on the GPU as train.py does."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(x, targets=y)
-        loss = out[1] if isinstance(out, tuple) else out.loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def make_model(name: str, shape: dict, device, compile_: bool, kernel_backend: str = "auto"):
-    """'nanogpt' or '<kind>/<gate>' (sinklab; `kernel_backend` for the kinds other than softmax that
-    allow it, else auto)."""
-    if name == "nanogpt":
-        cfg = nanogpt_baseline.NanoGPTConfig(block_size=shape["T"], vocab_size=shape["vocab"], n_layer=shape["n_layer"],
-                                             n_head=shape["n_head"], n_embd=shape["n_embd"])
-        model = nanogpt_baseline.NanoGPT(cfg)
-        n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()  # wte counts as the head
-        flops = 6 * n + 12 * cfg.n_layer * cfg.n_embd * shape["T"]  # the PaLM count, as model/flops.py
-    else:
-        kind, gate = name.split("/")
-        cfg = GPTConfig(vocab_size=shape["vocab"], n_layer=shape["n_layer"], n_head=shape["n_head"],
-                        n_embd=shape["n_embd"], block_size=shape["T"], attention=kind, gate=gate,
-                        backend=kernel_backend if kind != "softmax" and kernel_backend in BACKENDS[kind] else "auto")
-        model, flops = GPT(cfg), training_flops_per_token(cfg, shape["T"])
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    return (torch.compile(model) if compile_ else model), opt, flops
-
-
-def train_table(names, shape_for, lengths, device, warmup: int, reps: int, compile_: bool,
-                interleave: bool = False, kernel_backend: str = "auto") -> list[dict]:
-    """Step time, tokens/s, MFU and peak memory per model name and T.
-
-    interleave=True (the CPU suite): build every model first, then time them in turns, one
-    step each per round, so that noise from other processes falls on all alike.
-    """
-    rows = []
-    peak = peak_tflops(device)
-    for t in lengths:
-        shape = shape_for(t)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randint(0, shape["vocab"], (shape["B"], t), generator=gen).to(device)
-        y = torch.randint(0, shape["vocab"], (shape["B"], t), generator=gen).to(device)
-        runs = {}
-        order = names if interleave else []
-        for name in names:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            model, opt, flops = make_model(name, shape, device, compile_, kernel_backend)
-            step = (lambda m=model, o=opt: training_step(m, o, x, y, device))
-            row = {"T": t, "B": shape["B"], "model": name, "compiled": compile_, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab")}}
-            try:
-                for _ in range(warmup):
-                    step()
-                sync(device)
-                if not interleave:
-                    row["step_ms"] = time_ms(step, device, 0, reps)
-                    if device.type == "cuda":
-                        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            except torch.cuda.OutOfMemoryError:
-                row["error"] = "out of memory"
-            runs[name] = (step if interleave else None, row, flops)  # free GPU memory between models
-            del model, opt, step
-        if order:
-            times = {name: [] for name in order}
-            for _ in range(reps):
-                for name in order:
-                    t0 = time.perf_counter()
-                    runs[name][0]()
-                    sync(device)
-                    times[name].append(1e3 * (time.perf_counter() - t0))
-            ref = times.get("softmax/none")
-            for name in order:
-                row = runs[name][1]
-                row["step_ms"], row["best_ms"] = statistics.median(times[name]), min(times[name])
-                row["step_ms_all"] = [round(v, 2) for v in times[name]]
-                if ref:  # paired by round: both ran within seconds of each other
-                    row["vs_softmax"] = statistics.median(a / b for a, b in zip(times[name], ref))
-        base = runs.get("softmax/none", (None, {}))[1]
-        for name in names:
-            _, row, flops = runs[name]
-            if "step_ms" in row:
-                row["tok_per_s"] = shape["B"] * t / (row["step_ms"] / 1e3)
-                row["flops_per_token"] = flops
-                if peak:
-                    row["mfu"] = flops * row["tok_per_s"] / (peak * 1e12)
-                if "step_ms" in base and "vs_softmax" not in row:
-                    row["vs_softmax"] = row["step_ms"] / base["step_ms"]
-            rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# issue 6's targets, judged on whatever rows this run measured
-# --------------------------------------------------------------------------------------------
-def target_rows(kernel_rows: list[dict], train_rows: list[dict]) -> list[dict]:
-    """One row per target the measured rows can answer: what it asks, what was measured, met."""
-    out = []
-
-    def judge(target, value, bound, detail, below=True):
-        met = value <= bound if below else value >= bound
-        out.append({"target": target, "measured": f"{value:.3g} ({detail})", "met": met})
-
-    def fastest(variant, t):  # the best fused path of a kind: what `auto` should pick
-        rows = [r for r in kernel_rows if r["variant"] == variant and r["T"] == t and r["backend"] != "math"
-                and "fwd_bwd_x" in r]
-        return min(rows, key=lambda r: r["fwd_bwd_x"], default=None)
-
-    for variant in ("sigmoid", "elu1"):
-        for t in (1024, 4096):
-            if r := fastest(variant, t):
-                judge(f"{variant} fwd+bwd / flash softmax, T={t}", r["fwd_bwd_x"], 1.2, r["backend"])
-    for t in sorted({r["T"] for r in kernel_rows if r["T"] >= 8192}):
-        if r := fastest("linear", t):
-            judge(f"linear fwd+bwd / flash softmax, T={t}", r["fwd_bwd_x"], 1.0, r["backend"])
-    for t in sorted({r["T"] for r in train_rows}):
-        by_name = {r["model"]: r for r in train_rows if r["T"] == t and "step_ms" in r}
-        base = by_name.get("softmax/none")
-        if base is None:
-            continue
-        for gate in ("headwise", "elementwise"):
-            if r := by_name.get(f"softmax/{gate}"):
-                judge(f"softmax {gate} gate step / plain step, T={t}", r["step_ms"] / base["step_ms"], 1.05,
-                      "step time")
-        if r := by_name.get("nanogpt"):
-            judge(f"sinklab softmax tokens/s / nanoGPT's, T={t}", base["tok_per_s"] / r["tok_per_s"], 1.0,
-                  f"{base['tok_per_s']:,.0f} vs {r['tok_per_s']:,.0f} tok/s"
-                  + (f", MFU {base['mfu']:.1%}" if "mfu" in base else ""), below=False)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# output
-# --------------------------------------------------------------------------------------------
 def markdown(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -470,11 +172,6 @@ def main(argv=None) -> int:
         cols = ["T", "B", "model", "step_ms", "best_ms", "tok_per_s", "mfu", "peak_mem_gb", "vs_softmax", "error"]
         print(("vs_softmax on the CPU: median over rounds of the paired ratio; best_ms: fastest step\n\n"
                if args.suite == "cpu" else "") + markdown([r for r in rows], cols) + "\n")
-    if args.suite == "gpu" and (targets := target_rows(result.get("kernels", []), result.get("train", []))):
-        result["targets"] = targets
-        save()
-        print("## issue 6 targets (bound: 1.2x, 1x and 1.05x at most; nanoGPT ratio at least 1)\n")
-        print(markdown(targets, ["target", "measured", "met"]) + "\n")
     print(f"wrote {out_path}")
     return 0
 

@@ -14,13 +14,17 @@ weights w_ij / sum_j w_ij, so both metrics mean the same thing for every attenti
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
-from . import fail
+from .result import EvalResult
 
 PROXY_NOTE = ("attention weights are row-normalised; for unnormalised kinds (sigmoid, elu1 without "
               "attn_normalize) they are Gu et al.'s proxy weights w/sum(w)")
+
+N_SEQS = 32  # held-out sequences per length
+LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
 
 
 def _stack(attn) -> torch.Tensor:
@@ -87,15 +91,42 @@ def _as_sequences(sequences) -> torch.Tensor:
     return torch.cat([torch.as_tensor(b).long() for b in sequences])
 
 
+@dataclass
+class SinkResult(EvalResult):
+    """Sink metrics of one model; the headline numbers are at the first length (T=64 by default)."""
+
+    sink_1: float
+    f_attn: float
+    headline_T: int
+    eps: float
+    k: int
+    n_seqs: int
+    lengths: list
+    attention: dict
+    by_length: dict
+    notes: str = f"proxy weights w/sum(w) for unnormalised kinds; {PROXY_NOTE}"
+
+    def definitions(self) -> dict:
+        k = self.k
+        return {
+            "sink_1": f"Gu et al. Sink_{k}^eps: % of (layer, head) pairs with alpha_{k} > eps",
+            f"alpha_{k}": f"Gu et al. importance of token {k} (1-indexed): mean over queries i >= {k} of "
+                          f"A[i, {k}], averaged over sequences; list [layer][head]",
+            "f_attn": "Qiu et al. F-Attn: mean attention on the first token over heads, sequences and all "
+                      "query positions (query 0 included); per layer and mean over layers",
+            "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
+        }
+
+
 @torch.no_grad()
-def evaluate(model, token_batches, lengths=(64, "block"), eps: float = 0.3, k: int = 1,
-             batch_size: int = 4) -> dict:
+def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1,
+             batch_size: int = 4) -> SinkResult:
     """Sink_k^eps, alpha_k per (layer, head) and F-Attn of `model` on held-out sequences.
 
     `token_batches`: (N, T_max) token ids (or an iterable of (B, T) batches); each length T in
     `lengths` ("block" = the model's block size) uses the first T tokens of every sequence.
-    The headline numbers (top-level `sink_k`, `f_attn`) are at the first length: T = 64 is
-    Gu et al.'s protocol.
+    The headline numbers (`sink_1`, `f_attn`) are at the first length: T = 64 is Gu et al.'s
+    protocol. `sink_1` holds Sink_k for the `k` asked for.
     """
     seqs = _as_sequences(token_batches)
     cfg = model.config
@@ -124,34 +155,19 @@ def evaluate(model, token_batches, lengths=(64, "block"), eps: float = 0.3, k: i
             "row_mass_per_layer": (mass_sum / n).tolist(),
         }
     head = by_length[str(Ts[0])]
-    return {
-        f"sink_{k}": head[f"sink_{k}"],
-        "f_attn": head["f_attn"],
-        "headline_T": Ts[0],
-        "eps": eps,
-        "k": k,
-        "n_seqs": int(seqs.shape[0]),
-        "lengths": Ts,
-        "attention": {"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
-        "by_length": by_length,
-        "definitions": {
-            f"sink_{k}": f"Gu et al. Sink_{k}^eps: % of (layer, head) pairs with alpha_{k} > eps",
-            f"alpha_{k}": f"Gu et al. importance of token {k} (1-indexed): mean over queries i >= {k} of "
-                          f"A[i, {k}], averaged over sequences; list [layer][head]",
-            "f_attn": "Qiu et al. F-Attn: mean attention on the first token over heads, sequences and all "
-                      "query positions (query 0 included); per layer and mean over layers",
-            "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
-        },
-        "notes": f"proxy weights w/sum(w) for unnormalised kinds; {PROXY_NOTE}",
-    }
+    return SinkResult(
+        sink_1=head[f"sink_{k}"], f_attn=head["f_attn"], headline_T=Ts[0], eps=eps, k=k,
+        n_seqs=int(seqs.shape[0]), lengths=Ts,
+        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
+        by_length=by_length)
 
 
-def plot_heatmap(result: dict, path) -> None:
+def plot_heatmap(result: SinkResult, path) -> None:
     """Layer x head heatmap of alpha_k, one panel per sequence length."""
     from .plots import save, subplots
 
-    k = result["k"]
-    panels = list(result["by_length"].values())
+    k = result.k
+    panels = list(result.by_length.values())
     L = len(panels[0][f"alpha_{k}"])
     H = len(panels[0][f"alpha_{k}"][0])
     fig, axes = subplots(1, len(panels), width=max(3.5, 0.5 * H + 2), height=max(3.0, 0.4 * L + 1.5))
@@ -162,7 +178,7 @@ def plot_heatmap(result: dict, path) -> None:
                 for h, v in enumerate(row):
                     ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="black" if v > 0.5 else "white")
-        ax.set_title(f"alpha_{k}, T={p['T']}: Sink_{k}^{result['eps']} = {p[f'sink_{k}']:.1f}%")
+        ax.set_title(f"alpha_{k}, T={p['T']}: Sink_{k}^{result.eps} = {p[f'sink_{k}']:.1f}%")
         ax.set_xticks(range(H))
         ax.set_yticks(range(L))
         ax.set_xlabel("head")
@@ -171,35 +187,29 @@ def plot_heatmap(result: dict, path) -> None:
     save(fig, path)
 
 
-def main(argv=None) -> dict:
-    from model.load import load_run
-
-    from . import eval_dir, held_out_sequences, pick_device, write_json
+def main(argv=None) -> list[SinkResult]:
+    from . import held_out_sequences
+    from .checkpoints import add_lm_arguments, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="run directory, e.g. out/<run>")
+    add_lm_arguments(ap)
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--k", type=int, default=1, help="token whose importance is measured (1-indexed)")
-    ap.add_argument("--n-seqs", type=int, default=32)
-    ap.add_argument("--lengths", nargs="+", default=["64", "block"], help='ints or "block"')
+    ap.add_argument("--n-seqs", type=int, default=N_SEQS)
+    ap.add_argument("--lengths", nargs="+", default=[str(x) for x in LENGTHS], help='ints or "block"')
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
-    try:
-        run = load_run(args.ckpt, task="lm")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    model = run.model.to(pick_device(args.device)).eval()
-    Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size)
-    seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts))
-    result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size)
-    out = eval_dir(run.run_dir)
-    write_json(out / "sink.json", result)
-    plot_heatmap(result, out / "sink_heatmap.png")
-    print(f"Sink_{args.k}^{args.eps} at T={result['headline_T']}: {result[f'sink_{args.k}']:.2f}%  "
-          f"F-Attn: {result['f_attn']:.3f}  -> {out / 'sink.json'}")
-    return result
+    def one(run, out):
+        model = run.model
+        Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size)
+        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts))
+        result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size)
+        plot_heatmap(result, out / "sink_heatmap.png")
+        print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}%  F-Attn: {result.f_attn:.3f}")
+        return result
+
+    return for_each_checkpoint(args, "sink", one, headline=("sink_1", "f_attn"))
 
 
 if __name__ == "__main__":

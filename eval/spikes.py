@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import fail
+from .result import EvalResult
 
 METRICS = ("loss", "grad_norm")
 _CHUNK = 4096  # rows of the sliding window processed at once: bounded memory at any length
@@ -146,7 +148,36 @@ def plot(series: dict, reports: dict, path) -> None:
     save(fig, path)
 
 
-def main(argv=None) -> dict:
+@dataclass
+class SpikesResult(EvalResult):
+    metrics: dict  # metric name -> spike_report
+    window: int
+    k: float
+    source: str
+    _series: dict = field(default_factory=dict, repr=False)  # metric -> (steps, values), for the plot
+
+    def definitions(self) -> dict:
+        return {
+            "spike": f"value > mean + k*std (population std) of the previous {self.window} finite values",
+            "spike_score": "percentage of eligible steps that are spikes; eligible = finite value with a "
+                           "full window of finite values before it",
+            "spikes": "step numbers flagged as spikes",
+            "events": "[start, end] steps of runs of spikes on consecutive logged rows",
+            "divergence": "first step whose value is NaN/inf (null = none)",
+        }
+
+
+def evaluate(metrics_path, window: int = 128, k: float = 6.0) -> SpikesResult:
+    """Spike reports of loss and grad norm from a run's metrics.jsonl."""
+    series = {m: read_metrics(metrics_path, m) for m in METRICS}
+    series = {m: sv for m, sv in series.items() if sv[0]}
+    if not series:
+        raise ValueError(f"{metrics_path} has no training rows with any of {list(METRICS)}")
+    reports = {m: spike_report(steps, values, window, k) for m, (steps, values) in series.items()}
+    return SpikesResult(metrics=reports, window=window, k=k, source=str(metrics_path), _series=series)
+
+
+def main(argv=None) -> SpikesResult:
     from . import eval_dir, write_json
 
     ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
@@ -159,29 +190,14 @@ def main(argv=None) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.exists():
         fail(f"{metrics_path} not found: --run must be a training run directory")
-    series = {m: read_metrics(metrics_path, m) for m in METRICS}
-    series = {m: sv for m, sv in series.items() if sv[0]}
-    if not series:
-        fail(f"{metrics_path} has no training rows with any of {list(METRICS)}")
-    reports = {m: spike_report(steps, values, args.window, args.k) for m, (steps, values) in series.items()}
-    result = {
-        "metrics": reports,
-        "window": args.window,
-        "k": args.k,
-        "definitions": {
-            "spike": f"value > mean + k*std (population std) of the previous {args.window} finite values",
-            "spike_score": "percentage of eligible steps that are spikes; eligible = finite value with a "
-                           "full window of finite values before it",
-            "spikes": "step numbers flagged as spikes",
-            "events": "[start, end] steps of runs of spikes on consecutive logged rows",
-            "divergence": "first step whose value is NaN/inf (null = none)",
-        },
-        "source": str(metrics_path),
-    }
+    try:
+        result = evaluate(metrics_path, args.window, args.k)
+    except ValueError as e:
+        fail(str(e))
     out = eval_dir(run_dir)
-    write_json(out / "spikes.json", result)
-    plot(series, reports, out / "spikes.png")
-    for m, r in reports.items():
+    write_json(out / "spikes.json", result.to_json())
+    plot(result._series, result.metrics, out / "spikes.png")
+    for m, r in result.metrics.items():
         score = "n/a" if r["spike_score"] is None else f"{r['spike_score']:.3f}%"
         print(f"{m}: spike score {score} ({r['n_spikes']}/{r['n_eligible']}), "
               f"{r['n_events']} events, divergence {r['divergence']}")

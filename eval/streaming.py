@@ -20,22 +20,23 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.cache import LinearState
-
-from . import fail
+from .result import EvalResult
 
 MODES = ("window", "sinks", "recompute")
 
 
 def cache_bytes(cache) -> int:
-    """Bytes resident in a cache: K and V of every layer, or linear attention's state."""
+    """Bytes resident in a cache: K and V of every layer, or linear attention's state.
+
+    The one place this module looks inside a cache (everything else uses make_cache, the
+    forward's `cache=` and len(cache))."""
     total = 0
     for layer in cache.layers:
         tensors = [getattr(layer, "k", None), getattr(layer, "v", None)]
@@ -63,7 +64,7 @@ def stream_nll(model, tokens: torch.Tensor, cache) -> dict:
         peak = max(peak, len(cache))
     nll = nll.cpu().numpy()  # synchronises on GPU before the clock stops
     seconds = time.perf_counter() - t0
-    if isinstance(cache.layers[0], LinearState):
+    if model.config.attention == "linear":
         peak = None  # a fixed-size state, not tokens (len() counts tokens seen)
     return {"nll": nll, "seconds": seconds, "cache_tokens_peak": peak, "cache_bytes_peak": cache_bytes(cache)}
 
@@ -109,9 +110,46 @@ def _summary(res: dict, cache: str) -> dict:
     }
 
 
+@dataclass
+class StreamingResult(EvalResult):
+    n_tokens: int
+    n_predictions: int
+    n_sink: int
+    window: int
+    block_size: int
+    recompute_stride: int
+    attention: dict
+    modes: dict
+    notes: str | None = None
+    text: str | None = None
+    process_peak_rss_mb: float | None = None
+    _curves: dict = field(default_factory=dict, repr=False)  # mode -> per-token NLL array
+
+    DEFINITIONS = {
+        "ppl": "exp(mean NLL of each next token) over the scored positions, decoding token by token",
+        "window": "window attention, cache = the W most recent tokens (0+W)",
+        "sinks": "StreamingLLM: S first tokens + W most recent, keys re-rotated at cache positions",
+        "recompute": "sliding window with recomputation over the last S+W tokens (quality reference)",
+        "recurrent": "linear attention: exact recurrent state over the whole text (no window)",
+        "tokens_per_s": "scored tokens / wall seconds of the mode",
+        "cache_tokens_peak": "largest number of tokens held in the cache (context length for recompute)",
+        "cache_bytes_peak": "bytes of K/V (or linear state) resident at the end, where the cache is largest",
+        "ppl_window": "ppl of the window mode (null when not run)",
+        "ppl_sinks": "ppl of the sinks mode (null when not run)",
+    }
+
+    @property
+    def ppl_window(self) -> float | None:
+        return self.modes.get("window", {}).get("ppl")
+
+    @property
+    def ppl_sinks(self) -> float | None:
+        return self.modes.get("sinks", {}).get("ppl")
+
+
 def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = None, modes=MODES,
-             recompute_stride: int = 1, batch_size: int = 16) -> tuple[dict, dict]:
-    """Run each mode over `tokens`. Returns (JSON-ready result, {mode: per-token NLL array})."""
+             recompute_stride: int = 1, batch_size: int = 16) -> StreamingResult:
+    """Run each mode over `tokens` (1-D ids); the per-token NLL curves are in `result._curves`."""
     cfg = model.config
     window = cfg.block_size - n_sink if window is None else window
     device = next(model.parameters()).device
@@ -140,36 +178,19 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
         scored = np.isfinite(curves["recompute"])
         for mode, nll in curves.items():
             results[mode]["ppl_on_recompute_positions"] = float(np.exp(nll[scored].mean()))
-    result = {
-        "n_tokens": int(tokens.shape[0]),
-        "n_predictions": int(tokens.shape[0]) - 1,
-        "n_sink": n_sink,
-        "window": window,
-        "block_size": cfg.block_size,
-        "recompute_stride": recompute_stride,
-        "attention": {"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
-        "modes": results,
-        "definitions": {
-            "ppl": "exp(mean NLL of each next token) over the scored positions, decoding token by token",
-            "window": "window attention, cache = the W most recent tokens (0+W)",
-            "sinks": "StreamingLLM: S first tokens + W most recent, keys re-rotated at cache positions",
-            "recompute": "sliding window with recomputation over the last S+W tokens (quality reference)",
-            "recurrent": "linear attention: exact recurrent state over the whole text (no window)",
-            "tokens_per_s": "scored tokens / wall seconds of the mode",
-            "cache_tokens_peak": "largest number of tokens held in the cache (context length for recompute)",
-            "cache_bytes_peak": "bytes of K/V (or linear state) resident at the end, where the cache is largest",
-        },
-    }
-    if cfg.attention == "linear":
-        result["notes"] = "linear attention runs its exact recurrent state: no eviction, one mode"
-    return result, curves
+    return StreamingResult(
+        n_tokens=int(tokens.shape[0]), n_predictions=int(tokens.shape[0]) - 1, n_sink=n_sink, window=window,
+        block_size=cfg.block_size, recompute_stride=recompute_stride,
+        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
+        modes=results, _curves=curves,
+        notes="linear attention runs its exact recurrent state: no eviction, one mode" if cfg.attention == "linear" else None)
 
 
-def plot(result: dict, curves: dict, path) -> None:
+def plot(result: StreamingResult, path) -> None:
     """NLL vs position, moving average, one line per mode; dashed line where eviction starts."""
     from .plots import save, subplots
 
-    n = result["n_predictions"]
+    n, curves = result.n_predictions, result._curves
     smooth = max(1, n // 100)
     fig, axes = subplots(1, 1, width=8, height=4)
     ax = axes[0, 0]
@@ -178,31 +199,29 @@ def plot(result: dict, curves: dict, path) -> None:
         vals = nll[pos]
         k = min(smooth, len(vals))
         avg = np.convolve(vals, np.ones(k) / k, mode="valid")
-        ax.plot(pos[k - 1 :], avg, lw=1, label=f"{mode} ({result['modes'][mode]['cache']}): "
-                                                f"ppl {result['modes'][mode]['ppl']:.2f}")
-    if result["attention"]["kind"] != "linear":
-        ax.axvline(result["n_sink"] + result["window"], color="gray", ls="--", lw=0.8, label="cache full")
+        ax.plot(pos[k - 1 :], avg, lw=1, label=f"{mode} ({result.modes[mode]['cache']}): "
+                                                f"ppl {result.modes[mode]['ppl']:.2f}")
+    if result.attention["kind"] != "linear":
+        ax.axvline(result.n_sink + result.window, color="gray", ls="--", lw=0.8, label="cache full")
     ax.set_xlabel("position in the text (tokens)")
     ax.set_ylabel(f"NLL (nats), moving average over {smooth}")
-    ax.set_title(f"streaming NLL, {result['attention']['kind']} (gate {result['attention']['gate']})")
+    ax.set_title(f"streaming NLL, {result.attention['kind']} (gate {result.attention['gate']})")
     ax.legend(fontsize=8)
     save(fig, path)
 
 
-def main(argv=None) -> dict:
-    from model.load import load_run
-
-    from . import eval_dir, pick_device, write_json
+def main(argv=None) -> list[StreamingResult]:
+    from . import fail
+    from .checkpoints import add_lm_arguments, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="run directory, e.g. out/<run>")
+    add_lm_arguments(ap)
     ap.add_argument("--n-sink", type=int, default=4, help="S: first tokens kept (sinks mode)")
     ap.add_argument("--window", type=int, default=None, help="W: recent tokens kept (default block_size - S)")
     ap.add_argument("--tokens", type=int, default=20000, help="held-out tokens to stream (at most)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--recompute-stride", type=int, default=1, help="score every k-th position in recompute")
     ap.add_argument("--batch-size", type=int, default=16, help="windows per forward in recompute")
-    ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
     if args.n_sink < 0:
@@ -211,36 +230,31 @@ def main(argv=None) -> dict:
         fail(f"--tokens must be >= 2 (one prediction needs two tokens), got {args.tokens}")
     if args.recompute_stride < 1 or args.batch_size < 1:
         fail("--recompute-stride and --batch-size must be >= 1")
-    try:
-        run = load_run(args.ckpt, task="lm")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    model = run.model.to(pick_device(args.device)).eval()
-    cfg = model.config
-    window = cfg.block_size - args.n_sink if args.window is None else args.window
-    if window < 1:
-        fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} >= block_size "
-              f"{cfg.block_size} pass --window explicitly")
-    if "recompute" in args.modes and args.n_sink + window > cfg.block_size and cfg.attention != "linear":
-        fail(f"recompute needs S+W = {args.n_sink + window} <= block_size {cfg.block_size}; "
-              "lower --window or drop recompute from --modes")
-    val = run.val_tokens()
-    tokens = torch.from_numpy(np.asarray(val[: args.tokens]).astype(np.int64))
-    if tokens.shape[0] < 2:
-        fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
 
-    result, curves = evaluate(model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size)
-    result["text"] = (f"first {tokens.shape[0]} tokens of the held-out split (documents concatenated), "
-                      f"of {len(val)} available")
-    result["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = eval_dir(run.run_dir)
-    write_json(out / "streaming.json", result)
-    plot(result, curves, out / "streaming.png")
-    for mode, r in result["modes"].items():
-        print(f"{mode:>10} [{r['cache']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
-              f"peak cache {r['cache_tokens_peak']} tokens")
-    print(f"-> {out / 'streaming.json'}")
-    return result
+    def one(run, out):
+        cfg = run.model.config
+        window = cfg.block_size - args.n_sink if args.window is None else args.window
+        if window < 1:
+            fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} >= block_size "
+                 f"{cfg.block_size} pass --window explicitly")
+        if "recompute" in args.modes and args.n_sink + window > cfg.block_size and cfg.attention != "linear":
+            fail(f"recompute needs S+W = {args.n_sink + window} <= block_size {cfg.block_size}; "
+                 "lower --window or drop recompute from --modes")
+        val = run.val_tokens()
+        tokens = torch.from_numpy(np.asarray(val[: args.tokens]).astype(np.int64))
+        if tokens.shape[0] < 2:
+            fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
+        result = evaluate(run.model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size)
+        result.text = (f"first {tokens.shape[0]} tokens of the held-out split (documents concatenated), "
+                       f"of {len(val)} available")
+        result.process_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        plot(result, out / "streaming.png")
+        for mode, r in result.modes.items():
+            print(f"{mode:>10} [{r['cache']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
+                  f"peak cache {r['cache_tokens_peak']} tokens")
+        return result
+
+    return for_each_checkpoint(args, "streaming", one, headline=("ppl_window", "ppl_sinks"))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def test_cpu_suite_runs_and_writes_json(tmp_path):
     assert "| nanogpt |" in proc.stdout
 
 
-def test_gpu_suite_shape_runs_on_cpu_and_judges_the_targets(tmp_path):
-    """The GPU suite's code path (kernel table, training rows, targets) at tiny shapes on the CPU."""
+def test_gpu_suite_shape_runs_on_cpu(tmp_path):
+    """The GPU suite's code path (kernel table, training rows) at tiny shapes on the CPU."""
     proc = bench("--suite", "gpu", "--device", "cpu", "--kinds", "softmax", "linear", "--gates", "none", "headwise",
                  *TINY, out=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,28 +53,9 @@ def test_gpu_suite_shape_runs_on_cpu_and_judges_the_targets(tmp_path):
     assert set(kernels) >= {("softmax", "sdpa"), ("softmax", "math"), ("linear", "math"), ("linear", "chunked")}
     assert kernels[("softmax", "sdpa")]["fwd_bwd_x"] == 1.0
     train = {r["model"]: r for r in result["train"]}
-    targets = {r["target"]: r for r in result["targets"]}
-    gate = targets["softmax headwise gate step / plain step, T=32"]
+    assert set(train) == {"softmax/none", "nanogpt", "linear/none", "softmax/headwise", "linear/headwise"}
     ratio = train["softmax/headwise"]["step_ms"] / train["softmax/none"]["step_ms"]
-    assert gate["measured"].startswith(f"{ratio:.3g}") and gate["met"] == (ratio <= 1.05)
-    assert "sinklab softmax tokens/s / nanoGPT's, T=32" in targets and "## issue 6 targets" in proc.stdout
-
-
-def test_targets_take_the_fastest_fused_path_of_each_kind():
-    from eval.bench import target_rows
-
-    kernel_rows = [
-        {"T": 1024, "variant": "sigmoid", "backend": "math", "fwd_bwd_x": 0.5},  # the reference never counts
-        {"T": 1024, "variant": "sigmoid", "backend": "flex", "fwd_bwd_x": 5.1},
-        {"T": 1024, "variant": "sigmoid", "backend": "triton", "fwd_bwd_x": 1.1},
-        {"T": 8192, "variant": "linear", "backend": "chunked", "fwd_bwd_x": 2.4},
-        {"T": 8192, "variant": "linear", "backend": "triton", "fwd_bwd_x": 1.3},
-    ]
-    rows = {r["target"]: r for r in target_rows(kernel_rows, [])}
-    assert rows["sigmoid fwd+bwd / flash softmax, T=1024"]["met"]
-    assert "triton" in rows["sigmoid fwd+bwd / flash softmax, T=1024"]["measured"]
-    assert not rows["linear fwd+bwd / flash softmax, T=8192"]["met"]
-    assert len(rows) == 2  # nothing measured, nothing judged
+    assert train["softmax/headwise"]["vs_softmax"] == pytest.approx(ratio)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

@@ -64,14 +64,14 @@ def test_evaluate_on_tiny_model():
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16))
     seqs = torch.randint(0, 50, (5, 16))
     res = sink.evaluate(model, seqs, lengths=(8, "block"), eps=0.3, batch_size=2)
-    assert res["lengths"] == [8, 16] and res["headline_T"] == 8 and res["n_seqs"] == 5
-    for T, r in res["by_length"].items():
+    assert res.lengths == [8, 16] and res.headline_T == 8 and res.n_seqs == 5
+    for T, r in res.by_length.items():
         alpha = torch.tensor(r["alpha_1"])
         assert alpha.shape == (2, 4)
         assert r["sink_1"] == pytest.approx(sink.sink_rate(alpha, 0.3))
         # with k=1, F-Attn of a layer is the head-mean of alpha_1
         assert r["f_attn_per_layer"] == pytest.approx(alpha.mean(1).tolist(), abs=1e-5)
-    assert "proxy" in res["notes"]
+    assert "proxy" in res.notes and "definitions" in res.to_json()
 
 
 # --- spikes ----------------------------------------------------------------------------------

@@ -33,11 +33,12 @@ def test_window_covering_the_text_equals_full_forward(ref, attention, gate):
     model = tiny(ref, attention, gate)
     tokens = torch.randint(0, V, (29,))  # 28 predictions: fits 0+28, 4+28 and recompute over 32
     expected = full_forward_nll(model, tokens)
-    result, curves = evaluate(model, tokens, n_sink=4, window=28)
+    result = evaluate(model, tokens, n_sink=4, window=28)
+    curves = result._curves
     assert set(curves) == ({"recurrent"} if attention == "linear" else {"window", "sinks", "recompute"})
     for mode, nll in curves.items():
         ref.close(torch.from_numpy(nll), expected, tol=1e-4, what=mode)
-        assert math.isclose(result["modes"][mode]["ppl"], math.exp(expected.mean().item()), rel_tol=1e-4)
+        assert math.isclose(result.modes[mode]["ppl"], math.exp(expected.mean().item()), rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("attention,gate", [("softmax", "none"), ("sigmoid", "none"), ("softmax", "headwise")])

@@ -1,0 +1,156 @@
+"""What every LM eval CLI shares: its --ckpt/--data/--dtype/--device flags, loading each
+checkpoint, recording where the numbers came from, and where the outputs go.
+
+`--ckpt` takes run dirs, checkpoint dirs, globs (`out/run/checkpoints/step_*`) or `hf:` ids.
+A run dir is evaluated at its latest checkpoint and writes under `<run>/eval/`; a checkpoint
+dir `<run>/checkpoints/step_X` writes under `<run>/eval/step_X/`, so no checkpoint's results
+overwrite another's. With several checkpoints the CLI also writes `<run>/eval/<name>_over_steps`
+(.json, .md, .png): the headline numbers against the training step.
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import json
+import subprocess
+from pathlib import Path
+
+from . import fail, pick_device, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_lm_arguments(ap) -> None:
+    """The flags every LM eval takes, in one place."""
+    ap.add_argument("--ckpt", nargs="+", required=True,
+                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<id>")
+    ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def expand(patterns) -> list[str]:
+    """Globs expanded (sorted), everything else as given; a glob that matches nothing is an error."""
+    out = []
+    for p in patterns:
+        if not p.startswith("hf:") and any(c in p for c in "*?["):
+            hits = sorted(glob.glob(p))
+            if not hits:
+                fail(f"--ckpt {p} matches nothing; check the path (quote globs so the shell passes them through)")
+            out += hits
+        else:
+            out.append(p)
+    return out
+
+
+def check_paths(paths) -> None:
+    """Every local path resolves to a checkpoint before any of them is evaluated."""
+    from model.load import resolve_checkpoint
+
+    for p in paths:
+        if p.startswith("hf:"):
+            continue
+        try:
+            resolve_checkpoint(p)
+        except FileNotFoundError as e:
+            fail(str(e))
+
+
+def load(path: str, args, task: str = "lm"):
+    """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
+    import torch
+
+    from model.load import load_run
+
+    params = inspect.signature(load_run).parameters
+    kwargs = {}
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "dtype", None))
+    if dtype is not None and "dtype" in params:
+        kwargs["dtype"] = dtype
+    if getattr(args, "data", None) is not None:
+        if "data" not in params:
+            fail("--data needs a model.load_run that takes data=; this checkout's does not")
+        kwargs["data"] = args.data
+    try:
+        run = load_run(path, pick_device(args.device), task=task, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if dtype is not None and "dtype" not in params:
+        run.model.to(dtype)
+    return run
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def checkpoint_info(run) -> dict:
+    """Path, step and tokens seen (from trainer_state.json) of the loaded checkpoint, and the git commit."""
+    state_file = Path(run.checkpoint) / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return {"path": str(run.checkpoint), "step": state.get("step"), "tokens": state.get("tokens"),
+            "git_commit": git_commit()}
+
+
+def output_dir(run, requested: str) -> Path:
+    """`<run>/eval/` for a run dir, `<run>/eval/<checkpoint name>/` for one checkpoint of it."""
+    req = Path(requested)
+    whole_run = (req / "checkpoints").is_dir() or (req / "latest").exists() or requested.startswith("hf:")
+    path = Path(run.run_dir) / "eval"
+    if not whole_run:
+        path = path / Path(run.checkpoint).name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...], task: str = "lm") -> list:
+    """Evaluate every --ckpt: `evaluate_one(run, out_dir)` returns an EvalResult (and draws its
+    plots); this writes `<out_dir>/<name>.json` with the checkpoint recorded. Several
+    checkpoints also get `<name>_over_steps` with the `headline` fields per step."""
+    paths = expand(args.ckpt)
+    check_paths(paths)
+    done = []
+    for p in paths:
+        run = load(p, args, task)
+        out = output_dir(run, p)
+        result = evaluate_one(run, out)
+        result.checkpoint = checkpoint_info(run)
+        write_json(out / f"{name}.json", result.to_json())
+        print(f"-> {out / (name + '.json')}")
+        done.append((run, result))
+        del run
+    if len(done) > 1:
+        over_steps(done, name, headline)
+    return [r for _, r in done]
+
+
+def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
+    """One table (JSON + markdown) and one plot of the `headline` fields against the step."""
+    from .plots import save, subplots
+
+    rows = sorted(({"step": r.checkpoint["step"], "tokens": r.checkpoint["tokens"], "checkpoint": r.checkpoint["path"],
+                    **{k: getattr(r, k) for k in headline}} for _, r in done),
+                  key=lambda row: (row["step"] is None, row["step"] or 0))
+    out = Path(done[0][0].run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    defs = done[0][1].definitions()
+    write_json(out / f"{name}_over_steps.json", {"rows": rows, "definitions": {k: defs.get(k, "") for k in headline}})
+    lines = ["| step | tokens | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]
+    lines += ["| " + " | ".join(str(v) if not isinstance(v, float) else f"{v:.4g}"
+                                for v in [row["step"], row["tokens"], *(row[k] for k in headline)]) + " |" for row in rows]
+    (out / f"{name}_over_steps.md").write_text("\n".join(lines) + "\n")
+    fig, axes = subplots(1, len(headline), width=4.5, height=3.5)
+    for ax, key in zip(axes[0], headline):
+        pts = [(row["step"], row[key]) for row in rows if row["step"] is not None and row[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o")
+        ax.set_xlabel("training step")
+        ax.set_title(key)
+    save(fig, out / f"{name}_over_steps.png")
+    print(f"-> {out / (name + '_over_steps.md')}")
+    return out

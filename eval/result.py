@@ -1,0 +1,30 @@
+"""The result every eval returns: a dataclass whose `to_json()` is what lands in its JSON file.
+
+Subclasses declare their fields and a `DEFINITIONS` dict (field name -> what it means); fields
+whose name starts with "_" (per-token curves, raw tensors) stay out of the JSON. `checkpoint`
+is filled in by the CLI with where the numbers came from (see eval/checkpoints.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+
+@dataclass
+class EvalResult:
+    DEFINITIONS: ClassVar[dict] = {}
+    checkpoint: dict | None = field(default=None, kw_only=True)
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        out["definitions"] = {**self.definitions(), "checkpoint": CHECKPOINT_DEFINITION}
+        return out
+
+    def definitions(self) -> dict:
+        """`DEFINITIONS`; a subclass whose wording depends on its parameters overrides this."""
+        return dict(self.DEFINITIONS)
+
+
+CHECKPOINT_DEFINITION = ("path: the checkpoint evaluated; step and tokens: training step and tokens seen when it "
+                         "was written (trainer_state.json; null when unknown); git_commit: HEAD of the code that "
+                         "ran the eval (null outside a git checkout)")
