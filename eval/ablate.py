@@ -80,7 +80,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     from model.load import load_run
 
     from . import activations, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
-    from .checkpoints import checkpoint_info
+    from .checkpoints import bos_id, checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
@@ -96,7 +96,9 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         return result
 
     Ts = sink.resolve_lengths(sink.LENGTHS, cfg.block_size)
-    s = save("sink", sink.evaluate(model, held_out_sequences(val, sink.N_SEQS, max(Ts)), Ts))
+    bos = bos_id(run)
+    s = save("sink", sink.evaluate(model, held_out_sequences(val, sink.N_SEQS, max(Ts), bos_id=bos), Ts,
+                                   tokenizer=run.tokenizer, bos_id=bos))
     sink.plot_heatmap(s, out / "sink_heatmap.png")
     act = save("activations", activations.evaluate(model, held_out_sequences(val, activations.N_SEQS, cfg.block_size)))
     activations.plot(act, out / "activations.png")
@@ -116,7 +118,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "sink_1": s.sink_1,
         "f_attn": s.f_attn,
         "sink_T": s.headline_T,
-        "max_abs_activation": act.max_abs,
+        "max_abs_activation": act.max_top1,
         "spike_score_loss": sp.metrics.get("loss", {}).get("spike_score"),
         "spike_score_grad_norm": sp.metrics.get("grad_norm", {}).get("spike_score"),
         "stream_ppl": ppl,
@@ -229,9 +231,10 @@ def main(argv=None) -> list[dict]:
                      "recompute_stride": args.recompute_stride},
         "definitions": {
             "val_loss": "last val_loss row of metrics.jsonl (nats/token)",
-            "sink_1": "Gu et al. Sink_1^0.3 at T=64 in % (eval.sink)",
+            "sink_1": "Gu et al. Sink_1^0.3 at T=64 in %, per sequence then averaged (eval.sink)",
             "f_attn": "Qiu et al. first-token attention at T=64 (eval.sink)",
-            "max_abs_activation": "largest |h| of the residual stream over layers (eval.activations)",
+            "max_abs_activation": "largest |h| of the residual stream over layers, per sequence averaged over "
+                                  "sequences (eval.activations max_top1)",
             "spike_score_loss": "OLMo-core loss spike score, W=128, k=6, % of eligible steps (eval.spikes)",
             "stream_ppl": "eval.streaming perplexity per mode (window = 0+W, sinks = S+W, recompute = "
                           "sliding window with recomputation; recurrent = linear attention's exact state)",

@@ -2,11 +2,14 @@
 Language Models"): a few activations per layer orders of magnitude above the median, usually
 at the first token in fixed channels, which act as an attention sink's bias.
 
-Per layer (hidden state after each block): the top-3 |h| with their (sequence, position,
-channel), the median |h|, the ratio top-1 / median, and the first token's hidden-state norm
-over the mean norm of the other tokens.
+Per layer (hidden state after each block), as Sun et al.'s code (locuslab/massive-activations,
+main_llm.py exp2) computes it: per sequence the top-3 |h| and the median |h| (torch.median,
+the lower middle value), averaged over sequences; the headline ratio is the averaged top-1 over
+the averaged median. Pooled over all sequences, as extras: the top-3 |h| with their
+(sequence, position, channel, token id), the median, their ratio, the count of "massive" values,
+and the first token's hidden-state norm over the mean norm of the other tokens.
 
-    python -m eval.activations --ckpt out/<run> [--n-seqs 8]
+    python -m eval.activations --ckpt out/<run> [--n-seqs 10]
 """
 from __future__ import annotations
 
@@ -22,26 +25,36 @@ from .result import EvalResult
 MASSIVE_ABS = 100.0
 MASSIVE_REL = 1000.0
 
-N_SEQS = 8  # held-out sequences of block_size tokens
+N_SEQS = 10  # held-out sequences of block_size tokens, as Sun et al.
 
 
-def massive_activations(hidden, top: int = 3) -> list[dict]:
-    """Per-layer statistics of `hidden` (a list of (B, T, C) tensors), pooled over the batch."""
+def massive_activations(hidden, top: int = 3, tokens=None) -> list[dict]:
+    """Per-layer statistics of `hidden` (a list of (B, T, C) tensors): per sequence, averaged
+    (`top_per_seq`, `median_per_seq`, `ratio_per_seq`) and pooled over the batch (the rest).
+    `tokens` (B, T) names the token id at each pooled top position."""
     stats = []
     for h in hidden:
         a = h.detach().float().abs()
         B, T, C = a.shape
+        per_seq_top = a.reshape(B, -1).topk(min(top, T * C), dim=1).values.mean(0)  # (top,)
+        per_seq_median = float(a.reshape(B, -1).median(dim=1).values.mean())
         vals, flat = a.reshape(-1).topk(min(top, a.numel()))
         median = float(np.median(a.cpu().numpy()))  # interpolated median, as numpy defines it
         top_list = []
         for v, f in zip(vals.tolist(), flat.tolist()):
             seq, rest = divmod(f, T * C)
             pos, ch = divmod(rest, C)
-            top_list.append({"value": v, "seq": seq, "position": pos, "channel": ch})
+            entry = {"value": v, "seq": seq, "position": pos, "channel": ch}
+            if tokens is not None:
+                entry["token_id"] = int(tokens[seq, pos])
+            top_list.append(entry)
         norms = h.detach().float().norm(dim=-1)  # (B, T)
         rest_norm = float(norms[:, 1:].mean()) if T > 1 else float("nan")
         first_norm = float(norms[:, 0].mean())
         stats.append({
+            "top_per_seq": per_seq_top.tolist(),
+            "median_per_seq": per_seq_median,
+            "ratio_per_seq": per_seq_top[0].item() / per_seq_median if per_seq_median > 0 else float("inf"),
             "top": top_list,
             "median_abs": median,
             "ratio_top1_median": vals[0].item() / median if median > 0 else float("inf"),
@@ -56,6 +69,8 @@ def massive_activations(hidden, top: int = 3) -> list[dict]:
 @dataclass
 class ActivationsResult(EvalResult):
     layers: list
+    max_top1: float
+    max_ratio: float
     max_abs: float
     max_ratio_top1_median: float
     n_seqs: int
@@ -64,10 +79,17 @@ class ActivationsResult(EvalResult):
 
     DEFINITIONS = {
         "layers": "one entry per block, hidden state (residual stream) after that block",
-        "top": "3 largest |h| over all sequences, positions and channels, with their location "
-               "(seq = sequence index, position = token index from 0)",
-        "median_abs": "median |h| over all sequences, positions and channels",
-        "ratio_top1_median": "largest |h| / median |h|",
+        "top_per_seq": "per sequence the 3 largest |h| over positions and channels, averaged over sequences",
+        "median_per_seq": "per sequence the median |h| (lower middle value, torch.median), averaged over sequences",
+        "ratio_per_seq": "top_per_seq[0] / median_per_seq (Sun et al.'s layerwise figure)",
+        "max_top1": "largest top_per_seq[0] over layers (headline)",
+        "max_ratio": "largest ratio_per_seq over layers (headline)",
+        "top": "pooled: 3 largest |h| over all sequences, positions and channels, with their location "
+               "(seq = sequence index, position = token index from 0, token_id = the token there)",
+        "median_abs": "pooled: median |h| over all sequences, positions and channels (interpolated, numpy)",
+        "ratio_top1_median": "pooled: largest |h| / median |h|",
+        "max_abs": "pooled: largest |h| over layers",
+        "max_ratio_top1_median": "pooled: largest ratio_top1_median over layers",
         "n_massive": f"activations with |h| > {MASSIVE_ABS:g} and > {MASSIVE_REL:g} x median "
                      "(Sun et al.'s working definition)",
         "first_token_norm_ratio": "mean L2 norm of the first token's hidden state / mean L2 norm "
@@ -77,18 +99,20 @@ class ActivationsResult(EvalResult):
 
 @torch.no_grad()
 def evaluate(model, sequences, batch_size: int = 8) -> ActivationsResult:
-    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual
-    stream; the batches are concatenated so the statistics pool every sequence."""
+    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream."""
     device = next(model.parameters()).device
     model.eval()
+    sequences = torch.as_tensor(sequences).long()
     per_layer = None
-    for batch in torch.as_tensor(sequences).long().split(batch_size):
+    for batch in sequences.split(batch_size):
         hidden = [h.cpu() for h in model(batch.to(device), return_hidden=True).hidden]
         per_layer = hidden if per_layer is None else [torch.cat(p) for p in zip(per_layer, hidden)]
-    layers = massive_activations(per_layer)
+    layers = massive_activations(per_layer, tokens=sequences)
     cfg = model.config
     return ActivationsResult(
         layers=layers,
+        max_top1=max(l["top_per_seq"][0] for l in layers),
+        max_ratio=max(l["ratio_per_seq"] for l in layers),
         max_abs=max(l["top"][0]["value"] for l in layers),
         max_ratio_top1_median=max(l["ratio_top1_median"] for l in layers),
         n_seqs=int(per_layer[0].shape[0]), T=int(per_layer[0].shape[1]),
@@ -104,14 +128,14 @@ def plot(result: ActivationsResult, path) -> None:
     x = list(range(1, len(layers) + 1))
     fig, axes = subplots(1, 2, width=5.5, height=3.8)
     ax = axes[0, 0]
-    for r in range(len(layers[0]["top"])):
-        ax.plot(x, [l["top"][r]["value"] for l in layers], marker="o", label=f"top {r + 1}")
-    ax.plot(x, [l["median_abs"] for l in layers], marker="o", color="gray", label="median")
+    for r in range(len(layers[0]["top_per_seq"])):
+        ax.plot(x, [l["top_per_seq"][r] for l in layers], marker="o", label=f"top {r + 1}")
+    ax.plot(x, [l["median_per_seq"] for l in layers], marker="o", color="gray", label="median")
     ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xlabel("layer")
     ax.set_ylabel("|h|")
-    ax.set_title("largest activation magnitudes")
+    ax.set_title("largest |h| per sequence, mean over sequences")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     ax.bar(x, [l["first_token_norm_ratio"] for l in layers])
@@ -138,10 +162,10 @@ def main(argv=None) -> list[ActivationsResult]:
         T = min(args.length or cfg.block_size, cfg.block_size)
         result = evaluate(run.model, held_out_sequences(run.val_tokens(), args.n_seqs, T), args.batch_size)
         plot(result, out / "activations.png")
-        print(f"max |h| {result.max_abs:.1f}, max top1/median {result.max_ratio_top1_median:.0f}x")
+        print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x")
         return result
 
-    return for_each_checkpoint(args, "activations", one, headline=("max_abs", "max_ratio_top1_median"))
+    return for_each_checkpoint(args, "activations", one, headline=("max_top1", "max_ratio"))
 
 
 if __name__ == "__main__":

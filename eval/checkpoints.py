@@ -81,6 +81,24 @@ def load(path: str, args, task: str = "lm"):
     return run
 
 
+def bos_id(run) -> int | None:
+    """The BOS token id when the run's data starts documents with BOS (`data.bos`), else None.
+
+    Read from the prepared data's meta.json (`bos_id`), where data preparation records it."""
+    data = run.config.get("data", {}) or {}
+    if not data.get("bos", False):
+        return None
+    if getattr(run, "bos_id", None) is not None:
+        return run.bos_id
+    from configs import from_dict
+    from data.prepare import prepare
+
+    meta = json.loads((prepare(from_dict({"data": data}).data, progress=False) / "meta.json").read_text())
+    if meta.get("bos_id") is None:
+        fail(f"{run.run_dir} trained with data.bos but its prepared data records no bos_id; prepare the data again")
+    return int(meta["bos_id"])
+
+
 def git_commit() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)

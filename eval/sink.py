@@ -1,15 +1,22 @@
 """Attention-sink metrics.
 
-* Gu et al. 2025 ("When Attention Sink Emerges in Language Models", ICLR): importance score
-  alpha_k^{l,h} = 1/(T-k+1) * sum_{i=k..T} A^{l,h}_{i,k} (1-indexed) and
-  Sink_k^eps = percentage of (layer, head) pairs with alpha_k^{l,h} > eps (eps = 0.3, k = 1).
+* Gu et al. 2025 ("When Attention Sink Emerges in Language Models", ICLR), as their code
+  (eval_sink_open_source.py) computes it: per sequence, the importance score
+  alpha_k^{l,h} = 1/(T-k+1) * sum_{i=k..T} A^{l,h}_{i,k} (1-indexed); per sequence the share of
+  (layer, head) pairs with alpha_k > eps (eps = 0.3); then the mean over sequences, in %. That is
+  `sink_1`; thresholding the sequence-averaged alpha instead (`sink_1_pooled`) undercounts a
+  head that sinks on some sequences only. `sink_rate_by_position` is Sink_k for k = 1..10.
+* Sinks at any position (eval/sink_positions.py): per head the most-attended key (position,
+  token, mass), attention per token class, the most-attended token ids.
 * Qiu et al. 2025 ("Gated Attention", Table 4): F-Attn = mean attention probability that
-  queries put on the first token.
+  queries put on the first token, next to the uniform-attention value H_T / T.
 
 For kinds without row normalisation (sigmoid, elu1) the model returns Gu et al.'s proxy
-weights w_ij / sum_j w_ij, so both metrics mean the same thing for every attention kind.
+weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind.
+When the run's data starts documents with BOS, every sequence starts with BOS here too.
 
-    python -m eval.sink --ckpt out/<run> [--eps 0.3] [--n-seqs 32] [--lengths 64 block]
+    python -m eval.sink --ckpt out/<run> [--eps 0.3] [--n-seqs 100] [--lengths 64 block]
+    python -m eval.sink --run out/<run>       # Sink_1, F-Attn, max |h| ratio logged during training, over steps
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from .result import EvalResult
 PROXY_NOTE = ("attention weights are row-normalised; for unnormalised kinds (sigmoid, elu1 without "
               "attn_normalize) they are Gu et al.'s proxy weights w/sum(w)")
 
-N_SEQS = 32  # held-out sequences per length
+N_SEQS = 100  # held-out sequences per length, as Gu et al.
+MAX_K = 10  # sink_rate_by_position covers k = 1..MAX_K
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
 
 
@@ -53,9 +61,24 @@ def importance(attn, k: int = 1) -> torch.Tensor:
     return (column.sum(-1) / (T - k + 1)).mean(1)
 
 
+def importance_per_sequence(attn, max_k: int = MAX_K) -> torch.Tensor:
+    """alpha_k per (layer, sequence, head) for k = 1..max_k (capped at T): shape (K, L, B, H)."""
+    a = _stack(attn)
+    T = a.shape[-1]
+    return torch.stack([a[..., k - 1 :, k - 1].sum(-1) / (T - k + 1) for k in range(1, min(max_k, T) + 1)])
+
+
 def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
-    """Sink_k^eps in percent: share of (layer, head) pairs whose importance exceeds eps."""
+    """Sink_k^eps in percent: share of (layer, head) pairs whose importance exceeds eps.
+
+    On alpha of shape (L, B, H) (one per sequence) this is Gu et al.'s figure: per sequence the
+    share of pairs above eps, averaged over sequences (every sequence has the same L*H pairs)."""
     return float((torch.as_tensor(alpha) > eps).float().mean() * 100)
+
+
+def uniform_f_attn(T: int) -> float:
+    """F-Attn of causal attention spread evenly over the visible keys: (1/T) sum_i 1/i = H_T / T."""
+    return sum(1 / i for i in range(1, T + 1)) / T
 
 
 def first_token_attention(attn) -> tuple[list[float], float]:
@@ -96,11 +119,16 @@ class SinkResult(EvalResult):
     """Sink metrics of one model; the headline numbers are at the first length (T=64 by default)."""
 
     sink_1: float
+    sink_1_pooled: float
     f_attn: float
+    f_attn_uniform: float
+    sink_rate_by_position: list
+    sink_any: float
     headline_T: int
     eps: float
     k: int
     n_seqs: int
+    bos_first: bool
     lengths: list
     attention: dict
     by_length: dict
@@ -109,55 +137,85 @@ class SinkResult(EvalResult):
     def definitions(self) -> dict:
         k = self.k
         return {
-            "sink_1": f"Gu et al. Sink_{k}^eps: % of (layer, head) pairs with alpha_{k} > eps",
+            "sink_1": f"Gu et al. Sink_{k}^eps as their code computes it: per sequence, % of (layer, head) pairs "
+                      f"with alpha_{k} > eps; mean over sequences (at headline_T)",
+            "sink_1_pooled": f"% of (layer, head) pairs whose alpha_{k} averaged over sequences exceeds eps",
             f"alpha_{k}": f"Gu et al. importance of token {k} (1-indexed): mean over queries i >= {k} of "
                           f"A[i, {k}], averaged over sequences; list [layer][head]",
+            "sink_rate_by_position": f"Sink_k^eps (per-sequence rule) for k = 1..{MAX_K}: list index k-1",
+            "sink_any": "% of (sequence, layer, head) whose most-attended key receives a share > eps of the "
+                        "sequence's attention, wherever that key is (share_j = 1/T sum_i A_ij)",
+            "top_keys": "per [layer][head] over sequences: the most frequent most-attended key position and token "
+                        "id, how often each is the most-attended one, and the mean share of that key",
+            "attention_by_token_class": "per token class (bos/end-of-text, newline, punctuation, other): share of "
+                                        "all attention received (mean over layers and heads) and share of positions",
+            "most_attended_tokens": "token ids receiving the most attention in total (share of all attention)",
             "f_attn": "Qiu et al. F-Attn: mean attention on the first token over heads, sequences and all "
                       "query positions (query 0 included); per layer and mean over layers",
+            "f_attn_uniform": "F-Attn of uniform causal attention at the same T: H_T / T",
             "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
+            "bos_first": "every sequence starts with the BOS token (the run's data has BOS)",
         }
 
 
 @torch.no_grad()
 def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1,
-             batch_size: int = 4) -> SinkResult:
-    """Sink_k^eps, alpha_k per (layer, head) and F-Attn of `model` on held-out sequences.
+             batch_size: int = 4, tokenizer=None, bos_id: int | None = None) -> SinkResult:
+    """Sink_k^eps (per sequence, then averaged), Sink_1..10, sinks at any position and F-Attn of
+    `model` on held-out sequences.
 
     `token_batches`: (N, T_max) token ids (or an iterable of (B, T) batches); each length T in
     `lengths` ("block" = the model's block size) uses the first T tokens of every sequence.
-    The headline numbers (`sink_1`, `f_attn`) are at the first length: T = 64 is Gu et al.'s
-    protocol. `sink_1` holds Sink_k for the `k` asked for.
+    The headline numbers are at the first length: T = 64 is Gu et al.'s protocol. `sink_1`
+    holds Sink_k for the `k` asked for. `tokenizer` names the tokens (classes, texts); `bos_id`
+    counts as end-of-text and is recorded as `bos_first` when every sequence starts with it.
     """
+    from .sink_positions import PositionStats, classify_vocab
+
     seqs = _as_sequences(token_batches)
     cfg = model.config
     device = next(model.parameters()).device
     Ts = [T for T in resolve_lengths(lengths, cfg.block_size) if T <= seqs.shape[1]]
     if not Ts:
         raise ValueError(f"sequences of {seqs.shape[1]} tokens are shorter than every length in {lengths}")
+    classes, texts = classify_vocab(tokenizer, cfg.vocab_size, [] if bos_id is None else [bos_id])
     model.eval()
     by_length = {}
     for T in Ts:
-        alpha_sum, f_sum, mass_sum, n = 0.0, 0.0, 0.0, 0
+        alphas, f_sum, mass_sum, n = [], 0.0, 0.0, 0
+        positions = PositionStats(cfg.vocab_size, eps)
         for batch in seqs[:, :T].split(batch_size):
             out = model(batch.to(device), return_attn=True)
+            a = _stack(out.attn)
             b = batch.shape[0]
-            alpha_sum = alpha_sum + importance(out.attn, k).cpu() * b
-            f_sum = f_sum + torch.tensor(first_token_attention(out.attn)[0]) * b
+            alphas.append(importance_per_sequence(a).cpu())
+            f_sum = f_sum + torch.tensor(first_token_attention(a)[0]) * b
             mass_sum = mass_sum + torch.stack([m.float().mean() for m in out.attn_mass]).cpu() * b
+            positions.add(a, batch)
             n += b
-        alpha, f_layers = alpha_sum / n, f_sum / n
+        alpha = torch.cat(alphas, dim=2)  # (K, L, N, H)
+        f_layers = f_sum / n
         by_length[str(T)] = {
             "T": T,
-            f"sink_{k}": sink_rate(alpha, eps),
-            f"alpha_{k}": alpha.tolist(),
+            f"sink_{k}": sink_rate(alpha[k - 1], eps),
+            f"sink_{k}_pooled": sink_rate(alpha[k - 1].mean(1), eps),
+            f"alpha_{k}": alpha[k - 1].mean(1).tolist(),
+            "sink_rate_by_position": [sink_rate(a_k, eps) for a_k in alpha],
+            "sink_any": positions.sink_any(),
+            "top_keys": positions.top_keys(),
+            "attention_by_token_class": positions.by_class(classes),
+            "most_attended_tokens": positions.top_tokens(texts),
             "f_attn_per_layer": f_layers.tolist(),
             "f_attn": float(f_layers.mean()),
+            "f_attn_uniform": uniform_f_attn(T),
             "row_mass_per_layer": (mass_sum / n).tolist(),
         }
     head = by_length[str(Ts[0])]
     return SinkResult(
-        sink_1=head[f"sink_{k}"], f_attn=head["f_attn"], headline_T=Ts[0], eps=eps, k=k,
-        n_seqs=int(seqs.shape[0]), lengths=Ts,
+        sink_1=head[f"sink_{k}"], sink_1_pooled=head[f"sink_{k}_pooled"], f_attn=head["f_attn"],
+        f_attn_uniform=head["f_attn_uniform"], sink_rate_by_position=head["sink_rate_by_position"],
+        sink_any=head["sink_any"], headline_T=Ts[0], eps=eps, k=k, n_seqs=int(seqs.shape[0]),
+        bos_first=bos_id is not None and bool((seqs[:, 0] == bos_id).all()), lengths=Ts,
         attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
         by_length=by_length)
 
@@ -189,7 +247,7 @@ def plot_heatmap(result: SinkResult, path) -> None:
 
 def main(argv=None) -> list[SinkResult]:
     from . import held_out_sequences
-    from .checkpoints import add_lm_arguments, for_each_checkpoint
+    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
@@ -203,13 +261,16 @@ def main(argv=None) -> list[SinkResult]:
     def one(run, out):
         model = run.model
         Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size)
-        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts))
-        result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size)
+        bos = bos_id(run)
+        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)
+        result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size,
+                          tokenizer=run.tokenizer, bos_id=bos)
         plot_heatmap(result, out / "sink_heatmap.png")
-        print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}%  F-Attn: {result.f_attn:.3f}")
+        print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}% (pooled {result.sink_1_pooled:.2f}%, "
+              f"any position {result.sink_any:.2f}%)  F-Attn: {result.f_attn:.3f} (uniform {result.f_attn_uniform:.3f})")
         return result
 
-    return for_each_checkpoint(args, "sink", one, headline=("sink_1", "f_attn"))
+    return for_each_checkpoint(args, "sink", one, headline=("sink_1", "sink_any", "f_attn"))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
 """Loss and gradient-norm spikes, as OLMo-core's StabilityMonitor / OLMo 2 define them.
 
 A step is a spike when its value > mean + k * std of the previous `window` values (population
-std, current value excluded). Defaults W=128, k=6 follow OLMo-core; W=1000, k=7 is OLMo 2's
-spike score. The spike score is the percentage of eligible steps that are spikes.
+std, current value excluded). Defaults W=128, k=6 follow OLMo-core; OLMo 2 reports spikes as
+values at least k = 7 standard deviations from the mean of the previous W = 1000 in either
+direction (`--two-sided`). Two scores:
 
-    python -m eval.spikes --run out/<run> [--window 128] [--k 6]
+* `spike_score` per metric: % of that metric's eligible steps (those with a full window
+  before them) that are spikes;
+* `olmo_core_spike_score`: OLMo-core's "SpikeScore (total)": steps where the loss *or* the
+  grad norm spikes (a step counted once), over *all* logged steps, reported once there are at
+  least W of them.
+
+    python -m eval.spikes --run out/<run> [--window 128] [--k 6] [--two-sided]
 """
 from __future__ import annotations
 
@@ -30,8 +37,9 @@ def _finite(values) -> tuple[np.ndarray, np.ndarray]:
     return v[idx], idx
 
 
-def detect_spikes(values, window: int = 128, k: float = 6.0) -> list[int]:
-    """Indices i with values[i] > mean + k*std of the `window` previous finite values.
+def detect_spikes(values, window: int = 128, k: float = 6.0, two_sided: bool = False) -> list[int]:
+    """Indices i with values[i] > mean + k*std of the `window` previous finite values
+    (two_sided: |values[i] - mean| >= k*std, OLMo 2's rule).
 
     Eligible steps: finite values with at least `window` finite values before them, as in
     OLMo-core, which checks nothing until its window is full. NaN/inf never enter the
@@ -49,7 +57,8 @@ def detect_spikes(values, window: int = 128, k: float = 6.0) -> list[int]:
         rows = hist[start : start + _CHUNK]
         mean, std = rows.mean(axis=1), rows.std(axis=1)
         cur = f[start + window : start + window + len(rows)]
-        hit = (cur > mean + k * std) & (std >= 1e-10)
+        hit = (np.abs(cur - mean) >= k * std) if two_sided else (cur > mean + k * std)
+        hit &= std >= 1e-10
         spikes.extend(idx[np.flatnonzero(hit) + start + window].tolist())
     return spikes
 
@@ -79,12 +88,12 @@ def divergence(values) -> int | None:
     return None
 
 
-def spike_report(steps, values, window: int = 128, k: float = 6.0) -> dict:
+def spike_report(steps, values, window: int = 128, k: float = 6.0, two_sided: bool = False) -> dict:
     """Spike score, spike steps, merged events and divergence of one series, in step numbers."""
     steps = list(steps)
     if len(steps) != len(values):
         raise ValueError(f"{len(steps)} steps but {len(values)} values")
-    flagged = detect_spikes(values, window, k)
+    flagged = detect_spikes(values, window, k, two_sided)
     eligible = n_eligible(values, window)
     # merge on positions in the series (consecutive logged rows), then report step numbers
     events = [(steps[a], steps[b]) for a, b in merge_events(flagged)]
@@ -101,6 +110,15 @@ def spike_report(steps, values, window: int = 128, k: float = 6.0) -> dict:
         "window": window,
         "k": k,
     }
+
+
+def olmo_core_score(reports: dict, n_steps: int, window: int = 128) -> float | None:
+    """OLMo-core's cumulative SpikeScore in %: steps where any metric spikes (counted once) over
+    all `n_steps` logged steps; None until there are `window` steps, as OLMo-core reports it."""
+    if n_steps < window:
+        return None
+    flagged = set().union(*(r["spikes"] for r in reports.values()))
+    return 100.0 * len(flagged) / n_steps
 
 
 def read_metrics(path, metric: str) -> tuple[list[int], list[float]]:
@@ -151,30 +169,40 @@ def plot(series: dict, reports: dict, path) -> None:
 @dataclass
 class SpikesResult(EvalResult):
     metrics: dict  # metric name -> spike_report
+    olmo_core_spike_score: float | None
+    n_steps: int
     window: int
     k: float
+    two_sided: bool
     source: str
     _series: dict = field(default_factory=dict, repr=False)  # metric -> (steps, values), for the plot
 
     def definitions(self) -> dict:
+        rule = "|value - mean| >= k*std" if self.two_sided else "value > mean + k*std"
         return {
-            "spike": f"value > mean + k*std (population std) of the previous {self.window} finite values",
-            "spike_score": "percentage of eligible steps that are spikes; eligible = finite value with a "
-                           "full window of finite values before it",
+            "spike": f"{rule} (population std) of the previous {self.window} finite values of that metric",
+            "spike_score": "per metric: percentage of eligible steps that are spikes; eligible = finite value with "
+                           "a full window of finite values before it",
+            "olmo_core_spike_score": "OLMo-core's SpikeScore (total): % of all logged steps where loss or grad norm "
+                                     "spikes (a step counted once); null while fewer than window steps are logged",
+            "n_steps": "training steps logged (rows with loss or grad_norm)",
             "spikes": "step numbers flagged as spikes",
             "events": "[start, end] steps of runs of spikes on consecutive logged rows",
             "divergence": "first step whose value is NaN/inf (null = none)",
         }
 
 
-def evaluate(metrics_path, window: int = 128, k: float = 6.0) -> SpikesResult:
+def evaluate(metrics_path, window: int = 128, k: float = 6.0, two_sided: bool = False) -> SpikesResult:
     """Spike reports of loss and grad norm from a run's metrics.jsonl."""
     series = {m: read_metrics(metrics_path, m) for m in METRICS}
     series = {m: sv for m, sv in series.items() if sv[0]}
     if not series:
         raise ValueError(f"{metrics_path} has no training rows with any of {list(METRICS)}")
-    reports = {m: spike_report(steps, values, window, k) for m, (steps, values) in series.items()}
-    return SpikesResult(metrics=reports, window=window, k=k, source=str(metrics_path), _series=series)
+    reports = {m: spike_report(steps, values, window, k, two_sided) for m, (steps, values) in series.items()}
+    n_steps = len(set().union(*(steps for steps, _ in series.values())))
+    return SpikesResult(metrics=reports, olmo_core_spike_score=olmo_core_score(reports, n_steps, window),
+                        n_steps=n_steps, window=window, k=k, two_sided=two_sided, source=str(metrics_path),
+                        _series=series)
 
 
 def main(argv=None) -> SpikesResult:
@@ -184,6 +212,7 @@ def main(argv=None) -> SpikesResult:
     ap.add_argument("--run", "--ckpt", dest="run", required=True, help="run directory with metrics.jsonl")
     ap.add_argument("--window", type=int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")
     ap.add_argument("--k", type=float, default=6.0, help="6 = OLMo-core, 7 = OLMo 2")
+    ap.add_argument("--two-sided", action="store_true", help="OLMo 2's rule: |value - mean| >= k std")
     args = ap.parse_args(argv)
 
     run_dir = Path(args.run)
@@ -191,7 +220,7 @@ def main(argv=None) -> SpikesResult:
     if not metrics_path.exists():
         fail(f"{metrics_path} not found: --run must be a training run directory")
     try:
-        result = evaluate(metrics_path, args.window, args.k)
+        result = evaluate(metrics_path, args.window, args.k, args.two_sided)
     except ValueError as e:
         fail(str(e))
     out = eval_dir(run_dir)
@@ -201,6 +230,9 @@ def main(argv=None) -> SpikesResult:
         score = "n/a" if r["spike_score"] is None else f"{r['spike_score']:.3f}%"
         print(f"{m}: spike score {score} ({r['n_spikes']}/{r['n_eligible']}), "
               f"{r['n_events']} events, divergence {r['divergence']}")
+    score = result.olmo_core_spike_score
+    print(f"OLMo-core spike score (any metric, all {result.n_steps} steps): "
+          + ("n/a" if score is None else f"{score:.3f}%"))
     return result
 
 

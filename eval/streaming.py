@@ -1,20 +1,28 @@
-"""Streaming perplexity with KV-sink windows, the StreamingLLM protocol (Xiao et al., ICLR 2024).
+"""Streaming perplexity with KV-sink windows, the StreamingLLM protocol (Xiao et al., ICLR 2024)
+as its reference code (mit-han-lab/streaming-llm, examples/eval_long_ppl.py) runs it.
 
-Token-by-token decoding over a long held-out text (default: the run's held-out plays,
-concatenated, first 20k tokens); the NLL of every next token is recorded and the cache is
-trimmed after every step. Modes:
+Token-by-token decoding over a long held-out text (default: the run's held-out split,
+documents concatenated, first 20k tokens; `--bos` puts the BOS token first, as a Llama
+tokenizer does for each text there); the NLL of every next token is recorded. Modes, all at
+the same total cache of S+W tokens:
 
-* `window`    window attention: the W most recent tokens only (cache 0+W);
+* `window`    window attention: the S+W most recent tokens only (cache 0+(S+W));
 * `sinks`     StreamingLLM: the S first tokens + the W most recent (cache S+W), keys re-rotated
               at their cache positions ("pos shift");
 * `recompute` sliding window with recomputation, the quality reference: each token is predicted
-              by a fresh forward over the last S+W tokens placed at positions 0..S+W-1. Windows
-              are batched; `--recompute-stride k` scores every k-th position only.
+              by a fresh forward over as many recent tokens as a streaming query sees, placed
+              at positions 0..n-1. Windows are batched; `--recompute-stride k` scores every k-th
+              position only.
+
+Order (`--order`): the reference feeds a token with the cache as it is and trims the cache to
+S+W after the forward, so each query sees S+W+1 keys (`reference`, the default). `evict-first`
+trims before the forward: S+W keys per query, the cache never holds more than S+W.
 
 `linear` attention has no window: it runs its exact recurrent state over the whole text (one
-mode, `recurrent`). W defaults to block_size - S so that S+W fits the trained context.
+mode, `recurrent`). W defaults to the largest window whose queries stay inside the trained
+context: block_size - S - 1 (reference order) or block_size - S (evict-first).
 
-    python -m eval.streaming --ckpt out/<run> [--n-sink 4] [--window W] [--tokens 20000]
+    python -m eval.streaming --ckpt out/<run> [--n-sink 4] [--window W] [--tokens 20000] [--bos]
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 from .result import EvalResult
 
 MODES = ("window", "sinks", "recompute")
+ORDERS = ("reference", "evict-first")
 
 
 def cache_bytes(cache) -> int:
@@ -116,6 +125,10 @@ class StreamingResult(EvalResult):
     n_predictions: int
     n_sink: int
     window: int
+    order: str
+    keys_per_query: int
+    first_eviction: int
+    bos_first: bool
     block_size: int
     recompute_stride: int
     attention: dict
@@ -127,12 +140,17 @@ class StreamingResult(EvalResult):
 
     DEFINITIONS = {
         "ppl": "exp(mean NLL of each next token) over the scored positions, decoding token by token",
-        "window": "window attention, cache = the W most recent tokens (0+W)",
+        "window": "window attention, cache = the S+W most recent tokens (0+(S+W)): the same total cache as sinks",
         "sinks": "StreamingLLM: S first tokens + W most recent, keys re-rotated at cache positions",
-        "recompute": "sliding window with recomputation over the last S+W tokens (quality reference)",
+        "recompute": "sliding window with recomputation over the last keys_per_query tokens (quality reference)",
         "recurrent": "linear attention: exact recurrent state over the whole text (no window)",
+        "order": "reference: the cache is trimmed to S+W after each forward (StreamingLLM's eval_long_ppl.py), "
+                 "so a query sees S+W+1 keys; evict-first: trimmed before, S+W keys",
+        "keys_per_query": "keys a query attends to once the cache is full",
+        "first_eviction": "index of the first prediction (0 = predicting token 1) whose query misses a token",
+        "bos_first": "the stream starts with the BOS token",
         "tokens_per_s": "scored tokens / wall seconds of the mode",
-        "cache_tokens_peak": "largest number of tokens held in the cache (context length for recompute)",
+        "cache_tokens_peak": "largest number of tokens held in the cache during a forward (context for recompute)",
         "cache_bytes_peak": "bytes of K/V (or linear state) resident at the end, where the cache is largest",
         "ppl_window": "ppl of the window mode (null when not run)",
         "ppl_sinks": "ppl of the sinks mode (null when not run)",
@@ -147,12 +165,26 @@ class StreamingResult(EvalResult):
         return self.modes.get("sinks", {}).get("ppl")
 
 
+def default_window(block_size: int, n_sink: int, order: str = "reference") -> int:
+    """The largest W whose queries stay within the trained context."""
+    return block_size - n_sink - (order == "reference")
+
+
 def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = None, modes=MODES,
-             recompute_stride: int = 1, batch_size: int = 16) -> StreamingResult:
-    """Run each mode over `tokens` (1-D ids); the per-token NLL curves are in `result._curves`."""
+             recompute_stride: int = 1, batch_size: int = 16, order: str = "reference",
+             bos_id: int | None = None) -> StreamingResult:
+    """Run each mode over `tokens` (1-D ids, BOS prepended when `bos_id` is given); the
+    per-token NLL curves are in `result._curves`."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
     cfg = model.config
-    window = cfg.block_size - n_sink if window is None else window
+    window = default_window(cfg.block_size, n_sink, order) if window is None else window
+    if bos_id is not None:
+        tokens = torch.cat([torch.tensor([bos_id], dtype=tokens.dtype), tokens])
     device = next(model.parameters()).device
+    keys = n_sink + window + (order == "reference")
+    # the reference's trim-after-forward is an evict-first cache one slot larger: same keys per query
+    extra = int(order == "reference")
     if cfg.attention == "linear":
         modes = ("recurrent",)
     results, curves = {}, {}
@@ -162,12 +194,12 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
         if mode == "recurrent":
             res, cache = stream_nll(model, tokens, model.make_cache()), "exact recurrent state"
         elif mode == "window":
-            res, cache = stream_nll(model, tokens, model.make_cache(0, window)), f"0+{window}"
+            res = stream_nll(model, tokens, model.make_cache(0, n_sink + window + extra))
+            cache = f"0+{n_sink + window}"
         elif mode == "sinks":
-            res, cache = stream_nll(model, tokens, model.make_cache(n_sink, window)), f"{n_sink}+{window}"
+            res, cache = stream_nll(model, tokens, model.make_cache(n_sink, window + extra)), f"{n_sink}+{window}"
         elif mode == "recompute":
-            res = recompute_nll(model, tokens, n_sink + window, recompute_stride, batch_size)
-            cache = f"recompute last {n_sink + window}"
+            res, cache = recompute_nll(model, tokens, keys, recompute_stride, batch_size), f"recompute last {keys}"
         else:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         results[mode] = _summary(res, cache)
@@ -180,6 +212,7 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
             results[mode]["ppl_on_recompute_positions"] = float(np.exp(nll[scored].mean()))
     return StreamingResult(
         n_tokens=int(tokens.shape[0]), n_predictions=int(tokens.shape[0]) - 1, n_sink=n_sink, window=window,
+        order=order, keys_per_query=keys, first_eviction=keys, bos_first=bos_id is not None,
         block_size=cfg.block_size, recompute_stride=recompute_stride,
         attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
         modes=results, _curves=curves,
@@ -202,7 +235,8 @@ def plot(result: StreamingResult, path) -> None:
         ax.plot(pos[k - 1 :], avg, lw=1, label=f"{mode} ({result.modes[mode]['cache']}): "
                                                 f"ppl {result.modes[mode]['ppl']:.2f}")
     if result.attention["kind"] != "linear":
-        ax.axvline(result.n_sink + result.window, color="gray", ls="--", lw=0.8, label="cache full")
+        ax.axvline(result.first_eviction, color="gray", ls="--", lw=0.8,
+                   label=f"first eviction (prediction {result.first_eviction})")
     ax.set_xlabel("position in the text (tokens)")
     ax.set_ylabel(f"NLL (nats), moving average over {smooth}")
     ax.set_title(f"streaming NLL, {result.attention['kind']} (gate {result.attention['gate']})")
@@ -212,12 +246,16 @@ def plot(result: StreamingResult, path) -> None:
 
 def main(argv=None) -> list[StreamingResult]:
     from . import fail
-    from .checkpoints import add_lm_arguments, for_each_checkpoint
+    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--n-sink", type=int, default=4, help="S: first tokens kept (sinks mode)")
-    ap.add_argument("--window", type=int, default=None, help="W: recent tokens kept (default block_size - S)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="W: recent tokens kept (default: block_size - S - 1, or block_size - S with evict-first)")
+    ap.add_argument("--order", choices=ORDERS, default="reference",
+                    help="reference: trim after the forward, a query sees S+W+1 keys; evict-first: S+W")
+    ap.add_argument("--bos", action="store_true", help="start the stream with the BOS token (runs trained with data.bos)")
     ap.add_argument("--tokens", type=int, default=20000, help="held-out tokens to stream (at most)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--recompute-stride", type=int, default=1, help="score every k-th position in recompute")
@@ -233,18 +271,23 @@ def main(argv=None) -> list[StreamingResult]:
 
     def one(run, out):
         cfg = run.model.config
-        window = cfg.block_size - args.n_sink if args.window is None else args.window
+        window = default_window(cfg.block_size, args.n_sink, args.order) if args.window is None else args.window
         if window < 1:
-            fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} >= block_size "
+            fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} near block_size "
                  f"{cfg.block_size} pass --window explicitly")
-        if "recompute" in args.modes and args.n_sink + window > cfg.block_size and cfg.attention != "linear":
-            fail(f"recompute needs S+W = {args.n_sink + window} <= block_size {cfg.block_size}; "
+        keys = args.n_sink + window + (args.order == "reference")
+        if "recompute" in args.modes and keys > cfg.block_size and cfg.attention != "linear":
+            fail(f"recompute needs the {keys} keys a query sees <= block_size {cfg.block_size}; "
                  "lower --window or drop recompute from --modes")
+        bos = bos_id(run) if args.bos else None
+        if args.bos and bos is None:
+            fail(f"--bos needs a run trained with data.bos (a BOS token); {run.run_dir} has none")
         val = run.val_tokens()
         tokens = torch.from_numpy(np.asarray(val[: args.tokens]).astype(np.int64))
         if tokens.shape[0] < 2:
             fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
-        result = evaluate(run.model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size)
+        result = evaluate(run.model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size,
+                          args.order, bos)
         result.text = (f"first {tokens.shape[0]} tokens of the held-out split (documents concatenated), "
                        f"of {len(val)} available")
         result.process_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

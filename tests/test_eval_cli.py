@@ -52,8 +52,13 @@ def test_sink_cli(run_dir):
     alpha = r["by_length"]["16"]["alpha_1"]
     assert len(alpha) == 2 and len(alpha[0]) == 2  # [layer][head]
     flat = [a for row in alpha for a in row]
-    assert r["sink_1"] == pytest.approx(100 * sum(a > 0.3 for a in flat) / len(flat))
+    assert r["sink_1_pooled"] == pytest.approx(100 * sum(a > 0.3 for a in flat) / len(flat))
     assert 0 < r["f_attn"] < 1
+    assert len(r["sink_rate_by_position"]) == 10 and r["sink_rate_by_position"][0] == r["sink_1"]
+    assert set(r["definitions"]) >= {"sink_1", "sink_1_pooled", "sink_any", "top_keys", "f_attn_uniform", "checkpoint"}
+    classes = r["by_length"]["16"]["attention_by_token_class"]
+    assert sum(c["attention"] for c in classes.values()) == pytest.approx(1.0)
+    assert r["checkpoint"]["step"] == 12 and r["checkpoint"]["tokens"] > 0
 
 
 def test_spikes_cli(run_dir, tmp_path):
@@ -87,8 +92,10 @@ def test_streaming_cli(run_dir):
     assert done.returncode == 0, done.stderr
     r = outputs(run_dir, "streaming.json", "streaming.png")
     assert r["n_tokens"] == 90 and set(r["modes"]) == {"window", "sinks", "recompute"}
-    assert r["modes"]["sinks"]["cache_tokens_peak"] == 12 and r["modes"]["window"]["cache_tokens_peak"] == 10
-    assert r["modes"]["recompute"]["n_scored"] == 12 + len(range(12, 89, 2))
+    # the reference order: a query sees S+W+1 = 13 keys, window-only at the same total cache 0+12
+    assert r["keys_per_query"] == 13 and r["modes"]["window"]["cache"] == "0+12"
+    assert r["modes"]["sinks"]["cache_tokens_peak"] == 13 and r["modes"]["window"]["cache_tokens_peak"] == 13
+    assert r["modes"]["recompute"]["n_scored"] == 13 + len(range(13, 89, 2))
     for m in r["modes"].values():
         assert math.isfinite(m["ppl"]) and m["ppl"] > 1 and m["tokens_per_s"] > 0
 
@@ -98,7 +105,7 @@ def test_streaming_bad_input_is_one_clear_error(run_dir, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
     with pytest.raises(SystemExit) as e:
-        streaming.main(["--ckpt", str(run_dir), "--n-sink", "4", "--window", "40"])  # 44 > block 32
+        streaming.main(["--ckpt", str(run_dir), "--n-sink", "4", "--window", "40"])  # 45 keys > block 32
     assert e.value.code == 2
 
 
@@ -118,3 +125,23 @@ def test_ablate_collects_runs(run_dir, tmp_path):
     with pytest.raises(SystemExit):
         ablate.main(["--runs", str(tmp_path / "missing"), "--out", str(out / "x")])
     assert not (out / "x").exists()
+
+
+def test_checkpoints_write_their_own_dirs_and_a_table_over_steps(run_dir, tmp_path):
+    """Two checkpoints of one run: each writes under <run>/eval/<step>/, plus one table over steps."""
+    import shutil
+
+    run = tmp_path / "two"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    ckpts = run / "checkpoints"
+    first = ckpts / "step_0000006"
+    shutil.copytree(ckpts / "latest", first)
+    (first / "trainer_state.json").write_text(json.dumps(
+        {**json.loads((first / "trainer_state.json").read_text()), "step": 6, "tokens": 6 * 128}))
+    results = sink.main(["--ckpt", str(ckpts / "step_*"), "--n-seqs", "2", "--lengths", "16"])
+    assert [r.checkpoint["step"] for r in results] == [6, 12]
+    for name in ("step_0000006", "step_0000012"):
+        assert json.loads((run / "eval" / name / "sink.json").read_text())["checkpoint"]["path"].endswith(name)
+    table = json.loads((run / "eval" / "sink_over_steps.json").read_text())
+    assert [row["step"] for row in table["rows"]] == [6, 12]
+    assert (run / "eval" / "sink_over_steps.png").read_bytes()[:8] == PNG

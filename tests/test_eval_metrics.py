@@ -166,3 +166,143 @@ def test_massive_activation_found_at_its_location():
     assert stats[0]["first_token_norm_ratio"] > 20
     assert stats[1]["n_massive"] == 0
     assert math.isclose(stats[1]["first_token_norm_ratio"], 1.0, rel_tol=0.5)
+
+
+# --- Gu et al.'s per-sequence Sink_1 and sinks at any position -------------------------------
+
+def gu_reference_sink_rate(attn_per_seq: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gu et al.'s compute_attention_sink (eval_sink_open_source.py), restated: (N, L, H, T, T)
+    -> Sink per key position in %."""
+    N, L, H, T, _ = attn_per_seq.shape
+    ratios = torch.arange(T, 0, -1)[None, None, None, :].expand(N, L, H, T, T).to(attn_per_seq)
+    importance = (attn_per_seq / ratios).sum(dim=-2)
+    return (importance > eps).float().mean(dim=(0, 1, 2)) * 100
+
+
+def first_token_column(T: int, alpha: float) -> torch.Tensor:
+    """One causal head with importance alpha_1 = `alpha`: query 0 sees only token 0 (weight 1),
+    every later query puts c on the first token and 1 - c on itself, (1 + (T-1) c) / T = alpha."""
+    c = (alpha * T - 1) / (T - 1)
+    A = torch.eye(T) * (1 - c)
+    A[:, 0] += c
+    A[0, 0] = 1.0
+    return A
+
+
+def test_sink_1_thresholds_per_sequence_then_averages():
+    """A head with alpha 0.6 on 30% of sequences and 0.15 on the rest: Gu et al. count it on
+    30% of sequences; thresholding the averaged alpha (0.285) counts it never."""
+    T = 12
+    seqs = [first_token_column(T, 0.6 if b < 3 else 0.15) for b in range(10)]
+    attn = [torch.stack(seqs)[:, None]]  # one layer, (B=10, H=1, T, T)
+    alpha = sink.importance_per_sequence(attn)[0]  # k = 1: (L, B, H)
+    assert sink.sink_rate(alpha, 0.3) == pytest.approx(30.0)
+    assert sink.sink_rate(alpha.mean(1), 0.3) == 0.0  # the pooled figure
+    assert alpha[0, :3, 0].tolist() == pytest.approx([0.6] * 3) and alpha[0, 3:, 0].tolist() == pytest.approx([0.15] * 7)
+    ref = gu_reference_sink_rate(torch.stack(seqs)[:, None, None], 0.3)
+    assert ref[0].item() == pytest.approx(30.0)
+
+
+def test_evaluate_matches_gu_reference_on_a_model():
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)  # peaked attention, so that alpha lands on both sides of eps
+    seqs = torch.randint(0, 50, (6, 16))
+    res = sink.evaluate(model, seqs, lengths=(16,), eps=0.3, batch_size=4)
+    with torch.no_grad():
+        attn = torch.stack(model(seqs, return_attn=True).attn, dim=1)  # (N, L, H, T, T)
+    ref = gu_reference_sink_rate(attn, 0.3)
+    assert res.sink_1 == pytest.approx(ref[0].item())
+    assert res.sink_rate_by_position == pytest.approx(ref[:10].tolist())
+
+
+def delimiter_sink(ids: torch.Tensor, delim: int) -> torch.Tensor:
+    """(B, H=1, T, T): queries at or after the sequence's first delimiter attend only to it,
+    earlier queries spread evenly over what they see."""
+    B, T = ids.shape
+    A = torch.zeros(B, 1, T, T)
+    for b in range(B):
+        p = int((ids[b] == delim).nonzero()[0])
+        A[b, 0] = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).unsqueeze(1)
+        A[b, 0, p:] = 0.0
+        A[b, 0, p:, p] = 1.0
+    return A
+
+
+def test_delimiter_sink_at_varying_positions_is_found_and_sink_1_misses_it():
+    from eval.sink_positions import CLASSES, PositionStats, token_class
+
+    T, delim = 32, 7
+    ids = torch.randint(10, 40, (8, T))
+    for b in range(8):
+        ids[b, 3 + b] = delim  # the delimiter moves: positions 3..10
+    A = delimiter_sink(ids, delim)[None]  # (L=1, B, H, T, T)
+    stats = PositionStats(vocab_size=40, eps=0.3)
+    stats.add(A, ids)
+    assert stats.sink_any() == 100.0
+    assert sink.sink_rate(sink.importance_per_sequence(A)[0], 0.3) == 0.0  # Sink_1 sees no sink
+    top = stats.top_keys()[0][0]
+    assert top["token_id"] == delim and top["token_share"] == 1.0
+    assert top["position_share"] == pytest.approx(1 / 8)  # a different position in every sequence
+    shares = sink.importance(A, 1)  # sanity: the first token keeps little
+    assert shares.item() < 0.3
+    classes = [token_class(",", False) if i == delim else "other" for i in range(40)]
+    by_class = stats.by_class(classes)
+    assert set(by_class) == set(CLASSES)
+    assert by_class["punctuation"]["attention"] > 0.5 > by_class["punctuation"]["tokens"]
+    assert stats.top_tokens([""] * 40)[0]["token_id"] == delim
+
+
+def test_token_classes():
+    from eval.sink_positions import token_class
+
+    assert [token_class(t, False) for t in ("\n", "\n\n", ".", " ,", "the", " ")] == [
+        "newline", "newline", "punctuation", "punctuation", "other", "other"]
+    assert token_class("<|endoftext|>", True) == "bos/end-of-text"
+
+
+def test_f_attn_uniform_baseline():
+    for T in (8, 64):
+        assert sink.first_token_attention(uniform_causal(T))[1] == pytest.approx(sink.uniform_f_attn(T), abs=1e-6)
+
+
+# --- spikes: OLMo-core's denominator and OLMo 2's two-sided rule -----------------------------
+
+def test_olmo_core_score_counts_a_step_once_over_all_steps():
+    """200 steps, W=50: the per-metric score divides by the 150 eligible steps, OLMo-core's by all
+    200, and a step where loss and grad norm both spike counts once."""
+    n, w = 200, 50
+    loss, grad = noisy_series(n), 1.0 + noisy_series(n, seed=1)
+    loss[120] += 1.0
+    grad[120] += 1.0
+    grad[150] += 1.0
+    reports = {"loss": spikes.spike_report(range(n), loss, w, 6), "grad_norm": spikes.spike_report(range(n), grad, w, 6)}
+    assert reports["loss"]["spike_score"] == pytest.approx(100 * 1 / 150)
+    assert reports["grad_norm"]["spike_score"] == pytest.approx(100 * 2 / 150)
+    assert spikes.olmo_core_score(reports, n, w) == pytest.approx(100 * 2 / 200)
+    assert spikes.olmo_core_score(reports, w - 1, w) is None
+
+
+def test_two_sided_rule_flags_drops():
+    v = noisy_series(400)
+    v[300] -= 1.0
+    assert spikes.detect_spikes(v, 128, 7) == []
+    assert spikes.detect_spikes(v, 128, 7, two_sided=True) == [300]
+
+
+# --- massive activations per sequence --------------------------------------------------------
+
+def test_per_sequence_top_and_median_are_averaged_over_sequences():
+    """Sun et al. average each sequence's top-1 and median; pooling takes the largest overall."""
+    h = torch.ones(2, 4, 5)
+    h[0, 0, 0], h[1, 2, 3] = 100.0, 10.0
+    stats = activations.massive_activations([h], tokens=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]))[0]
+    assert stats["top_per_seq"][0] == pytest.approx(55.0)
+    assert stats["median_per_seq"] == pytest.approx(1.0)
+    assert stats["ratio_per_seq"] == pytest.approx(55.0)
+    assert stats["top"][0]["value"] == 100.0 and stats["ratio_top1_median"] == pytest.approx(100.0)
+    assert [t["token_id"] for t in stats["top"][:2]] == [5, 11]

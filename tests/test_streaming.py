@@ -95,3 +95,34 @@ def test_recompute_matches_per_window_forward(ref):
             assert abs(nll[t].item() - want.item()) < 1e-4, t
         else:
             assert torch.isnan(nll[t]), t
+
+
+@pytest.mark.parametrize("order,keys", [("reference", 3 + 6 + 1), ("evict-first", 3 + 6)])
+def test_order_sets_the_keys_a_query_sees(ref, order, keys):
+    """StreamingLLM's eval trims the cache after the forward, so a query sees S+W+1 keys (the S
+    first and the W+1 most recent tokens); evict-first sees S+W. One layer: the streamed NLL
+    equals a fresh forward over exactly those tokens. Window-only keeps the same total cache."""
+    S, W, N = 3, 6, 30
+    model = tiny(ref, n_layer=1)
+    tokens = torch.randint(0, V, (N,))
+    result = evaluate(model, tokens, n_sink=S, window=W, modes=("window", "sinks"), order=order)
+    assert result.keys_per_query == result.first_eviction == keys
+    recent = keys - S
+    for mode, n_first in (("sinks", S), ("window", 0)):
+        expected = []
+        for t in range(N - 1):
+            kept = list(range(t + 1)) if t + 1 <= keys else list(range(n_first)) + list(range(t - (keys - n_first) + 1, t + 1))
+            with torch.no_grad():
+                logits = model(tokens[kept][None]).logits[0, -1]
+            expected.append(F.cross_entropy(logits[None], tokens[t + 1 : t + 2]))
+        ref.close(torch.from_numpy(result._curves[mode]), torch.stack(expected), tol=1e-4, what=f"{mode} {order}")
+    assert recent == W + (order == "reference")
+
+
+def test_bos_prefixed_stream(ref):
+    model = tiny(ref)
+    tokens = torch.randint(1, V, (20,))
+    result = evaluate(model, tokens, n_sink=2, window=8, modes=("sinks",), bos_id=0)
+    assert result.bos_first and result.n_tokens == 21
+    ref.close(torch.from_numpy(result._curves["sinks"])[:10], full_forward_nll(model, torch.cat([torch.tensor([0]), tokens]))[:10],
+              tol=1e-4, what="before eviction")
