@@ -122,10 +122,47 @@ def find_register_neurons(acts, outlier_positions: torch.Tensor, max_layer: int,
             for v, f in zip(vals.tolist(), flat.tolist())]
 
 
+def find_register_neurons_reference(acts, hidden, norm_threshold: float, top_k: int, detect_layer: int = -1,
+                                    max_layer: int | None = None, sparsity_filter: bool = False,
+                                    sparsity_frac: float = 0.5, sparsity_activation: float = 0.5) -> list[dict]:
+    """Jiang et al.'s register-neuron search (test-time-registers, shared/algorithms.py).
+
+    Per image: outliers = tokens whose hidden-state norm at `detect_layer` exceeds the absolute
+    `norm_threshold` (images without any are skipped); per layer and unit the mean |activation|
+    over those tokens, optionally times a sparsity filter (units below `sparsity_activation` on
+    at least `sparsity_frac` of the image's tokens); scores averaged over the images with
+    outliers; the top_k (layer, unit) among layers <= max_layer (default: the detect layer,
+    the highest layer where the outliers are seen)."""
+    n_layers = len(acts)
+    detect = detect_layer % len(hidden)
+    cap = detect if max_layer is None else max_layer
+    scores, used = torch.zeros(n_layers, acts[0].shape[-1]), 0
+    norms = hidden[detect].float().norm(dim=-1)  # (B, T)
+    for b in range(norms.shape[0]):
+        where = norms[b] > norm_threshold
+        if not where.any():
+            continue
+        for layer in range(n_layers):
+            a = acts[layer][b].float()  # (T, units)
+            score = a[where].abs().mean(0)
+            if sparsity_filter:
+                score = score * ((a < sparsity_activation).sum(0) >= sparsity_frac * a.shape[0]).float()
+            scores[layer] += score
+        used += 1
+    if not used:
+        return []
+    scores = scores[: cap + 1] / used
+    vals, flat = scores.flatten().topk(min(top_k, scores.numel()))
+    return [{"layer": f // scores.shape[1], "unit": f % scores.shape[1], "score": v}
+            for v, f in zip(vals.tolist(), flat.tolist())]
+
+
 @contextmanager
-def test_time_register(model, neurons: list[dict]):
+def test_time_register(model, neurons: list[dict], scale: float | None = None):
     """Within the block: every forward of `model` (a ViT) appends one zero token after the patches,
-    and the given MLP units are moved from the patch tokens to that token."""
+    and the given MLP units are moved from the patch tokens to that token: it takes the patch value
+    of largest magnitude (scale None), or, as Jiang et al.'s hook does, `scale` times the largest
+    value over all tokens (one scalar for every unit)."""
     sl = token_slices(model.config.n_registers, model.config.n_patches)
     by_layer: dict[int, list[int]] = {}
     for n in neurons:
@@ -139,8 +176,10 @@ def test_time_register(model, neurons: list[dict]):
         def hook(module, args):
             h = args[0].clone()
             patch = h[:, sl["patches"], units]  # (B, N, k)
-            pick = patch.abs().argmax(dim=1, keepdim=True)
-            h[:, -1, units] = patch.gather(1, pick).squeeze(1)
+            if scale is None:
+                h[:, -1, units] = patch.gather(1, patch.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+            else:
+                h[:, -1, units] = scale * h[:, :, units].max(dim=1).values
             h[:, sl["patches"], units] = 0.0
             return (h,)
         return hook
@@ -240,14 +279,24 @@ def plot_ttr(base: list[dict], ttr: list[dict], path) -> None:
 
 # ------------------------------------------------------------------------------ the whole analysis
 def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None, ttr_top_k: int | None = None,
-            batch_size: int = 128) -> dict:
+            batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours") -> dict:
     """Everything the CLI reports, on normalised `images` (N, C, H, W) with `labels` (N,).
-    ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer)."""
+    ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer).
+    `fixed_threshold`: also report each layer's outlier fraction against that absolute norm.
+    ttr_rule "reference": Jiang et al.'s neuron search (outliers = norm > fixed_threshold at
+    ttr_layer, scores per image then averaged) and their intervention (scale 1 x the max)."""
+    if ttr_rule not in ("ours", "reference"):
+        raise ValueError(f"--ttr-rule must be ours or reference, got {ttr_rule!r}")
+    if ttr_top_k and ttr_rule == "reference" and fixed_threshold is None:
+        raise ValueError("--ttr-rule reference needs --fixed-threshold (the absolute norm that marks an outlier)")
     c = model.config
     base = run_model(model, images, labels, batch_size)
     sl = token_slices(c.n_registers, c.n_patches)
     thresholds = threshold if threshold is not None else patch_thresholds(base["hidden"], sl["patches"])
     layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds)
+    if fixed_threshold is not None:
+        for layer, mask in zip(layers, find_outliers(base["hidden"], sl["patches"], fixed_threshold)):
+            layer["outlier_fraction_fixed"] = float(mask.float().mean())
     result = {
         "n_images": len(labels),
         "accuracy": base["accuracy"],
@@ -266,18 +315,29 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         positions = torch.zeros(len(labels), 1 + c.n_registers + c.n_patches, dtype=torch.bool)
         positions[:, sl["patches"]] = torch.stack(masks).any(0)  # flagged in any layer
         acts = [torch.cat(p) for p in zip(*(mlp_inputs(model, x) for x in images.split(batch_size)))]
-        neurons = find_register_neurons(acts, positions, layer, ttr_top_k)
-        with test_time_register(model, neurons):
+        if ttr_rule == "reference":
+            neurons = find_register_neurons_reference(acts, base["hidden"], fixed_threshold, ttr_top_k, layer)
+        else:
+            neurons = find_register_neurons(acts, positions, layer, ttr_top_k)
+        with test_time_register(model, neurons, 1.0 if ttr_rule == "reference" else None):
             ttr = run_model(model, images, labels, batch_size, attn=False)
         ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds)
         result["test_time_register"] = {
-            "ttr_layer": layer, "top_k": ttr_top_k, "neurons": neurons,
+            "ttr_layer": layer, "top_k": ttr_top_k, "rule": ttr_rule, "neurons": neurons,
             "n_outlier_positions": int(positions.sum()),
             "accuracy_without": base["accuracy"], "accuracy_with": ttr["accuracy"],
             "outlier_fraction_without": [l["outlier_fraction"] for l in layers],
             "outlier_fraction_with": [l["outlier_fraction"] for l in ttr_layers],
             "layers_with": ttr_layers,
         }
+    result["definitions"] = {
+        "outlier_fraction": "patch tokens whose norm exceeds the layer's threshold (threshold_rule) / all patch tokens",
+        "outlier_fraction_fixed": "the same against the absolute norm --fixed-threshold (present when given)",
+        "rule": "test-time register: ours = units ranked by mean |activation| over outlier patches pooled over "
+                "images, moved as the patch value of largest magnitude; reference = Jiang et al.: outliers = "
+                "tokens with norm > fixed threshold at ttr_layer, scores averaged per image then over images "
+                "with outliers, layers <= ttr_layer, register value = 1 x the max over tokens",
+    }
     result["_hidden"], result["_attn"] = base["hidden"], base["attn"]
     return result
 
@@ -297,6 +357,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-time-register", action="store_true", help="also run the test-time register intervention")
     ap.add_argument("--ttr-layer", type=int, default=None, help="search MLP units in blocks 0..L (default: all)")
     ap.add_argument("--ttr-top-k", type=int, default=4, help="number of register neurons to move")
+    ap.add_argument("--fixed-threshold", type=float, default=None,
+                    help="also report the outlier fraction against this absolute norm (Jiang et al. use 30 on CLIP)")
+    ap.add_argument("--ttr-rule", choices=["ours", "reference"], default="ours",
+                    help="reference: Jiang et al.'s neuron search and intervention (needs --fixed-threshold)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
@@ -316,7 +380,8 @@ def main(argv=None) -> dict:
         x = loader.normalise(images.val_x[:n]).to(device)
         y = images.val_y[:n]
         result = analyse(model, x, y, args.threshold, args.ttr_layer,
-                         args.ttr_top_k if args.test_time_register else None, args.batch_size)
+                         args.ttr_top_k if args.test_time_register else None, args.batch_size,
+                         args.fixed_threshold, args.ttr_rule)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

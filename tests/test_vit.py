@@ -295,6 +295,35 @@ def test_test_time_register_moves_the_planted_outlier():
     assert t["accuracy_with"] == t["accuracy_without"]  # the head reads CLS, which did not move
 
 
+def test_reference_register_neuron_search_and_intervention():
+    """Jiang et al.'s rule (absolute norm threshold at one layer, scores per image then averaged,
+    register value = the max over tokens) finds the planted unit and clears the patches too."""
+    unit = 5
+    vit = planted_register_neuron_vit(unit)
+    images = torch.zeros(6, 1, 8, 8)
+    for i in range(6):
+        r, c = divmod((3 * i + 1) % 16, 4)
+        images[i, 0, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = 2.0
+    images[5] = 0.0  # an image without an outlier is skipped, not averaged in as zeros
+    labels = torch.arange(6)
+    base = va.run_model(vit, images, labels)
+    patches = slice(1, 17)
+    norms = base["hidden"][0][:, patches].norm(dim=-1)
+    cutoff = float((norms.max() + norms.median()) / 2)
+    acts = va.mlp_inputs(vit, images)
+    neurons = va.find_register_neurons_reference(acts, base["hidden"], cutoff, top_k=1, detect_layer=0)
+    assert [(n["layer"], n["unit"]) for n in neurons] == [(0, unit)]
+    where = base["hidden"][0].norm(dim=-1) > cutoff
+    per_image = [acts[0][b][where[b]].abs().mean(0)[unit] for b in range(5)]
+    assert neurons[0]["score"] == pytest.approx(float(sum(per_image) / 5), rel=1e-5)
+    with va.test_time_register(vit, neurons, scale=1.0):
+        ttr = va.run_model(vit, images, labels)
+    assert not va.find_outliers([ttr["hidden"][0]], patches, cutoff)[0].any()
+    result = va.analyse(vit, images, labels, ttr_layer=0, ttr_top_k=1, fixed_threshold=cutoff, ttr_rule="reference")
+    assert result["layers"][0]["outlier_fraction_fixed"] == pytest.approx(5 / 96)
+    assert result["test_time_register"]["rule"] == "reference" and "rule" in result["definitions"]
+
+
 def test_hub_image_dataset_path(monkeypatch):
     """The HF path (no network here): a DatasetDict of PIL images as `load_dataset` returns it."""
     import datasets
