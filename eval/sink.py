@@ -21,6 +21,7 @@ When the run's data starts documents with BOS, every sequence starts with BOS he
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,60 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
         by_length=by_length)
 
 
+@torch.no_grad()
+def measure(model, sequences, eps: float = 0.3) -> dict:
+    """The in-training tracker: one forward of `sequences` (B, T) with attention and hidden states.
+
+    Returns {"sink_1": Gu et al.'s per-sequence Sink_1 in %, "f_attn": Qiu et al.'s F-Attn,
+    "max_h_ratio": largest over layers of max |h| / median |h| of the residual stream}. The
+    caller logs these as a metrics.jsonl row; `python -m eval.sink --run RUN` plots them.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(sequences.to(next(model.parameters()).device), return_attn=True, return_hidden=True)
+    finally:
+        model.train(was_training)
+    a = _stack(out.attn)
+    ratios = []
+    for h in out.hidden:
+        h = h.detach().float().abs()
+        median = h.median()
+        ratios.append(float(h.max() / median) if median > 0 else float("inf"))
+    return {"sink_1": sink_rate(importance_per_sequence(a, 1)[0], eps),
+            "f_attn": first_token_attention(a)[1], "max_h_ratio": max(ratios)}
+
+
+TRACKED = ("sink_1", "f_attn", "max_h_ratio")  # the keys `measure` returns
+
+
+def emergence(run_dir) -> dict:
+    """The rows of <run>/metrics.jsonl that carry `measure`'s keys, as {key: [(step, value)]}."""
+    import json
+    from pathlib import Path
+
+    curves = {k: [] for k in TRACKED}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        for k in TRACKED:
+            if row.get(k) is not None and "step" in row:
+                curves[k].append((int(row["step"]), float(row[k])))
+    return curves
+
+
+def plot_emergence(curves: dict, path) -> None:
+    from .plots import save, subplots
+
+    fig, axes = subplots(1, len(TRACKED), width=4.5, height=3.5)
+    for ax, key in zip(axes[0], TRACKED):
+        if curves[key]:
+            ax.plot(*zip(*curves[key]), marker=".")
+        ax.set_xlabel("training step")
+        ax.set_title(key)
+    axes[0, 2].set_yscale("log")
+    save(fig, path)
+
+
 def plot_heatmap(result: SinkResult, path) -> None:
     """Layer x head heatmap of alpha_k, one panel per sequence length."""
     from .plots import save, subplots
@@ -249,6 +304,10 @@ def main(argv=None) -> list[SinkResult]:
     from . import held_out_sequences
     from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--run" in argv:  # the emergence curve from the rows logged during training
+        return main_emergence(argv)
     ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--eps", type=float, default=0.3)
@@ -271,6 +330,33 @@ def main(argv=None) -> list[SinkResult]:
         return result
 
     return for_each_checkpoint(args, "sink", one, headline=("sink_1", "sink_any", "f_attn"))
+
+
+def main_emergence(argv) -> dict:
+    from pathlib import Path
+
+    from . import eval_dir, fail, write_json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
+                                 "logged during training (metrics.jsonl), plotted over steps")
+    ap.add_argument("--run", required=True, help="run directory with metrics.jsonl")
+    args = ap.parse_args(argv)
+    metrics = Path(args.run) / "metrics.jsonl"
+    if not metrics.is_file():
+        fail(f"{metrics} not found: --run must be a training run directory")
+    curves = emergence(args.run)
+    if not any(curves.values()):
+        fail(f"{metrics} has no rows with {', '.join(TRACKED)}; they are logged when training tracks sinks")
+    out = eval_dir(args.run)
+    result = {"curves": {k: [list(p) for p in v] for k, v in curves.items()},
+              "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (eval.sink.measure)",
+                              "f_attn": "Qiu et al. F-Attn: mean attention on the first token",
+                              "max_h_ratio": "largest over layers of max |h| / median |h| of the residual stream",
+                              "curves": "per key, [step, value] rows from metrics.jsonl"}}
+    write_json(out / "sink_emergence.json", result)
+    plot_emergence(curves, out / "sink_emergence.png")
+    print(f"-> {out / 'sink_emergence.png'}")
+    return result
 
 
 if __name__ == "__main__":

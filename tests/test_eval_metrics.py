@@ -306,3 +306,26 @@ def test_per_sequence_top_and_median_are_averaged_over_sequences():
     assert stats["ratio_per_seq"] == pytest.approx(55.0)
     assert stats["top"][0]["value"] == 100.0 and stats["ratio_top1_median"] == pytest.approx(100.0)
     assert [t["token_id"] for t in stats["top"][:2]] == [5, 11]
+
+
+# --- in-training tracking --------------------------------------------------------------------
+
+def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16))
+    model.train()
+    seqs = torch.randint(0, 50, (4, 16))
+    m = sink.measure(model, seqs)
+    assert model.training  # left as it was
+    full = sink.evaluate(model, seqs, lengths=(16,))
+    assert m["sink_1"] == pytest.approx(full.sink_1) and m["f_attn"] == pytest.approx(full.f_attn, abs=1e-6)
+    with torch.no_grad():
+        hidden = model(seqs, return_hidden=True).hidden
+    assert m["max_h_ratio"] == pytest.approx(max(float(h.abs().max() / h.abs().median()) for h in hidden))
+    rows = [{"step": s, "loss": 1.0} for s in range(5)] + [{"step": s, **m} for s in (0, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = sink.main(["--run", str(tmp_path)])
+    assert out["curves"]["sink_1"] == [[0, m["sink_1"]], [4, m["sink_1"]]]
+    assert (tmp_path / "eval" / "sink_emergence.png").stat().st_size > 1000
