@@ -106,6 +106,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
                                               modes=stream_modes, recompute_stride=recompute_stride))
     streaming.plot(st, out / "streaming.png")
     sp = spikes.evaluate(run_dir / "metrics.jsonl")
+    sp.checkpoint = spikes.metrics_info(run_dir)
     write_json(out / "spikes.json", sp.to_json())
     spikes.plot(sp._series, sp.metrics, out / "spikes.png")
 
@@ -121,6 +122,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "max_abs_activation": act.max_top1,
         "spike_score_loss": sp.metrics.get("loss", {}).get("spike_score"),
         "spike_score_grad_norm": sp.metrics.get("grad_norm", {}).get("spike_score"),
+        "spike_score_olmo_core": sp.olmo_core_spike_score,
         "stream_ppl": ppl,
         # with --recompute-stride > 1 recompute scores a subset: compare sinks on that same subset
         "stream_ppl_sinks_on_recompute_positions": st.modes.get("sinks", {}).get("ppl_on_recompute_positions"),
@@ -236,7 +238,9 @@ def main(argv=None) -> list[dict]:
             "max_abs_activation": "largest |h| of the residual stream over layers, per sequence averaged over "
                                   "sequences (eval.activations max_top1)",
             "spike_score_loss": "OLMo-core loss spike score, W=128, k=6, % of eligible steps (eval.spikes)",
-            "stream_ppl": "eval.streaming perplexity per mode (window = 0+W, sinks = S+W, recompute = "
+            "spike_score_olmo_core": "OLMo-core SpikeScore (total): % of all steps where loss or grad norm spikes, "
+                                     "W=128, k=6 (eval.spikes)",
+            "stream_ppl": "eval.streaming perplexity per mode (window = 0+(S+W), sinks = S+W, recompute = "
                           "sliding window with recomputation; recurrent = linear attention's exact state)",
             "stream_ppl_sinks_on_recompute_positions": "sinks-mode ppl on the positions recompute scored "
                                                        "(recompute_stride > 1 scores every k-th one)",

@@ -85,7 +85,7 @@ class ActivationsResult(EvalResult):
         "max_top1": "largest top_per_seq[0] over layers (headline)",
         "max_ratio": "largest ratio_per_seq over layers (headline)",
         "top": "pooled: 3 largest |h| over all sequences, positions and channels, with their location "
-               "(seq = sequence index, position = token index from 0, token_id = the token there)",
+               "(seq = sequence index, position = token index from 0, token_id and text = the token there)",
         "median_abs": "pooled: median |h| over all sequences, positions and channels (interpolated, numpy)",
         "ratio_top1_median": "pooled: largest |h| / median |h|",
         "max_abs": "pooled: largest |h| over layers",
@@ -98,8 +98,9 @@ class ActivationsResult(EvalResult):
 
 
 @torch.no_grad()
-def evaluate(model, sequences, batch_size: int = 8) -> ActivationsResult:
-    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream."""
+def evaluate(model, sequences, batch_size: int = 8, tokenizer=None) -> ActivationsResult:
+    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream;
+    with `tokenizer` the pooled top positions also carry their token's text."""
     device = next(model.parameters()).device
     model.eval()
     sequences = torch.as_tensor(sequences).long()
@@ -108,6 +109,10 @@ def evaluate(model, sequences, batch_size: int = 8) -> ActivationsResult:
         hidden = [h.cpu() for h in model(batch.to(device), return_hidden=True).hidden]
         per_layer = hidden if per_layer is None else [torch.cat(p) for p in zip(per_layer, hidden)]
     layers = massive_activations(per_layer, tokens=sequences)
+    if tokenizer is not None:
+        for layer in layers:
+            for entry in layer["top"]:
+                entry["text"] = tokenizer.decode([entry["token_id"]], skip_special_tokens=False)
     cfg = model.config
     return ActivationsResult(
         layers=layers,
@@ -148,7 +153,7 @@ def plot(result: ActivationsResult, path) -> None:
 
 def main(argv=None) -> list[ActivationsResult]:
     from . import held_out_sequences
-    from .checkpoints import add_lm_arguments, for_each_checkpoint
+    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
@@ -160,7 +165,8 @@ def main(argv=None) -> list[ActivationsResult]:
     def one(run, out):
         cfg = run.model.config
         T = min(args.length or cfg.block_size, cfg.block_size)
-        result = evaluate(run.model, held_out_sequences(run.val_tokens(), args.n_seqs, T), args.batch_size)
+        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos_id(run))
+        result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer)
         plot(result, out / "activations.png")
         print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x")
         return result

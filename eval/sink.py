@@ -276,14 +276,14 @@ def plot_emergence(curves: dict, path) -> None:
 
 
 def plot_heatmap(result: SinkResult, path) -> None:
-    """Layer x head heatmap of alpha_k, one panel per sequence length."""
+    """Layer x head heatmap of alpha_k, one panel per sequence length, and Sink_k against k."""
     from .plots import save, subplots
 
     k = result.k
     panels = list(result.by_length.values())
     L = len(panels[0][f"alpha_{k}"])
     H = len(panels[0][f"alpha_{k}"][0])
-    fig, axes = subplots(1, len(panels), width=max(3.5, 0.5 * H + 2), height=max(3.0, 0.4 * L + 1.5))
+    fig, axes = subplots(1, len(panels) + 1, width=max(3.5, 0.5 * H + 2), height=max(3.0, 0.4 * L + 1.5))
     for ax, p in zip(axes[0], panels):
         im = ax.imshow(p[f"alpha_{k}"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         if L * H <= 256:
@@ -297,6 +297,14 @@ def plot_heatmap(result: SinkResult, path) -> None:
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax)
+    ax = axes[0, -1]
+    for p in panels:
+        ks = range(1, len(p["sink_rate_by_position"]) + 1)
+        ax.plot(ks, p["sink_rate_by_position"], marker="o", label=f"T={p['T']}")
+    ax.set_xlabel("k (token position, 1-indexed)")
+    ax.set_ylabel(f"Sink_k^{result.eps} (%)")
+    ax.set_title("sink rate by position")
+    ax.legend(fontsize=8)
     save(fig, path)
 
 

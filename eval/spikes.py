@@ -205,6 +205,19 @@ def evaluate(metrics_path, window: int = 128, k: float = 6.0, two_sided: bool = 
                         _series=series)
 
 
+def metrics_info(run_dir) -> dict:
+    """What a metrics.jsonl eval covers, in the shape of the checkpoint record: the run, its last
+    logged step and tokens, and the git commit."""
+    from .checkpoints import git_commit
+
+    last = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "step" in row and row.get("split", "train") == "train":
+            last = row
+    return {"path": str(run_dir), "step": last.get("step"), "tokens": last.get("tokens"), "git_commit": git_commit()}
+
+
 def main(argv=None) -> SpikesResult:
     from . import eval_dir, write_json
 
@@ -223,6 +236,7 @@ def main(argv=None) -> SpikesResult:
         result = evaluate(metrics_path, args.window, args.k, args.two_sided)
     except ValueError as e:
         fail(str(e))
+    result.checkpoint = metrics_info(run_dir)
     out = eval_dir(run_dir)
     write_json(out / "spikes.json", result.to_json())
     plot(result._series, result.metrics, out / "spikes.png")

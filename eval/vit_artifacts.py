@@ -346,7 +346,9 @@ def main(argv=None) -> dict:
     from data.images import ImageDataConfig, load_images
     from model.load import load_run
 
-    from . import eval_dir, pick_device, write_json
+    from . import pick_device, write_json
+    from .checkpoints import checkpoint_info, output_dir
+    from .result import CHECKPOINT_DEFINITION
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, help="a ViT run directory, e.g. out/vit_digits")
@@ -386,7 +388,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
 
     c = model.config
-    out = eval_dir(run.run_dir)
+    out = output_dir(run, args.ckpt)
+    result["checkpoint"] = checkpoint_info(run)
+    result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
     hidden, attn = result.pop("_hidden"), result.pop("_attn")
     plot_norms(hidden, c.n_registers, c.grid, result["layers"], out / "vit_norms.png")
     plot_attention_maps(images.val_x[:n], attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)

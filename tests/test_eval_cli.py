@@ -75,6 +75,9 @@ def test_spikes_cli(run_dir, tmp_path):
     assert loss["n_values"] == 12 and loss["n_eligible"] == 8 and loss["divergence"] is None
     assert loss["spikes"] == [spike_step]
     assert loss["spike_score"] == pytest.approx(100 / 8)
+    flagged = set(loss["spikes"]) | set(r["metrics"]["grad_norm"]["spikes"])
+    assert r["n_steps"] == 12 and r["olmo_core_spike_score"] == pytest.approx(100 * len(flagged) / 12)
+    assert r["checkpoint"]["step"] == 12
 
 
 def test_activations_cli(run_dir):
@@ -82,6 +85,11 @@ def test_activations_cli(run_dir):
     r = outputs(run_dir, "activations.json", "activations.png")
     assert len(r["layers"]) == 2 and r["T"] == 32
     assert r["max_abs"] == max(l["top"][0]["value"] for l in r["layers"]) > 0
+    assert r["max_top1"] == max(l["top_per_seq"][0] for l in r["layers"]) <= r["max_abs"]
+    assert all("token_id" in t and "text" in t for l in r["layers"] for t in l["top"])
+    activations.main(["--ckpt", str(run_dir), "--n-seqs", "2", "--dtype", "bf16"])
+    half = outputs(run_dir, "activations.json", "activations.png")
+    assert half["max_top1"] == pytest.approx(r["max_top1"], rel=0.05)  # same model in bf16
 
 
 def test_streaming_cli(run_dir):

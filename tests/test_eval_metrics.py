@@ -329,3 +329,13 @@ def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
     out = sink.main(["--run", str(tmp_path)])
     assert out["curves"]["sink_1"] == [[0, m["sink_1"]], [4, m["sink_1"]]]
     assert (tmp_path / "eval" / "sink_emergence.png").stat().st_size > 1000
+
+
+def test_held_out_sequences_start_with_bos_when_asked():
+    from eval import held_out_sequences
+
+    tokens = np.arange(100, 130)
+    plain = held_out_sequences(tokens, 3, 8)
+    bos = held_out_sequences(tokens, 3, 8, bos_id=0)
+    assert plain.tolist()[1] == list(range(108, 116))
+    assert bos.shape == (3, 8) and (bos[:, 0] == 0).all() and bos[1, 1:].tolist() == list(range(107, 114))

@@ -195,6 +195,7 @@ def test_digits_training_reaches_accuracy_and_eval_runs(tmp_path, capsys):
     out = tmp_path / "v" / "eval"
     saved = json.loads((out / "vit_artifacts.json").read_text())
     assert len(saved["layers"]) == 2 and len(saved["test_time_register"]["outlier_fraction_with"]) == 2
+    assert saved["checkpoint"]["step"] == 60 and "checkpoint" in saved["definitions"]
     for png in ("vit_norms.png", "vit_attention.png", "vit_ttr.png"):
         assert (out / png).stat().st_size > 1000
 
