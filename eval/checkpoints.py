@@ -140,7 +140,7 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
         result.checkpoint = checkpoint_info(run)
         write_json(out / f"{name}.json", result.to_json())
         print(f"-> {out / (name + '.json')}")
-        done.append((run, result))
+        done.append((Path(run.run_dir), result))  # not the run: one model in memory at a time
         del run
     if len(done) > 1:
         over_steps(done, name, headline)
@@ -148,13 +148,14 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
 
 
 def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
-    """One table (JSON + markdown) and one plot of the `headline` fields against the step."""
+    """One table (JSON + markdown) and one plot of the `headline` fields against the step, in
+    the first run's eval dir; `done` is [(run dir, result)]."""
     from .plots import save, subplots
 
     rows = sorted(({"step": r.checkpoint["step"], "tokens": r.checkpoint["tokens"], "checkpoint": r.checkpoint["path"],
                     **{k: getattr(r, k) for k in headline}} for _, r in done),
                   key=lambda row: (row["step"] is None, row["step"] or 0))
-    out = Path(done[0][0].run_dir) / "eval"
+    out = done[0][0] / "eval"
     out.mkdir(parents=True, exist_ok=True)
     defs = done[0][1].definitions()
     write_json(out / f"{name}_over_steps.json", {"rows": rows, "definitions": {k: defs.get(k, "") for k in headline}})
