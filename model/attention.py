@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import AttentionConfig
-from .rope import apply_rope, rope_cos_sin, rope_frequencies
+from .rope import apply_rope, rope_cos_sin, scaled_rope_frequencies
 
 
 @dataclass
@@ -196,9 +196,9 @@ class Attention(nn.Module):
             kernels.require(cfg.backend, cfg)  # a missing package fails here, not at the first step
         self.cfg, self.causal = cfg, causal
         H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, H * D, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=False)
+        self.q_proj = nn.Linear(cfg.n_embd, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, cfg.n_embd, bias=False)
         if cfg.gate != "none":
             self.g_proj = nn.Linear(cfg.n_embd, H if cfg.gate == "headwise" else H * D, bias=False)
@@ -206,7 +206,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         # A plain attribute, not a buffer: module casts (bf16 under DeepSpeed) must not round it.
-        self.inv_freq = rope_frequencies(D, cfg.rope_theta)
+        self.inv_freq = scaled_rope_frequencies(cfg)
 
     def rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (B,H,T,D) as if it sat at positions start .. start+T-1."""

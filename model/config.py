@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear")
 GATE_KINDS = ("none", "headwise", "elementwise")
+ROPE_SCALINGS = ("none", "linear", "llama3")  # transformers' rope_type names (model/rope.py)
 # Which kernels can run which attention kind. `math` materialises the weights and is the
 # reference; `auto` picks the fastest path available for the kind and device.
 BACKENDS = {
@@ -29,6 +30,8 @@ class AttentionConfig:
     n_embd: int = 256
     n_head: int = 4
     n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    head_size: int | None = None  # width of one head; None = n_embd // n_head (Qwen3 sets it apart)
+    attention_bias: bool = False  # biases on q_proj, k_proj, v_proj (Qwen2's layout; o_proj never has one)
     attention: str = "softmax"
     attn_normalize: bool = False  # sigmoid / elu1: divide each row by its sum
     sigmoid_bias: float | None = None  # None = -log(block_size)
@@ -38,12 +41,20 @@ class AttentionConfig:
     linear_chunk_size: int = 64
     rope: bool = True  # RoPE over the sequence index; the ViT turns it off (absolute 2-D position embeddings)
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for contexts past the pretraining one, as transformers computes it:
+    # linear divides every frequency by the factor; llama3 (Llama 3.1+) divides the low
+    # frequencies, keeps the high ones and blends between, with the fields below.
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_context: int = 8192  # llama3 only: the pretraining context
     norm_eps: float = 1e-5
     block_size: int = 256
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -73,10 +84,21 @@ class AttentionConfig:
         for name in ("n_embd", "n_head", "block_size", "linear_chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.head_size is not None and self.head_size <= 0:
+            raise ValueError(f"model.head_size must be null (= n_embd / n_head) or a positive integer, got {self.head_size}")
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head} "
+                             "(or set model.head_size)")
         if self.rope and self.head_dim % 2:
-            raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+            raise ValueError(f"the head width {self.head_dim} must be even for RoPE")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r} is not one of {list(ROPE_SCALINGS)}")
+        if self.rope_scaling_factor <= 0 or self.rope_original_context <= 0:
+            raise ValueError("model.rope_scaling_factor and model.rope_original_context must be > 0, got "
+                             f"{self.rope_scaling_factor}, {self.rope_original_context}")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError("model.rope_scaling=llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                             f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
         if self.n_kv_head is not None and self.n_kv_head <= 0:
             raise ValueError(f"model.n_kv_head must be null (= n_head) or a positive integer, got {self.n_kv_head}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:

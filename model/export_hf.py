@@ -1,12 +1,22 @@
-"""Export a trained softmax run as a `transformers` LlamaForCausalLM folder.
+"""Export a trained run as a `transformers` folder of the architecture that computes it exactly.
 
     python -m model.export_hf --ckpt out/default --out hf/default
 
-The decoder already uses HF Llama's names, layout and rotate-half RoPE, so export is a rename
-("model." prefix) plus a LlamaConfig; the folder then works with lm-eval-harness, vLLM and
-`AutoModelForCausalLM.from_pretrained`. Variants Llama has no counterpart for (sigmoid, elu1,
-linear attention, output gates, qk-norm) are refused: the exported model would compute a
-different function.
+| sinklab variant (attention: softmax) | transformers architecture |
+|---|---|
+| plain (optionally RoPE scaling, explicit head_size) | LlamaForCausalLM |
+| attention_bias (q/k/v biases) | Qwen2ForCausalLM |
+| qk_norm | Qwen3ForCausalLM |
+| qk_norm + gate elementwise or headwise | Qwen3NextForCausalLM, every layer full attention, dense MLP |
+
+Qwen3-Next's gated attention is Qiu et al.'s G1 gate: sigmoid of a projection of the block's
+normed input, per head and channel, before o_proj; its gate weights sit interleaved with the
+queries in q_proj, and a headwise gate is the elementwise one with each head's row repeated.
+Everything else is refused with the reason: sigmoid / elu1 / linear attention (no transformers
+architecture computes them), a gate without qk_norm (Qwen3-Next always normalises q and k),
+biases together with qk_norm or a gate (Qwen3 / Qwen3-Next would bias o_proj as well), rope=false.
+The folder then works with lm-eval-harness, vLLM, `AutoModelForCausalLM.from_pretrained` and
+sinklab's own `hf:` import (model/hf_import.py), all with the same logits.
 """
 from __future__ import annotations
 
@@ -18,55 +28,99 @@ from .load import load_run
 
 
 def unsupported(model_cfg: dict) -> list[str]:
-    """Why this model cannot be a LlamaForCausalLM (empty = it can)."""
+    """Why this model has no exact transformers architecture (empty = it has one)."""
     reasons = []
-    if model_cfg.get("attention") != "softmax":
-        reasons.append(f"attention={model_cfg.get('attention')!r} (Llama computes softmax attention)")
-    if model_cfg.get("gate", "none") != "none":
-        reasons.append(f"gate={model_cfg['gate']!r} (Llama has no attention output gate)")
-    if model_cfg.get("qk_norm"):
-        reasons.append("qk_norm=true (Llama has no q/k RMSNorm)")
+    attention, gate, qk_norm = model_cfg.get("attention"), model_cfg.get("gate", "none"), model_cfg.get("qk_norm")
+    if attention != "softmax":
+        reasons.append(f"attention={attention!r} (transformers' decoders compute softmax attention)")
+    if gate != "none" and not qk_norm:
+        reasons.append(f"gate={gate!r} without qk_norm (Qwen3-Next, the gated architecture, always normalises q and k)")
+    if model_cfg.get("attention_bias") and (qk_norm or gate != "none"):
+        reasons.append("attention_bias with qk_norm or a gate (Qwen3 and Qwen3-Next would bias o_proj as well)")
     if not model_cfg.get("rope", True):
-        reasons.append("rope=false (Llama always applies RoPE)")
+        reasons.append("rope=false (every exported architecture applies RoPE)")
+    if model_cfg.get("sink_logit", "none") != "none":
+        reasons.append(f"sink_logit={model_cfg['sink_logit']!r} (no dense transformers decoder has a sink logit)")
+    if model_cfg.get("sink_tokens", 0):
+        reasons.append("sink_tokens (no transformers decoder prepends learned embeddings)")
     return reasons
 
 
-def llama_config(cfg, eot_id: int | None):
-    from transformers import LlamaConfig
+def architecture(model_cfg: dict) -> str:
+    """The transformers model_type an exportable model becomes."""
+    if model_cfg.get("gate", "none") != "none":
+        return "qwen3_next"
+    if model_cfg.get("qk_norm"):
+        return "qwen3"
+    return "qwen2" if model_cfg.get("attention_bias") else "llama"
 
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
+
+def hf_config(cfg, arch: str, eot_id: int | None):
+    """The transformers config of `arch` with the GPTConfig's sizes, norms and RoPE."""
+    from transformers import AutoConfig
+
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_context)
+    extra = {}
+    if arch == "qwen3_next":  # no Gated DeltaNet layers, no experts, RoPE over the whole head
+        rope["partial_rotary_factor"] = 1.0
+        extra = {"layer_types": ["full_attention"] * cfg.n_layer, "num_experts": 0}
+    if arch == "llama":
+        extra = {"attention_bias": False, "mlp_bias": False}
+    return AutoConfig.for_model(
+        arch, vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot_id, eos_token_id=eot_id,
+        rope_parameters=rope, hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=eot_id, eos_token_id=eot_id, **extra,
     )
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files to `out`; return it."""
-    import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+def export_model(model, tokenizer, out: str | Path, eot: str) -> Path:
+    """Write `model` (a sinklab GPT) and its tokenizers.Tokenizer as a transformers folder."""
+    import dataclasses
 
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from .hf_import import to_hf_weights
+
+    cfg = model.config
+    reasons = unsupported(dataclasses.asdict(cfg))
+    if reasons:
+        raise ValueError("no transformers architecture computes this model: " + "; ".join(reasons))
+    arch = architecture(dataclasses.asdict(cfg))
+    hf = AutoModelForCausalLM.from_config(hf_config(cfg, arch, tokenizer.token_to_id(eot))).to(torch.float32)
+    state = to_hf_weights({k: v.float() for k, v in model.state_dict().items()}, cfg, arch)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    hf.load_state_dict(state, strict=not cfg.tie_embeddings)  # every name and shape must line up
+    out = Path(out)
+    hf.save_pretrained(out, safe_serialization=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eot, bos_token=eot, unk_token=None)
+    tok.save_pretrained(out)
+    return out
+
+
+def export(ckpt: str | Path, out: str | Path) -> tuple[Path, str]:
+    """Export a run or checkpoint; returns the folder and the architecture's class name."""
     from data.tokenizer import EOT
 
     run = load_run(ckpt)
     if run.config.get("task", "lm") != "lm":
-        raise ValueError(f"{run.checkpoint} is a {run.config['task']!r} run; only language models export to Llama")
+        raise ValueError(f"{run.checkpoint} is a {run.config['task']!r} run; only language models export")
     reasons = unsupported(run.config["model"])
     if reasons:
-        raise ValueError(f"{run.checkpoint} cannot be exported as LlamaForCausalLM: " + "; ".join(reasons)
-                         + ". Only softmax models without gate and qk_norm have an exact Llama equivalent.")
-    cfg = run.model.config
-    hf = LlamaForCausalLM(llama_config(cfg, run.tokenizer.token_to_id(EOT))).to(torch.float32)
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
-             for k, v in run.model.state_dict().items()}
-    hf.load_state_dict(state, strict=True)  # every name and shape must line up
-    out = Path(out)
-    hf.save_pretrained(out, safe_serialization=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=run.tokenizer, eos_token=EOT, bos_token=EOT, unk_token=None)
-    tok.save_pretrained(out)
-    return out
+        raise ValueError(f"{run.checkpoint} has no exact transformers architecture: " + "; ".join(reasons))
+    folder = export_model(run.model, run.tokenizer, out, EOT)
+    from transformers import AutoConfig
+
+    return folder, AutoConfig.from_pretrained(folder).architectures[0]
 
 
 def main(argv=None) -> int:
@@ -75,11 +129,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder to write the transformers model to")
     args = p.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out)
+        out, arch = export(args.ckpt, args.out)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (LlamaForCausalLM); load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"wrote {out} ({arch}); load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -48,6 +48,9 @@ class Block(nn.Module):
 def init_weights(model: nn.Module, n_layer: int, std: float) -> None:
     """GPT-2 / nanoGPT init: N(0, std), residual output projections scaled by 1/sqrt(2 n_layer)."""
     for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            nn.init.zeros_(p)  # q/k/v biases (attention_bias) start at 0, as in Qwen2
+            continue
         if p.dim() < 2:
             continue  # norm weights stay at 1
         scale = 1 / math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0

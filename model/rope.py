@@ -5,12 +5,34 @@ Positions are passed explicitly: the sink cache re-applies RoPE at *cache* posit
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     """inv_freq[i] = theta^(-2i/d), i < d/2 (same as transformers' default rope init)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def scaled_rope_frequencies(cfg) -> torch.Tensor:
+    """The frequencies an AttentionConfig asks for, with its `rope_scaling` applied as
+    transformers' `linear` and `llama3` rope types compute them (neither rescales cos/sin)."""
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    # llama3: wavelengths longer than the pretraining context / low_freq_factor are stretched by
+    # `factor`, shorter than context / high_freq_factor kept, and the band between blended.
+    low, high, context = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, stretched)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):

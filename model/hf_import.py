@@ -1,0 +1,223 @@
+"""Pretrained `transformers` decoders as sinklab GPTs, with the same logits.
+
+    from model.load import load_run
+    run = load_run("hf:HuggingFaceTB/SmolLM2-135M")      # a hub id, or hf:/path/to/a/saved/folder
+
+Only architectures the decoder computes exactly are imported; anything else is refused with
+the feature the decoder lacks. Weights and tokenizer come from the same folder.
+
+| model_type | what it maps to |
+|---|---|
+| llama (Llama 2/3, TinyLlama, SmolLM) | softmax; RoPE scaling `linear` or `llama3` (Llama 3.1+) |
+| mistral | softmax; block_size capped at `sliding_window` (below) |
+| qwen2 (Qwen2, Qwen2.5) | softmax + `attention_bias` (q/k/v biases) |
+| qwen3 | softmax + `qk_norm` (learnable RMSNorm per head, eps = rms_norm_eps) + explicit head width |
+| qwen3_next, all layers full attention, dense MLP | softmax + qk_norm + `gate: elementwise` (what sinklab exports gated models to) |
+
+Sliding windows (Mistral 7B v0.1, Qwen with use_sliding_window): sinklab has no sliding-window
+mask, so the import's block_size stops at the window; up to it the two models agree exactly.
+Past it, generate with a sink cache (StreamingLLM: keys re-positioned inside the cache), which
+is a different function from the original's window over absolute positions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import GPTConfig
+
+PREFIX = "hf:"
+# Extra files a hub download fetches besides config and weights: the tokenizer in either format.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
+# What the decoder lacks for some common architectures it cannot represent (the one-line refusal).
+GAPS = {
+    "gpt2": "learned absolute positions, LayerNorm with biases and a GELU MLP",
+    "gpt_neox": "LayerNorm with biases, parallel attention/MLP residuals and partial RoPE",
+    "phi": "LayerNorm, parallel attention/MLP residuals, partial RoPE and a GELU MLP",
+    "phi3": "fused qkv/gate_up weights with longrope scaling",
+    "gemma": "(1 + w) RMSNorm, a GeGLU MLP and sqrt(d)-scaled embeddings",
+    "gemma2": "logit soft-capping, alternating sliding windows and sandwich norms",
+    "gemma3": "alternating local/global attention, sandwich norms and (1 + w) RMSNorm",
+    "olmo2": "RMSNorm after attention and MLP (not before) and QK-norm over all heads",
+    "mixtral": "a mixture-of-experts MLP",
+    "qwen2_moe": "a mixture-of-experts MLP",
+    "qwen3_moe": "a mixture-of-experts MLP",
+    "gpt_oss": "a mixture-of-experts MLP, attention sinks with biases and alternating sliding windows",
+}
+NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
+
+
+def is_hf(ref) -> bool:
+    return isinstance(ref, str) and ref.startswith(PREFIX)
+
+
+def hf_folder(ref: str) -> Path:
+    """`hf:<local folder>` as it is; `hf:<owner/name>` downloaded (cached) from the hub."""
+    name = ref[len(PREFIX):] if is_hf(ref) else ref
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().resolve()
+    if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
+        raise FileNotFoundError(f"{ref}: no such folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+
+
+def rope_fields(hf_cfg) -> tuple[dict, list[str]]:
+    """GPTConfig rope fields from transformers' rope parameters (5.x) or rope_theta + rope_scaling (4.x)."""
+    params = dict(getattr(hf_cfg, "rope_parameters", None) or {})
+    if not params:
+        params = {**(getattr(hf_cfg, "rope_scaling", None) or {}), "rope_theta": getattr(hf_cfg, "rope_theta", 1e4)}
+    kind = params.get("rope_type", params.get("type", "default"))
+    fields, gaps = {"rope_theta": float(params.get("rope_theta", 1e4))}, []
+    partial = params.get("partial_rotary_factor", getattr(hf_cfg, "partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        gaps.append(f"partial RoPE (partial_rotary_factor={partial}; sinklab rotates the whole head)")
+    if kind == "linear":
+        fields.update(rope_scaling="linear", rope_scaling_factor=float(params["factor"]))
+    elif kind == "llama3":
+        fields.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
+                      rope_low_freq_factor=float(params["low_freq_factor"]),
+                      rope_high_freq_factor=float(params["high_freq_factor"]),
+                      rope_original_context=int(params["original_max_position_embeddings"]))
+    elif kind != "default":
+        gaps.append(f"RoPE scaling {kind!r} (sinklab has default, linear and llama3)")
+    return fields, gaps
+
+
+def gpt_config(hf_cfg) -> GPTConfig:
+    """The GPTConfig that computes what this transformers config computes, or ValueError naming
+    what the decoder lacks."""
+    arch = hf_cfg.model_type
+    if arch not in SUPPORTED:
+        lacks = GAPS.get(arch, "an implementation of this architecture")
+        raise ValueError(f"cannot import model_type {arch!r}: sinklab's decoder lacks {lacks}; "
+                         f"it imports {', '.join(SUPPORTED)}")
+    fields, gaps = rope_fields(hf_cfg)
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        gaps.append(f"hidden_act={hf_cfg.hidden_act!r} (sinklab's MLP is SwiGLU with silu)")
+    if getattr(hf_cfg, "mlp_bias", False):
+        gaps.append("MLP biases (mlp_bias=true)")
+    # Qwen2 always has q/k/v biases; elsewhere attention_bias=true also puts one on o_proj.
+    if arch != "qwen2" and getattr(hf_cfg, "attention_bias", False):
+        gaps.append("an o_proj bias (attention_bias=true; sinklab biases q/k/v only)")
+    layer_types = getattr(hf_cfg, "layer_types", None) or []
+    if arch == "qwen3_next":
+        if any(t != "full_attention" for t in layer_types):
+            gaps.append("Gated DeltaNet (linear_attention) layers; only all-full_attention Qwen3-Next imports")
+        if hf_cfg.num_experts > 0 and any(i not in hf_cfg.mlp_only_layers for i in range(hf_cfg.num_hidden_layers)):
+            gaps.append("a mixture-of-experts MLP (num_experts > 0)")
+    if gaps:
+        raise ValueError(f"cannot import this {arch} model: sinklab's decoder lacks " + "; ".join(gaps))
+
+    heads, width = hf_cfg.num_attention_heads, hf_cfg.hidden_size
+    head_dim = getattr(hf_cfg, "head_dim", None) or width // heads
+    context = hf_cfg.max_position_embeddings
+    window = getattr(hf_cfg, "sliding_window", None)
+    if window and (arch == "mistral" or "sliding_attention" in layer_types):
+        context = min(context, window)  # no sliding-window mask in sinklab: stop where it would start
+    return GPTConfig(
+        vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.num_hidden_layers, n_embd=width, n_head=heads,
+        n_kv_head=getattr(hf_cfg, "num_key_value_heads", None) or heads,
+        head_size=None if head_dim * heads == width else head_dim,
+        intermediate_size=hf_cfg.intermediate_size, norm_eps=hf_cfg.rms_norm_eps, block_size=context,
+        tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+        attention="softmax", attention_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "qwen3_next"),
+        gate="elementwise" if arch == "qwen3_next" else "none", **fields,
+    )
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in the folder's safetensors files (or pytorch_model*.bin when it has none)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors or pytorch_model*.bin weights")
+    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+
+
+def to_sinklab_weights(hf_state: dict, cfg: GPTConfig, arch: str) -> dict[str, torch.Tensor]:
+    """transformers names -> sinklab names (they differ by the `model.` prefix, and for Qwen3-Next
+    by its (1 + w) norms and its gate stored interleaved with the queries in q_proj)."""
+    state = {}
+    for name, t in hf_state.items():
+        if name.endswith("rotary_emb.inv_freq") or name.startswith("mtp."):
+            continue  # recomputed buffers; Qwen3-Next's multi-token-prediction head
+        name = name.removeprefix("model.")
+        if arch == "qwen3_next" and (name.endswith(NORMS) or name == "norm.weight"):
+            t = t.float() + 1
+        if arch == "qwen3_next" and name.endswith("q_proj.weight"):
+            q, g = t.view(cfg.n_head, 2, cfg.head_dim, -1).unbind(1)  # per head: [query | gate]
+            state[name] = q.reshape(-1, t.shape[-1])
+            name, t = name.replace("q_proj", "g_proj"), g.reshape(-1, t.shape[-1])
+        state[name] = t
+    return state
+
+
+def to_hf_weights(state: dict, cfg: GPTConfig, arch: str) -> dict[str, torch.Tensor]:
+    """The inverse of `to_sinklab_weights` (what the exporter writes). A headwise gate becomes
+    an elementwise one whose rows repeat per head, which computes the same gate."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("g_proj.weight"):
+            continue  # folded into q_proj below
+        if arch == "qwen3_next" and (name.endswith(NORMS) or name == "norm.weight"):
+            t = t - 1
+        if arch == "qwen3_next" and name.endswith("q_proj.weight"):
+            g = state[name.replace("q_proj", "g_proj")]
+            if cfg.gate == "headwise":
+                g = g.repeat_interleave(cfg.head_dim, dim=0)
+            t = torch.stack((t.view(cfg.n_head, cfg.head_dim, -1), g.view(cfg.n_head, cfg.head_dim, -1)), 1)
+            t = t.reshape(-1, t.shape[-1])
+        out[name if name == "lm_head.weight" else f"model.{name}"] = t
+    return out
+
+
+def hf_tokenizer(folder: Path):
+    """The folder's tokenizer as transformers loads it (BOS added when the model's tokenizer adds one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{folder}: the tokenizer has no fast (tokenizers) version; save a tokenizer.json with it")
+    return tok
+
+
+def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of a pretrained model in sinklab's names: what `train.init_from: hf:...`
+    builds its GPT from. The state dict is in the checkpoint's dtype."""
+    from transformers import AutoConfig
+
+    folder = hf_folder(ref)
+    hf_cfg = AutoConfig.from_pretrained(str(folder))
+    cfg = gpt_config(hf_cfg)
+    return cfg, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type)
+
+
+def load_pretrained(ref: str):
+    """(GPT in fp32, tokenizers.Tokenizer, config dict, folder) for `load_run("hf:...")`."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from .gpt import GPT
+    from .load import load_state
+
+    folder = hf_folder(ref)
+    hf_cfg = AutoConfig.from_pretrained(str(folder))
+    cfg = gpt_config(hf_cfg)
+    tok = hf_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+    model = GPT(cfg)
+    load_state(model, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type), str(folder))
+    name = ref.removeprefix(PREFIX)
+    info = {"ref": ref, "name": (folder.name if Path(name).expanduser().is_dir() else name.replace("/", "--")),
+            "folder": str(folder), "model_type": hf_cfg.model_type,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    config = {"task": "lm", "model": dataclasses.asdict(cfg), "hf": info}
+    return model.float(), tok.backend_tokenizer, config, folder
