@@ -3,6 +3,7 @@
     python sample.py --ckpt out/default --prompt "ROMEO:"
     python sample.py --ckpt out/default --prompt-file prompt.txt --num-samples 3 --top-p 0.9
     python sample.py --ckpt out/default --sink-cache 4 --window 252 --max-new-tokens 5000   # no length limit
+    python sample.py --ckpt hf:HuggingFaceTB/SmolLM2-135M --dtype bf16 --prompt "The sink"  # a pretrained model
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir (uses its latest checkpoint) or a checkpoint dir")
+    p.add_argument("--ckpt", required=True, help="run dir (uses its latest checkpoint), a checkpoint dir, or "
+                                                 "hf:<hub id or transformers folder>")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
@@ -29,6 +31,7 @@ def parse_args(argv=None):
                    help="keep S first tokens + --window recent ones (StreamingLLM): generate past the context")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept with --sink-cache")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast the weights (default fp32)")
     return p.parse_args(argv)
 
 
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
 
     try:
         prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
-        run = load_run(args.ckpt, device=args.device, task="lm")
+        run = load_run(args.ckpt, device=args.device, task="lm", dtype=args.dtype)
         ids = run.tokenizer.encode(prompt).ids
         check_args(args, run.model.config.block_size, len(ids))
     except (OSError, ValueError) as e:

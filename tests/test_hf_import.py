@@ -1,0 +1,122 @@
+"""hf: import: tiny random transformers models load into sinklab's GPT with transformers' logits
+and greedy tokens; architectures the decoder cannot compute are refused with the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import ARCHITECTURES, save_tiny
+
+from model import GPT
+from model.hf_import import init_model
+from model.load import load_run, load_state
+
+TEXT = "Shall I compare thee to a summer's day?"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_tiny(name, root / name) for name in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_import_matches_transformers(folders, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = folders[name]
+    hf = AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    run = load_run(f"hf:{folder}")
+    cfg = run.model.config
+    assert run.config["hf"]["model_type"] == ARCHITECTURES[name][0]
+    assert cfg.block_size == (16 if name == "mistral" else 64)  # Mistral stops at its sliding window
+    assert run.tokenizer.encode(TEXT).ids == AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]
+
+    T = min(cfg.block_size, 40)
+    idx = torch.randint(2, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = run.model(idx).logits, hf(idx).logits.float()
+    assert theirs.std() > 0.5  # random weights that give the comparison something to disagree on
+    diff = (ours - theirs).abs().max().item()
+    print(f"{name}: max |logit difference| = {diff:.2e}")
+    assert diff < 1e-5
+
+    prompt = idx[:1, :6]
+    new = T - 6
+    ours = run.model.generate(prompt, new, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=1)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_init_model_gives_config_and_weights(folders):
+    folder = folders["qwen3"]
+    cfg, state = init_model(f"hf:{folder}")
+    assert (cfg.qk_norm, cfg.head_dim, cfg.n_embd, cfg.kv_heads) == (True, 16, 32, 2)
+    model = GPT(cfg).eval()
+    load_state(model, state, str(folder))
+    idx = torch.arange(2, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, load_run(f"hf:{folder}").model(idx).logits)
+
+
+def test_dtype_and_held_out_text(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data.config import DataConfig
+    from data.prepare import split_documents
+    from data.sources import load_documents
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(5):
+        (corpus / f"doc{d}.txt").write_text(f"document {d}: " + TEXT * (d + 1) + "\n")
+    folder = folders["llama"]
+    run = load_run(f"hf:{folder}", dtype="bf16", data=str(corpus))
+    assert run.model.embed_tokens.weight.dtype == torch.bfloat16
+    # Reference: transformers' tokenizer on the held-out documents, each with its BOS, then EOS.
+    docs = load_documents(DataConfig(source=str(corpus)))
+    _, val = split_documents(len(docs), DataConfig.val_fraction, DataConfig.seed)
+    tok = AutoTokenizer.from_pretrained(folder)
+    expected = [t for i in val for t in tok(docs[i])["input_ids"] + [tok.eos_token_id]]
+    assert expected[0] == tok.bos_token_id
+    assert run.val_tokens().tolist() == expected
+    with pytest.raises(ValueError, match="--data"):
+        load_run(f"hf:{folder}").val_tokens()
+    with pytest.raises(ValueError, match="dtype='fp8' is not one of"):
+        load_run(f"hf:{folder}", dtype="fp8")
+
+
+def test_sample_cli_generates_from_an_import(folders, capsys):
+    import sample
+
+    assert sample.main(["--ckpt", f"hf:{folders['qwen2']}", "--prompt", "Shall", "--max-new-tokens", "5",
+                        "--temperature", "0", "--dtype", "fp32", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Shall")
+
+
+def save_config(folder, arch: str, **fields):
+    """A config.json alone: refusals must come before weights or tokenizer are read."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(arch, **fields).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+@pytest.mark.parametrize("arch, fields, reason", [
+    ("gpt2", {"n_layer": 1}, "model_type 'gpt2': sinklab's decoder lacks learned absolute positions"),
+    ("llama", {"mlp_bias": True}, "lacks MLP biases"),
+    ("llama", {"attention_bias": True}, "an o_proj bias"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "RoPE scaling 'yarn'"),
+    ("qwen3_next", {}, "Gated DeltaNet (linear_attention) layers"),
+    ("qwen3_next", {"layer_types": ["full_attention"] * 4, "num_hidden_layers": 4}, "a mixture-of-experts MLP"),
+    ("gemma", {}, "(1 + w) RMSNorm"),
+])
+def test_unrepresentable_models_are_refused(tmp_path, arch, fields, reason):
+    ref = save_config(tmp_path, arch, **fields)
+    with pytest.raises(ValueError, match="cannot import") as e:
+        load_run(ref)
+    assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder, and not a hub id"):
+        load_run(f"hf:{tmp_path / 'nothing'}")
