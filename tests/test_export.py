@@ -1,4 +1,5 @@
-"""HF export: the folder loads in transformers as LlamaForCausalLM and computes the same logits."""
+"""HF export: the folder loads in transformers as the architecture that computes the variant
+(Llama, Qwen2, Qwen3, Qwen3-Next) with the same logits, and imports back through hf:."""
 from __future__ import annotations
 
 import os
@@ -66,15 +67,60 @@ def test_export_refuses_what_llama_cannot_compute(tmp_path):
     res = subprocess.run([sys.executable, "-m", "model.export_hf", "--ckpt", str(run_dir), "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "attention='sigmoid'" in res.stderr and "Llama computes softmax attention" in res.stderr
+    assert "attention='sigmoid'" in res.stderr and "transformers' decoders compute softmax attention" in res.stderr
     assert not out.exists()
     assert unsupported({"attention": "softmax", "gate": "elementwise"}) == [
-        "gate='elementwise' (Llama has no attention output gate)"]
-    assert unsupported({"attention": "softmax", "gate": "none", "qk_norm": True}) == [
-        "qk_norm=true (Llama has no q/k RMSNorm)"]
+        "gate='elementwise' without qk_norm (Qwen3-Next, the gated architecture, always normalises q and k)"]
+    assert unsupported({"attention": "softmax", "gate": "none", "qk_norm": True, "attention_bias": True}) == [
+        "attention_bias with qk_norm or a gate (Qwen3 and Qwen3-Next would bias o_proj as well)"]
     assert unsupported({"attention": "softmax", "gate": "none", "qk_norm": False}) == []
+    assert unsupported({"attention": "softmax", "gate": "headwise", "qk_norm": True}) == []
 
 
 @pytest.mark.parametrize("kind", ["elu1", "linear"])
 def test_unsupported_names_the_attention(kind):
     assert f"attention={kind!r}" in unsupported({"attention": kind})[0]
+
+
+ROUND_TRIPS = {  # variant -> (GPTConfig fields, the transformers class it exports to)
+    "plain": ({"tie_embeddings": True}, "LlamaForCausalLM"),
+    "rope_scaled": ({"tie_embeddings": False, "rope_scaling": "linear", "rope_scaling_factor": 4.0},
+                    "LlamaForCausalLM"),
+    "bias": ({"attention_bias": True}, "Qwen2ForCausalLM"),
+    "qk_norm": ({"qk_norm": True, "head_size": 16}, "Qwen3ForCausalLM"),
+    "gated": ({"qk_norm": True, "gate": "elementwise"}, "Qwen3NextForCausalLM"),
+    "headwise": ({"qk_norm": True, "gate": "headwise", "rope_scaling": "llama3", "rope_scaling_factor": 8.0,
+                  "rope_original_context": 8}, "Qwen3NextForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROUND_TRIPS))
+def test_export_then_import_round_trip(tmp_path, variant):
+    """A random sinklab model -> transformers folder: transformers and sinklab's hf: import both
+    give the original logits."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM
+
+    from model import GPT, GPTConfig
+    from model.export_hf import export_model
+
+    fields, cls = ROUND_TRIPS[variant]
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32,
+                          init_std=0.15, **fields)).eval()
+    with torch.no_grad():  # norm weights and biases away from their initial 1 and 0
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    out = export_model(model, tok, tmp_path / variant, "<|endoftext|>")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == cls
+    back = load_run(f"hf:{out}").model
+    idx = torch.randint(0, len(vocab), (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs, imported = model(idx).logits, hf(idx).logits.float(), back(idx).logits
+    assert ours.std() > 0.5
+    assert (theirs - ours).abs().max() < 1e-5 and (imported - ours).abs().max() < 1e-5
