@@ -1,0 +1,221 @@
+"""lm-evaluation-harness tasks on any sinklab variant or imported model.
+
+    python -m eval.harness --ckpt out/<run> --tasks hellaswag,arc_easy --limit 200
+    python -m eval.harness --ckpt hf:HuggingFaceTB/SmolLM2-135M --tasks lambada_openai --dtype bf16
+    python -m eval.harness --ckpt out/<run> --tasks my_task --include-path tasks/   # local task YAMLs
+
+`SinklabLM` is an lm-eval model class around the GPT: loglikelihood (batched, right-padded:
+causal attention keeps padding out of every scored position), loglikelihood_rolling (lm-eval's
+disjoint windows of block_size tokens, each starting from the prefix token) and generate_until
+(greedy or sampled with a KV cache, batched over prompts of equal token length, cut at the
+first stop string or end-of-text). Text is encoded without special tokens; an empty context,
+and the first rolling window, start from the prefix token: BOS when the tokenizer adds one
+(Llama, Mistral), else end-of-text (sinklab's `<|endoftext|>`, Qwen's EOS), as lm-eval's own
+HF model does. Results go to <run>/eval/<step_dir>/harness.json (out/hf/<name>/eval/ for an hf:
+import), with the checkpoint, step, tokens seen and git commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from . import fail
+
+
+class SinklabLM(TemplateLM):
+    """lm-eval's LM interface over a `LoadedRun` (model/load.py)."""
+
+    def __init__(self, run, batch_size: int = 8, max_gen_toks: int = 256):
+        super().__init__()
+        from data.tokenizer import EOT
+
+        self.model, self.tokenizer = run.model.eval(), run.tokenizer
+        self._device = next(self.model.parameters()).device  # lm-eval reads it as .device
+        self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
+        self.max_length = self.model.config.block_size
+        hf = run.config.get("hf")
+        self._eot = hf["eos_token_id"] if hf else self.tokenizer.token_to_id(EOT)
+        # BOS only when the tokenizer puts one in front of text by itself (Llama yes, Qwen no).
+        bos = hf and hf["bos_token_id"]
+        self._prefix = bos if bos is not None and self.tokenizer.encode("a").ids[:1] == [bos] else self._eot
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._prefix
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens)).ids
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None, **kwargs):
+        """[(key, context ids, continuation ids)] -> [(sum log p(continuation), is greedy)]."""
+        # Longest first, so each batch pads little; results go back in the original order.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results = [None] * len(requests)
+        bs = override_bs or self.batch_size
+        for start in range(0, len(order), bs):
+            batch = [requests[i] for i in order[start:start + bs]]
+            # The last max_length tokens of context + continuation feed the model (all but the last).
+            seqs = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in batch]
+            width = max(len(s) - 1 for s in seqs)
+            idx = torch.full((len(batch), width), self._eot, dtype=torch.long)
+            for row, s in enumerate(seqs):
+                idx[row, : len(s) - 1] = torch.tensor(s[:-1])
+            logprobs = F.log_softmax(self.model(idx.to(self.device)).logits.float(), dim=-1).cpu()
+            for row, (s, (_, _, cont)) in enumerate(zip(seqs, batch)):
+                n = len(cont)
+                scored = logprobs[row, len(s) - 1 - n : len(s) - 1]  # positions predicting the continuation
+                target = torch.tensor(cont)
+                results[order[start + row]] = (float(scored.gather(-1, target[:, None]).sum()),
+                                               bool((scored.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each whole text, over disjoint windows of up to block_size tokens."""
+        windows, owners = [], []
+        for i, (text,) in enumerate(r.args for r in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+            totals[i] += logprob
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continue each context until a stop string (`until`), end-of-text or max_gen_toks."""
+        encoded = [(self.tok_encode(ctx), dict(kwargs)) for ctx, kwargs in (r.args for r in requests)]
+        # Equal-length prompts with equal settings share a batch: no padding, no attention mask.
+        key = lambda i: (len(encoded[i][0]), json.dumps(encoded[i][1], sort_keys=True, default=str))
+        order = sorted(range(len(requests)), key=key)
+        results = [None] * len(requests)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and end - start < self.batch_size and key(order[end]) == key(order[start]):
+                end += 1
+            group = order[start:end]
+            for i, text in zip(group, self._generate([encoded[i][0] for i in group], encoded[group[0]][1])):
+                results[i] = text
+            start = end
+        return results
+
+    def _generate(self, prompts: list[list[int]], kwargs: dict) -> list[str]:
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = min(int(kwargs.pop("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
+        temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+        keep = self.max_length - max_new  # the prompt's last tokens that fit with the generation
+        idx = torch.tensor([p[-keep:] for p in prompts], device=self.device)
+        out = self.model.generate(idx, max_new, temperature=temperature, top_p=kwargs.pop("top_p", None))
+        texts = []
+        for row in out[:, idx.shape[1]:].tolist():
+            row = row[: row.index(self._eot)] if self._eot in row else row
+            text = self.tok_decode(row)
+            cuts = [text.index(s) for s in until if s and s in text]
+            texts.append(text[: min(cuts)] if cuts else text)
+        return texts
+
+
+def evaluate(run, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
+             batch_size: int = 8, include_path: str | None = None, log_samples: bool = False) -> dict:
+    """Run lm-eval tasks on a LoadedRun; returns lm-eval's result dict (JSON-safe parts)."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(tasks, include_path)
+    out = simple_evaluate(model=SinklabLM(run, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot,
+                          limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
+    keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "samples")
+    return json.loads(json.dumps({k: out[k] for k in keep if k in out}, default=str))
+
+
+def task_manager(tasks: list[str], include_path: str | None):
+    """lm-eval's task index; indexing its thousands of built-in tasks takes tens of seconds,
+    so tasks found under include_path alone skip it."""
+    from lm_eval.tasks import TaskManager
+
+    manager = None
+    if include_path is not None:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks`, or pass the "
+                         "folder of your task YAMLs with --include-path")
+    return manager
+
+
+def provenance(run) -> dict:
+    """Checkpoint, step, tokens seen and git commit, for the result JSON."""
+    state = Path(run.checkpoint) / "trainer_state.json"
+    state = json.loads(state.read_text()) if state.is_file() else {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"checkpoint": run.config.get("hf", {}).get("ref") or str(run.checkpoint),
+            "step": state.get("step"), "tokens": state.get("tokens"), "git_commit": commit}
+
+
+def main(argv=None) -> dict:
+    from model.load import load_run
+
+    from . import eval_dir, pick_device, write_json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or hf:<hub id or folder>")
+    ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        fail("--batch-size must be >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        fail("--tasks is empty; name at least one lm-eval task")
+    try:
+        run = load_run(args.ckpt, device=pick_device(args.device), task="lm", dtype=args.dtype)
+        result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    result = {**provenance(run), "tasks": tasks, **result, "definitions": {
+        "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
+        "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one, "
+                        "else end-of-text",
+    }}
+    out = eval_dir(run.run_dir)
+    if run.checkpoint.parent.name == "checkpoints":
+        out = out / run.checkpoint.name
+        out.mkdir(exist_ok=True)
+    write_json(out / "harness.json", result)
+    for task, metrics in result["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+    print(f"-> {out / 'harness.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
