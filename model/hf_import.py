@@ -189,9 +189,18 @@ def hf_tokenizer(folder: Path):
     return tok
 
 
+def write_tokenizer(ref: str, path: str | Path) -> Path:
+    """Save the pretrained model's tokenizer as a tokenizer.json (what data.tokenizer names)."""
+    path = Path(path)
+    hf_tokenizer(hf_folder(ref)).backend_tokenizer.save(str(path))
+    return path
+
+
 def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a pretrained model in sinklab's names: what `train.init_from: hf:...`
-    builds its GPT from. The state dict is in the checkpoint's dtype."""
+    builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/load.py); train on text
+    tokenised by the same model's tokenizer (`write_tokenizer`). The state dict is in the
+    checkpoint's dtype."""
     from transformers import AutoConfig
 
     folder = hf_folder(ref)

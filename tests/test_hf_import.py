@@ -7,7 +7,7 @@ import torch
 from hf_models import ARCHITECTURES, save_tiny
 
 from model import GPT
-from model.hf_import import init_model
+from model.hf_import import init_model, write_tokenizer
 from model.load import load_run, load_state
 
 TEXT = "Shall I compare thee to a summer's day?"
@@ -47,8 +47,12 @@ def test_import_matches_transformers(folders, name):
     assert ours.tolist() == theirs.tolist()
 
 
-def test_init_model_gives_config_and_weights(folders):
+def test_init_model_gives_config_weights_and_tokenizer(folders, tmp_path):
+    from tokenizers import Tokenizer
+
     folder = folders["qwen3"]
+    path = write_tokenizer(f"hf:{folder}", tmp_path / "tokenizer.json")
+    assert Tokenizer.from_file(str(path)).encode(TEXT).ids == load_run(f"hf:{folder}").tokenizer.encode(TEXT).ids
     cfg, state = init_model(f"hf:{folder}")
     assert (cfg.qk_norm, cfg.head_dim, cfg.n_embd, cfg.kv_heads) == (True, 16, 32, 2)
     model = GPT(cfg).eval()
