@@ -36,8 +36,8 @@ GAPS = {
     "gpt2": "learned absolute positions, LayerNorm with biases and a GELU MLP",
     "gpt_neox": "LayerNorm with biases, parallel attention/MLP residuals and partial RoPE",
     "phi": "LayerNorm, parallel attention/MLP residuals, partial RoPE and a GELU MLP",
-    "phi3": "fused qkv/gate_up weights with longrope scaling",
-    "gemma": "(1 + w) RMSNorm, a GeGLU MLP and sqrt(d)-scaled embeddings",
+    "phi3": "a mapping for its fused qkv_proj / gate_up_proj weights and longrope scaling",
+    "gemma": "a GeGLU MLP and sqrt(d)-scaled embeddings",
     "gemma2": "logit soft-capping, alternating sliding windows and sandwich norms",
     "gemma3": "alternating local/global attention, sandwich norms and (1 + w) RMSNorm",
     "olmo2": "RMSNorm after attention and MLP (not before) and QK-norm over all heads",
@@ -209,8 +209,9 @@ def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return cfg, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type)
 
 
-def load_pretrained(ref: str):
-    """(GPT in fp32, tokenizers.Tokenizer, config dict, folder) for `load_run("hf:...")`."""
+def load_pretrained(ref: str, dtype: torch.dtype | None = None):
+    """(GPT, tokenizers.Tokenizer, config dict, folder) for `load_run("hf:...")`. The GPT is
+    built in `dtype` (None: fp32), so a bf16 import never holds an fp32 copy."""
     import dataclasses
 
     from transformers import AutoConfig
@@ -222,11 +223,16 @@ def load_pretrained(ref: str):
     hf_cfg = AutoConfig.from_pretrained(str(folder))
     cfg = gpt_config(hf_cfg)
     tok = hf_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-    model = GPT(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        model = GPT(cfg)
+    finally:
+        torch.set_default_dtype(default)
     load_state(model, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type), str(folder))
     name = ref.removeprefix(PREFIX)
     info = {"ref": ref, "name": (folder.name if Path(name).expanduser().is_dir() else name.replace("/", "--")),
             "folder": str(folder), "model_type": hf_cfg.model_type,
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     config = {"task": "lm", "model": dataclasses.asdict(cfg), "hf": info}
-    return model.float(), tok.backend_tokenizer, config, folder
+    return model, tok.backend_tokenizer, config, folder

@@ -157,8 +157,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
     if is_hf(path):
         if task not in (None, "lm"):
             raise ValueError(f"{path} is a pretrained language model, not a {task} run")
-        model, tokenizer, config, folder = load_pretrained(path)
-        return LoadedRun(model.to(device=device, dtype=dtype).eval(), tokenizer, config, folder, data)
+        model, tokenizer, config, folder = load_pretrained(path, dtype)
+        return LoadedRun(model.to(device).eval(), tokenizer, config, folder, data)
     ckpt = resolve_checkpoint(path)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
     kind = config.get("task", "lm")
