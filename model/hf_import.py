@@ -11,7 +11,7 @@ the feature the decoder lacks. Weights and tokenizer come from the same folder.
 | llama (Llama 2/3, TinyLlama, SmolLM) | softmax; RoPE scaling `linear` or `llama3` (Llama 3.1+) |
 | mistral | softmax; block_size capped at `sliding_window` (below) |
 | qwen2 (Qwen2, Qwen2.5) | softmax + `attention_bias` (q/k/v biases) |
-| qwen3 | softmax + `qk_norm` (learnable RMSNorm per head, eps = rms_norm_eps) + explicit head width |
+| qwen3 | softmax + `qk_norm` + explicit `head_size`; sinklab's qk_norm is Qwen3's q_norm / k_norm: a learnable RMSNorm over each head's channels, before RoPE, with the model's norm eps |
 | qwen3_next, all layers full attention, dense MLP | softmax + qk_norm + `gate: elementwise` (what sinklab exports gated models to) |
 
 Sliding windows (Mistral 7B v0.1, Qwen with use_sliding_window): sinklab has no sliding-window
@@ -28,8 +28,9 @@ import torch
 from .config import GPTConfig
 
 PREFIX = "hf:"
-# Extra files a hub download fetches besides config and weights: the tokenizer in either format.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+# What a hub download fetches: config, transformers' weight files (not a repo's other formats,
+# such as Mistral's consolidated.safetensors) and the tokenizer in either format.
+HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*", "*.model", "*.txt"]
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
 # What the decoder lacks for some common architectures it cannot represent (the one-line refusal).
 GAPS = {
@@ -39,7 +40,7 @@ GAPS = {
     "phi3": "a mapping for its fused qkv_proj / gate_up_proj weights and longrope scaling",
     "gemma": "a GeGLU MLP and sqrt(d)-scaled embeddings",
     "gemma2": "logit soft-capping, alternating sliding windows and sandwich norms",
-    "gemma3": "alternating local/global attention, sandwich norms and (1 + w) RMSNorm",
+    "gemma3": "alternating local/global attention, sandwich norms and a GeGLU MLP",
     "olmo2": "RMSNorm after attention and MLP (not before) and QK-norm over all heads",
     "mixtral": "a mixture-of-experts MLP",
     "qwen2_moe": "a mixture-of-experts MLP",
@@ -62,7 +63,10 @@ def hf_folder(ref: str) -> Path:
         raise FileNotFoundError(f"{ref}: no such folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    folder = Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    if not weight_files(folder):  # an older repo with PyTorch pickles only
+        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"]))
+    return folder
 
 
 def rope_fields(hf_cfg) -> tuple[dict, list[str]]:
@@ -129,16 +133,25 @@ def gpt_config(hf_cfg) -> GPTConfig:
     )
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """transformers' weight files in a folder: model.safetensors or its shards, else the
+    pytorch_model*.bin of older checkpoints."""
+    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    return []
+
+
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in the folder's safetensors files (or pytorch_model*.bin when it has none)."""
+    """Every tensor of the folder's weight files."""
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
-    files = sorted(folder.glob("pytorch_model*.bin"))
+    files = weight_files(folder)
     if not files:
-        raise FileNotFoundError(f"{folder} holds no *.safetensors or pytorch_model*.bin weights")
+        raise FileNotFoundError(f"{folder} holds no model*.safetensors or pytorch_model*.bin weights")
+    if files[0].suffix == ".safetensors":
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
     return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
 
 
