@@ -111,7 +111,8 @@ class SinklabLM(TemplateLM):
             while end < len(order) and end - start < self.batch_size and key(order[end]) == key(order[start]):
                 end += 1
             group = order[start:end]
-            for i, text in zip(group, self._generate([encoded[i][0] for i in group], dict(encoded[group[0]][1]))):
+            texts = self._generate([encoded[i][0] for i in group], dict(encoded[group[0]][1]))
+            for i, text in zip(group, texts):
                 results[i] = text
             start = end
         return results

@@ -85,7 +85,8 @@ class AttentionConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
         if self.head_size is not None and self.head_size <= 0:
-            raise ValueError(f"model.head_size must be null (= n_embd / n_head) or a positive integer, got {self.head_size}")
+            raise ValueError(f"model.head_size must be null (= n_embd / n_head) or a positive integer, "
+                             f"got {self.head_size}")
         if self.head_size is None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head} "
                              "(or set model.head_size)")

@@ -11,8 +11,11 @@ the feature the decoder lacks. Weights and tokenizer come from the same folder.
 | llama (Llama 2/3, TinyLlama, SmolLM) | softmax; RoPE scaling `linear` or `llama3` (Llama 3.1+) |
 | mistral | softmax; block_size capped at `sliding_window` (below) |
 | qwen2 (Qwen2, Qwen2.5) | softmax + `attention_bias` (q/k/v biases) |
-| qwen3 | softmax + `qk_norm` + explicit `head_size`; sinklab's qk_norm is Qwen3's q_norm / k_norm: a learnable RMSNorm over each head's channels, before RoPE, with the model's norm eps |
-| qwen3_next, all layers full attention, dense MLP | softmax + qk_norm + `gate: elementwise` (what sinklab exports gated models to) |
+| qwen3 | softmax + `qk_norm` + explicit `head_size` |
+| qwen3_next, full attention, dense MLP | softmax + qk_norm + `gate: elementwise` (sinklab's gated export) |
+
+sinklab's qk_norm is Qwen3's q_norm / k_norm: a learnable RMSNorm over each head's channels,
+before RoPE, with the model's norm eps (Qwen3-Next stores its weight as w - 1).
 
 Sliding windows (Mistral 7B v0.1, Qwen with use_sliding_window): sinklab has no sliding-window
 mask, so the import's block_size stops at the window; up to it the two models agree exactly.

@@ -124,3 +124,17 @@ def test_unrepresentable_models_are_refused(tmp_path, arch, fields, reason):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder, and not a hub id"):
         load_run(f"hf:{tmp_path / 'nothing'}")
+
+
+def test_new_config_fields_are_checked_and_default_to_the_old_meaning():
+    from model import GPTConfig
+
+    cfg = GPTConfig(n_embd=32, n_head=4)
+    assert (cfg.head_dim, cfg.attention_bias, cfg.rope_scaling) == (8, False, "none")
+    assert GPTConfig(n_embd=30, n_head=4, head_size=16).head_dim == 16  # explicit width: no divisibility needed
+    for fields, message in (({"rope_scaling": "yarn"}, "model.rope_scaling='yarn' is not one of"),
+                            ({"head_size": 0}, "model.head_size must be null"),
+                            ({"n_embd": 30}, "or set model.head_size"),
+                            ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor <")):
+        with pytest.raises(ValueError, match=message):
+            GPTConfig(**{"n_embd": 32, "n_head": 4, **fields}).validate()
