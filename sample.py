@@ -58,6 +58,37 @@ def check_args(args, block_size: int, n_prompt: int):
                          f"--sink-cache 4 --window {block_size - 4}")
 
 
+class TextStream:
+    """The text of generated tokens as they come: after the prompt's text, the pieces add up to
+    decoding prompt and generation at once.
+
+    Each new token is decoded together with a few tokens before it, and the text those gave
+    is cut off: decoders that drop a word's leading space at the start of a sequence
+    (SentencePiece's Metaspace in Llama 2, Mistral) keep it, and a multi-byte character split
+    over tokens waits until it is whole.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tok, self.ids = tokenizer, list(prompt_ids)
+        self.done = len(self.ids)  # the text of ids[:done] is out already
+        self.start = max(0, self.done - 4)  # decode from here: context for the next token's text
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        shown = self.tok.decode(self.ids[self.start : self.done])
+        text = self.tok.decode(self.ids[self.start :])
+        if text.endswith("\ufffd") or len(text) <= len(shown):
+            return ""
+        self.start, self.done = self.done, len(self.ids)
+        return text[len(shown):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        text = self.tok.decode(self.ids[self.start :])[len(self.tok.decode(self.ids[self.start : self.done])):]
+        self.start = self.done = len(self.ids)
+        return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from model.load import load_run
@@ -75,20 +106,16 @@ def main(argv=None) -> int:
     for i in range(args.num_samples):
         idx = torch.tensor([ids], device=args.device)
         cache = None if args.sink_cache is None else run.model.make_cache(args.sink_cache, args.window)
-        printed = []
+        stream = TextStream(tok, ids)
 
-        def stream(token):  # decode the whole tail so multi-byte characters print whole
-            printed.append(int(token[0]))
-            text = tok.decode(printed)
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                printed.clear()
+        def show(token):
+            sys.stdout.write(stream.push(int(token[0])))
+            sys.stdout.flush()
 
         sys.stdout.write(prompt)
         run.model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, cache=cache, generator=generator, on_token=stream)
-        sys.stdout.write(tok.decode(printed) + "\n")
+                           top_p=args.top_p, cache=cache, generator=generator, on_token=show)
+        sys.stdout.write(stream.flush() + "\n")
         if i + 1 < args.num_samples:
             sys.stdout.write("-" * 40 + "\n")
     return 0

@@ -138,3 +138,30 @@ def test_new_config_fields_are_checked_and_default_to_the_old_meaning():
                             ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor <")):
         with pytest.raises(ValueError, match=message):
             GPTConfig(**{"n_embd": 32, "n_head": 4, **fields}).validate()
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_streamed_text_equals_decoding_at_once(kind):
+    """sample.py's streaming print: Metaspace (Llama 2 / Mistral) keeps word spaces, byte-level
+    holds a multi-byte character back until it is whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from sample import TextStream
+
+    if kind == "metaspace":
+        words = ["<unk>", "\u2581the", "\u2581cat", "\u2581sat", "\u2581on", "\u2581mat"]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        prompt, new = tok.encode("the cat").ids, tok.encode("sat on the mat").ids
+    else:
+        from hf_models import byte_tokenizer
+
+        tok = byte_tokenizer(bos=False).backend_tokenizer
+        prompt, new = tok.encode("caf").ids, tok.encode("\u00e9 \u00fcber").ids  # two-byte characters
+    stream = TextStream(tok, prompt)
+    pieces = [stream.push(t) for t in new]
+    assert tok.decode(prompt) + "".join(pieces) + stream.flush() == tok.decode(prompt + new)
+    if kind == "metaspace":
+        assert pieces[0] == " sat"  # decoding the token alone gives "sat": the word would run on
+    else:
+        assert pieces[:2] == ["", "\u00e9"]  # é is two bytes: nothing until the second one
