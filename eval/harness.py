@@ -11,15 +11,14 @@ disjoint windows of block_size tokens, each starting from the prefix token) and 
 first stop string or end-of-text). Text is encoded without special tokens; an empty context,
 and the first rolling window, start from the prefix token: BOS when the tokenizer adds one
 (Llama, Mistral), else end-of-text (sinklab's `<|endoftext|>`, Qwen's EOS), as lm-eval's own
-HF model does. Results go to <run>/eval/<step_dir>/harness.json (out/hf/<name>/eval/ for an hf:
-import), with the checkpoint, step, tokens seen and git commit.
+HF model does. Results go to harness.json where every eval writes (eval/checkpoints.py:
+<run>/eval/, <run>/eval/step_X/ for one checkpoint, out/hf/<name>/eval/ for an hf: import), with
+the checkpoint, step, tokens seen and git commit.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from . import fail
+from .result import CHECKPOINT_DEFINITION
 
 
 class SinklabLM(TemplateLM):
@@ -42,9 +42,14 @@ class SinklabLM(TemplateLM):
         self.max_length = self.model.config.block_size
         hf = run.config.get("hf")
         self._eot = hf["eos_token_id"] if hf else self.tokenizer.token_to_id(EOT)
-        # BOS only when the tokenizer puts one in front of text by itself (Llama yes, Qwen no).
-        bos = hf and hf["bos_token_id"]
-        self._prefix = bos if bos is not None and self.tokenizer.encode("a").ids[:1] == [bos] else self._eot
+        if hf:  # BOS only when the tokenizer puts one in front of text by itself (Llama yes, Qwen no)
+            bos = hf["bos_token_id"]
+            bos = bos if bos is not None and self.tokenizer.encode("a").ids[:1] == [bos] else None
+        else:  # a run trained with data.bos: documents start with its BOS
+            from .checkpoints import bos_id
+
+            bos = bos_id(run)
+        self._prefix = self._eot if bos is None else bos
 
     @property
     def eot_token_id(self) -> int:
@@ -135,11 +140,13 @@ class SinklabLM(TemplateLM):
 
 
 def evaluate(run, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
-             batch_size: int = 8, include_path: str | None = None, log_samples: bool = False) -> dict:
-    """Run lm-eval tasks on a LoadedRun; returns lm-eval's result dict (JSON-safe parts)."""
+             batch_size: int = 8, include_path: str | None = None, log_samples: bool = False,
+             manager=None) -> dict:
+    """Run lm-eval tasks on a LoadedRun; returns lm-eval's result dict (JSON-safe parts).
+    `manager`: a `task_manager(tasks, include_path)` to reuse (building one can take 20 s)."""
     from lm_eval import simple_evaluate
 
-    manager = task_manager(tasks, include_path)
+    manager = manager or task_manager(tasks, include_path)
     out = simple_evaluate(model=SinklabLM(run, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot,
                           limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
     keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "samples")
@@ -163,59 +170,49 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
-def provenance(run) -> dict:
-    """Checkpoint, step, tokens seen and git commit, for the result JSON."""
-    state = Path(run.checkpoint) / "trainer_state.json"
-    state = json.loads(state.read_text()) if state.is_file() else {}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"checkpoint": run.config.get("hf", {}).get("ref") or str(run.checkpoint),
-            "step": state.get("step"), "tokens": state.get("tokens"), "git_commit": commit}
-
-
-def main(argv=None) -> dict:
-    from model.load import load_run
-
-    from . import eval_dir, pick_device, write_json
+def main(argv=None) -> list[dict]:
+    from . import write_json
+    from .checkpoints import add_lm_arguments, check_paths, checkpoint_info, expand, load, output_dir
 
     ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or hf:<hub id or folder>")
+    add_lm_arguments(ap)
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     ap.add_argument("--num-fewshot", type=int, default=None)
     ap.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         fail("--batch-size must be >= 1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         fail("--tasks is empty; name at least one lm-eval task")
+    paths = expand(args.ckpt)
+    check_paths(paths)
     try:
-        run = load_run(args.ckpt, device=pick_device(args.device), task="lm", dtype=args.dtype)
-        result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path)
-    except (FileNotFoundError, ValueError) as e:
+        manager = task_manager(tasks, args.include_path)  # unknown task names fail before any model loads
+    except ValueError as e:
         fail(str(e))
-    result = {**provenance(run), "tasks": tasks, **result, "definitions": {
-        "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
-        "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one, "
-                        "else end-of-text",
-    }}
-    out = eval_dir(run.run_dir)
-    if run.checkpoint.parent.name == "checkpoints":
-        out = out / run.checkpoint.name
-        out.mkdir(exist_ok=True)
-    write_json(out / "harness.json", result)
-    for task, metrics in result["results"].items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{task}: {shown}")
-    print(f"-> {out / 'harness.json'}")
-    return result
+    written = []
+    for path in paths:
+        run = load(path, args)
+        result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path,
+                          manager=manager)
+        result = {"tasks": tasks, **result, "checkpoint": checkpoint_info(run), "definitions": {
+            "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
+            "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one "
+                            "or the run's data starts documents with it, else from end-of-text",
+            "checkpoint": CHECKPOINT_DEFINITION,
+        }}
+        out = output_dir(run, path) / "harness.json"
+        write_json(out, result)
+        for task, metrics in result["results"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {shown}")
+        print(f"-> {out}")
+        written.append(result)
+        del run  # one model in memory at a time
+    return written
 
 
 if __name__ == "__main__":
