@@ -165,3 +165,31 @@ def test_streamed_text_equals_decoding_at_once(kind):
         assert pieces[0] == " sat"  # decoding the token alone gives "sat": the word would run on
     else:
         assert pieces[:2] == ["", "\u00e9"]  # é is two bytes: nothing until the second one
+
+
+def test_an_eval_runs_on_an_import_with_data(folders, tmp_path, monkeypatch):
+    """The LM evals take hf: checkpoints: held-out text from --data, results under out/hf/<name>/."""
+    from eval import activations
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(4):
+        (corpus / f"doc{d}.txt").write_text(TEXT * 4 + "\n")
+    monkeypatch.chdir(tmp_path)
+    [result] = activations.main(["--ckpt", f"hf:{folders['qwen3']}", "--data", str(corpus), "--n-seqs", "2",
+                                 "--length", "32"])
+    assert result.checkpoint["path"] == str(folders["qwen3"])
+    assert (tmp_path / "out" / "hf" / "qwen3" / "eval" / "activations.json").is_file()
+
+
+def test_sliding_windows_cap_the_context():
+    """No sliding-window mask in sinklab: the import's context stops where the window would start."""
+    from transformers import AutoConfig
+
+    from model.hf_import import gpt_config
+
+    sizes = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    windowed = AutoConfig.for_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0, **sizes)
+    assert gpt_config(windowed).block_size == 16
+    assert gpt_config(AutoConfig.for_model("qwen2", sliding_window=16, **sizes)).block_size == 64  # window unused
+    assert gpt_config(AutoConfig.for_model("mistral", sliding_window=None, **sizes)).block_size == 64
