@@ -66,9 +66,14 @@ def hf_folder(ref: str) -> Path:
         raise FileNotFoundError(f"{ref}: no such folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(name, allow_patterns=HUB_FILES))
-    if not weight_files(folder):  # an older repo with PyTorch pickles only
-        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"]))
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        if not weight_files(folder):  # an older repo with PyTorch pickles only
+            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"]))
+    except Exception as e:  # offline, no such repo, gated, network: all one message
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{ref}: could not get it from the hub ({first_line}); check the id, "
+                                "your login (huggingface-cli login) and network, or pass a local folder") from None
     return folder
 
 
