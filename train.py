@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from configs import ConfigError, RunConfig, load_config, to_dict
+from model import backends
 from model.flops import peak_tflops, training_flops_per_token
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
@@ -176,12 +177,14 @@ class Trainer:
                 raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
                                   f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
             self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
-        self.check_backend()
+        self.attention_backend = self.check_backend()
+        acc.print(f"attention backend: {self.attention_backend}")
         self.start_step, self.tokens_seen, self.bad_in_row, self.skipped = 0, 0, 0, 0
         resume_from = self.find_resume_checkpoint()  # checks config compatibility before writing
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            saved = {**to_dict(cfg), "attention_backend": self.attention_backend}  # a record: loaders ignore it
+            write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
             if cfg.task == "lm":
                 shutil.copyfile(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
 
@@ -194,6 +197,7 @@ class Trainer:
         else:
             model = GPT(cfg.model)
             self.flops_per_token = training_flops_per_token(cfg.model, cfg.model.block_size)
+        model.set_backend(acc.device, backends.compute_dtype(acc.mixed_precision))  # pinned across acc.prepare's moves
         self.peak = peak_tflops(acc.device)
         if cfg.train.compile:
             model = torch.compile(model)
@@ -232,13 +236,13 @@ class Trainer:
                               "classes; raise it or leave it null")
 
     def check_backend(self):
-        """GPU-only kernels fail here, before any work, rather than at the first step."""
-        backend, device = self.cfg.model.backend, self.acc.device
-        if backend in ("flex", "flash", "triton") and device.type != "cuda":
-            raise ConfigError(f"model.backend={backend} trains on CUDA GPUs only (this run is on {device.type}); "
-                              "use model.backend=auto (math / sdpa / chunked here) or math")
-        if backend == "flash" and self.acc.mixed_precision not in ("bf16", "fp16"):
-            raise ConfigError("model.backend=flash needs bf16 or fp16; set train.mixed_precision=bf16 (or auto)")
+        """A backend that cannot train here (GPU-only kernels, flash without bf16) fails before any work;
+        returns what will run the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
+        try:
+            backends.check(self.cfg.model, self.acc.device, self.acc.mixed_precision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return backends.describe(self.cfg.model, self.acc.device, backends.compute_dtype(self.acc.mixed_precision))
 
     def find_resume_checkpoint(self) -> Path | None:
         cfg = self.cfg
@@ -439,8 +443,9 @@ class Trainer:
             else:
                 self.bad_in_row += 1
                 self.skipped += 1
+            first = {"attention_backend": self.attention_backend} if step == self.start_step + 1 else {}
             self.log({"step": step, "tokens": self.tokens_seen, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                      "tok_per_s": round(tok_s, 1), "mfu": mfu, "skipped_steps": self.skipped})
+                      "tok_per_s": round(tok_s, 1), "mfu": mfu, "skipped_steps": self.skipped, **first})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}",

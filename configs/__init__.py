@@ -26,6 +26,8 @@ CONFIG_DIR = Path(__file__).parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 # `task` picks the classes of the model and data sections.
 TASKS = {"lm": (GPTConfig, DataConfig), "vit": (ViTConfig, ImageDataConfig)}
+# What train.py records at the top of a run's config.yaml next to the config; reading it back ignores them.
+RECORDS = ("attention_backend",)
 
 
 class ConfigError(ValueError):
@@ -159,6 +161,8 @@ def _build(cls, values: dict, prefix: str):
         if task not in TASKS:
             raise ConfigError(f"task={task!r} is not one of {list(TASKS)}")
         hints["model"], hints["data"] = TASKS[task]
+    if cls is RunConfig:
+        values = {k: v for k, v in values.items() if k not in RECORDS}
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():

@@ -85,12 +85,10 @@ def parse_args(argv):
         p.error("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False); "
                 "use --suite cpu or run on a GPU machine")
     if args.train_backend == "triton":
-        from model import kernels
+        from model import backends
 
-        try:
-            kernels.require("triton")
-        except ValueError as e:
-            p.error(str(e))
+        if reason := backends.get("triton").why_not():
+            p.error(reason)
     if args.suite == "cpu" and args.device != "cpu":
         p.error("--suite cpu runs on the CPU; drop --device or pass --device cpu")
     for name in ("lengths", "n_layer", "n_head", "n_embd", "vocab", "batch", "warmup", "reps"):

@@ -14,7 +14,8 @@ import time
 import torch
 
 from model.attention import Attention
-from model.config import BACKENDS, AttentionConfig
+from model import backends
+from model.config import AttentionConfig
 
 HEADS, HEAD_DIM, TOKENS = 12, 64, 16384  # kernel and GPU training shapes: B = TOKENS // T
 
@@ -57,15 +58,7 @@ def variants(kinds) -> list[tuple[str, dict]]:
 
 def fast_backends(kind: str, device: torch.device) -> list[str]:
     """The fused backends that can run `kind` here (math is the reference, not listed)."""
-    from model import kernels
-
-    cuda = device.type == "cuda"
-    names = {"softmax": ["sdpa", "flex"], "linear": ["chunked"]}.get(kind, ["flex"])
-    if kind == "softmax" and cuda and kernels.FLASH_AVAILABLE:
-        names.append("flash")
-    if (cuda or kernels.TRITON_INTERPRET) and kernels.TRITON_AVAILABLE and "triton" in BACKENDS[kind]:
-        names.append("triton")
-    return names
+    return backends.fast(kind, device)
 
 
 def make_attention(fields: dict, backend: str, t: int, device) -> Attention:

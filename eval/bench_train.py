@@ -12,7 +12,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from model.config import BACKENDS
+from model import backends
 from model.flops import peak_tflops, training_flops_per_token
 
 from . import nanogpt_baseline
@@ -42,7 +42,7 @@ def make_model(name: str, shape: dict, device, compile_: bool, kernel_backend: s
         kind, gate = name.split("/")
         cfg = GPTConfig(vocab_size=shape["vocab"], n_layer=shape["n_layer"], n_head=shape["n_head"],
                         n_embd=shape["n_embd"], block_size=shape["T"], attention=kind, gate=gate,
-                        backend=kernel_backend if kind != "softmax" and kernel_backend in BACKENDS[kind] else "auto")
+                        backend=kernel_backend if kind != "softmax" and kernel_backend in backends.allowed(kind) else "auto")
         model, flops = GPT(cfg), training_flops_per_token(cfg, shape["T"])
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

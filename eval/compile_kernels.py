@@ -11,7 +11,7 @@ memory exceeds the GPU's (autotuning would skip those at run time, silently). Pr
 (kernel, flags, config) with its shared memory, registers per thread and register spills (from
 ptxas -v; spilling configs are slow, and autotuning will rarely pick them); exits 1 if any
 compile fails or no config of a kernel fits the shared memory. The linear kernels are compiled
-only for the head dims `auto` gives them (model/kernels.py, LINEAR_MAX_TILE).
+only for the head dims `auto` gives them (model/backends/triton.py, LINEAR_MAX_TILE).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  #
 
 def kernel_cases(head_dim: int = 64, io_dtype: str = "bf16"):
     """(name, autotuned kernel, arg types, constexpr flags) for every kernel and flag set."""
-    from model import kernels_linear, kernels_triton
-    from model.kernels import LINEAR_MAX_TILE
+    from model.backends import triton_linear as kernels_linear, triton_sigmoid as kernels_triton
+    from model.backends.triton import LINEAR_MAX_TILE
 
     ptr, f32 = f"*{io_dtype}", "*fp32"
     ints = {"T": "i32", "N": "i32", "scale": "fp32", "bias": "fp32"}
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     except ImportError:
         p.error("needs the triton package (pip install triton)")
 
-    from model.kernels import LINEAR_SHARED_KIB
+    from model.backends.triton import LINEAR_SHARED_KIB
 
     limit, failed = SHARED_LIMIT[args.arch], 0
     print("| kernel | flags | config | shared KiB | registers | spill bytes | seconds | result |\n" + "|---" * 8 + "|")

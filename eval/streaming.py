@@ -42,17 +42,8 @@ ORDERS = ("reference", "evict-first")
 
 
 def cache_bytes(cache) -> int:
-    """Bytes resident in a cache: K and V of every layer, or linear attention's state.
-
-    The one place this module looks inside a cache (everything else uses make_cache, the
-    forward's `cache=` and len(cache))."""
-    total = 0
-    for layer in cache.layers:
-        tensors = [getattr(layer, "k", None), getattr(layer, "v", None)]
-        state = getattr(layer, "state", None)
-        tensors += list(state) if isinstance(state, (tuple, list)) else [state]
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
+    """Bytes resident in a cache: K and V of every layer, or linear attention's state."""
+    return cache.nbytes()
 
 
 @torch.inference_mode()
@@ -73,7 +64,7 @@ def stream_nll(model, tokens: torch.Tensor, cache) -> dict:
         peak = max(peak, len(cache))
     nll = nll.cpu().numpy()  # synchronises on GPU before the clock stops
     seconds = time.perf_counter() - t0
-    if model.config.attention == "linear":
+    if cache.is_recurrent:
         peak = None  # a fixed-size state, not tokens (len() counts tokens seen)
     return {"nll": nll, "seconds": seconds, "cache_tokens_peak": peak, "cache_bytes_peak": cache_bytes(cache)}
 

@@ -1,20 +1,35 @@
-"""Decoding caches: full KV cache, StreamingLLM sink cache, and linear attention's recurrent state.
+"""Decoding caches: passive stores that the attention block reads and updates.
 
-KV caches store keys *before* RoPE and rotate them at their position inside the cache each
-step. For the full cache that position is the absolute one, so decoding equals the full
-forward pass. For the sink cache (`n_sink` first tokens + `window` most recent ones) the
-evicted middle closes up and the kept keys are re-positioned at 0..n-1: StreamingLLM's
-"pos shift", which lets generation run forever in constant memory.
+    cache = model.make_cache()                 # full KV cache
+    cache = model.make_cache(n_sink, window)   # StreamingLLM sink cache: n_sink first + window recent tokens
+    model(idx, cache=cache)                    # feeds idx after what the cache has seen
+
+What callers may use: `cache.seen` (tokens fed so far: the absolute position of the next one),
+`len(cache)` (tokens held; for linear attention, the tokens its state summarises), `cache.capacity`
+(most tokens held, None = unbounded), `cache.window` (most tokens one call may add, None =
+any), `cache.nbytes()`, `cache.is_recurrent` (a fixed-size state, not tokens) and `cache.layers`
+(one store per decoder layer, in order, for the attention blocks).
+
+A layer's KVCache stores keys *before* RoPE: `update` appends new keys and values and returns
+what to attend over and the cache position of the first new token; the block rotates the keys at
+positions 0..n-1 and the queries at theirs. For the full cache those are the absolute positions, so
+decoding equals the full forward pass. For the sink cache the evicted middle closes up and the kept
+keys are re-positioned at 0..n-1: StreamingLLM's "pos shift", which lets generation run forever
+in constant memory. Linear attention keeps its exact recurrent state (S, z) instead.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import expand_kv, linear_attention_chunked
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class KVCache:
-    """One layer's keys and values. n_sink/window None = keep everything."""
+    """One layer's unrotated keys and values. n_sink/window None = keep everything."""
+
+    is_recurrent = False
 
     def __init__(self, n_sink: int | None = None, window: int | None = None):
         if (n_sink is None) != (window is None):
@@ -23,6 +38,7 @@ class KVCache:
             raise ValueError(f"sink cache needs window >= 1 and n_sink >= 0, got window={window}, n_sink={n_sink}")
         self.n_sink, self.window = n_sink, window
         self.k = self.v = None
+        self.seen = 0
 
     @property
     def capacity(self) -> int | None:
@@ -31,60 +47,88 @@ class KVCache:
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
-    def evict_for(self, n_new: int) -> None:
+    def nbytes(self) -> int:
+        return _nbytes((self.k, self.v))
+
+    def _evict_for(self, n_new: int) -> None:
         """Drop the oldest non-sink tokens so that n_new more still fit in the capacity."""
         if self.capacity is None or self.k is None:
             return
-        if n_new > self.window:
-            raise ValueError(f"cannot add {n_new} tokens at once to a sink cache with window {self.window}; "
-                             "feed at most `window` tokens per call")
         excess = len(self) + n_new - self.capacity
         if excess > 0:
             keep = lambda t: torch.cat((t[:, :, : self.n_sink], t[:, :, self.n_sink + excess :]), dim=2)
             self.k, self.v = keep(self.k), keep(self.v)
 
-    def attend(self, attn, q, k, v):
-        """Append unrotated k, v; attend rotated q at the new tokens' cache positions."""
-        self.evict_for(k.shape[-2])
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Append unrotated k, v (B, Hkv, T_new, D). Returns (keys, values, start): everything held,
+        at cache positions 0..len-1, and the cache position of the first new token."""
+        n_new = k.shape[-2]
+        if self.window is not None and n_new > self.window:
+            raise ValueError(f"cannot add {n_new} tokens at once to a sink cache with window {self.window}; "
+                             "feed at most `window` tokens per call")
+        self._evict_for(n_new)
         self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
         self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        n = len(self)
-        q = attn.rope(q, n - q.shape[-2])
-        y, _ = attn.attend(q, attn.rope(self.k, 0), self.v)
-        return y
+        self.seen += n_new
+        return self.k, self.v, len(self) - n_new
 
 
 class LinearState:
-    """Linear attention's exact recurrent state (S, z): constant memory, nothing evicted.
+    """Linear attention's exact recurrent state (S, z) after `seen` tokens: constant memory, nothing
+    evicted. The block rotates at absolute positions before the feature map, as in the full forward."""
 
-    RoPE is applied at absolute positions before the feature map, as in the full forward.
-    """
+    is_recurrent = True
+    capacity = window = None
 
     def __init__(self):
-        self.state = None
-        self.position = 0
+        self.state = None  # (S (B,H,D,Dv), z (B,H,D)) in fp32, None before the first token
+        self.seen = 0
 
     def __len__(self) -> int:
-        return self.position
+        return self.seen
 
-    def attend(self, attn, q, k, v):
-        k, v = expand_kv(k, v, attn.cfg.n_head)
-        q, k = attn.rope(q, self.position), attn.rope(k, self.position)
-        y, self.state = linear_attention_chunked(q, k, v, attn.cfg.linear_chunk_size, self.state)
-        self.position += q.shape[-2]
-        return y
+    def nbytes(self) -> int:
+        return _nbytes(self.state or ())
+
+    def update(self, state, n_new: int) -> None:
+        """Store the state after n_new more tokens."""
+        self.state = state
+        self.seen += n_new
 
 
 class Cache:
-    """One cache per layer, plus the number of tokens seen so far (absolute positions)."""
+    """One store per decoder layer; what callers may read is listed in the module docstring."""
 
     def __init__(self, layers):
-        self.layers = layers
-        self.seen = 0
+        self.layers = tuple(layers)
+
+    @property
+    def seen(self) -> int:
+        """Tokens fed so far (the absolute position of the next one)."""
+        return self.layers[0].seen
 
     def __len__(self) -> int:
         """Tokens currently held (equal to `seen` until a sink cache starts evicting)."""
         return len(self.layers[0])
+
+    @property
+    def capacity(self) -> int | None:
+        """The most tokens held (n_sink + window), None = unbounded."""
+        return self.layers[0].capacity
+
+    @property
+    def window(self) -> int | None:
+        """A sink cache's recent tokens: also the most tokens one call may add. None = any."""
+        return self.layers[0].window
+
+    @property
+    def is_recurrent(self) -> bool:
+        """A fixed-size state (linear attention) rather than tokens."""
+        return self.layers[0].is_recurrent
+
+    def nbytes(self) -> int:
+        """Bytes resident: K and V of every layer, or linear attention's states."""
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 def make_cache(config, n_sink: int | None = None, window: int | None = None) -> Cache:

@@ -4,18 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear")
+from . import backends
+from .scores import ATTENTION_KINDS
+
 GATE_KINDS = ("none", "headwise", "elementwise")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # transformers' rope_type names (model/rope.py)
-# Which kernels can run which attention kind. `math` materialises the weights and is the
-# reference; `auto` picks the fastest path available for the kind and device.
-BACKENDS = {
-    "softmax": ("auto", "math", "sdpa", "flex", "flash"),
-    "sigmoid": ("auto", "math", "flex", "triton"),
-    "elu1": ("auto", "math", "flex", "triton"),
-    "linear": ("auto", "math", "chunked", "triton"),
-}
-ALL_BACKENDS = tuple(sorted({b for kinds in BACKENDS.values() for b in kinds}))
 
 
 def swiglu_hidden(n_embd: int, intermediate_size: int | None) -> int:
@@ -25,7 +18,7 @@ def swiglu_hidden(n_embd: int, intermediate_size: int | None) -> int:
 
 @dataclass
 class AttentionConfig:
-    """Fields of the attention block (see DESIGN.md, "The attention block")."""
+    """Fields of the attention block (see docs/design.md, "The attention block")."""
 
     n_embd: int = 256
     n_head: int = 4
@@ -37,7 +30,7 @@ class AttentionConfig:
     sigmoid_bias: float | None = None  # None = -log(block_size)
     gate: str = "none"
     qk_norm: bool = False
-    backend: str = "auto"
+    backend: str = "auto"  # model/backends/: auto resolves once, when the model is built or moved
     linear_chunk_size: int = 64
     rope: bool = True  # RoPE over the sequence index; the ViT turns it off (absolute 2-D position embeddings)
     rope_theta: float = 10000.0
@@ -70,7 +63,7 @@ class AttentionConfig:
             raise ValueError(f"model.attention={self.attention!r} is not one of {list(ATTENTION_KINDS)}")
         if self.gate not in GATE_KINDS:
             raise ValueError(f"model.gate={self.gate!r} is not one of {list(GATE_KINDS)}")
-        allowed = BACKENDS[self.attention]
+        allowed = backends.allowed(self.attention)  # the kernels that run this kind, plus auto and math
         if self.backend not in allowed:
             raise ValueError(
                 f"model.backend={self.backend!r} cannot run attention={self.attention!r}; "

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Attention, AttentionWeights
+from .attention import Attention, AttentionWeights, describe_backend, set_backend
 from .cache import Cache, make_cache
 from .config import GPTConfig
 
@@ -81,6 +81,17 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def set_backend(self, device=None, dtype: torch.dtype | None = None) -> str:
+        """Resolve the attention backend for a device and compute dtype (bf16 under mixed
+        precision); `auto` is also resolved when the model is built and on every .to(). Returns
+        the description, as `attention_backend`."""
+        return set_backend(self, device, dtype)
+
+    @property
+    def attention_backend(self) -> str:
+        """What runs the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
+        return describe_backend(self)
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if non_embedding else n
@@ -94,15 +105,14 @@ class GPT(nn.Module):
                              "use a cache (model.make_cache) to go further")
         x = self.embed_tokens(idx)
         attn, mass, hidden = [], [], []
-        for i, block in enumerate(self.layers):
-            x, weights = block(x, cache=None if cache is None else cache.layers[i], return_attn=return_attn)
+        layer_caches = [None] * len(self.layers) if cache is None else cache.layers
+        for block, layer_cache in zip(self.layers, layer_caches):
+            x, weights = block(x, cache=layer_cache, return_attn=return_attn)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)
             if return_hidden:
                 hidden.append(x)
-        if cache is not None:
-            cache.seen += T
         logits = self.lm_head(self.norm(x)).float()
         loss = None
         if targets is not None:
@@ -146,10 +156,7 @@ class GPT(nn.Module):
 
     def _prefill(self, idx, cache: Cache):
         """Feed the prompt in pieces that a sink cache can take; return the last logits."""
-        step = idx.shape[1]
-        window = getattr(cache.layers[0], "window", None)
-        if window is not None:
-            step = max(1, window)
+        step = cache.window or idx.shape[1]
         logits = None
         for start in range(0, idx.shape[1], step):
             logits = self(idx[:, start : start + step], cache=cache).logits[:, -1]

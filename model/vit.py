@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionWeights
+from .attention import AttentionWeights, describe_backend, set_backend
 from .config import AttentionConfig, swiglu_hidden
 from .flops import block_matmul_params
 from .gpt import Block, ModelOutput, init_weights
@@ -115,6 +115,15 @@ class ViT(nn.Module):
         init_weights(self, c.n_layer, c.init_std)
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.zeros_(self.head.bias)
+
+    def set_backend(self, device=None, dtype: torch.dtype | None = None) -> str:
+        """As GPT.set_backend: resolve the attention backend for a device and compute dtype."""
+        return set_backend(self, device, dtype)
+
+    @property
+    def attention_backend(self) -> str:
+        """What runs the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
+        return describe_backend(self)
 
     # token layout -------------------------------------------------------------------------
     @property

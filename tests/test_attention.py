@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import Attention, AttentionConfig
-from model.attention import resolve_backend
+from model.backends import resolve
 from model.cache import LinearState
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -78,7 +78,8 @@ def test_attention_forward_and_grads_match_reference(ref, case, causal, backend)
     attn = make_attn(ref, cfg, causal=causal)
     if backend == "auto":  # make sure `auto` really exercises the fast path on CPU
         expected = {"softmax": "sdpa", "linear": "chunked"}.get(cfg.attention, "math")
-        assert resolve_backend(cfg, torch.device("cpu")) == expected
+        assert resolve(cfg, torch.device("cpu")) == expected
+        assert attn.backend == expected  # resolved once, when the block was built
     names, params = zip(*attn.named_parameters())
     if cfg.gate != "none":
         assert "g_proj.weight" in names
@@ -242,3 +243,35 @@ def test_rope_frequencies_survive_a_bf16_module_cast(ref):
     attn.to(torch.bfloat16)
     err = (attn.rope(x.bfloat16(), 0).double() - want).abs().max().item()  # ~0.12 if inv_freq were cast
     assert err <= 2 * rounding_only, f"bf16-cast module: RoPE error {err:.3f} vs {rounding_only:.3f} from bf16 rounding"
+
+
+# --------------------------------------------------------------------------------------------
+# the backend is resolved once, when the block is built or moved, and described
+# --------------------------------------------------------------------------------------------
+def test_backend_is_resolved_at_build_and_move_not_per_forward(monkeypatch):
+    from model import backends
+
+    attn = Attention(make_cfg(attention="softmax"))
+    assert attn.backend == "sdpa" and attn.backend_description == "sdpa (softmax, fp32, cpu)"
+    attn.double()  # a cast resolves again for the new dtype
+    assert attn.backend_description == "sdpa (softmax, fp64, cpu)"
+    assert attn.set_backend("cpu", torch.bfloat16) == "sdpa (softmax, bf16, cpu)"
+    attn.float()  # the pinned compute dtype (mixed precision) survives later moves
+    assert attn.backend_description == "sdpa (softmax, bf16, cpu)"
+
+    def no_resolving(*args):
+        raise AssertionError("resolved during a forward")
+
+    monkeypatch.setattr(backends, "resolve", no_resolving)
+    with torch.no_grad():
+        attn(torch.randn(1, T, 32))
+
+
+def test_explicit_backend_that_cannot_run_here_fails_with_its_reason():
+    from model import backends
+
+    with pytest.raises(ValueError, match=r"backend=flex has no backward on cpu.*backend=auto"):
+        backends.check(make_cfg(attention="sigmoid", backend="flex"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"backend=flash .*(flash-attn|CUDA)"):  # no package, or not on the CPU
+        backends.check(make_cfg(attention="softmax", backend="flash"), torch.device("cpu"), "bf16")
+    backends.check(make_cfg(attention="sigmoid", backend="math"), torch.device("cpu"))  # fine

@@ -1,5 +1,5 @@
-"""The fused attention paths (model/kernels.py, kernels_triton.py, kernels_linear.py) against the
-`math` backend, which tests/test_attention.py checks against the independent reference.
+"""The fused attention paths (model/backends/: flex, flash, triton with triton_sigmoid.py and
+triton_linear.py) against the `math` backend, which tests/test_attention.py checks against the independent reference.
 
 On the CPU: backend selection and its errors; FlexAttention's forward (PyTorch has no CPU
 backward for it); the Triton kernels (sigmoid / elu1, chunked linear), forward and backward,
@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import GPT, GPTConfig, kernels
-from model.attention import Attention, math_attention, resolve_backend
+from model import GPT, GPTConfig, backends
+from model.attention import Attention
+from model.backends import packages
+from model.backends import resolve as resolve_backend
 from model.config import AttentionConfig
+from model.scores import math_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -48,24 +51,20 @@ def rel(a, b) -> float:
 @pytest.fixture
 def h100_shared_memory(monkeypatch):
     """resolve_backend asks the GPU for its shared memory; answer as an H100 would."""
-    from model import attention
-
-    monkeypatch.setattr(attention, "shared_memory_kib", lambda device: 227.0)
+    monkeypatch.setattr("model.backends.triton.shared_memory_kib", lambda device: 227.0)
     return monkeypatch
 
 
 def test_auto_without_triton_falls_back_to_flex_and_chunked(h100_shared_memory):
-    h100_shared_memory.setattr(kernels, "TRITON_AVAILABLE", False)
+    h100_shared_memory.setitem(backends.REGISTRY, "triton", replace(backends.get("triton"), missing="no triton here"))
     cuda = torch.device("cuda")
     assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == \
         ["flex", "flex", "chunked"]
 
 
-@pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="triton is not installed")
+@pytest.mark.skipif(not packages.TRITON_AVAILABLE, reason="triton is not installed")
 def test_auto_keeps_linear_off_triton_where_its_shared_memory_does_not_fit(monkeypatch):
-    from model import attention
-
-    monkeypatch.setattr(attention, "shared_memory_kib", lambda device: 99.0)  # an RTX 4090
+    monkeypatch.setattr("model.backends.triton.shared_memory_kib", lambda device: 99.0)  # an RTX 4090
     cuda = torch.device("cuda")
     assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "linear")] == ["triton", "chunked"]
 
@@ -74,31 +73,31 @@ def test_auto_picks_per_kind_and_device(h100_shared_memory):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolve_backend needs no GPU to answer
     assert [resolve_backend(cfg_for(k), cpu) for k in ("softmax", "sigmoid", "elu1", "linear")] == \
         ["sdpa", "math", "math", "chunked"]
-    fused = ["triton"] * 3 if kernels.TRITON_AVAILABLE else ["flex", "flex", "chunked"]
+    fused = ["triton"] * 3 if packages.TRITON_AVAILABLE else ["flex", "flex", "chunked"]
     assert [resolve_backend(cfg_for(k), cuda, torch.bfloat16) for k in ("sigmoid", "elu1", "linear")] == fused
     untileable = [replace(cfg_for(k), n_embd=48) for k in ("sigmoid", "linear")]  # head_dim 12
     assert [resolve_backend(c, cuda, torch.bfloat16) for c in untileable] == ["flex", "chunked"]
     head_dim_128 = [replace(cfg_for(k), n_embd=512) for k in ("sigmoid", "linear")]  # linear's tiles stop at 64
     assert [resolve_backend(c, cuda, torch.bfloat16) for c in head_dim_128] == \
-        (["triton", "chunked"] if kernels.TRITON_AVAILABLE else ["flex", "chunked"])
-    assert resolve_backend(cfg_for(), cuda, torch.bfloat16) == ("flash" if kernels.FLASH_AVAILABLE else "sdpa")
+        (["triton", "chunked"] if packages.TRITON_AVAILABLE else ["flex", "chunked"])
+    assert resolve_backend(cfg_for(), cuda, torch.bfloat16) == ("flash" if packages.FLASH_AVAILABLE else "sdpa")
     assert resolve_backend(cfg_for(), cuda, torch.float32) == "sdpa"  # flash-attn takes fp16/bf16 only
     assert resolve_backend(cfg_for("sigmoid", backend="math"), cuda) == "math"
 
 
-@pytest.mark.skipif(kernels.FLASH_AVAILABLE, reason="flash-attn is installed here")
+@pytest.mark.skipif(packages.FLASH_AVAILABLE, reason="flash-attn is installed here")
 def test_flash_without_the_package_fails_at_construction():
     with pytest.raises(ValueError, match="pip install flash-attn"):
         Attention(cfg_for(backend="flash"))
 
 
-@pytest.mark.skipif(kernels.TRITON_AVAILABLE, reason="triton is installed here")
+@pytest.mark.skipif(packages.TRITON_AVAILABLE, reason="triton is installed here")
 def test_triton_without_the_package_fails_at_construction():
     with pytest.raises(ValueError, match="pip install triton"):
         Attention(cfg_for("sigmoid", backend="triton"))
 
 
-@pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="triton is not installed")
+@pytest.mark.skipif(not packages.TRITON_AVAILABLE, reason="triton is not installed")
 def test_triton_shapes_it_cannot_tile_fail_at_construction():
     with pytest.raises(ValueError, match=r"powers of two.*linear_chunk_size.*backend=chunked"):
         Attention(cfg_for("linear", backend="triton", linear_chunk_size=24))
@@ -133,7 +132,7 @@ def test_flex_forward_matches_math(kind, normalize, causal):
     cfg = cfg_for(kind, normalize, sigmoid_bias=-1.5)
     q, k, v = (3 * torch.randn(2, 4, 40, 16) for _ in range(3))  # peaked weights, T not a block multiple
     with torch.no_grad():
-        y = kernels.attend("flex", q, k, v, cfg, causal)
+        y = backends.get("flex")(q, k, v, cfg, causal)
         ref = math_attention(q, k, v, cfg, causal)[0]
     assert rel(y, ref) < 1e-5
 
@@ -163,11 +162,12 @@ INTERPRETED = textwrap.dedent("""
     import torch
     from eval.bench import check
     from model import GPT, GPTConfig
-    from model.attention import math_attention
+    from model.backends import get
+    from model.backends.triton_linear import _scan, linear_attention_triton
+    from model.backends.triton_sigmoid import sigmoid_family_attention
     from model.config import AttentionConfig
-    from model.kernels import attend
-    from model.kernels_linear import _scan, linear_attention_triton
-    from model.kernels_triton import triton_attention
+    from model.scores import math_attention
+    attend = lambda name, *args: get(name)(*args)
     torch.manual_seed(0)
     errors = []
 
@@ -188,7 +188,7 @@ INTERPRETED = textwrap.dedent("""
             for causal in (True, False):
                 cfg = AttentionConfig(n_embd=32, n_head=2, attention=kind, attn_normalize=normalize,
                                       sigmoid_bias=-1.0, block_size=64)
-                compare(triton_attention, cfg, causal,
+                compare(sigmoid_family_attention, cfg, causal,
                         *((2 * torch.randn(1, 2, 40, 16)).requires_grad_() for _ in range(3)))
     for t in (40, 7):  # linear: chunks of 16, a ragged last chunk, and one shorter than a chunk
         cfg = AttentionConfig(n_embd=32, n_head=2, attention="linear", linear_chunk_size=16, block_size=64)
@@ -315,7 +315,7 @@ def test_auto_model_step_on_gpu_matches_math(kind):
 @needs_cuda
 def test_triton_linear_memory_is_linear_in_t():
     """At a fixed number of tokens B * T, the kernel's extra memory does not grow with T."""
-    from model.kernels_linear import linear_attention_triton
+    from model.backends.triton_linear import linear_attention_triton
 
     extra = []
     for t in (2048, 8192):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import GPT, Attention, AttentionConfig, GPTConfig
-from model.config import BACKENDS
+from model.backends import allowed
 from model.gpt import sample_next
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -145,8 +145,7 @@ def test_cached_decoding_equals_full_forward(ref, case):
             start += n
             assert cache.seen == start and len(cache) == start
         dec = torch.cat(pieces, 1)
-    layer_cache = type(cache.layers[0]).__name__
-    assert layer_cache == ("LinearState" if case["attention"] == "linear" else "KVCache")
+    assert cache.is_recurrent == (case["attention"] == "linear")  # linear keeps its state, the others K and V
     ref.close(dec, full, what="cached logits")
 
 
@@ -220,7 +219,7 @@ def test_sink_cache_equals_forward_over_retained_tokens(ref, case):
         for t in range(T):
             logits = model(idx[:, t : t + 1], cache=cache).logits[:, -1]
             assert len(cache) == min(t + 1, n_sink + window)
-            assert all(layer.k.shape[-2] <= n_sink + window for layer in cache.layers)
+            assert all(len(layer) <= n_sink + window for layer in cache.layers) and cache.capacity == n_sink + window
             assert cache.seen == t + 1
             seen = idx[:, : t + 1]
             kept = seen if t + 1 <= n_sink + window else torch.cat((seen[:, :n_sink], seen[:, -window:]), 1)
@@ -270,11 +269,11 @@ def test_non_causal_attention_matches_reference(ref, case, backend):
 @pytest.mark.parametrize("kw, field, allowed", [
     (dict(attention="cosine"), "model.attention", ["softmax", "sigmoid", "elu1", "linear"]),
     (dict(gate="scalar"), "model.gate", ["none", "headwise", "elementwise"]),
-    (dict(backend="bogus_kernel"), "model.backend", BACKENDS["softmax"]),
-    (dict(attention="sigmoid", backend="sdpa"), "model.backend", BACKENDS["sigmoid"]),
-    (dict(attention="elu1", backend="chunked"), "model.backend", BACKENDS["elu1"]),
-    (dict(attention="linear", backend="sdpa"), "model.backend", BACKENDS["linear"]),
-    (dict(attention="softmax", backend="chunked"), "model.backend", BACKENDS["softmax"]),
+    (dict(backend="bogus_kernel"), "model.backend", allowed("softmax")),
+    (dict(attention="sigmoid", backend="sdpa"), "model.backend", allowed("sigmoid")),
+    (dict(attention="elu1", backend="chunked"), "model.backend", allowed("elu1")),
+    (dict(attention="linear", backend="sdpa"), "model.backend", allowed("linear")),
+    (dict(attention="softmax", backend="chunked"), "model.backend", allowed("softmax")),
 ])
 def test_bad_config_values_raise_naming_field_and_allowed_values(kw, field, allowed):
     """The message names the field, the bad value and every allowed value (for backends: the
@@ -416,3 +415,48 @@ def test_softmax_model_matches_hf_llama(ref, n_kv_head):
     idx = tokens(2, 20)
     with torch.no_grad():
         ref.close(model(idx).logits, hf(idx).logits.float(), 1e-6, "vs LlamaForCausalLM")
+
+
+# --------------------------------------------------------------------------------------------
+# the package's import graph has no cycles (score functions and backends never import the block)
+# --------------------------------------------------------------------------------------------
+def _model_imports() -> dict[str, set[str]]:
+    """module -> the model/ modules it imports anywhere in its source (functions included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "model").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}".rstrip(".")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in files and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_model_package_has_no_import_cycles():
+    graph = _model_imports()
+    assert {"model.attention", "model.scores", "model.backends", "model.backends.math"} <= set(graph)
+    assert not graph["model.scores"], "model/scores.py is a leaf: it imports nothing of the model"
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+
+    cycles = [m for m in graph if reaches(m, m)]
+    assert not cycles, f"import cycles through {cycles}"
+    # what `import model.attention` loads never imports it back
+    assert not any(reaches(m, "model.attention") for m in graph["model.attention"])

@@ -3,7 +3,7 @@
     y_i = phi(q_i) . S_i / phi(q_i) . z_i,   S_i = sum_{j<=i} phi(k_j) v_j^T,   z_i = sum_{j<=i} phi(k_j)
 
 With Q, K the features phi(q), phi(k), the numerator is o = tril(Q K^T) V. The kernels compute it
-in chunks of C tokens (as model/attention.py's `linear_attention_chunked` does in PyTorch, but
+in chunks of C tokens (as model/scores.py's `linear_attention_chunked` does in PyTorch, but
 without the C x C and D x Dv intermediates of every chunk in memory):
 
   1. `_scan`: one program per (batch * head, block of value columns) walks the chunks in order
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import feature_map
-from .kernels import TRITON_INTERPRET
+from ..scores import feature_map
+from .packages import TRITON_INTERPRET
 
 # Value-column blocks of the scan: more blocks, more programs for the sequential walk. The
 # chunk kernels hold a dozen C x D fp32 tiles, so they try 8 warps as well as 4. The
@@ -159,7 +159,7 @@ class _CausalLinearNumerator(torch.autograd.Function):
 
 def linear_attention_triton(q, k, v, chunk_size: int):
     """Causal linear attention of rotated q, k (B, H, T, D) and v (B, H, T, Dv); returns v's dtype.
-    D, Dv and chunk_size are powers of two from 16 to 64 (kernels.require checks when the model is built)."""
+    D, Dv and chunk_size are powers of two from 16 to 64 (triton.py's `untileable` checks when the model is built)."""
     phi_q, phi_k = feature_map(q.float()), feature_map(k.float())
     num = _CausalLinearNumerator.apply(phi_q, phi_k, v, chunk_size)
     den = (phi_q * phi_k.cumsum(-2)).sum(-1, keepdim=True)

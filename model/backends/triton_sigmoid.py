@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import TRITON_INTERPRET
+from .packages import TRITON_INTERPRET
 
 SIGMOID, ELU1 = 0, 1
 _KEY = ["T", "D", "KIND", "CAUSAL", "NORMALIZE"]
@@ -243,8 +243,8 @@ class _SigmoidFamilyAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def triton_attention(q, k, v, cfg, causal: bool):
-    """q, k, v (B, H, T, D) with equal query and key lengths; D a power of two >= 16 (checked by
-    kernels.require when the model is built)."""
+def sigmoid_family_attention(q, k, v, cfg, causal: bool):
+    """q, k, v (B, H, T, D) with equal query and key lengths; D a power of two >= 16 (checked when
+    the model is built: triton.py's `untileable`)."""
     kind = SIGMOID if cfg.attention == "sigmoid" else ELU1
     return _SigmoidFamilyAttention.apply(q, k, v, kind, float(cfg.resolved_sigmoid_bias), causal, cfg.attn_normalize)

@@ -1,0 +1,90 @@
+"""The attention backends in one registry, and the one policy that picks one for `auto`.
+
+Each module here declares one backend (base.Backend): the kinds, devices and dtypes it runs, and
+a reason string when it cannot (missing package, wrong device, untileable shape...). Everything
+else asks this registry:
+
+    allowed(kind)                      the values model.backend may take for this kind (config)
+    get(name)                          the Backend, callable as backend(q, k, v, cfg, causal)
+    resolve(cfg, device, dtype)        `auto` -> a name; done once when the model is built or moved
+    describe(cfg, device, dtype)       "sdpa (softmax, fp32, cpu)": what a run prints and saves
+    check(cfg, device, mixed_precision)  ValueError before training with a backend that cannot run
+    fast(kind, device)                 the fused backends to check against math here (eval/bench.py)
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Backend
+from .chunked import BACKEND as _chunked
+from .flash import BACKEND as _flash
+from .flex import BACKEND as _flex
+from .math import BACKEND as _math
+from .sdpa import BACKEND as _sdpa
+from .triton import BACKEND as _triton
+
+# Fastest first: `auto` takes the first one that runs the kind, trains on the device, takes the
+# dtype and agrees (auto_ok). softmax: flash-attn when installed (fp16/bf16 CUDA), else SDPA. On
+# CUDA, sigmoid / elu1 / linear: the Triton kernels when triton is installed and the sizes tile
+# (for linear, also when the GPU has the shared memory), else FlexAttention / chunked PyTorch
+# (measured at about 5x flash softmax: docs/design.md). Elsewhere: materialised weights (flex has
+# no CPU backward) and chunked linear attention.
+REGISTRY: dict[str, Backend] = {b.name: b for b in (_flash, _triton, _sdpa, _chunked, _flex, _math)}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def allowed(kind: str) -> tuple[str, ...]:
+    """The values model.backend may take for this attention kind: auto, math, then the others."""
+    return ("auto", "math") + tuple(n for n, b in REGISTRY.items() if n != "math" and kind in b.kinds)
+
+
+def get(name: str) -> Backend:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; known: {list(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def resolve(cfg, device, dtype: torch.dtype | None = None) -> str:
+    """cfg.backend, or for `auto` the fastest backend known to be correct for this kind on this
+    device and dtype (one that can also train there)."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    device = torch.device(device)
+    for name, b in REGISTRY.items():
+        if b.why_not(cfg, device, dtype, training=True) is None and (b.auto_ok is None or b.auto_ok(cfg, device)):
+            return name
+    raise AssertionError("math runs everything")
+
+
+def describe(cfg, device, dtype: torch.dtype | None = None) -> str:
+    """The resolved choice in words, e.g. 'sdpa (softmax, fp32, cpu)'."""
+    dtype = dtype or torch.get_default_dtype()
+    how = f"{cfg.attention}, {DTYPE_NAMES.get(dtype, str(dtype).removeprefix('torch.'))}, {torch.device(device).type}"
+    return f"{resolve(cfg, device, dtype)} ({how})"
+
+
+def compute_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype attention sees under Accelerate's mixed precision ('no' / None: the default)."""
+    return MIXED_PRECISION_DTYPES.get(mixed_precision or "no", torch.get_default_dtype())
+
+
+def check(cfg, device, mixed_precision: str | None = None) -> None:
+    """Raise ValueError (saying what to change) when cfg.backend cannot train on this device and
+    precision; said before any work starts rather than at the first step."""
+    reason = get(resolve(cfg, device, compute_dtype(mixed_precision))).why_not(
+        cfg, device, compute_dtype(mixed_precision), training=True)
+    if reason:
+        raise ValueError(reason)
+
+
+def fast(kind: str, device) -> list[str]:
+    """The backends other than math that run `kind` on this device (forward at least)."""
+    return [n for n, b in REGISTRY.items() if n != "math" and b.why_not(kind=kind, device=device) is None]
+
+
+def check_construction(cfg) -> None:
+    """At model construction: a named backend whose package is missing or that cannot take the
+    shapes fails here, not at the first step (the device is not known yet)."""
+    if cfg.backend != "auto" and (reason := get(cfg.backend).why_not(cfg)):
+        raise ValueError(reason)

@@ -1,0 +1,68 @@
+"""`flex`: PyTorch's FlexAttention for every kind with an elementwise score function.
+
+FlexAttention computes out_i = sum_j exp(m(s_ij)) v_j / sum_j exp(m(s_ij)) for a score_mod m
+and can return lse_i = log sum_j exp(m(s_ij)). With m = log f for a positive f,
+out_i * exp(lse_i) = sum_j f(s_ij) v_j: the unnormalised sigmoid / elu+1 attention without a
+T x T tensor; `attn_normalize` is `out` itself. Compiled on CUDA; eager (forward only) elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+
+
+@functools.lru_cache(maxsize=None)
+def _score_mod(kind: str, bias: float):
+    """log f(s), one function object per (kind, bias) so compiled flex does not recompile."""
+    if kind == "sigmoid":
+        def log_sigmoid(score, b, h, q_idx, kv_idx):
+            return F.logsigmoid(score + bias)
+        return log_sigmoid
+    if kind == "elu1":
+        def log_elu1(score, b, h, q_idx, kv_idx):  # log(elu(s) + 1) = s for s <= 0, log1p(s) above
+            return torch.where(score > 0, torch.log1p(score.clamp_min(0)), score)
+        return log_elu1
+    return None  # softmax: the identity score_mod
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(t: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal, None, None, t, t, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn(device_type: str):
+    """Compiled flex on CUDA (the fused kernel); eager elsewhere (CPU: forward only, materialises)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+def flex_attention(q, k, v, cfg, causal: bool):
+    mod = _score_mod(cfg.attention, float(cfg.resolved_sigmoid_bias))
+    mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
+    flex = _flex_fn(q.device.type)
+    if mod is None or cfg.attn_normalize:
+        return flex(q, k, v, score_mod=mod, block_mask=mask)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        out, lse = flex(q, k, v, score_mod=mod, block_mask=mask, return_lse=True)
+    else:
+        out, aux = flex(q, k, v, score_mod=mod, block_mask=mask, return_aux=AuxRequest(lse=True))
+        lse = aux.lse
+    return (out.float() * lse.exp().unsqueeze(-1)).to(q.dtype)
+
+
+BACKEND = Backend("flex", ("softmax", "sigmoid", "elu1"), flex_attention, trains_on=("cuda",), decodes=False,
+                  one_dtype=True)

@@ -1,0 +1,135 @@
+"""Score functions of the attention kinds, as plain tensor math: the `math` reference and the linear forms.
+
+With s = q.k / sqrt(d) over the (masked) keys of each query:
+
+    softmax   w_ij = exp(s_ij) / sum_j exp(s_ij)
+    sigmoid   w_ij = sigmoid(s_ij + b)            (b = sigmoid_bias, default -log(block_size))
+    elu1      w_ij = elu(s_ij) + 1                (Gu et al. 2025)
+    linear    w_ij = phi(q_i).phi(k_j) / sum_j phi(q_i).phi(k_j),  phi = elu + 1
+              (Katharopoulos et al. 2020; computed in linear time, never as a T x T matrix)
+
+`attn_normalize` divides sigmoid / elu1 rows by their sum. Every fast path (model/backends/) is
+tested against `math_attention`, which materialises the weights.
+
+A leaf module: it imports nothing else of the model, so kernels, caches and the block can all use it.
+`cfg` is anything with the attention fields of model/config.py's AttentionConfig.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear")
+
+
+def row_normalised(cfg) -> bool:
+    """Whether the weights applied to the values sum to 1 in every row."""
+    return cfg.attention in ("softmax", "linear") or cfg.attn_normalize
+
+
+def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """Bool (Tq, Tk): query i sits at key position t_k - t_q + i and sees keys up to it."""
+    offset = t_k - t_q
+    q_pos = torch.arange(t_q, device=device)[:, None] + offset
+    return torch.arange(t_k, device=device)[None, :] <= q_pos
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 > 0, the kernel feature map of linear attention."""
+    return F.elu(x) + 1
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def expand_kv(k, v, n_head: int):
+    """Grouped-query attention: repeat each of the Hkv key/value heads for its n_head/Hkv query heads."""
+    rep = n_head // k.shape[1]
+    return (k, v) if rep == 1 else (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
+
+
+def unnormalised_weights(scores: torch.Tensor, kind: str, sigmoid_bias: float) -> torch.Tensor:
+    """f(s) for the kinds whose weights need no row statistics."""
+    if kind == "sigmoid":
+        return torch.sigmoid(scores + sigmoid_bias)
+    if kind == "elu1":
+        return F.elu(scores) + 1
+    raise ValueError(f"no elementwise weight function for attention kind {kind!r}")
+
+
+def math_attention(q, k, v, cfg, causal: bool):
+    """Reference: materialise the weights. q: (B,H,Tq,D), k, v: (B,H,Tk,D). Returns (y, w)."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    mask = causal_mask(t_q, t_k, q.device) if causal else None
+    if cfg.attention == "linear":
+        w = feature_map(q) @ feature_map(k).transpose(-2, -1)
+    else:
+        w = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if cfg.attention == "softmax":
+        if mask is not None:
+            w = w.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
+    else:
+        if cfg.attention != "linear":
+            w = unnormalised_weights(w, cfg.attention, cfg.resolved_sigmoid_bias)
+        if mask is not None:
+            w = w.masked_fill(~mask, 0.0)
+        if row_normalised(cfg):
+            w = w / w.sum(dim=-1, keepdim=True)
+    return w @ v, w
+
+
+# --------------------------------------------------------------------------------------------
+# linear attention in linear time: chunked (causal, with a recurrent state) and global (bidirectional)
+# --------------------------------------------------------------------------------------------
+def linear_attention_chunked(q, k, v, chunk_size: int, state=None):
+    """Causal linear attention in O(T) memory, with an optional recurrent state carried in.
+
+    q, k: (B,H,T,D); v: (B,H,T,Dv). state = (S, z) with S = sum_j phi(k_j) v_j^T (B,H,D,Dv) and
+    z = sum_j phi(k_j) (B,H,D) over earlier tokens, fp32. Within a chunk the weights are
+    materialised (C x C); across chunks only S and z travel. Returns (y in v's dtype, new_state).
+    chunk_size=1 is exactly the recurrent (RNN) form.
+
+    Computed in fp32 whatever the input dtype: the division by phi(q).z cancels much of the
+    numerator's gradient, and bf16 features and states put dq and dk over 1e-2 relative error.
+    """
+    out_dtype = v.dtype
+    phi_q, phi_k, v = feature_map(at_least_fp32(q)), feature_map(at_least_fp32(k)), at_least_fp32(v)
+    B, H, T, D = phi_q.shape
+    Dv = v.shape[-1]
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    if pad:  # zero features at the end: they add nothing to any real query
+        phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
+    N = (T + pad) // C
+    q_c = phi_q.view(B, H, N, C, D)
+    k_c = phi_k.view(B, H, N, C, D)
+    v_c = v.view(B, H, N, C, Dv)
+
+    intra = (q_c @ k_c.transpose(-2, -1)).tril()  # (B,H,N,C,C), causal within the chunk
+    num = intra @ v_c
+    den = intra.sum(-1)
+
+    kv = k_c.transpose(-2, -1) @ v_c  # (B,H,N,D,Dv): each chunk's contribution to S
+    ksum = k_c.sum(-2)  # (B,H,N,D)
+    S_prev = kv.cumsum(2) - kv  # exclusive prefix sums: what earlier chunks left behind
+    z_prev = ksum.cumsum(2) - ksum
+    if state is not None:
+        S_prev = S_prev + state[0].unsqueeze(2)
+        z_prev = z_prev + state[1].unsqueeze(2)
+    num = num + q_c @ S_prev
+    den = den + (q_c * z_prev.unsqueeze(-2)).sum(-1)
+    y = (num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)).reshape(B, H, N * C, Dv)[:, :, :T]
+    y = y.to(out_dtype)
+    new_state = (S_prev[:, :, -1] + kv[:, :, -1], z_prev[:, :, -1] + ksum[:, :, -1])
+    return y, new_state
+
+
+def linear_attention_global(q, k, v):
+    """Non-causal linear attention (ViT): every query sees every key, O(T); fp32 inside as above."""
+    phi_q, phi_k = feature_map(at_least_fp32(q)), feature_map(at_least_fp32(k))
+    S = phi_k.transpose(-2, -1) @ at_least_fp32(v)  # (B,H,D,Dv)
+    z = phi_k.sum(-2)  # (B,H,D)
+    return ((phi_q @ S) / (phi_q * z.unsqueeze(-2)).sum(-1, keepdim=True)).to(v.dtype)
