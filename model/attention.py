@@ -3,7 +3,7 @@
 Projections, optional QK-norm, RoPE, the attention itself (score functions: model/scores.py; the
 kernel that runs them: model/backends/, resolved once when the block is built or moved), and the
 optional output gate (Qiu et al. 2025, position G1), which multiplies each head's output by
-sigmoid(x W_g) before o_proj. With a cache (model/cache.py) the block stores its new keys and
+sigmoid(x W_g) before o_proj. `sink_logit: learned` adds `sinks`, one logit per head (gpt-oss). With a cache (model/cache.py) the block stores its new keys and
 values there and attends over what the cache returns.
 """
 from __future__ import annotations
@@ -27,10 +27,13 @@ class AttentionWeights:
            Gu et al.'s proxy w / sum_j(w), so sink metrics mean the same thing for every kind.
     mass:  (B, H, Tq) raw row mass sum_j(w) actually applied to the values (1 for softmax,
            linear and the normalised variants).
+    sink_slot: (B, H, Tq) the weight of sink_logit's virtual key, exp(b_h) / (exp(b_h) + sum_j exp(s_ij))
+           = 1 - mass; None without a sink logit.
     """
 
     probs: torch.Tensor
     mass: torch.Tensor
+    sink_slot: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -55,6 +58,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        if cfg.sink_logit == "learned":  # initialised at 0.0: softmax + 1 until training moves it
+            self.sinks = nn.Parameter(torch.zeros(H))
         # A plain attribute, not a buffer: module casts (bf16 under DeepSpeed) must not round it.
         self.inv_freq = scaled_rope_frequencies(cfg)
         self.compute_dtype = None  # None: the weights' dtype
@@ -121,20 +126,29 @@ class Attention(nn.Module):
             y = y * torch.sigmoid(self.g_proj(x)).view(B, T, H, D)
         return self.o_proj(y.reshape(B, T, H * D)), weights
 
+    def sink_logits(self) -> torch.Tensor | None:
+        """b_h (n_head,) of model.sink_logit, or None without one."""
+        if self.cfg.sink_logit == "learned":
+            return self.sinks
+        if self.cfg.sink_logit == "zero":
+            return self.q_proj.weight.new_zeros(self.cfg.n_head)
+        return None
+
     def attend(self, q, k, v, return_attn: bool = False):
         """Rotated q (B,H,Tq,D) against rotated k, v (B,Hkv,Tk,D); queries are the last Tq keys.
         The weights (return_attn) and the decoding steps a fused kernel does not take go to math."""
-        cfg = self.cfg
+        cfg, sink = self.cfg, self.sink_logits()
         k, v = expand_kv(k, v, cfg.n_head)
         backend = backends.get(self.backend)
         decoding = self.causal and q.shape[-2] != k.shape[-2]
         if not (return_attn or (decoding and not backend.decodes)):
-            return backend(q, k, v, cfg, self.causal), None
-        y, w = math_attention(q, k, v, cfg, self.causal)
+            return backend(q, k, v, cfg, self.causal, sink), None
+        y, w = math_attention(q, k, v, cfg, self.causal, sink)
         if not return_attn:
             return y, None
         mass = w.sum(-1)
-        return y, AttentionWeights(probs=w / mass.unsqueeze(-1), mass=mass)
+        sink_slot = None if sink is None else 1 - mass
+        return y, AttentionWeights(probs=w / mass.unsqueeze(-1), mass=mass, sink_slot=sink_slot)
 
     def attend_recurrent(self, q, k, v, state):
         """Linear attention from its recurrent state (model/cache.py's LinearState), exactly."""

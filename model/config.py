@@ -9,6 +9,7 @@ from .scores import ATTENTION_KINDS
 
 GATE_KINDS = ("none", "headwise", "elementwise")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # transformers' rope_type names (model/rope.py)
+SINK_LOGITS = ("none", "zero", "learned")
 
 
 def swiglu_hidden(n_embd: int, intermediate_size: int | None) -> int:
@@ -29,6 +30,9 @@ class AttentionConfig:
     attn_normalize: bool = False  # sigmoid / elu1: divide each row by its sum
     sigmoid_bias: float | None = None  # None = -log(block_size)
     gate: str = "none"
+    # softmax only: a per-head logit b_h in the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)).
+    # zero: b_h = 0 (softmax + 1); learned: gpt-oss's per-head sinks, a parameter initialised at 0.0.
+    sink_logit: str = "none"
     qk_norm: bool = False
     backend: str = "auto"  # model/backends/: auto resolves once, when the model is built or moved
     linear_chunk_size: int = 64
@@ -63,6 +67,11 @@ class AttentionConfig:
             raise ValueError(f"model.attention={self.attention!r} is not one of {list(ATTENTION_KINDS)}")
         if self.gate not in GATE_KINDS:
             raise ValueError(f"model.gate={self.gate!r} is not one of {list(GATE_KINDS)}")
+        if self.sink_logit not in SINK_LOGITS:
+            raise ValueError(f"model.sink_logit={self.sink_logit!r} is not one of {list(SINK_LOGITS)}")
+        if self.sink_logit != "none" and self.attention != "softmax":
+            raise ValueError(f"model.sink_logit={self.sink_logit} adds a logit to softmax's denominator and applies "
+                             f"to attention=softmax only, got attention={self.attention!r}; set model.sink_logit=none")
         allowed = backends.allowed(self.attention)  # the kernels that run this kind, plus auto and math
         if self.backend not in allowed:
             raise ValueError(

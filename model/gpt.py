@@ -63,6 +63,7 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     attn: list[torch.Tensor] | None = None  # per layer (B, H, T, T) row-normalised (proxy) weights
     attn_mass: list[torch.Tensor] | None = None  # per layer (B, H, T) raw row mass
+    attn_sink_slot: list[torch.Tensor] | None = None  # per layer (B, H, T) sink_logit's virtual-key weight
     hidden: list[torch.Tensor] | None = None  # residual stream after each block
 
 
@@ -104,13 +105,14 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              "use a cache (model.make_cache) to go further")
         x = self.embed_tokens(idx)
-        attn, mass, hidden = [], [], []
+        attn, mass, sink_slot, hidden = [], [], [], []
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers
         for block, layer_cache in zip(self.layers, layer_caches):
             x, weights = block(x, cache=layer_cache, return_attn=return_attn)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)
+                sink_slot.append(weights.sink_slot)
             if return_hidden:
                 hidden.append(x)
         logits = self.lm_head(self.norm(x)).float()
@@ -122,6 +124,7 @@ class GPT(nn.Module):
             loss=loss,
             attn=attn if return_attn else None,
             attn_mass=mass if return_attn else None,
+            attn_sink_slot=sink_slot if return_attn and self.config.sink_logit != "none" else None,
             hidden=hidden if return_hidden else None,
         )
 

@@ -8,7 +8,9 @@ With s = q.k / sqrt(d) over the (masked) keys of each query:
     linear    w_ij = phi(q_i).phi(k_j) / sum_j phi(q_i).phi(k_j),  phi = elu + 1
               (Katharopoulos et al. 2020; computed in linear time, never as a T x T matrix)
 
-`attn_normalize` divides sigmoid / elu1 rows by their sum. Every fast path (model/backends/) is
+`attn_normalize` divides sigmoid / elu1 rows by their sum. `sink_logit` (softmax only) adds a
+virtual key with logit b_h per head to the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)):
+rows sum to 1 - sigmoid(b_h - lse_i), and that virtual slot takes the rest (gpt-oss's sinks). Every fast path (model/backends/) is
 tested against `math_attention`, which materialises the weights.
 
 A leaf module: it imports nothing else of the model, so kernels, caches and the block can all use it.
@@ -24,7 +26,22 @@ ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear")
 
 def row_normalised(cfg) -> bool:
     """Whether the weights applied to the values sum to 1 in every row."""
-    return cfg.attention in ("softmax", "linear") or cfg.attn_normalize
+    return (cfg.attention == "softmax" and cfg.sink_logit == "none") or cfg.attention == "linear" or cfg.attn_normalize
+
+
+def sink_rescale(y, lse, sink):
+    """Softmax output y (B,H,Tq,Dv) with row log-sum-exp lse (B,H,Tq) -> the output with sink logits
+    sink (H,) in the denominator: y * sum_j exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)) = y * sigmoid(lse - b_h)."""
+    scale = torch.sigmoid(at_least_fp32(lse) - sink.to(at_least_fp32(lse).dtype)[:, None])
+    return (y * scale.unsqueeze(-1).to(y.dtype)).to(y.dtype)
+
+
+def masked_scores(q, k, causal: bool):
+    """s = q.k / sqrt(d) (B,H,Tq,Tk) at least in fp32, -inf where a causal query cannot see the key."""
+    s = (at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    return s
 
 
 def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -59,8 +76,9 @@ def unnormalised_weights(scores: torch.Tensor, kind: str, sigmoid_bias: float) -
     raise ValueError(f"no elementwise weight function for attention kind {kind!r}")
 
 
-def math_attention(q, k, v, cfg, causal: bool):
-    """Reference: materialise the weights. q: (B,H,Tq,D), k, v: (B,H,Tk,D). Returns (y, w)."""
+def math_attention(q, k, v, cfg, causal: bool, sink=None):
+    """Reference: materialise the weights. q: (B,H,Tq,D), k, v: (B,H,Tk,D); sink: the sink logits
+    b_h (H,) or None. Returns (y, w); with sink logits the rows of w sum to less than 1."""
     t_q, t_k = q.shape[-2], k.shape[-2]
     mask = causal_mask(t_q, t_k, q.device) if causal else None
     if cfg.attention == "linear":
@@ -70,7 +88,11 @@ def math_attention(q, k, v, cfg, causal: bool):
     if cfg.attention == "softmax":
         if mask is not None:
             w = w.masked_fill(~mask, float("-inf"))
+        if sink is not None:  # the virtual key: one more column in the softmax, then dropped
+            w = torch.cat((w, sink.to(w.dtype)[:, None, None].expand(*w.shape[:-1], 1)), dim=-1)
         w = torch.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
+        if sink is not None:
+            w = w[..., :-1]
     else:
         if cfg.attention != "linear":
             w = unnormalised_weights(w, cfg.attention, cfg.resolved_sigmoid_bias)

@@ -145,20 +145,23 @@ class ViT(nn.Module):
     def forward(self, images, targets=None, return_attn=False, return_hidden=False) -> ModelOutput:
         """images (B, C, H, W); targets (B,) class ids. logits (B, n_classes); attn / hidden per layer."""
         x = self.embed(images)
-        attn, mass, hidden = [], [], []
+        attn, mass, sink_slot, hidden = [], [], [], []
         for block in self.layers:
             x, weights = block(x, return_attn=return_attn)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)
+                sink_slot.append(weights.sink_slot)
             if return_hidden:
                 hidden.append(x)
         start = self.patch_start  # (a test-time register appended after the patches is not pooled)
         pooled = x[:, 0] if self.config.pool == "cls" else x[:, start : start + self.config.n_patches].mean(1)
         logits = self.head(self.norm(pooled)).float()
         loss = None if targets is None else F.cross_entropy(logits, targets)
+        sinks = return_attn and self.config.sink_logit != "none"
         return ModelOutput(logits=logits, loss=loss, attn=attn if return_attn else None,
-                           attn_mass=mass if return_attn else None, hidden=hidden if return_hidden else None)
+                           attn_mass=mass if return_attn else None, attn_sink_slot=sink_slot if sinks else None,
+                           hidden=hidden if return_hidden else None)
 
 
 def training_flops_per_token(cfg: ViTConfig) -> float:

@@ -65,8 +65,17 @@ def attn_params(module_or_sd, prefix: str = "") -> dict:
     else:
         sd = module_or_sd
     names = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
-             "g": "g_proj.weight", "qn": "q_norm.weight", "kn": "k_norm.weight"}
+             "g": "g_proj.weight", "qn": "q_norm.weight", "kn": "k_norm.weight", "sink": "sinks"}
     return {key: sd[prefix + name] for key, name in names.items() if prefix + name in sd}
+
+
+def ref_sink_logits(cfg, P):
+    """b_h as (1, H, 1, 1), or None without `sink_logit`."""
+    kind = getattr(cfg, "sink_logit", "none")
+    if kind == "none":
+        return None
+    b = P["sink"] if kind == "learned" else torch.zeros(cfg.n_head, dtype=torch.float64)
+    return b.view(1, -1, 1, 1)
 
 
 def ref_attention(x, P, cfg, causal: bool = True):
@@ -100,9 +109,13 @@ def ref_attention(x, P, cfg, causal: bool = True):
     else:
         s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
         if cfg.attention == "softmax":
+            # sink_logit: w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)), b_h = 0 (zero) or learned
+            b = ref_sink_logits(cfg, P)
             s = s.masked_fill(~allowed, float("-inf"))
-            e = torch.exp(s - s.max(-1, keepdim=True).values)
-            w = e / e.sum(-1, keepdim=True)
+            m = s.max(-1, keepdim=True).values if b is None else torch.maximum(s.max(-1, keepdim=True).values, b)
+            e = torch.exp(s - m)
+            denominator = e.sum(-1, keepdim=True) + (0.0 if b is None else torch.exp(b - m))
+            w = e / denominator
         elif cfg.attention == "sigmoid":
             b = -math.log(cfg.block_size) if cfg.sigmoid_bias is None else cfg.sigmoid_bias
             w = ref_sigmoid(s + b) * allowed

@@ -275,3 +275,80 @@ def test_explicit_backend_that_cannot_run_here_fails_with_its_reason():
     with pytest.raises(ValueError, match=r"backend=flash .*(flash-attn|CUDA)"):  # no package, or not on the CPU
         backends.check(make_cfg(attention="softmax", backend="flash"), torch.device("cpu"), "bf16")
     backends.check(make_cfg(attention="sigmoid", backend="math"), torch.device("cpu"))  # fine
+
+
+# --------------------------------------------------------------------------------------------
+# sink_logit: a per-head logit in softmax's denominator (zero = softmax + 1, learned = gpt-oss sinks)
+# --------------------------------------------------------------------------------------------
+SINK_CASES = [
+    dict(attention="softmax", gate="none", sink_logit="zero"),
+    dict(attention="softmax", gate="none", sink_logit="learned"),
+    dict(attention="softmax", gate="elementwise", sink_logit="learned", qk_norm=True),
+    dict(attention="softmax", gate="headwise", sink_logit="learned", n_head=4, n_kv_head=2),
+]
+
+
+def _sink_id(c):
+    return f"{_id(c)}-sink_{c['sink_logit']}"
+
+
+@pytest.mark.parametrize("backend", ["math", "auto"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("case", SINK_CASES, ids=_sink_id)
+def test_sink_logit_forward_and_grads_match_reference(ref, case, causal, backend):
+    test_attention_forward_and_grads_match_reference(ref, case, causal, backend)
+    attn = make_attn(ref, make_cfg(**case))
+    names = [n for n, _ in attn.named_parameters() if "sink" in n]
+    if case["sink_logit"] == "learned":
+        assert names == ["sinks"] and attn.sinks.shape == (attn.cfg.n_head,)
+        assert (Attention(make_cfg(**case)).sinks == 0).all()  # initialised at 0.0
+    else:
+        assert names == []
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=_sink_id)
+def test_sink_logit_is_causal(ref, case):
+    test_attention_is_causal(ref, case)
+
+
+def test_learned_sinks_at_zero_equal_softmax_plus_one(ref):
+    learned = make_attn(ref, make_cfg(sink_logit="learned"))
+    with torch.no_grad():
+        learned.sinks.zero_()
+    zero = Attention(make_cfg(sink_logit="zero")).double()
+    zero.load_state_dict({k: v for k, v in learned.state_dict().items() if k != "sinks"})
+    plain = Attention(make_cfg()).double()
+    plain.load_state_dict(zero.state_dict())
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref.close(learned(x)[0], zero(x)[0], 1e-12, "learned b=0 vs zero")
+        assert (zero(x)[0] - plain(x)[0]).abs().max() > 1e-2  # the extra 1 in the denominator is felt
+
+
+@pytest.mark.parametrize("case", SINK_CASES[1:3], ids=_sink_id)
+def test_sink_logit_weights_report_the_virtual_slot(ref, case):
+    """return_attn: mass = sum_j w_ij < 1, and the virtual key's weight sink_slot = 1 - mass."""
+    cfg = make_cfg(**case)
+    attn = make_attn(ref, cfg)
+    x = torch.randn(2, T, cfg.n_embd, dtype=torch.float64)
+    with torch.no_grad():
+        y, weights = attn(x, return_attn=True)
+        y_ref, w_ref, _ = ref.attention(x, ref.attn_params(attn), cfg)
+    ref.close(y, y_ref, what="output")
+    ref.close(weights.mass, w_ref.sum(-1), what="mass")
+    # exp(b) / (exp(b) + sum_j exp(s_ij)) = 1 - sum_j w_ij for the reference's w
+    ref.close(weights.sink_slot, 1 - w_ref.sum(-1), what="sink slot")
+    assert weights.sink_slot.mean() > 0.1  # the virtual key takes a real share here
+    ref.close(weights.probs.sum(-1), torch.ones_like(weights.mass), 1e-12, "probs row sums")
+
+
+def test_sink_logit_needs_softmax_and_a_backend_that_has_it():
+    for kind in ("sigmoid", "elu1", "linear"):
+        with pytest.raises(ValueError, match=rf"model.sink_logit=learned .*attention=softmax only.*{kind}"):
+            make_cfg(attention=kind, sink_logit="learned").validate()
+    with pytest.raises(ValueError, match="model.sink_logit='sometimes' is not one of"):
+        make_cfg(sink_logit="sometimes").validate()
+    from model import backends
+
+    assert "no sink logit" in backends.get("flash").why_not(make_cfg(sink_logit="zero"))
+    assert backends.resolve(make_cfg(sink_logit="learned"), torch.device("cuda"), torch.bfloat16) == "sdpa"

@@ -137,6 +137,19 @@ def test_flex_forward_matches_math(kind, normalize, causal):
     assert rel(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_flex_and_sdpa_with_sink_logits_match_math(causal):
+    """Softmax with sink logits: out * sigmoid(lse - b_h) from flex's lse, and from SDPA's output."""
+    cfg = cfg_for("softmax", sink_logit="learned")
+    q, k, v = (torch.randn(2, 4, 40, 16) for _ in range(3))
+    sink = torch.tensor([0.0, 2.0, 3.0, 5.0])
+    with torch.no_grad():
+        ref = math_attention(q, k, v, cfg, causal, sink)[0]
+        for name in ("flex", "sdpa"):
+            assert rel(backends.get(name)(q, k, v, cfg, causal, sink), ref) < 1e-5, name
+        assert rel(math_attention(q, k, v, cfg_for("softmax"), causal)[0], ref) > 1e-2  # the sinks change it
+
+
 def test_flex_model_decodes_like_its_full_forward():
     """Prefill runs flex (Tq == Tk); cached decoding steps fall back to math (Tq != Tk)."""
     cfg = GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_size=16,

@@ -418,6 +418,37 @@ def test_softmax_model_matches_hf_llama(ref, n_kv_head):
 
 
 # --------------------------------------------------------------------------------------------
+# sink_logit in the decoder: forward, gradients, decoding, the sink cache, generation, export
+# --------------------------------------------------------------------------------------------
+SINK_CASES = [dict(attention="softmax", gate="none", sink_logit="zero"),
+              dict(attention="softmax", gate="elementwise", sink_logit="learned", n_head=4, n_kv_head=2)]
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: f"{_id(c)}-{c['sink_logit']}")
+def test_sink_logit_decoder_matches_reference_and_decodes_like_it(ref, case):
+    for backend in ("math", "auto"):
+        test_gpt_forward_matches_reference(ref, case, backend)
+    test_gpt_loss_gradients_match_reference(ref, case)  # the sinks' own gradient included
+    test_cached_decoding_equals_full_forward(ref, case)
+    test_sink_cache_equals_forward_over_retained_tokens(ref, case)
+    test_greedy_generation_equals_argmax_decoding(ref, case)
+    model = make_model(ref, **case)
+    if case["sink_logit"] == "learned":
+        assert {f"layers.{i}.self_attn.sinks" for i in range(2)} <= set(model.state_dict())
+    with torch.no_grad():
+        out = model(tokens(2, 9), return_attn=True)
+    assert len(out.attn_sink_slot) == 2 and out.attn_sink_slot[0].shape == (2, model.config.n_head, 9)
+    ref.close(out.attn_sink_slot[1], 1 - out.attn_mass[1], 1e-12, "sink slot = 1 - mass")
+
+
+def test_export_refuses_sink_logits():
+    from model.export_hf import unsupported
+
+    assert unsupported({"attention": "softmax"}) == []
+    assert any("sink_logit" in r for r in unsupported({"attention": "softmax", "sink_logit": "learned"}))
+
+
+# --------------------------------------------------------------------------------------------
 # the package's import graph has no cycles (score functions and backends never import the block)
 # --------------------------------------------------------------------------------------------
 def _model_imports() -> dict[str, set[str]]:

@@ -12,7 +12,8 @@ ANY_DEVICE = None  # `devices` / `trains_on` value: every device type
 @dataclass(frozen=True)
 class Backend:
     """One way to compute attention. `attend(q, k, v, cfg, causal)` takes rotated q (B,H,Tq,D) and
-    k, v (B,H,Tk,D) with the heads already repeated for GQA, and returns y (B,H,Tq,D).
+    k, v (B,H,Tk,D) with the heads already repeated for GQA, and returns y (B,H,Tq,D); backends with
+    `sinks` also take `sink=` the sink logits b_h (H,) (model.sink_logit).
 
     kinds:      the attention kinds it computes.
     devices:    device types it runs on (None = any).
@@ -23,6 +24,7 @@ class Backend:
     decodes:    takes queries appended after cached keys (Tq != Tk); if not, `math` does those steps
                 (the weights are only Tq x Tk there, and fixed shapes keep compiled kernels from recompiling).
     one_dtype:  cast q, k, v to one dtype first (fused kernels; see `same_dtype`).
+    sinks:      computes model.sink_logit's extra softmax denominator term.
     auto_ok:    (cfg, device) -> whether `auto` may pick it where it runs (None = yes).
     fix:        the backend to suggest instead when it cannot run.
     device_note: said after the device when it runs elsewhere.
@@ -38,6 +40,7 @@ class Backend:
     untileable: Callable | None = None
     decodes: bool = True
     one_dtype: bool = False
+    sinks: bool = False
     auto_ok: Callable | None = None
     fix: str = "auto"
     device_note: str = ""
@@ -49,6 +52,8 @@ class Backend:
         name = f"model.backend={self.name}"
         if kind is not None and kind not in self.kinds:
             return f"{name} cannot run attention={kind!r}; it runs {list(self.kinds)}; use model.backend=auto"
+        if cfg is not None and cfg.sink_logit != "none" and not self.sinks:
+            return f"{name} has no sink logit (model.sink_logit={cfg.sink_logit}); use model.backend=auto, sdpa or math"
         if self.missing:
             return self.missing
         if cfg is not None and self.untileable is not None and (reason := self.untileable(cfg)):
@@ -67,14 +72,14 @@ class Backend:
                     f"train.mixed_precision=bf16 on a GPU, or use model.backend={self.fix}")
         return None
 
-    def __call__(self, q, k, v, cfg, causal: bool):
+    def __call__(self, q, k, v, cfg, causal: bool, sink=None):
         """Run it, refusing with its reason what it cannot run (a GPU backend on CPU tensors...)."""
         if self.one_dtype:
             q, k, v = same_dtype(q, k, v)
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if reason := self.why_not(cfg, q.device, q.dtype, training):
             raise ValueError(reason)
-        return self.attend(q, k, v, cfg, causal)
+        return self.attend(q, k, v, cfg, causal, sink=sink) if sink is not None else self.attend(q, k, v, cfg, causal)
 
 
 def same_dtype(q, k, v):

@@ -3,7 +3,8 @@
 FlexAttention computes out_i = sum_j exp(m(s_ij)) v_j / sum_j exp(m(s_ij)) for a score_mod m
 and can return lse_i = log sum_j exp(m(s_ij)). With m = log f for a positive f,
 out_i * exp(lse_i) = sum_j f(s_ij) v_j: the unnormalised sigmoid / elu+1 attention without a
-T x T tensor; `attn_normalize` is `out` itself. Compiled on CUDA; eager (forward only) elsewhere.
+T x T tensor; `attn_normalize` is `out` itself. Softmax with sink logits b_h is out * sigmoid(lse - b_h).
+Compiled on CUDA; eager (forward only) elsewhere.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..scores import sink_rescale
 from .base import Backend
 
 
@@ -48,21 +50,26 @@ def _flex_fn(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def flex_attention(q, k, v, cfg, causal: bool):
-    mod = _score_mod(cfg.attention, float(cfg.resolved_sigmoid_bias))
-    mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
-    flex = _flex_fn(q.device.type)
-    if mod is None or cfg.attn_normalize:
-        return flex(q, k, v, score_mod=mod, block_mask=mask)
+def _with_lse(flex, q, k, v, mod, mask):
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9
-        out, lse = flex(q, k, v, score_mod=mod, block_mask=mask, return_lse=True)
-    else:
-        out, aux = flex(q, k, v, score_mod=mod, block_mask=mask, return_aux=AuxRequest(lse=True))
-        lse = aux.lse
+        return flex(q, k, v, score_mod=mod, block_mask=mask, return_lse=True)
+    out, aux = flex(q, k, v, score_mod=mod, block_mask=mask, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def flex_attention(q, k, v, cfg, causal: bool, sink=None):
+    mod = _score_mod(cfg.attention, float(cfg.resolved_sigmoid_bias))
+    mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
+    flex = _flex_fn(q.device.type)
+    if sink is not None:
+        return sink_rescale(*_with_lse(flex, q, k, v, mod, mask), sink)
+    if mod is None or cfg.attn_normalize:
+        return flex(q, k, v, score_mod=mod, block_mask=mask)
+    out, lse = _with_lse(flex, q, k, v, mod, mask)
     return (out.float() * lse.exp().unsqueeze(-1)).to(q.dtype)
 
 
 BACKEND = Backend("flex", ("softmax", "sigmoid", "elu1"), flex_attention, trains_on=("cuda",), decodes=False,
-                  one_dtype=True)
+                  one_dtype=True, sinks=True)
