@@ -63,9 +63,9 @@ class KVCache:
         """Append unrotated k, v (B, Hkv, T_new, D). Returns (keys, values, start): everything held,
         at cache positions 0..len-1, and the cache position of the first new token."""
         n_new = k.shape[-2]
-        if self.window is not None and n_new > self.window:
-            raise ValueError(f"cannot add {n_new} tokens at once to a sink cache with window {self.window}; "
-                             "feed at most `window` tokens per call")
+        if self.capacity is not None and len(self) + n_new - self.capacity > max(0, len(self) - self.n_sink):
+            raise ValueError(f"cannot add {n_new} tokens at once to a sink cache with window {self.window} "
+                             f"holding {len(self)} of {self.capacity}; feed at most `window` tokens per call")
         self._evict_for(n_new)
         self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
         self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
@@ -132,7 +132,11 @@ class Cache:
 
 
 def make_cache(config, n_sink: int | None = None, window: int | None = None) -> Cache:
-    """Full cache (no arguments) or sink cache (n_sink + window). `linear` gets its state."""
+    """Full cache (no arguments) or sink cache (n_sink + window). `linear` gets its state. A model
+    with learned sink tokens (model.sink_tokens) keeps them as the sink cache's first slots, in
+    front of the n_sink first text tokens."""
     if config.attention == "linear":
         return Cache([LinearState() for _ in range(config.n_layer)])
+    if n_sink is not None:
+        n_sink += getattr(config, "sink_tokens", 0)
     return Cache([KVCache(n_sink, window) for _ in range(config.n_layer)])

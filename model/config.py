@@ -119,6 +119,7 @@ class GPTConfig(AttentionConfig):
     intermediate_size: int | None = None  # SwiGLU hidden width; None = 8/3 * n_embd rounded to 64
     tie_embeddings: bool = True
     init_std: float = 0.02
+    sink_tokens: int = 0  # learned embeddings prepended to every sequence (StreamingLLM 3.3), never predicted
 
     @property
     def mlp_hidden(self) -> int:
@@ -130,4 +131,6 @@ class GPTConfig(AttentionConfig):
             raise ValueError(f"model.vocab_size must be a positive integer, got {self.vocab_size}")
         if self.n_layer <= 0:
             raise ValueError(f"model.n_layer must be a positive integer, got {self.n_layer}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"model.sink_tokens must be >= 0 (0 = none), got {self.sink_tokens}")
 

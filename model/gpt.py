@@ -65,6 +65,9 @@ class ModelOutput:
     attn_mass: list[torch.Tensor] | None = None  # per layer (B, H, T) raw row mass
     attn_sink_slot: list[torch.Tensor] | None = None  # per layer (B, H, T) sink_logit's virtual-key weight
     hidden: list[torch.Tensor] | None = None  # residual stream after each block
+    # The first `sink_tokens` positions of attn, attn_mass, attn_sink_slot and hidden are the learned
+    # sink tokens (model.sink_tokens); logits and loss cover the text tokens only.
+    sink_tokens: int = 0
 
 
 class GPT(nn.Module):
@@ -75,6 +78,8 @@ class GPT(nn.Module):
             raise ValueError("GPTConfig.vocab_size is None: set it, or let train.py take it from the tokenizer")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.sink_tokens:  # learned, prepended to every sequence; initialised like the embeddings
+            self.sink_tokens = nn.Parameter(torch.zeros(1, config.sink_tokens, config.n_embd))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -99,12 +104,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, return_attn=False, return_hidden=False, cache: Cache | None = None):
         """idx (B, T) token ids; targets (B, T) with -100 = ignore. With `cache`, idx are the
-        next tokens after what the cache has seen; without, T must fit in block_size."""
+        next tokens after what the cache has seen; without, T must fit in block_size.
+        With model.sink_tokens, the learned sink tokens go in front of the sequence (with a cache:
+        in front of its first tokens) and take no part in logits and loss."""
         T = idx.shape[1]
         if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              "use a cache (model.make_cache) to go further")
         x = self.embed_tokens(idx)
+        n_sink = self.config.sink_tokens if cache is None or cache.seen == 0 else 0
+        if n_sink:
+            x = torch.cat((self.sink_tokens.expand(len(x), -1, -1).to(x.dtype), x), dim=1)
         attn, mass, sink_slot, hidden = [], [], [], []
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers
         for block, layer_cache in zip(self.layers, layer_caches):
@@ -115,7 +125,7 @@ class GPT(nn.Module):
                 sink_slot.append(weights.sink_slot)
             if return_hidden:
                 hidden.append(x)
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x[:, n_sink:])).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -126,6 +136,7 @@ class GPT(nn.Module):
             attn_mass=mass if return_attn else None,
             attn_sink_slot=sink_slot if return_attn and self.config.sink_logit != "none" else None,
             hidden=hidden if return_hidden else None,
+            sink_tokens=n_sink,
         )
 
     def make_cache(self, n_sink: int | None = None, window: int | None = None) -> Cache:

@@ -138,10 +138,13 @@ def ref_gpt(idx, sd, cfg):
     """Reference decoder forward from a state_dict (HF Llama names).
 
     Returns (logits, hidden list (residual after each block), per-layer raw weights w,
-    per-layer applied weights).
+    per-layer applied weights); with sink tokens, hidden and weights include their positions first.
     """
     emb = sd["embed_tokens.weight"]
     x = emb[idx]
+    n_sink = getattr(cfg, "sink_tokens", 0)  # learned embeddings in front; no logits for them
+    if n_sink:
+        x = torch.cat((sd["sink_tokens"].expand(len(idx), -1, -1), x), dim=1)
     hidden, ws, applied = [], [], []
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
@@ -155,7 +158,7 @@ def ref_gpt(idx, sd, cfg):
         hidden.append(x)
         ws.append(w)
         applied.append(ap)
-    logits = ref_rms(x, sd["norm.weight"], cfg.norm_eps) @ emb.T  # lm_head tied to the embedding
+    logits = ref_rms(x[:, n_sink:], sd["norm.weight"], cfg.norm_eps) @ emb.T  # lm_head tied to the embedding
     return logits, hidden, ws, applied
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, Attention, AttentionConfig, GPTConfig
 from model.backends import allowed
@@ -441,11 +442,70 @@ def test_sink_logit_decoder_matches_reference_and_decodes_like_it(ref, case):
     ref.close(out.attn_sink_slot[1], 1 - out.attn_mass[1], 1e-12, "sink slot = 1 - mass")
 
 
-def test_export_refuses_sink_logits():
+def test_export_refuses_sink_logits_and_sink_tokens():
     from model.export_hf import unsupported
 
     assert unsupported({"attention": "softmax"}) == []
     assert any("sink_logit" in r for r in unsupported({"attention": "softmax", "sink_logit": "learned"}))
+    assert any("sink_tokens" in r for r in unsupported({"attention": "softmax", "sink_tokens": 1}))
+
+
+# --------------------------------------------------------------------------------------------
+# sink_tokens: learned embeddings in front of every sequence, never predicted
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [dict(attention="softmax", gate="none", sink_tokens=1),
+                                  dict(attention="sigmoid", gate="headwise", sink_tokens=2),
+                                  dict(attention="linear", gate="none", sink_tokens=2)],
+                         ids=lambda c: f"{_id(c)}-{c['sink_tokens']}sinks")
+def test_sink_tokens_prefix_every_sequence_and_are_never_predicted(ref, case):
+    model = make_model(ref, **case)
+    n = case["sink_tokens"]
+    assert model.sink_tokens.shape == (1, n, model.config.n_embd)
+    idx, targets = tokens(2, 11), tokens(2, 11, seed=1)
+    params = dict(model.named_parameters())
+    out = model(idx, targets=targets, return_attn=True, return_hidden=True)
+    # the reference by hand: embeddings [sinks, tokens], positions 0..n+T-1, logits of the tokens only
+    logits_ref, hidden_ref, w_ref, _ = ref.gpt(idx, params, model.config)
+    assert out.logits.shape == (2, 11, V) and out.sink_tokens == n
+    ref.close(out.logits, logits_ref, what="logits")
+    lse = torch.logsumexp(logits_ref, -1)
+    picked = logits_ref.gather(-1, targets[..., None])[..., 0]
+    ref.close(out.loss, (lse - picked).mean(), what="loss")
+    (g,) = torch.autograd.grad(out.loss, [model.sink_tokens])
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(logits_ref.view(-1, V), targets.view(-1)), [model.sink_tokens])
+    ref.close(g, g_ref, 1e-5, "grad of the sink tokens")
+    assert out.attn[0].shape == (2, model.config.n_head, n + 11, n + 11) and out.hidden[0].shape[1] == n + 11
+    ref.close(out.hidden[-1], hidden_ref[-1], what="hidden (sink positions first)")
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = model.make_cache()
+        steps = [model(idx[:, :4], cache=cache).logits] + [model(idx[:, t : t + 1], cache=cache).logits
+                                                           for t in range(4, 11)]
+        assert cache.seen == n + 11  # the sink tokens are held like tokens
+        ref.close(torch.cat(steps, 1), full, what="cached decoding vs full forward")
+    assert torch.equal(model.generate(idx[:, :5], 6, temperature=0), greedy_by_full_forward(model, idx[:, :5], 6))
+
+
+def test_sink_cache_keeps_the_sink_tokens_as_its_first_slots(ref):
+    """One layer, 1 learned sink token, a sink cache of 0 text sinks + 4 recent tokens: after
+    eviction the logits equal a fresh forward over the last 4 tokens (the model puts the sink
+    token in front of those itself)."""
+    model = make_model(ref, attention="softmax", n_layer=1, block_size=16, sink_tokens=1)
+    idx = tokens(1, 20, seed=3)
+    cache = model.make_cache(n_sink=0, window=4)
+    assert cache.capacity == 1 + 0 + 4
+    with torch.no_grad():
+        for t in range(20):
+            logits = model(idx[:, t : t + 1], cache=cache).logits[:, -1]
+            assert len(cache) == min(t + 2, 5)
+            ref.close(logits, model(idx[:, max(0, t - 3) : t + 1]).logits[:, -1], what=f"step {t}")
+        out = model.generate(idx[:, :9], 12, temperature=0, cache=model.make_cache(n_sink=0, window=4))
+    assert out.shape == (1, 21)
+
+
+def test_sink_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="model.sink_tokens must be >= 0"):
+        GPT(make_cfg(sink_tokens=-1))
 
 
 # --------------------------------------------------------------------------------------------
