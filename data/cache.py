@@ -42,22 +42,22 @@ def key_lock(root: Path, key: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def remove_stale_temp_dirs(root: Path, held_key: str) -> list[Path]:
-    """Remove temp dirs of `held_key` (its lock is ours) and of any key nobody holds the lock of."""
+def remove_stale_temp_dirs(root: Path, held_key: str | None = None) -> list[Path]:
+    """Remove temp dirs of `held_key` (its lock is ours) and of any key nobody holds the lock of.
+
+    A cache dir we cannot write to (a shared read-only cache) is left alone.
+    """
     removed = []
     for tmp in sorted(root.glob(f".*{TMP_MARK}*")):
         key = tmp.name[1:].rsplit(TMP_MARK, 1)[0]
-        if key == held_key:
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
+        try:
+            with open(lock_path(root, key), "a") as f:
+                if key != held_key:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live build
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        except OSError:  # BlockingIOError included
             continue
-        with open(lock_path(root, key), "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live process is building that key
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
     return removed
 
 

@@ -130,16 +130,18 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
 
 def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     """Return the prepared dataset dir for `cfg`, building it if it is not cached (or damaged)."""
+    cfg.validate()
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
     root = Path(cfg.cache_dir)
     key = dataset_key(cfg)
     out = root / key
     if _damage(out) is None:
+        remove_stale_temp_dirs(root)
         return out
     root.mkdir(parents=True, exist_ok=True)
     with key_lock(root, key):
-        remove_stale_temp_dirs(root, key)
+        remove_stale_temp_dirs(root, held_key=key)
         damage = _damage(out)
         if damage is None:  # finished by another process while we waited for the lock
             return out

@@ -205,8 +205,11 @@ def test_stale_temp_dirs_are_removed_unless_locked(tmp_path):
         (cache / stale / "train.bin").write_bytes(b"\0" * 1000)
     with open(cache / ".busy-key.lock", "a") as lock:  # a live process building "busy-key"
         fcntl.flock(lock, fcntl.LOCK_EX)
-        prepare(cfg, progress=False)
-    assert tmp_dirs(cache) == [".busy-key.tmp-live"]
+        out = prepare(cfg, progress=False)
+        assert tmp_dirs(cache) == [".busy-key.tmp-live"]
+        # A prepare served from the cache cleans up too.
+        (cache / ".other-key.tmp-killed").mkdir()
+        assert prepare(cfg, progress=False) == out and tmp_dirs(cache) == [".busy-key.tmp-live"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
