@@ -27,7 +27,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json (a prepared dataset dir's, or any pretrained one)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
