@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     meta = validate_prepared(out)
     print(out)
     for k in ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_documents", "val_documents",
-              "unigram_val_nll", "val_doc_titles"):
+              "unigram_val_nll"):
         print(f"  {k}: {meta[k]}")
+    print(f"  val_doc_titles (first 5): {meta['val_doc_titles'][:5]}")
 
 
 if __name__ == "__main__":
