@@ -21,6 +21,7 @@ from data.config import DataConfig
 from data.images import ImageDataConfig
 from model.config import GPTConfig
 from model.vit import ViTConfig
+from trainer.optim import LR_SCHEDULES
 
 CONFIG_DIR = Path(__file__).parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -42,12 +43,15 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay), see trainer/optim.py
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
     eval_batches: int = 16
+    sink_interval: int | None = None  # steps between sink_1 / f_attn / max_h_ratio rows; null = eval_interval, 0 = off
     ckpt_interval: int = 200  # a checkpoint is also written at the end and on SIGTERM/SIGINT
     resume: str = "auto"  # auto: continue from out/<name>/latest if it exists; none: fresh run; or a checkpoint dir
     compile: bool = False
@@ -73,6 +77,22 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.lr_schedule == "wsd" and self.warmup_steps > self.max_steps * (1 - self.decay_fraction):
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} runs into the wsd decay, which starts at step "
+                              f"{self.max_steps * (1 - self.decay_fraction):g} (max_steps x (1 - decay_fraction)); "
+                              "lower train.warmup_steps or train.decay_fraction")
+        if self.sink_interval is not None and self.sink_interval < 0:
+            raise ConfigError(f"train.sink_interval must be >= 0 (0 = off) or null (= train.eval_interval), "
+                              f"got {self.sink_interval}")
+
+    @property
+    def sink_every(self) -> int:
+        """Steps between in-training sink measurements; 0 = never."""
+        return self.eval_interval if self.sink_interval is None else self.sink_interval
 
 
 @dataclass

@@ -65,6 +65,12 @@ CASES = {  # id: (arguments, words the message must contain)
                          ["is not a valid tokenizer.json"]),
     "context longer than data": (["data.source={files}/good", "model.block_size=5000"],
                                  ["fewer than model.block_size + 1 = 5001", "lower model.block_size"]),
+    "unknown lr schedule": (["train.lr_schedule=linear"], ["train.lr_schedule='linear'", "cosine", "wsd"]),
+    "wsd decay fraction": (["train.lr_schedule=wsd", "train.decay_fraction=1.5"],
+                           ["train.decay_fraction must be in (0, 1]"]),
+    "warmup into the wsd decay": (["train.lr_schedule=wsd", "train.warmup_steps=2"],  # 2 steps: decay from 1.6
+                                  ["train.warmup_steps=2 runs into the wsd decay", "lower train.warmup_steps"]),
+    "negative sink interval": (["train.sink_interval=-1"], ["train.sink_interval must be >= 0 (0 = off)"]),
 }
 
 

@@ -55,6 +55,19 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def sink_rows(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r.get("split") == "sink"}
+
+
+def assert_sinks_close(actual: dict, expected: dict):
+    """The in-training sink rows (every eval interval: steps 2 and 4) measure the same model."""
+    assert actual.keys() == expected.keys() == {2, 4}, (actual, expected)
+    for step, row in expected.items():
+        for key in ("sink_1", "f_attn", "max_h_ratio"):
+            assert abs(actual[step][key] - row[key]) <= 1e-4 * max(1.0, abs(row[key])), (step, key)
+
+
 def world_size(run: Path) -> int:
     return json.loads((run / "checkpoints" / "latest" / "trainer_state.json").read_text())["world_size"]
 
@@ -78,6 +91,7 @@ def test_ddp_matches_one_process_and_resumes_in_one(base, single):
     ddp = launch(base, "ddp", procs=2)
     assert world_size(ddp) == 2
     assert_losses_close(losses(ddp), losses(single))
+    assert_sinks_close(sink_rows(ddp), sink_rows(single))
     # Continue the 2-process checkpoint of step 2 in 1 process: same data order, same losses.
     one = launch(base, "ddp_to_1", f"train.resume={ddp / 'checkpoints' / 'step_0000002'}")
     assert world_size(one) == 1
@@ -92,6 +106,7 @@ def test_deepspeed_trains_checkpoints_and_resumes(base, single, stage):
     ckpt = run / "checkpoints" / "latest"
     assert (ckpt / "accelerate" / "pytorch_model").is_dir()  # DeepSpeed's own sharded state
     assert_losses_close(losses(run), losses(single))
+    assert_sinks_close(sink_rows(run), sink_rows(single))  # ZeRO-3: every rank joins the measuring forward
     # The consolidated weights equal the 1-process run's (ZeRO-3 gathers its shards to write them).
     ours, ref = load_file(ckpt / "model.safetensors"), load_file(single / "checkpoints" / "latest" / "model.safetensors")
     assert ours.keys() == ref.keys()

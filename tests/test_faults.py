@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import train
 from configs import ConfigError
+from trainer.checkpoint import check_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, base):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = run / "checkpoints"
     assert os.readlink(ckpts / "latest") == "step_0000002"  # still the last complete one
-    train.check_checkpoint((ckpts / "latest").resolve())  # and it is intact
+    check_checkpoint((ckpts / "latest").resolve())  # and it is intact
     assert not (ckpts / "step_0000004").exists() and (ckpts / ".tmp_step_0000004").is_dir()
     before = losses(run)
     assert sorted(before) == [1, 2, 3, 4]  # steps 3-4 ran, their checkpoint did not survive
@@ -121,7 +121,7 @@ def test_sigterm_mid_run_saves_and_exits_cleanly(tmp_path, base):
     last = max(losses(tmp_path / "t"))
     ckpt = (tmp_path / "t" / "checkpoints" / "latest").resolve()
     assert ckpt.name == f"step_{last:07d}"
-    train.check_checkpoint(ckpt)
+    check_checkpoint(ckpt)
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == last
 
 
@@ -195,6 +195,6 @@ def test_resume_without_trainer_state_refuses(tmp_path, base, finished):
 
 
 def test_check_checkpoint_accepts_a_good_one(finished):
-    train.check_checkpoint((finished / "checkpoints" / "latest").resolve())
+    check_checkpoint((finished / "checkpoints" / "latest").resolve())
     with pytest.raises(ConfigError, match="no such directory"):
-        train.check_checkpoint(finished / "checkpoints" / "step_9999999")
+        check_checkpoint(finished / "checkpoints" / "step_9999999")

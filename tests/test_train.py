@@ -47,6 +47,9 @@ def test_every_kind_lowers_the_loss(tmp_path, cache_dir, attention, gate):
     last = sum(r["loss"] for r in steps[-5:]) / 5
     assert last < first - 0.8, (first, last)  # ln(512) = 6.2 at the start
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    sinks = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "sink"]
+    assert [r["step"] for r in sinks] == [20, 40]  # train.sink_interval defaults to the eval interval
+    assert all(0 <= r["sink_1"] <= 100 and 0 < r["f_attn"] < 1 and r["max_h_ratio"] >= 1 for r in sinks)
     ckpt = run / "checkpoints" / "latest"
     assert (ckpt / "model.safetensors").is_file() and json.loads((ckpt / "trainer_state.json").read_text())["step"] == 40
 

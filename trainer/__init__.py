@@ -1,0 +1,8 @@
+"""The pieces of train.py's loop, one concern per module.
+
+    launch.py      the Accelerator: mixed precision, process group, DeepSpeed batch fields
+    tasks.py       what differs between the LM and the ViT: data, model, eval metrics, report
+    optim.py       AdamW and the learning-rate schedules
+    checkpoint.py  writing, checking, finding and loading checkpoints (TrainerState)
+    metrics.py     metrics.jsonl (and wandb) rows
+"""

@@ -1,0 +1,57 @@
+"""The Accelerator for a run: mixed precision, the process group, and the DeepSpeed batch fields."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from configs import ConfigError
+
+
+def make_accelerator(cfg):
+    """Returns (accelerator, gradient accumulation steps); the global batch is fixed by the config."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if cfg.logging.wandb and not os.environ.get("WANDB_API_KEY") and not Path.home().joinpath(".netrc").exists():
+        os.environ.setdefault("WANDB_MODE", "offline")
+    # gloo works for CPU processes (tests, laptops); NCCL is Accelerate's default on GPUs.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu_procs = distributed and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_procs else []
+    # Plain torchrun on CPU: without cpu=True Accelerate sees no device and does not sync
+    # the processes at all. DeepSpeed runs on CPU by itself (cpu=True would switch it off).
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    acc = Accelerator(mixed_precision=mp, log_with="wandb" if cfg.logging.wandb else None,
+                      kwargs_handlers=handlers, cpu=cpu_procs and not use_deepspeed)
+    tcfg, per_step = cfg.train, cfg.train.micro_batch_size * acc.num_processes
+    if tcfg.batch_size % per_step:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be a multiple of train.micro_batch_size x "
+                          f"processes = {tcfg.micro_batch_size} x {acc.num_processes}")
+    grad_accum = tcfg.batch_size // per_step  # accumulation makes up for fewer processes
+    acc.gradient_accumulation_steps = grad_accum
+    if acc.state.deepspeed_plugin is not None:
+        fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, tcfg, grad_accum)
+    return acc, grad_accum
+
+
+def fill_deepspeed_config(ds: dict, tcfg, grad_accum: int) -> None:
+    """Put the run config's batch, accumulation and clipping into the DeepSpeed config `ds`.
+
+    The shipped JSONs say "auto" for these; Accelerate would otherwise take accumulation
+    from the JSON (silently overriding ours) and clip at 1.0. Explicit values must agree.
+    """
+    ours = {"train_micro_batch_size_per_gpu": tcfg.micro_batch_size, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": tcfg.batch_size, "gradient_clipping": tcfg.grad_clip}
+    for key, value in ours.items():
+        theirs = ds.get(key, "auto")
+        if theirs == "auto":
+            ds[key] = value
+        elif float(theirs) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={theirs} but this run needs {value} (from "
+                              "train.batch_size, train.micro_batch_size, train.grad_clip and the number of "
+                              f'processes); set "{key}": "auto" in the DeepSpeed JSON (see configs/deepspeed/)')

@@ -1,0 +1,141 @@
+"""What differs between training the decoder on text and the ViT on images, behind one interface.
+
+    task = make_task(cfg)
+    task.prepare(acc)                  # load / prepare the data, fill and check the model config
+    task.save_artifacts(run_dir)       # files a run dir needs besides config.yaml (the tokenizer)
+    model = task.build_model()         # and task.flops_per_token
+    train, val = task.loaders(acc, grad_accum)
+    task.batch_metrics(out, y)         # per-batch means, named by task.metric_names
+    task.probe_inputs()                # fixed held-out inputs for the sink measurement
+    task.final_report(metrics, run_dir)
+
+prepare() raises ConfigError for data that does not fit the model, before the run dir is written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from configs import ConfigError
+
+N_PROBE = 8  # held-out inputs for the in-training sink measurement
+
+
+class LMTask:
+    """The decoder on tokenised text: next-token cross-entropy on random windows."""
+
+    metric_names = ("val_loss",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def prepare(self, acc) -> None:
+        from data.prepare import prepare
+
+        cfg = self.cfg
+        with acc.main_process_first():
+            self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
+        self.meta = json.loads((self.data_dir / "meta.json").read_text())
+        vocab = self.meta["vocab_size"]
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({vocab}); set model.vocab_size={vocab} or leave it null")
+        split, n = min(("train", self.meta["train_tokens"]), ("val", self.meta["val_tokens"]), key=lambda t: t[1])
+        if n < cfg.model.block_size + 1:
+            raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
+                              f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        shutil.copyfile(self.data_dir / "tokenizer.json", run_dir / "tokenizer.json")
+
+    def build_model(self) -> torch.nn.Module:
+        from model import GPT
+        from model.flops import training_flops_per_token
+
+        self.flops_per_token = training_flops_per_token(self.cfg.model, self.cfg.model.block_size)
+        return GPT(self.cfg.model)
+
+    def loaders(self, acc, grad_accum: int):
+        from data.loader import BatchLoader
+
+        cfg = self.cfg
+        mb, T = cfg.train.micro_batch_size, cfg.model.block_size
+        train = BatchLoader(self.data_dir, "train", mb, T, cfg.seed, acc.process_index, acc.num_processes, grad_accum)
+        return train, BatchLoader(self.data_dir, "val", mb, T, cfg.seed)
+
+    def batch_metrics(self, out, y) -> list[torch.Tensor]:
+        return [out.loss.float()]
+
+    def probe_inputs(self) -> torch.Tensor:
+        """N_PROBE fixed windows of block_size tokens from the start of the val split, as the evals take them
+        (BOS first when the data puts BOS at document starts)."""
+        from data.loader import TokenShards
+        from eval import held_out_sequences
+
+        bos_id = self.meta.get("bos_id") if getattr(self.cfg.data, "bos", False) else None
+        return held_out_sequences(TokenShards(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
+
+    def final_report(self, metrics: dict, run_dir: Path) -> str:
+        val, uni = metrics["val_loss"], self.meta["unigram_val_nll"]
+        return (f"final val loss {val:.4f} nats/token  |  unigram baseline {uni:.4f}  |  "
+                f"{uni - val:.2f} nats better  ({run_dir})")
+
+
+class ViTTask:
+    """The ViT on labelled images: classification cross-entropy and accuracy."""
+
+    metric_names = ("val_loss", "val_accuracy")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def prepare(self, acc) -> None:
+        """Load the image splits and check them against the model (n_classes null = from the data)."""
+        from data.images import load_images
+
+        cfg = self.cfg
+        self.images = load_images(cfg.data)
+        want = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+        if self.images.shape != want:
+            raise ConfigError(f"data.source={cfg.data.source!r} has images of shape {self.images.shape} (C, H, W) but "
+                              f"the model takes {want}; set model.in_channels and model.image_size to match")
+        if cfg.model.n_classes is None:
+            cfg.model.n_classes = self.images.n_classes
+        elif cfg.model.n_classes < self.images.n_classes:
+            raise ConfigError(f"model.n_classes={cfg.model.n_classes} is below the data's {self.images.n_classes} "
+                              "classes; raise it or leave it null")
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        pass  # images need no tokenizer
+
+    def build_model(self) -> torch.nn.Module:
+        from model.vit import ViT, training_flops_per_token
+
+        self.flops_per_token = training_flops_per_token(self.cfg.model)
+        return ViT(self.cfg.model)
+
+    def loaders(self, acc, grad_accum: int):
+        cfg = self.cfg
+        mb = cfg.train.micro_batch_size
+        train = self.images.loader("train", mb, cfg.seed, acc.process_index, acc.num_processes, grad_accum, cfg.data)
+        return train, self.images.loader("val", mb, cfg.seed)
+
+    def batch_metrics(self, out, y) -> list[torch.Tensor]:
+        return [out.loss.float(), (out.logits.argmax(-1) == y).float().mean()]
+
+    def probe_inputs(self) -> torch.Tensor:
+        """The first N_PROBE held-out images (unaugmented)."""
+        return next(self.images.loader("val", N_PROBE, self.cfg.seed).eval_batches(1))[0]
+
+    def final_report(self, metrics: dict, run_dir: Path) -> str:
+        return (f"final val loss {metrics['val_loss']:.4f}  |  val accuracy {metrics['val_accuracy']:.4f}  |  "
+                f"chance {1 / self.cfg.model.n_classes:.4f}  ({run_dir})")
+
+
+def make_task(cfg) -> LMTask | ViTTask:
+    return {"lm": LMTask, "vit": ViTTask}[cfg.task](cfg)
