@@ -219,7 +219,7 @@ def write_tokenizer(ref: str, path: str | Path) -> Path:
 
 def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a pretrained model in sinklab's names: what `train.init_from: hf:...`
-    builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/load.py); train on text
+    builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/weights.py); train on text
     tokenised by the same model's tokenizer (`write_tokenizer`). The state dict is in the
     checkpoint's dtype."""
     from transformers import AutoConfig
@@ -238,7 +238,7 @@ def load_pretrained(ref: str, dtype: torch.dtype | None = None):
     from transformers import AutoConfig
 
     from .gpt import GPT
-    from .load import load_state
+    from .weights import load_state
 
     folder = hf_folder(ref)
     hf_cfg = AutoConfig.from_pretrained(str(folder))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Dies by SIGKILL half-way through writing the weights of the second checkpoint.
 KILL_IN_SECOND_SAVE = """
 import os, signal, sys
-import model.load as L, train
+import model.weights as L, train
 real, calls = L.save_weights, []
 def dying(state_dict, path, tied):
     calls.append(path)

@@ -121,7 +121,7 @@ def find_resume_checkpoint(cfg) -> Path | None:
 def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool) -> Path:
     """Accelerate state + trainer state + consolidated weights, written to a temp dir, renamed, then
     `latest` switched. Every process calls this (ZeRO-3 gathers the weights collectively)."""
-    from model.load import save_weights
+    from model.weights import save_weights
 
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / CHECKPOINT_FMT.format(state.step)
