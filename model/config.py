@@ -133,4 +133,9 @@ class GPTConfig(AttentionConfig):
             raise ValueError(f"model.n_layer must be a positive integer, got {self.n_layer}")
         if self.sink_tokens < 0:
             raise ValueError(f"model.sink_tokens must be >= 0 (0 = none), got {self.sink_tokens}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ValueError(f"model.intermediate_size must be null (= 8/3 x n_embd) or a positive integer, "
+                             f"got {self.intermediate_size}")
+        if self.init_std <= 0:
+            raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
 
