@@ -19,6 +19,23 @@ from .weights import WEIGHTS, load_weights, parse_dtype
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
 
 
+def portable_backend(model_cfg, device, dtype) -> None:
+    """A run trained with a backend that cannot run here (flash or triton on a CPU, a missing
+    package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
+    import sys
+
+    from . import backends
+
+    name = model_cfg.backend
+    if name == "auto":
+        return
+    reason = backends.get(name).why_not(model_cfg, torch.device(device), dtype)
+    if reason:
+        print(f"note: the run trained with model.backend={name}, which cannot run here ({reason}); "
+              "loading it with model.backend=auto", file=sys.stderr)
+        model_cfg.backend = "auto"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run dir (-> checkpoints/latest), a checkpoints dir (-> latest), or a checkpoint dir."""
     path = Path(path)
@@ -128,6 +145,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
         raise ValueError(f"{ckpt} holds a {kind} run, not a {task} run; analyse it with {tool}")
     task = kind
     model_cfg = from_dict({"task": task, "model": config["model"]}).model
+    portable_backend(model_cfg, device, dtype)
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device=device, dtype=dtype).eval()

@@ -20,7 +20,7 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()
 TINY = ["data.vocab_size=300", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=2", "train.eval_batches=1",
+        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=2", "train.eval_windows=2",
         "logging.progress=false"]
 
 
