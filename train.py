@@ -16,6 +16,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -88,12 +89,15 @@ class Trainer:
         acc.print(f"attention backend: {self.attention_backend}")
         resume_from = find_resume_checkpoint(cfg)
         if acc.is_main_process:
+            new = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # removed again on failure
             try:
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 saved = {**to_dict(cfg), "attention_backend": self.attention_backend}  # a record: loaders ignore it
                 write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
                 task.save_artifacts(cfg.run_dir)
             except OSError as e:  # disk full, read-only file system, permissions
+                if new:
+                    shutil.rmtree(new[-1], ignore_errors=True)
                 raise ConfigError(f"cannot write the run dir {cfg.run_dir}: {e.strerror or e}; free disk space or "
                                   "set out_dir to a writable folder") from None
 

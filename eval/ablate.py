@@ -85,9 +85,10 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
         run = load_run(run_dir, pick_device(), task="lm")
+        val = run.val_tokens()
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    model, val, out, info = run.model, run.val_tokens(), eval_dir(run_dir), checkpoint_info(run)
+    model, out, info = run.model, eval_dir(run_dir), checkpoint_info(run)
     cfg = model.config
 
     def save(name, result):

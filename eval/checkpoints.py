@@ -134,6 +134,11 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
     done = []
     for p in paths:
         run = load(p, args, task)
+        if task == "lm":
+            try:
+                run.val_tokens()  # the held-out data is there (its source may have moved) before anything is written
+            except ValueError as e:
+                fail(str(e))
         out = output_dir(run, p)
         try:
             result = evaluate_one(run, out)
