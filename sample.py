@@ -36,8 +36,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, block_size: int, n_prompt: int):
-    """User errors, said before any generation starts."""
+def check_flags(args):
+    """Flags that are wrong whatever the model: said before anything is loaded."""
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -48,10 +48,15 @@ def check_args(args, block_size: int, n_prompt: int):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
-    if n_prompt == 0:
-        raise ValueError("the prompt is empty; pass --prompt with some text")
     if (args.sink_cache is None) != (args.window is None):
         raise ValueError("--sink-cache S and --window W go together")
+
+
+def check_args(args, block_size: int, n_prompt: int):
+    """User errors that depend on the model and the prompt, said before any generation starts."""
+    check_flags(args)
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty; pass --prompt with some text")
     if args.sink_cache is not None:
         if args.sink_cache < 0 or args.window < 1 or args.sink_cache + args.window > block_size:
             raise ValueError(f"need --sink-cache >= 0, --window >= 1 and their sum <= the context ({block_size})")
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
     from eval import pick_device
 
     try:
-        check_args(args, block_size=math.inf, n_prompt=1)  # the flags alone, before loading anything
+        check_flags(args)
         args.device = pick_device(args.device)
         prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
         run = load_run(args.ckpt, device=args.device, task="lm", dtype=args.dtype)
