@@ -171,6 +171,15 @@ def test_train_write_failure_at_start_is_one_line(tmp_path, files, monkeypatch, 
     assert "Traceback" not in err and not out_dir.exists()  # the half-made run dir is gone again
 
 
+def test_vit_configs_refuse_a_bad_mlp_width_or_init_scale():
+    from configs import ConfigError, load_config
+
+    for override, words in (("model.init_std=-0.1", "model.init_std must be > 0"),
+                            ("model.intermediate_size=0", "model.intermediate_size must be null")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(ROOT / "configs" / "vit_digits.yaml", [override])
+
+
 def test_micro_batch_shrinks_to_fit_the_processes():
     from configs import ConfigError
     from trainer.launch import fit_micro_batch
