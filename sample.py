@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -30,25 +31,32 @@ def parse_args(argv=None):
     p.add_argument("--sink-cache", type=int, default=None, metavar="S",
                    help="keep S first tokens + --window recent ones (StreamingLLM): generate past the context")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept with --sink-cache")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast the weights (default fp32)")
     return p.parse_args(argv)
 
 
-def check_args(args, block_size: int, n_prompt: int):
-    """User errors, said before any generation starts."""
+def check_flags(args):
+    """Flags that are wrong whatever the model: said before anything is loaded."""
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
-    if args.temperature < 0:
-        raise ValueError("--temperature must be >= 0 (0 = greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError("--top-p must be in (0, 1]")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (leave it out to sample from the whole vocabulary), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # (NaN fails this too)
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
-    if n_prompt == 0:
-        raise ValueError("the prompt is empty; pass --prompt with some text")
     if (args.sink_cache is None) != (args.window is None):
         raise ValueError("--sink-cache S and --window W go together")
+
+
+def check_args(args, block_size: int, n_prompt: int):
+    """User errors that depend on the model and the prompt, said before any generation starts."""
+    check_flags(args)
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty; pass --prompt with some text")
     if args.sink_cache is not None:
         if args.sink_cache < 0 or args.window < 1 or args.sink_cache + args.window > block_size:
             raise ValueError(f"need --sink-cache >= 0, --window >= 1 and their sum <= the context ({block_size})")
@@ -93,7 +101,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from model.load import load_run
 
+    from eval import pick_device
+
     try:
+        check_flags(args)
+        args.device = pick_device(args.device)
         prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
         run = load_run(args.ckpt, device=args.device, task="lm", dtype=args.dtype)
         ids = run.tokenizer.encode(prompt).ids

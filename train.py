@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +34,7 @@ from trainer.checkpoint import (TrainerState, find_resume_checkpoint, load_check
 from trainer.launch import make_accelerator
 from trainer.metrics import MetricsLog
 from trainer.optim import lr_at, make_optimizer
+from trainer.progress import progress_line
 from trainer.tasks import make_task
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
@@ -62,6 +65,17 @@ def check_backend(cfg: RunConfig, acc) -> str:
     return backends.describe(cfg.model, acc.device, backends.compute_dtype(acc.mixed_precision))
 
 
+def check_out_dir(cfg: RunConfig) -> None:
+    """out_dir / name must be (or become) a folder we can write, said before any data is prepared."""
+    for p in (cfg.run_dir, *cfg.run_dir.parents):  # the nearest existing ancestor
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"out_dir={cfg.out_dir!r}: {p} is a file, not a folder; set out_dir to a folder")
+            if not os.access(p, os.W_OK):
+                raise ConfigError(f"out_dir={cfg.out_dir!r}: {p} is not writable; set out_dir to a writable folder")
+            return
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         """Everything that can refuse the config does so before the run dir is written."""
@@ -69,18 +83,28 @@ class Trainer:
         self.acc, self.grad_accum = make_accelerator(cfg)
         self.task = make_task(cfg)
         acc, task = self.acc, self.task
+        check_out_dir(cfg)
         task.prepare(acc)
         self.attention_backend = check_backend(cfg, acc)
         acc.print(f"attention backend: {self.attention_backend}")
         resume_from = find_resume_checkpoint(cfg)
         if acc.is_main_process:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            saved = {**to_dict(cfg), "attention_backend": self.attention_backend}  # a record: loaders ignore it
-            write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-            task.save_artifacts(cfg.run_dir)
+            new = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # removed again on failure
+            try:
+                cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                saved = {**to_dict(cfg), "attention_backend": self.attention_backend}  # a record: loaders ignore it
+                write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+                task.save_artifacts(cfg.run_dir)
+            except OSError as e:  # disk full, read-only file system, permissions
+                if new:
+                    shutil.rmtree(new[-1], ignore_errors=True)
+                raise ConfigError(f"cannot write the run dir {cfg.run_dir}: {e.strerror or e}; free disk space or "
+                                  "set out_dir to a writable folder") from None
 
         torch.manual_seed(cfg.seed)  # same initial weights on every process
         model = task.build_model()
+        if resume_from is None:
+            task.load_initial_weights(model)
         model.set_backend(acc.device, backends.compute_dtype(acc.mixed_precision))  # pinned across acc.prepare's moves
         if cfg.train.compile:
             model = torch.compile(model)
@@ -105,7 +129,7 @@ class Trainer:
         acc, model, names = self.acc, self.model, self.task.metric_names
         model.eval()
         total = torch.zeros(len(names) + 1, device=acc.device)  # metric x examples, and examples
-        batches = list(self.val_loader.eval_batches(self.cfg.train.eval_batches))
+        batches = list(self.val_loader.eval_windows(self.cfg.train.eval_windows))
         world = acc.num_processes
         # Every rank runs the same number of forwards (ZeRO-3 gathers weights in each one);
         # when the batches do not divide evenly, the extra forwards are weighted 0.
@@ -183,12 +207,14 @@ class Trainer:
         tokens_per_step = tcfg.batch_size * cfg.model.block_size
         tied = getattr(cfg.model, "tie_embeddings", False)
         self.model.train()
-        bar = tqdm(total=tcfg.max_steps, initial=state.step, desc=cfg.name, dynamic_ncols=True,
-                   disable=not (acc.is_main_process and cfg.logging.progress))
+        show_bar = acc.is_main_process and cfg.logging.progress and sys.stderr.isatty()
+        plain = acc.is_main_process and not show_bar  # progress lines instead of a bar
+        bar = tqdm(total=tcfg.max_steps, initial=state.step, desc=cfg.name, dynamic_ncols=True, disable=not show_bar)
         if state.step >= tcfg.max_steps and acc.is_main_process:
             print(f"{cfg.run_dir} is already at step {state.step} >= train.max_steps={tcfg.max_steps}; "
                   "raise train.max_steps to train further", flush=True)
         start, t0 = state.step, time.perf_counter()
+        run_t0 = t0
         while state.step < tcfg.max_steps:
             loss, grad_norm, finite, lr = self.train_step(state.step)
             tok_s = tokens_per_step / (time.perf_counter() - t0)
@@ -202,6 +228,9 @@ class Trainer:
                             "tok_per_s": round(tok_s, 1), "mfu": mfu, "skipped_steps": state.skipped_steps, **first})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+            if plain and (step % cfg.logging.log_interval == 0 or last):
+                per_step = (time.perf_counter() - run_t0) / (step - start)
+                print(progress_line(step, tcfg.max_steps, loss, lr, tok_s, per_step), flush=True)
             if state.bad_in_row >= tcfg.max_bad_steps:
                 bar.close()
                 acc.print(f"stopping: the loss or gradient norm was not finite for {state.bad_in_row} steps in a row "
@@ -213,7 +242,7 @@ class Trainer:
             if step % tcfg.eval_interval == 0 or last:
                 metrics = self.evaluate()
                 self.log.write({"step": step, "split": "val", **metrics})
-                if not bar.disable:
+                if acc.is_main_process:
                     bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
             if tcfg.sink_every and (step % tcfg.sink_every == 0 or last):
                 self.measure_sinks(step)

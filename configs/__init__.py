@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     batch_size: int = 16  # global batch: sequences per optimizer step, over all processes
-    micro_batch_size: int = 16  # sequences per forward pass per process
+    micro_batch_size: int = 16  # sequences per forward pass per process; shrunk to fit batch_size / processes
     max_steps: int = 600
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -50,22 +51,20 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
-    eval_batches: int = 16
+    eval_windows: int = 256  # held-out sequences per eval, the same set whatever the micro batch and processes
     sink_interval: int | None = None  # steps between sink_1 / f_attn / max_h_ratio rows; null = eval_interval, 0 = off
     ckpt_interval: int = 200  # a checkpoint is also written at the end and on SIGTERM/SIGINT
     resume: str = "auto"  # auto: continue from out/<name>/latest if it exists; none: fresh run; or a checkpoint dir
     compile: bool = False
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    init_from: str | None = None  # hf:<hub id or transformers folder>: start from that model and its tokenizer
 
     def validate(self):
-        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_batches", "ckpt_interval",
+        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_windows", "ckpt_interval",
                      "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of "
-                              f"train.micro_batch_size={self.micro_batch_size}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} is not one of "
                               "['auto', 'no', 'bf16', 'fp16']")
@@ -85,6 +84,9 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} runs into the wsd decay, which starts at step "
                               f"{self.max_steps * (1 - self.decay_fraction):g} (max_steps x (1 - decay_fraction)); "
                               "lower train.warmup_steps or train.decay_fraction")
+        if self.init_from is not None and not self.init_from.startswith("hf:"):
+            raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id or transformers folder>; "
+                              "to continue a sinklab run use train.resume")
         if self.sink_interval is not None and self.sink_interval < 0:
             raise ConfigError(f"train.sink_interval must be >= 0 (0 = off) or null (= train.eval_interval), "
                               f"got {self.sink_interval}")
@@ -99,10 +101,13 @@ class TrainConfig:
 class LoggingConfig:
     wandb: bool = False  # offline when no API key is configured
     wandb_project: str = "sinklab"
-    progress: bool = True  # progress bar with loss, tok/s, MFU and ETA
+    progress: bool = True  # progress bar with loss, tok/s, MFU and ETA (plain lines when off or not a terminal)
+    log_interval: int = 10  # steps between the plain progress lines
 
     def validate(self):
-        pass
+        if self.log_interval <= 0:
+            raise ConfigError(f"logging.log_interval must be a positive integer, got {self.log_interval}")
+
 
 
 @dataclass
@@ -121,8 +126,12 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
     def validate(self):
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name={self.name!r} must be a non-empty folder name without '/'")
+        if self.name in ("", ".", "..") or any(sep in self.name for sep in ("/", "\\")):
+            raise ConfigError(f"name={self.name!r} must be a plain folder name inside out_dir (no '/', '\\', '.' "
+                              "or '..'); put the location in out_dir instead")
+        if self.task != "lm" and self.train.init_from is not None:
+            raise ConfigError(f"train.init_from imports a language model; a {self.task} run cannot start from it "
+                              "(remove train.init_from)")
         for section in ("model", "data", "train", "logging"):
             try:
                 getattr(self, section).validate()
@@ -157,13 +166,18 @@ def _coerce(key: str, value, tp):
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         elif t is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+                number = float(value)
+            elif isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+            if number is not None:
+                if not math.isfinite(number):
+                    raise ConfigError(f"{key}={value!r} is not a finite number; give a finite value")
+                return number
         elif t is str:
             if isinstance(value, str):
                 return value
@@ -201,18 +215,39 @@ def _build(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _read_yaml(path: Path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one mapping (again at line "
+                                  f"{key_node.start_mark.line + 1}); keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} is its own base ({' -> '.join(str(p) for p in (*chain, path.resolve()))}); "
+                          "remove the `base:` that closes the cycle")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file; pass a YAML config") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     base = values.pop("base", None)
     if base is not None:
-        values = _merge(_read_yaml(path.parent / base), values)
+        values = _merge(_read_yaml(path.parent / base, (*chain, path.resolve())), values)
     return values
 
 

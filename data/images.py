@@ -158,11 +158,12 @@ class ImageBatchLoader:
             x = augment(x, shifts[rows] if self.shift else None, flips[rows] if self.flip else None)
         return self.normalise(x), self.labels[idx[rows]]
 
-    def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The first n_batches consecutive batches of the split, unaugmented: the same every call,
-        and the whole split once n_batches * batch_size >= len(split)."""
-        for i in range(min(n_batches, -(-len(self) // self.batch_size))):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+    def eval_windows(self, n_images: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n_images of the split in batches of at most batch_size, unaugmented: the same
+        every call whatever the batch size, and the whole split once n_images >= len(split)."""
+        n = min(n_images, len(self))
+        for i in range(0, n, self.batch_size):
+            sl = slice(i, min(i + self.batch_size, n))
             yield self.normalise(self.images[sl]), self.labels[sl]
 
 

@@ -61,17 +61,25 @@ class BatchLoader:
         return self._batch(f"{self.seed}/{self.split}/{step}", micro_step * self.world_size + self.rank,
                            self.world_size * self.grad_accum)
 
-    def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The same `n_batches` batches on every call, so periodic evals are comparable."""
-        for i in range(n_batches):
-            yield self._batch(f"{self.seed}/{self.split}/eval/{i}", 0, 1)
+    def eval_windows(self, n_windows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same `n_windows` windows on every call, whatever the batch size, in batches of at
+        most batch_size: periodic evals are comparable, and so are runs with other micro batches."""
+        starts = self._starts(f"{self.seed}/{self.split}/eval", n_windows)
+        for i in range(0, n_windows, self.batch_size):
+            yield self._rows(starts[i : i + self.batch_size])
+
+    def _starts(self, key: str, n: int) -> list[int]:
+        """The first tokens of the n windows drawn for `key`."""
+        gen = torch.Generator().manual_seed(seed_from_key(key))
+        n_windows = len(self.shards) - self.block_size  # starts leaving room for the shifted target
+        return torch.randint(n_windows, (n,), generator=gen).tolist()
 
     def _batch(self, key: str, slot: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [slot*B, (slot+1)*B) of the n_slots*B windows drawn for `key`."""
-        gen = torch.Generator().manual_seed(seed_from_key(key))
-        n_windows = len(self.shards) - self.block_size  # starts leaving room for the shifted target
-        starts = torch.randint(n_windows, (self.batch_size * n_slots,), generator=gen)
-        starts = starts[slot * self.batch_size : (slot + 1) * self.batch_size].tolist()
+        starts = self._starts(key, self.batch_size * n_slots)
+        return self._rows(starts[slot * self.batch_size : (slot + 1) * self.batch_size])
+
+    def _rows(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self.shards.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -19,11 +19,44 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
+def make_dir(path) -> Path:
+    """Create an output folder, or fail with one line when the run dir cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e}); copy the run to a writable place and evaluate the copy")
+    return path
+
+
 def eval_dir(run_dir) -> Path:
     """`<run>/eval/`, created on demand: every eval writes its outputs there."""
-    path = Path(run_dir) / "eval"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dir(Path(run_dir) / "eval")
+
+
+# argparse types: a bad flag is refused when the command line is parsed, before any work.
+def _number(kind, text: str, ok, what: str):
+    import argparse
+
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0, "a positive finite number")
 
 
 def _json_safe(obj):
@@ -63,8 +96,17 @@ def held_out_sequences(tokens, n_seqs: int, length: int, bos_id: int | None = No
 
 
 def pick_device(name: str | None = None):
+    """`name` (cuda, cuda:1, cpu, mps), refused with the fix when this machine lacks it; default cuda if present."""
     import torch
 
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device name; use cpu or cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name} but this machine has no CUDA GPU; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name} but MPS is not available here; use --device cpu")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -85,9 +85,10 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
         run = load_run(run_dir, pick_device(), task="lm")
+        val = run.val_tokens()
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    model, val, out, info = run.model, run.val_tokens(), eval_dir(run_dir), checkpoint_info(run)
+    model, out, info = run.model, eval_dir(run_dir), checkpoint_info(run)
     cfg = model.config
 
     def save(name, result):
@@ -183,24 +184,27 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
+    from . import positive_int, streaming
+
     ap = argparse.ArgumentParser(prog="python -m eval.ablate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
-    ap.add_argument("--steps", type=int, default=None, help="train.max_steps for every config (default: the config's)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra dotted overrides applied to every config, e.g. train.batch_size=8")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="torch threads for training (OMP_NUM_THREADS) and evals (default: torch's); 1 on a busy CPU")
     ap.add_argument("--out", default="out/ablate", help="out_dir of the trained runs and the report")
-    ap.add_argument("--stream-tokens", type=int, default=2000, help="held-out tokens for eval.streaming")
-    ap.add_argument("--stream-modes", nargs="+", default=["window", "sinks", "recompute"])
-    ap.add_argument("--recompute-stride", type=int, default=4, help="eval.streaming --recompute-stride")
+    # The eval flags are checked here, when parsing, not after hours of training.
+    ap.add_argument("--stream-tokens", type=positive_int, default=2000, help="held-out tokens for eval.streaming")
+    ap.add_argument("--stream-modes", nargs="+", choices=streaming.MODES, default=["window", "sinks", "recompute"])
+    ap.add_argument("--recompute-stride", type=positive_int, default=4, help="eval.streaming --recompute-stride")
     args = ap.parse_args(argv)
 
     if not args.configs and not args.runs:
         fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
-    if args.steps is not None and args.steps <= 0:
-        fail(f"--steps must be positive, got {args.steps}")
+    if args.stream_tokens < 2:
+        fail(f"--stream-tokens must be >= 2 (one prediction needs two tokens), got {args.stream_tokens}")
     from model.load import resolve_checkpoint
 
     for r in args.runs:

@@ -152,14 +152,14 @@ def plot(result: ActivationsResult, path) -> None:
 
 
 def main(argv=None) -> list[ActivationsResult]:
-    from . import held_out_sequences
+    from . import held_out_sequences, positive_int
     from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
-    ap.add_argument("--n-seqs", type=int, default=N_SEQS)
-    ap.add_argument("--length", type=int, default=None, help="tokens per sequence (default: block size)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
+    ap.add_argument("--length", type=positive_int, default=None, help="tokens per sequence (default: block size)")
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     args = ap.parse_args(argv)
 
     def one(run, out):

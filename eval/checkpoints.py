@@ -15,7 +15,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from . import fail, pick_device, write_json
+from . import fail, make_dir, pick_device, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("fp32", "bf16", "fp16")
@@ -122,8 +122,7 @@ def output_dir(run, requested: str) -> Path:
     path = Path(run.run_dir) / "eval"
     if not whole_run:
         path = path / Path(run.checkpoint).name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dir(path)
 
 
 def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...], task: str = "lm") -> list:
@@ -135,8 +134,16 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
     done = []
     for p in paths:
         run = load(p, args, task)
+        if task == "lm":
+            try:
+                run.val_tokens()  # the held-out data is there (its source may have moved) before anything is written
+            except ValueError as e:
+                fail(str(e))
         out = output_dir(run, p)
-        result = evaluate_one(run, out)
+        try:
+            result = evaluate_one(run, out)
+        except ValueError as e:  # no held-out data (the source moved), too few tokens for the flags
+            fail(str(e))
         result.checkpoint = checkpoint_info(run)
         write_json(out / f"{name}.json", result.to_json())
         print(f"-> {out / (name + '.json')}")
@@ -155,8 +162,7 @@ def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
     rows = sorted(({"step": r.checkpoint["step"], "tokens": r.checkpoint["tokens"], "checkpoint": r.checkpoint["path"],
                     **{k: getattr(r, k) for k in headline}} for _, r in done),
                   key=lambda row: (row["step"] is None, row["step"] or 0))
-    out = done[0][0] / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(done[0][0] / "eval")
     defs = done[0][1].definitions()
     write_json(out / f"{name}_over_steps.json", {"rows": rows, "definitions": {k: defs.get(k, "") for k in headline}})
     lines = ["| step | tokens | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]

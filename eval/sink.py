@@ -308,8 +308,15 @@ def plot_heatmap(result: SinkResult, path) -> None:
     save(fig, path)
 
 
+def length_arg(text: str) -> str:
+    """A --lengths value: "block" or a positive integer (kept as text; resolved per model)."""
+    from . import positive_int
+
+    return text if text == "block" else str(positive_int(text))
+
+
 def main(argv=None) -> list[SinkResult]:
-    from . import held_out_sequences
+    from . import held_out_sequences, positive_float, positive_int
     from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
     if argv is None:
@@ -318,11 +325,12 @@ def main(argv=None) -> list[SinkResult]:
         return main_emergence(argv)
     ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
-    ap.add_argument("--eps", type=float, default=0.3)
-    ap.add_argument("--k", type=int, default=1, help="token whose importance is measured (1-indexed)")
-    ap.add_argument("--n-seqs", type=int, default=N_SEQS)
-    ap.add_argument("--lengths", nargs="+", default=[str(x) for x in LENGTHS], help='ints or "block"')
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eps", type=positive_float, default=0.3)
+    ap.add_argument("--k", type=positive_int, default=1, help="token whose importance is measured (1-indexed)")
+    ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
+    ap.add_argument("--lengths", nargs="+", type=length_arg, default=[str(x) for x in LENGTHS],
+                    help='ints or "block"')
+    ap.add_argument("--batch-size", type=positive_int, default=4)
     args = ap.parse_args(argv)
 
     def one(run, out):

@@ -219,12 +219,12 @@ def metrics_info(run_dir) -> dict:
 
 
 def main(argv=None) -> SpikesResult:
-    from . import eval_dir, write_json
+    from . import eval_dir, positive_float, positive_int, write_json
 
     ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", "--ckpt", dest="run", required=True, help="run directory with metrics.jsonl")
-    ap.add_argument("--window", type=int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")
-    ap.add_argument("--k", type=float, default=6.0, help="6 = OLMo-core, 7 = OLMo 2")
+    ap.add_argument("--window", type=positive_int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")
+    ap.add_argument("--k", type=positive_float, default=6.0, help="6 = OLMo-core, 7 = OLMo 2")
     ap.add_argument("--two-sided", action="store_true", help="OLMo 2's rule: |value - mean| >= k std")
     args = ap.parse_args(argv)
 

@@ -236,29 +236,25 @@ def plot(result: StreamingResult, path) -> None:
 
 
 def main(argv=None) -> list[StreamingResult]:
-    from . import fail
+    from . import fail, nonnegative_int, positive_int
     from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
-    ap.add_argument("--n-sink", type=int, default=4, help="S: first tokens kept (sinks mode)")
-    ap.add_argument("--window", type=int, default=None,
+    ap.add_argument("--n-sink", type=nonnegative_int, default=4, help="S: first tokens kept (sinks mode)")
+    ap.add_argument("--window", type=positive_int, default=None,
                     help="W: recent tokens kept (default: block_size - S - 1, or block_size - S with evict-first)")
     ap.add_argument("--order", choices=ORDERS, default="reference",
                     help="reference: trim after the forward, a query sees S+W+1 keys; evict-first: S+W")
     ap.add_argument("--bos", action="store_true", help="start the stream with the BOS token (runs trained with data.bos)")
     ap.add_argument("--tokens", type=int, default=20000, help="held-out tokens to stream (at most)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--recompute-stride", type=int, default=1, help="score every k-th position in recompute")
-    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward in recompute")
+    ap.add_argument("--recompute-stride", type=positive_int, default=1, help="score every k-th position in recompute")
+    ap.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward in recompute")
     args = ap.parse_args(argv)
 
-    if args.n_sink < 0:
-        fail(f"--n-sink must be >= 0, got {args.n_sink}")
     if args.tokens < 2:
         fail(f"--tokens must be >= 2 (one prediction needs two tokens), got {args.tokens}")
-    if args.recompute_stride < 1 or args.batch_size < 1:
-        fail("--recompute-stride and --batch-size must be >= 1")
 
     def one(run, out):
         cfg = run.model.config

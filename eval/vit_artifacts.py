@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
     from data.images import ImageDataConfig, load_images
     from model.load import load_run
 
-    from . import pick_device, write_json
+    from . import pick_device, positive_int, write_json
     from .checkpoints import checkpoint_info, output_dir
     from .result import CHECKPOINT_DEFINITION
 
@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
                     f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
     ap.add_argument("--n-images", type=int, default=None, help="held-out images to use (default: all)")
-    ap.add_argument("--n-maps", type=int, default=4, help="images to draw attention maps for")
+    ap.add_argument("--n-maps", type=positive_int, default=4, help="images to draw attention maps for")
     ap.add_argument("--test-time-register", action="store_true", help="also run the test-time register intervention")
     ap.add_argument("--ttr-layer", type=int, default=None, help="search MLP units in blocks 0..L (default: all)")
     ap.add_argument("--ttr-top-k", type=int, default=4, help="number of register neurons to move")
@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
                     help="also report the outlier fraction against this absolute norm (Jiang et al. use 30 on CLIP)")
     ap.add_argument("--ttr-rule", choices=["ours", "reference"], default="ours",
                     help="reference: Jiang et al.'s neuron search and intervention (needs --fixed-threshold)")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=positive_int, default=128)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     if args.ttr_top_k < 1 or (args.n_images is not None and args.n_images < 1):

@@ -110,6 +110,15 @@ class AttentionConfig:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
 
 
+def check_mlp_and_init(cfg) -> None:
+    """The MLP width and the init scale a GPT or ViT config shares."""
+    if cfg.intermediate_size is not None and cfg.intermediate_size <= 0:
+        raise ValueError(f"model.intermediate_size must be null (= 8/3 x n_embd) or a positive integer, "
+                         f"got {cfg.intermediate_size}")
+    if cfg.init_std <= 0:
+        raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
+
+
 @dataclass
 class GPTConfig(AttentionConfig):
     """Llama-style decoder. vocab_size None = take it from the tokenizer."""
@@ -133,4 +142,5 @@ class GPTConfig(AttentionConfig):
             raise ValueError(f"model.n_layer must be a positive integer, got {self.n_layer}")
         if self.sink_tokens < 0:
             raise ValueError(f"model.sink_tokens must be >= 0 (0 = none), got {self.sink_tokens}")
+        check_mlp_and_init(self)
 

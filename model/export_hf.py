@@ -107,10 +107,21 @@ def export_model(model, tokenizer, out: str | Path, eot: str) -> Path:
     return out
 
 
+def check_out(out: Path) -> None:
+    """--out must be (or become) a folder: transformers' save_pretrained only logs, and writes
+    nothing, when it is a file."""
+    for p in (out, *out.parents):  # the nearest existing ancestor
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out {out}: {p} is a file, not a folder; pass a folder path for the export")
+            return
+
+
 def export(ckpt: str | Path, out: str | Path) -> tuple[Path, str]:
     """Export a run or checkpoint; returns the folder and the architecture's class name."""
     from data.tokenizer import EOT
 
+    check_out(Path(out))
     run = load_run(ckpt)
     if run.config.get("task", "lm") != "lm":
         raise ValueError(f"{run.checkpoint} is a {run.config['task']!r} run; only language models export")

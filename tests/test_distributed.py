@@ -29,7 +29,7 @@ def base(word_corpus) -> list[str]:
     return [f"out_dir={root / 'out'}", f"data.cache_dir={root / 'cache'}", f"data.source={corpus}",
             "data.vocab_size=300", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=4", "train.warmup_steps=1",
-            "train.eval_interval=2", "train.eval_batches=2", "train.ckpt_interval=2", "logging.progress=false"]
+            "train.eval_interval=2", "train.eval_windows=4", "train.ckpt_interval=2", "logging.progress=false"]
 
 
 def launch(base: list[str], name: str, *overrides: str, procs: int = 1, deepspeed: str | None = None,

@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
         "name=tiny", f"out_dir={tmp / 'out'}", f"data.source={corpus}", f"data.cache_dir={tmp / 'cache'}",
         "data.vocab_size=300", "data.val_fraction=0.25", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
         "model.block_size=32", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=12",
-        "train.warmup_steps=2", "train.eval_interval=6", "train.eval_batches=2", "train.ckpt_interval=12",
+        "train.warmup_steps=2", "train.eval_interval=6", "train.eval_windows=8", "train.ckpt_interval=12",
         "logging.progress=false",
     ]) == 0
     return tmp / "out" / "tiny"

@@ -32,7 +32,7 @@ def tiny_run(tmp_path: Path, name: str, *overrides: str) -> Path:
                        f"data.source={corpus}", "data.vocab_size=300", "model.n_layer=2", "model.n_head=4",
                        "model.n_kv_head=2", "model.n_embd=32", "model.block_size=32", "model.rope_theta=500",
                        "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3", "train.lr=1e-2",
-                       "train.warmup_steps=1", "train.eval_batches=1", "logging.progress=false", *overrides]) == 0
+                       "train.warmup_steps=1", "train.eval_windows=4", "logging.progress=false", *overrides]) == 0
     return tmp_path / "out" / name
 
 

@@ -63,7 +63,7 @@ def base(word_corpus) -> list[str]:
     return [f"data.cache_dir={root / 'cache'}", f"data.source={corpus}", "data.vocab_size=300",
             "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
-            "train.eval_batches=2", "logging.progress=false"]
+            "train.eval_windows=4", "logging.progress=false"]
 
 
 def run_train(args: list[str], script: str | None = None, **popen) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ def tiny_run(tmp_path: Path, cache_dir: Path, name: str, *overrides: str) -> Pat
     args = [f"name={name}", f"out_dir={tmp_path}", f"data.cache_dir={cache_dir}", "data.vocab_size=512",
             "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64",
             "train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=40", "train.warmup_steps=5",
-            "train.lr=3e-3", "train.min_lr=3e-4", "train.eval_interval=20", "train.eval_batches=4",
+            "train.lr=3e-3", "train.min_lr=3e-4", "train.eval_interval=20", "train.eval_windows=32",
             "train.ckpt_interval=40", "logging.progress=false", *overrides]
     assert train.main(args) == 0
     return tmp_path / name

@@ -36,7 +36,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     base = [f"out_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}", f"data.source={corpus}",
             "data.vocab_size=300", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "train.batch_size=4", "train.micro_batch_size=2", f"train.max_steps={2 * N}", "train.warmup_steps=2",
-            f"train.ckpt_interval={N}", "train.eval_interval=100", "train.eval_batches=1", "logging.progress=false"]
+            f"train.ckpt_interval={N}", "train.eval_interval=100", "train.eval_windows=2", "logging.progress=false"]
     assert train.main([*base, "name=full"]) == 0
     full = tmp_path / "out" / "full"
     ckpt = full / "checkpoints" / f"step_{N:07d}"

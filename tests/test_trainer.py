@@ -62,7 +62,7 @@ def base(word_corpus) -> list[str]:
     return [f"out_dir={word_corpus / 'out'}", f"data.cache_dir={word_corpus / 'cache'}",
             f"data.source={word_corpus / 'corpus'}", "data.vocab_size=300", "model.n_layer=1", "model.n_head=2",
             "model.n_embd=32", "model.block_size=32", "train.batch_size=2", "train.micro_batch_size=2",
-            "train.warmup_steps=1", "train.eval_batches=2", "logging.progress=false"]
+            "train.warmup_steps=1", "train.eval_windows=4", "logging.progress=false"]
 
 
 def rows(run, split: str) -> list[dict]:

@@ -17,6 +17,8 @@ def make_accelerator(cfg):
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mp == "fp16" and not torch.cuda.is_available():  # Accelerate would silently train in fp32
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use train.mixed_precision=bf16 or no")
     if cfg.logging.wandb and not os.environ.get("WANDB_API_KEY") and not Path.home().joinpath(".netrc").exists():
         os.environ.setdefault("WANDB_MODE", "offline")
     # gloo works for CPU processes (tests, laptops); NCCL is Accelerate's default on GPUs.
@@ -28,15 +30,28 @@ def make_accelerator(cfg):
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
     acc = Accelerator(mixed_precision=mp, log_with="wandb" if cfg.logging.wandb else None,
                       kwargs_handlers=handlers, cpu=cpu_procs and not use_deepspeed)
-    tcfg, per_step = cfg.train, cfg.train.micro_batch_size * acc.num_processes
-    if tcfg.batch_size % per_step:
-        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be a multiple of train.micro_batch_size x "
-                          f"processes = {tcfg.micro_batch_size} x {acc.num_processes}")
-    grad_accum = tcfg.batch_size // per_step  # accumulation makes up for fewer processes
+    tcfg = cfg.train
+    tcfg.micro_batch_size = fit_micro_batch(tcfg.batch_size, tcfg.micro_batch_size, acc.num_processes, acc.print)
+    grad_accum = tcfg.batch_size // (tcfg.micro_batch_size * acc.num_processes)  # makes up for fewer processes
     acc.gradient_accumulation_steps = grad_accum
     if acc.state.deepspeed_plugin is not None:
         fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, tcfg, grad_accum)
     return acc, grad_accum
+
+
+def fit_micro_batch(batch_size: int, micro: int, world: int, say=print) -> int:
+    """The micro batch each process runs: the configured one, or, when micro x processes does not
+    divide the global batch, the largest divisor of batch_size / processes below it (said once)."""
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world}); "
+                          f"set train.batch_size to a multiple of {world}")
+    per_process = batch_size // world
+    if per_process % micro == 0:
+        return micro
+    fitted = max(d for d in range(1, min(micro, per_process) + 1) if per_process % d == 0)
+    say(f"train.micro_batch_size={micro} x {world} processes does not divide train.batch_size={batch_size}; "
+        f"running micro batches of {fitted}")
+    return fitted
 
 
 def fill_deepspeed_config(ds: dict, tcfg, grad_accum: int) -> None:

@@ -4,6 +4,7 @@
     task.prepare(acc)                  # load / prepare the data, fill and check the model config
     task.save_artifacts(run_dir)       # files a run dir needs besides config.yaml (the tokenizer)
     model = task.build_model()         # and task.flops_per_token
+    task.load_initial_weights(model)   # train.init_from's weights (a fresh run only)
     train, val = task.loaders(acc, grad_accum)
     task.batch_metrics(out, y)         # per-batch means, named by task.metric_names
     task.probe_inputs()                # fixed held-out inputs for the sink measurement
@@ -31,11 +32,14 @@ class LMTask:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.initial_state = None  # train.init_from's state dict, until load_initial_weights
 
     def prepare(self, acc) -> None:
         from data.prepare import prepare
 
         cfg = self.cfg
+        if cfg.train.init_from is not None:
+            self.import_model(acc)
         with acc.main_process_first():
             self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
         self.meta = json.loads((self.data_dir / "meta.json").read_text())
@@ -49,6 +53,35 @@ class LMTask:
         if n < cfg.model.block_size + 1:
             raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
                               f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
+
+    def import_model(self, acc) -> None:
+        """train.init_from=hf:...: the model config and weights of the import, and its tokenizer for the data.
+
+        The run keeps its attention backend and may train on shorter windows than the import's context.
+        data.tokenizer becomes the import's folder, so data prep ends documents with the import's EOS."""
+        from model.hf_import import hf_folder, init_model
+
+        cfg, ref = self.cfg, self.cfg.train.init_from
+        try:
+            imported, self.initial_state = init_model(ref)
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"train.init_from={ref!r}: {e}") from None
+        imported.backend = cfg.model.backend
+        if cfg.model.block_size < imported.block_size:
+            imported.block_size = cfg.model.block_size
+        acc.print(f"init_from {ref}: model config and tokenizer from the import, block_size {imported.block_size}")
+        cfg.model = imported
+        cfg.data.tokenizer = str(hf_folder(ref))
+
+    def load_initial_weights(self, model: torch.nn.Module) -> None:
+        """Copy train.init_from's weights into the freshly built model (then drop them)."""
+        from model.weights import load_state
+
+        if self.initial_state is not None:
+            load_state(model, self.initial_state, self.cfg.train.init_from)
+            self.initial_state = None
 
     def save_artifacts(self, run_dir: Path) -> None:
         shutil.copyfile(self.data_dir / "tokenizer.json", run_dir / "tokenizer.json")
@@ -82,8 +115,9 @@ class LMTask:
 
     def final_report(self, metrics: dict, run_dir: Path) -> str:
         val, uni = metrics["val_loss"], self.meta["unigram_val_nll"]
+        than = f"{uni - val:.2f} nats better" if val <= uni else f"{val - uni:.2f} nats worse"
         return (f"final val loss {val:.4f} nats/token  |  unigram baseline {uni:.4f}  |  "
-                f"{uni - val:.2f} nats better  ({run_dir})")
+                f"{than} than the baseline  ({run_dir})")
 
 
 class ViTTask:
@@ -113,6 +147,9 @@ class ViTTask:
     def save_artifacts(self, run_dir: Path) -> None:
         pass  # images need no tokenizer
 
+    def load_initial_weights(self, model: torch.nn.Module) -> None:
+        pass  # train.init_from is for language models (refused for a ViT by the config)
+
     def build_model(self) -> torch.nn.Module:
         from model.vit import ViT, training_flops_per_token
 
@@ -130,7 +167,7 @@ class ViTTask:
 
     def probe_inputs(self) -> torch.Tensor:
         """The first N_PROBE held-out images (unaugmented)."""
-        return next(self.images.loader("val", N_PROBE, self.cfg.seed).eval_batches(1))[0]
+        return next(self.images.loader("val", N_PROBE, self.cfg.seed).eval_windows(N_PROBE))[0]
 
     def final_report(self, metrics: dict, run_dir: Path) -> str:
         return (f"final val loss {metrics['val_loss']:.4f}  |  val accuracy {metrics['val_accuracy']:.4f}  |  "
