@@ -3,6 +3,7 @@
     task = make_task(cfg)
     task.prepare(acc)                  # load / prepare the data, fill and check the model config
     task.save_artifacts(run_dir)       # files a run dir needs besides config.yaml (the tokenizer)
+    task.data_fingerprint()            # what the training data depends on (None: nothing to check)
     model = task.build_model()         # and task.flops_per_token
     train, val = task.loaders(acc, grad_accum)
     task.batch_metrics(out, y)         # per-batch means, named by task.metric_names
@@ -52,6 +53,12 @@ class LMTask:
 
     def save_artifacts(self, run_dir: Path) -> None:
         shutil.copyfile(self.data_dir / "tokenizer.json", run_dir / "tokenizer.json")
+
+    def data_fingerprint(self) -> dict:
+        """What the training tokens depend on, stored with each checkpoint and compared on resume."""
+        from data.prepare import fingerprint
+
+        return fingerprint(self.data_dir)
 
     def build_model(self) -> torch.nn.Module:
         from model import GPT
@@ -112,6 +119,9 @@ class ViTTask:
 
     def save_artifacts(self, run_dir: Path) -> None:
         pass  # images need no tokenizer
+
+    def data_fingerprint(self) -> None:
+        return None  # the images are loaded whole each run; nothing prepared to drift
 
     def build_model(self) -> torch.nn.Module:
         from model.vit import ViT, training_flops_per_token
