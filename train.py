@@ -133,15 +133,15 @@ class Trainer:
         cfg, state = self.cfg, self.state
         print(f"resumed from {ckpt} at step {state.step}", flush=True)
         ckpt_root = cfg.run_dir / "checkpoints"
-        if ckpt.parent.resolve() == ckpt_root.resolve():
+        latest = ckpt_root / "latest"
+        if latest.exists() and not latest.is_symlink():
+            print(f"{latest} is a copied dir, not a link; resumed from the newest step dir instead and made "
+                  "latest a link to it", flush=True)
+        if ckpt.parent.resolve() == ckpt_root.resolve():  # also repoints latest (a link again if it was a copy)
             moved = abandon_newer(ckpt.resolve())
             if moved:
                 print(f"moved the newer checkpoints {', '.join(p.name for p in moved)} to {ckpt_root / 'abandoned'} "
                       "(delete them when no longer needed); latest now points at " + ckpt.name, flush=True)
-        latest = ckpt_root / "latest"
-        if latest.exists() and not latest.is_symlink():
-            print(f"{latest} is a copied dir, not a link; resumed from the newest step dir, and the next "
-                  "checkpoint replaces it with a link", flush=True)
         if state.lr_horizon != cfg.train.max_steps:
             print(f"train.max_steps={cfg.train.max_steps} differs from the {state.lr_horizon} steps the LR schedule "
                   f"was set up for; it keeps that horizon (the lr stays at train.min_lr past step {state.lr_horizon}). "

@@ -162,7 +162,8 @@ def finished(tmp_path_factory, base) -> Path:
 
 
 def snapshot(run: Path) -> dict:
-    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file's bytes; .lock only holds the pid of whoever last trained the run."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def refuse_resume(tmp_path: Path, finished: Path, base: list[str], damage, *overrides: str) -> str:

@@ -64,7 +64,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_manifest(ckpt: Path) -> None:
     """Record every file's size, so a truncated or missing file is caught before a resume writes anything."""
-    sizes = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*")) if f.is_file()}
+    sizes = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+             if f.is_file() and f.name != "manifest.json"}
     (ckpt / "manifest.json").write_text(json.dumps(sizes, indent=1))
 
 
