@@ -65,6 +65,23 @@ def check_backend(cfg: RunConfig, acc) -> str:
     return backends.describe(cfg.model, acc.device, backends.compute_dtype(acc.mixed_precision))
 
 
+def take_run_lock(cfg: RunConfig, acc) -> RunLock | None:
+    """One training process per run dir: the main process takes the lock and holds it until fit() ends;
+    every process learns whether it got it, so none waits in a collective for a main process that left."""
+    lock, refused = None, None
+    if acc.is_main_process:
+        try:
+            lock = RunLock(cfg.run_dir)
+        except ConfigError as e:
+            refused = e
+    if acc.num_processes > 1 and acc.reduce(torch.tensor(float(refused is not None), device=acc.device),
+                                            reduction="sum").item() > 0:
+        refused = refused or ConfigError(f"{cfg.run_dir} is in use by another training process")
+    if refused:
+        raise refused
+    return lock
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         """Everything that can refuse the config does so before the run dir is written."""
@@ -75,8 +92,7 @@ class Trainer:
         task.prepare(acc)
         self.attention_backend = check_backend(cfg, acc)
         acc.print(f"attention backend: {self.attention_backend}")
-        # One process trains a run dir at a time; the main process holds the lock until fit() ends.
-        self.lock = RunLock(cfg.run_dir) if acc.is_main_process else None
+        self.lock = take_run_lock(cfg, acc)
         try:
             self._setup()
         except BaseException:
