@@ -84,7 +84,8 @@ def take_run_lock(cfg: RunConfig, acc) -> RunLock | None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        """Everything that can refuse the config does so before the run dir is written."""
+        """Everything that can refuse the config does so before the run dir is written (the run lock
+        creates it and its .lock first)."""
         self.cfg = cfg
         self.acc, self.grad_accum = make_accelerator(cfg)
         self.task = make_task(cfg)
@@ -132,7 +133,7 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(acc, resume_from, self.grad_accum)
             if acc.is_main_process:
-                self.resume_notes(resume_from)
+                self.settle_run_dir(resume_from)
         self.state.data_fingerprint = fingerprint
         # The LR schedule keeps the horizon of the run that started it: raising train.max_steps on
         # resume continues at min_lr past it (nanoGPT's lr_decay_iters < max_iters) instead of
@@ -144,8 +145,9 @@ class Trainer:
             acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg),
                               init_kwargs={"wandb": {"name": cfg.name, "id": wandb_id, "resume": "allow"}})
 
-    def resume_notes(self, ckpt) -> None:
-        """Say where the run continues from; resuming one of its own older checkpoints abandons the newer ones."""
+    def settle_run_dir(self, ckpt) -> None:
+        """Point `latest` at the checkpoint the run continues from (resuming one of its own older checkpoints
+        abandons the newer ones) and say what was done."""
         cfg, state = self.cfg, self.state
         print(f"resumed from {ckpt} at step {state.step}", flush=True)
         ckpt_root = cfg.run_dir / "checkpoints"
@@ -160,7 +162,7 @@ class Trainer:
                       "(delete them when no longer needed); latest now points at " + ckpt.name, flush=True)
         if state.lr_horizon != cfg.train.max_steps:
             print(f"train.max_steps={cfg.train.max_steps} differs from the {state.lr_horizon} steps the LR schedule "
-                  f"was set up for; it keeps that horizon (the lr stays at train.min_lr past step {state.lr_horizon}). "
+                  f"was set up for; it keeps that horizon (cosine and wsd stay at train.min_lr past step {state.lr_horizon}). "
                   "Start a new run for a new schedule.", flush=True)
 
     @torch.no_grad()

@@ -88,6 +88,11 @@ def test_missing_latest_resumes_from_the_newest_step_dir(tmp_path, base, full, c
     after = snapshot(run)
     assert all(after[k] == v for k, v in kept.items())  # step_1..4 untouched
     assert os.readlink(run / "checkpoints" / "latest") == ckpt_name(6)
+    # another run's checkpoint would be saved over this run's step dirs: refused
+    before = snapshot(run)
+    assert resume(base, run, f"train.resume={full / 'checkpoints' / ckpt_name(2)}") == 2
+    assert "already holds checkpoints of its own" in capsys.readouterr().err
+    assert snapshot(run) == before
 
 
 # 2 ------------------------------------------------------------------------------------------

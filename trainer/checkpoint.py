@@ -83,9 +83,9 @@ def _damaged_file(ckpt: Path) -> str | None:
         for name, size in sizes.items():
             f = ckpt / name
             if not f.is_file():
-                return f"{name} is missing"
+                return f"{name} is missing or damaged (no such file)"
             if f.stat().st_size != size:
-                return f"{name} is damaged ({f.stat().st_size} bytes, {size} when it was saved)"
+                return f"{name} is missing or damaged ({f.stat().st_size} bytes, {size} when it was saved)"
     if not (ckpt / "model.safetensors").is_file():
         return "model.safetensors is missing or damaged (no such file)"
     for f in sorted(ckpt.rglob("*")):
@@ -154,6 +154,10 @@ def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | 
         ckpt = on_disk
     else:
         ckpt = Path(resume)
+        if on_disk is not None and ckpt.resolve().parent != ckpt_root.resolve():  # its saves would overwrite them
+            raise ConfigError(f"{cfg.run_dir} already holds checkpoints of its own; continue it with train.resume=auto "
+                              f"(or one of its step dirs), or start from {ckpt} under name=<new name> (nothing was "
+                              "overwritten)")
     check_checkpoint(ckpt)
     try:
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
