@@ -6,7 +6,8 @@ model.safetensors (ZeRO-3 shards gathered), config.yaml, for text runs tokenizer
 manifest.json (every file's size, to catch truncation before a resume writes anything).
 `latest` is a symlink to the newest one, but resume trusts the step_* dirs on disk: when `latest`
 is missing, dangling or a copied real dir (rsync without -l, cp -rL, cloud sync), the newest
-complete step_* is used and the next save replaces `latest` with a link again.
+step_* is used and `latest` becomes a link to it again. A step_* dir only ever appears complete
+(it is renamed in), and a fresh start never writes over one.
 """
 from __future__ import annotations
 
