@@ -13,6 +13,7 @@ metrics.jsonl; the sink measurement is eval.sink.measure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -29,12 +30,14 @@ from configs import ConfigError, RunConfig, load_config, to_dict
 from eval.sink import measure
 from model import backends
 from model.flops import peak_tflops
-from trainer.checkpoint import (TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint,
-                                write_atomic)
+from trainer.checkpoint import (TrainerState, abandon_newer, clean_leftovers, find_resume_checkpoint, load_checkpoint,
+                                newest_checkpoint, save_checkpoint, write_atomic)
 from trainer.launch import make_accelerator
-from trainer.metrics import MetricsLog
+from trainer.metrics import MetricsLog, wandb_run_id
 from trainer.optim import lr_at, make_optimizer
 from trainer.progress import progress_line
+from trainer.runlock import RunLock
+from trainer.slurm import requeue_if_slurm
 from trainer.tasks import make_task
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
@@ -76,9 +79,27 @@ def check_out_dir(cfg: RunConfig) -> None:
             return
 
 
+def take_run_lock(cfg: RunConfig, acc) -> RunLock | None:
+    """One training process per run dir: the main process takes the lock and holds it until fit() ends;
+    every process learns whether it got it, so none waits in a collective for a main process that left."""
+    lock, refused = None, None
+    if acc.is_main_process:
+        try:
+            lock = RunLock(cfg.run_dir)
+        except ConfigError as e:
+            refused = e
+    if acc.num_processes > 1 and acc.reduce(torch.tensor(float(refused is not None), device=acc.device),
+                                            reduction="sum").item() > 0:
+        refused = refused or ConfigError(f"{cfg.run_dir} is in use by another training process")
+    if refused:
+        raise refused
+    return lock
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        """Everything that can refuse the config does so before the run dir is written."""
+        """Everything that can refuse the config does so before the run dir is written (the run lock
+        creates it and its .lock first)."""
         self.cfg = cfg
         self.acc, self.grad_accum = make_accelerator(cfg)
         self.task = make_task(cfg)
@@ -87,7 +108,24 @@ class Trainer:
         task.prepare(acc)
         self.attention_backend = check_backend(cfg, acc)
         acc.print(f"attention backend: {self.attention_backend}")
-        resume_from = find_resume_checkpoint(cfg)
+        self.lock = take_run_lock(cfg, acc)
+        try:
+            self._setup()
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self) -> None:
+        cfg, acc, task = self.cfg, self.acc, self.task
+        if acc.is_main_process:
+            for p in clean_leftovers(cfg.run_dir / "checkpoints"):
+                print(f"removed {p.name}, left by an interrupted checkpoint write", flush=True)
+        fingerprint = task.data_fingerprint()
+        resume_from = find_resume_checkpoint(cfg, fingerprint)
         if acc.is_main_process:
             new = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # removed again on failure
             try:
@@ -114,14 +152,42 @@ class Trainer:
         self.peak = peak_tflops(acc.device)
 
         self.log = MetricsLog(acc, cfg.run_dir, cfg.logging.wandb)
-        self.state = TrainerState()
+        self.state = TrainerState(lr_horizon=cfg.train.max_steps)
+        self.last_good = resume_from  # the newest checkpoint written after a finite step
         if resume_from is not None:
-            self.state = load_checkpoint(acc, resume_from)
+            self.state = load_checkpoint(acc, resume_from, self.grad_accum)
             if acc.is_main_process:
-                print(f"resumed from {resume_from} at step {self.state.step}", flush=True)
-        self.log.drop_after(self.state.step)  # rows a crashed run logged after its last checkpoint
+                self.settle_run_dir(resume_from)
+        self.state.data_fingerprint = fingerprint
+        # The LR schedule keeps the horizon of the run that started it: raising train.max_steps on
+        # resume continues at min_lr past it (nanoGPT's lr_decay_iters < max_iters) instead of
+        # re-stretching the cosine and jumping the lr back up.
+        self.schedule = dataclasses.replace(cfg.train, max_steps=self.state.lr_horizon)
+        self.log.drop_after(self.state.step)  # rows a crashed or abandoned run logged after this checkpoint
         if cfg.logging.wandb:
-            acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg), init_kwargs={"wandb": {"name": cfg.name}})
+            wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
+            acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg),
+                              init_kwargs={"wandb": {"name": cfg.name, "id": wandb_id, "resume": "allow"}})
+
+    def settle_run_dir(self, ckpt) -> None:
+        """Point `latest` at the checkpoint the run continues from (resuming one of its own older checkpoints
+        abandons the newer ones) and say what was done."""
+        cfg, state = self.cfg, self.state
+        print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        ckpt_root = cfg.run_dir / "checkpoints"
+        latest = ckpt_root / "latest"
+        if latest.exists() and not latest.is_symlink():
+            print(f"{latest} is a copied dir, not a link; resumed from the newest step dir instead and made "
+                  "latest a link to it", flush=True)
+        if ckpt.parent.resolve() == ckpt_root.resolve():  # also repoints latest (a link again if it was a copy)
+            moved = abandon_newer(ckpt.resolve())
+            if moved:
+                print(f"moved the newer checkpoints {', '.join(p.name for p in moved)} to {ckpt_root / 'abandoned'} "
+                      "(delete them when no longer needed); latest now points at " + ckpt.name, flush=True)
+        if state.lr_horizon != cfg.train.max_steps:
+            print(f"train.max_steps={cfg.train.max_steps} differs from the {state.lr_horizon} steps the LR schedule "
+                  f"was set up for; it keeps that horizon (cosine and wsd stay at train.min_lr past step {state.lr_horizon}). "
+                  "Start a new run for a new schedule.", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -162,7 +228,7 @@ class Trainer:
         (every process agrees); the weights and optimizer state stay as they were.
         """
         acc, model, cfg = self.acc, self.model, self.cfg.train
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=acc.device)
@@ -194,18 +260,28 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to max_steps (or a stop signal); returns the exit code."""
-        code = self.train_loop()
-        # Every process leaves together: a rank that tears down gloo while another is still in
-        # a collective aborts the whole job.
-        self.acc.wait_for_everyone()
-        self.acc.end_training()  # finishes trackers, destroys the process group
+        try:
+            code = self.train_loop()
+            # Every process leaves together: a rank that tears down gloo while another is still in
+            # a collective aborts the whole job.
+            self.acc.wait_for_everyone()
+            self.acc.end_training()  # finishes trackers, destroys the process group
+        finally:
+            self.release_lock()
         return code
+
+    def save(self) -> None:
+        save_checkpoint(self.acc, self.model, self.cfg.run_dir, self.state,
+                        getattr(self.cfg.model, "tie_embeddings", False), self.cfg.train.keep_last)
+        self.last_good = newest_checkpoint(self.cfg.run_dir / "checkpoints")
 
     def train_loop(self) -> int:
         cfg, tcfg, acc, state = self.cfg, self.cfg.train, self.acc, self.state
         stop = StopFlag()
         tokens_per_step = tcfg.batch_size * cfg.model.block_size
-        tied = getattr(cfg.model, "tie_embeddings", False)
+        # Non-finite steps in a row. Checkpoints are written only after a finite step, so a resume
+        # always starts outside a streak; the total (state.skipped_steps) carries over.
+        bad_in_row = 0
         self.model.train()
         show_bar = acc.is_main_process and cfg.logging.progress and sys.stderr.isatty()
         plain = acc.is_main_process and not show_bar  # progress lines instead of a bar
@@ -220,7 +296,7 @@ class Trainer:
             tok_s = tokens_per_step / (time.perf_counter() - t0)
             mfu = self.task.flops_per_token * tok_s / (acc.num_processes * self.peak * 1e12) if self.peak else None
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
-            state.bad_in_row = 0 if finite else state.bad_in_row + 1
+            bad_in_row = 0 if finite else bad_in_row + 1
             state.skipped_steps += 0 if finite else 1
             step, last = state.step, state.step == tcfg.max_steps
             first = {"attention_backend": self.attention_backend} if step == start + 1 else {}
@@ -231,11 +307,12 @@ class Trainer:
             if plain and (step % cfg.logging.log_interval == 0 or last):
                 per_step = (time.perf_counter() - run_t0) / (step - start)
                 print(progress_line(step, tcfg.max_steps, loss, lr, tok_s, per_step), flush=True)
-            if state.bad_in_row >= tcfg.max_bad_steps:
+            if bad_in_row >= tcfg.max_bad_steps:
                 bar.close()
-                acc.print(f"stopping: the loss or gradient norm was not finite for {state.bad_in_row} steps in a row "
+                good = f"is {self.last_good}" if self.last_good else "does not exist (none was written yet)"
+                acc.print(f"stopping: the loss or gradient norm was not finite for {bad_in_row} steps in a row "
                           f"(step {step}). Lower train.lr, raise train.warmup_steps or check the data; the last good "
-                          f"checkpoint is in {cfg.run_dir / 'checkpoints'}.")
+                          f"checkpoint {good}.")
                 return 1
             stopping = acc.reduce(torch.tensor(float(stop.signal_name is not None), device=acc.device),
                                   reduction="sum").item() > 0
@@ -246,12 +323,16 @@ class Trainer:
                     bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
             if tcfg.sink_every and (step % tcfg.sink_every == 0 or last):
                 self.measure_sinks(step)
-            if step % tcfg.ckpt_interval == 0 or last or stopping:
-                save_checkpoint(acc, self.model, cfg.run_dir, state, tied)
+            if (step % tcfg.ckpt_interval == 0 or last or stopping) and bad_in_row == 0:
+                self.save()
             if stopping:
                 bar.close()
-                acc.print(f"received {stop.signal_name or 'a stop signal'}: checkpoint saved at step {step} in "
-                          f"{cfg.run_dir}; continue with train.resume=auto", flush=True)
+                saved = (f"checkpoint saved at step {step}" if bad_in_row == 0 else
+                         f"no checkpoint at step {step} (not finite); the last good one is {self.last_good}")
+                acc.print(f"received {stop.signal_name or 'a stop signal'}: {saved} in {cfg.run_dir}; continue with "
+                          "train.resume=auto", flush=True)
+                if acc.is_main_process and (requeued := requeue_if_slurm(stop.signal_name)):
+                    print(requeued, flush=True)
                 return 0
             t0 = time.perf_counter()  # exclude eval, sink and checkpoint time from tok/s
         bar.close()

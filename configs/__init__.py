@@ -54,6 +54,7 @@ class TrainConfig:
     eval_windows: int = 256  # held-out sequences per eval, the same set whatever the micro batch and processes
     sink_interval: int | None = None  # steps between sink_1 / f_attn / max_h_ratio rows; null = eval_interval, 0 = off
     ckpt_interval: int = 200  # a checkpoint is also written at the end and on SIGTERM/SIGINT
+    keep_last: int | None = None  # keep this many newest step_* checkpoints (and always `latest`); null = all
     resume: str = "auto"  # auto: continue from out/<name>/latest if it exists; none: fresh run; or a checkpoint dir
     compile: bool = False
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
@@ -87,6 +88,8 @@ class TrainConfig:
         if self.init_from is not None and not self.init_from.startswith("hf:"):
             raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id or transformers folder>; "
                               "to continue a sinklab run use train.resume")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"train.keep_last must be >= 1 (checkpoints to keep) or null (keep all), got {self.keep_last}")
         if self.sink_interval is not None and self.sink_interval < 0:
             raise ConfigError(f"train.sink_interval must be >= 0 (0 = off) or null (= train.eval_interval), "
                               f"got {self.sink_interval}")

@@ -16,7 +16,6 @@ direction (`--two-sided`). Two scores:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,11 +126,10 @@ def read_metrics(path, metric: str) -> tuple[list[int], list[float]]:
     Rows without the metric, and eval rows (a "split" other than "train"), are skipped.
     A step logged twice (a resumed run) keeps its last value; rows come back sorted by step.
     """
+    from trainer.metrics import read_rows
+
     by_step: dict[int, float] = {}
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_rows(Path(path)):  # a torn last line (a killed run) is dropped with a warning
         if metric not in row or row.get("split", "train") != "train" or "step" not in row:
             continue
         v = row[metric]
@@ -210,9 +208,10 @@ def metrics_info(run_dir) -> dict:
     logged step and tokens, and the git commit."""
     from .checkpoints import git_commit
 
+    from trainer.metrics import read_rows
+
     last = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for row in read_rows(Path(run_dir) / "metrics.jsonl"):
         if "step" in row and row.get("split", "train") == "train":
             last = row
     return {"path": str(run_dir), "step": last.get("step"), "tokens": last.get("tokens"), "git_commit": git_commit()}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from configs import ConfigError
@@ -42,7 +43,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 # The model returns a NaN loss in the forward passes of optimizer step 2 (micro-batches 3 and 4).
 NAN_AT_STEP_2 = """
-import sys, torch
+import os, sys, torch
 import model.gpt as G, train
 real, calls = G.GPT.forward, [0]
 def forward(self, idx, targets=None, **kw):
@@ -53,6 +54,13 @@ def forward(self, idx, targets=None, **kw):
             out.loss = out.loss * float("nan")
     return out
 G.GPT.forward = forward
+# The weights after every optimizer step, to $WEIGHTS_DIR/after_<step>.pt (no checkpoint is written in a bad streak).
+real_step = train.Trainer.train_step
+def train_step(self, step):
+    out = real_step(self, step)
+    torch.save(self.acc.unwrap_model(self.model).state_dict(), f"{os.environ['WEIGHTS_DIR']}/after_{step + 1}.pt")
+    return out
+train.Trainer.train_step = train_step
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -68,8 +76,8 @@ def base(word_corpus) -> list[str]:
 
 def run_train(args: list[str], script: str | None = None, **popen) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "train.py", *args]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **popen)
+    popen.setdefault("env", {**os.environ, "WANDB_MODE": "disabled"})
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **popen)
 
 
 def rows(run: Path) -> list[dict]:
@@ -128,16 +136,19 @@ def test_sigterm_mid_run_saves_and_exits_cleanly(tmp_path, base):
 def test_a_nan_step_is_skipped_counted_and_leaves_the_weights(tmp_path, base):
     args = [*base, "name=n", f"out_dir={tmp_path}", "train.max_steps=3", "train.ckpt_interval=1",
             "train.eval_interval=100"]
-    out = run_train(args, NAN_AT_STEP_2)
+    out = run_train(args, NAN_AT_STEP_2, env={**os.environ, "WANDB_MODE": "disabled", "WEIGHTS_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     r = {row["step"]: row for row in rows(tmp_path / "n") if "loss" in row}
     assert r[1]["skipped_steps"] == 0 and r[2]["skipped_steps"] == 1 and r[3]["skipped_steps"] == 1
     assert r[2]["loss"] is None  # a non-finite loss is logged as null (metrics.jsonl stays valid JSON)
     assert r[3]["loss"] == r[3]["loss"]  # training went on
-    ckpts = tmp_path / "n" / "checkpoints"
-    w1, w2, w3 = (load_file(ckpts / f"step_{s:07d}" / "model.safetensors") for s in (1, 2, 3))
+    w1, w2, w3 = (torch.load(tmp_path / f"after_{s}.pt") for s in (1, 2, 3))
     assert all((w1[k] == w2[k]).all() for k in w1)  # the skipped step changed nothing
     assert any((w2[k] != w3[k]).any() for k in w2)  # the next one did
+    ckpts = tmp_path / "n" / "checkpoints"  # and no checkpoint was written in the non-finite step
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000001", "step_0000003"]
+    assert all(torch.equal(load_file(ckpts / "step_0000003" / "model.safetensors")[k], v) for k, v in w3.items()
+               if not k.startswith("lm_head"))
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, base):
@@ -162,7 +173,8 @@ def finished(tmp_path_factory, base) -> Path:
 
 
 def snapshot(run: Path) -> dict:
-    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file's bytes; .lock only holds the pid of whoever last trained the run."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def refuse_resume(tmp_path: Path, finished: Path, base: list[str], damage, *overrides: str) -> str:

@@ -48,10 +48,16 @@ def test_wsd_is_flat_then_decays_linearly_over_the_last_fraction():
 
 # ------------------------------------------------------------------------------ trainer_state.json
 def test_trainer_state_round_trips_and_names_a_missing_counter(tmp_path):
-    TrainerState(step=7, tokens=896, bad_in_row=1, skipped_steps=2, world_size=2).write(tmp_path)
-    assert TrainerState.read(tmp_path) == TrainerState(7, 896, 1, 2, 2)
+    state = TrainerState(step=7, tokens=896, skipped_steps=2, world_size=2, lr_horizon=600,
+                         data_fingerprint={"train_tokens": 5})
+    state.write(tmp_path)
+    assert TrainerState.read(tmp_path) == state
+    # an older file (a bad_in_row counter, no horizon or fingerprint) still reads
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 7, "tokens": 9, "bad_in_row": 1,
+                                                             "skipped_steps": 0}))
+    assert TrainerState.read(tmp_path) == TrainerState(7, 9, 0)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 7, "bad_in_row": 0, "skipped_steps": 0}))
-    with pytest.raises(ValueError, match="trainer_state.json lacks step/tokens/bad_in_row/skipped_steps"):
+    with pytest.raises(ValueError, match="trainer_state.json lacks step/tokens/skipped_steps"):
         TrainerState.read(tmp_path)
 
 

@@ -2,8 +2,12 @@
 
 A checkpoint is out/<run>/checkpoints/step_XXXXXXX/ holding accelerate/ (Accelerate or
 DeepSpeed state, every rank's RNG), trainer_state.json (TrainerState), a consolidated
-model.safetensors (ZeRO-3 shards gathered), config.yaml and, for text runs, tokenizer.json.
-`latest` is a symlink to the newest one.
+model.safetensors (ZeRO-3 shards gathered), config.yaml, for text runs tokenizer.json, and
+manifest.json (every file's size, to catch truncation before a resume writes anything).
+`latest` is a symlink to the newest one, but resume trusts the step_* dirs on disk: when `latest`
+is missing, dangling or a copied real dir (rsync without -l, cp -rL, cloud sync), the newest
+step_* is used and `latest` becomes a link to it again. A step_* dir only ever appears complete
+(it is renamed in), and a fresh start never writes over one.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,8 @@ import yaml
 from configs import ConfigError, to_dict
 
 CHECKPOINT_FMT = "step_{:07d}"
+CHECKPOINT_GLOB = "step_" + "[0-9]" * 7
+LEFTOVER_GLOBS = (".tmp_step_*", ".old_step_*", ".latest.tmp", ".latest.old")  # from saves a kill interrupted
 RESUME_MAY_CHANGE = ("backend", "linear_chunk_size", "cache_dir")  # same math, other kernels / paths
 
 
@@ -28,9 +35,10 @@ class TrainerState:
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # tokens (or image tokens) seen
-    bad_in_row: int = 0  # non-finite steps in a row, towards train.max_bad_steps
-    skipped_steps: int = 0  # non-finite steps skipped in total
+    skipped_steps: int = 0  # non-finite steps skipped in total (a checkpoint never ends in a non-finite streak)
     world_size: int = 1  # processes that wrote it (informational: resume may change it)
+    lr_horizon: int | None = None  # the max_steps the LR schedule is fitted to; kept when a resume raises it
+    data_fingerprint: dict | None = None  # data.prepare.fingerprint of the training tokens (text runs)
 
     @classmethod
     def read(cls, ckpt: Path) -> TrainerState:
@@ -40,7 +48,7 @@ class TrainerState:
         except (OSError, ValueError) as e:
             raise ValueError(f"trainer_state.json is missing or unreadable ({e})") from None
         names = [f.name for f in dataclasses.fields(cls)]
-        needed = [n for n in names if n != "world_size"]
+        needed = ("step", "tokens", "skipped_steps")  # the rest came later: older checkpoints lack them
         if not isinstance(saved, dict) or not set(needed) <= set(saved):
             raise ValueError(f"trainer_state.json lacks {'/'.join(needed)}")
         return cls(**{k: v for k, v in saved.items() if k in names})
@@ -55,10 +63,47 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_checkpoint(ckpt: Path) -> None:
-    """Refuse, before anything is written, to resume from a checkpoint with missing or damaged files."""
+def write_manifest(ckpt: Path) -> None:
+    """Record every file's size, so a truncated or missing file is caught before a resume writes anything."""
+    sizes = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+             if f.is_file() and f.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(sizes, indent=1))
+
+
+def _damaged_file(ckpt: Path) -> str | None:
+    """The first problem with the checkpoint's files: sizes against manifest.json (when it has one, older
+    checkpoints do not), then the safetensors headers and torch.save zip directories, all cheap."""
     from safetensors import SafetensorError, safe_open
 
+    manifest = ckpt / "manifest.json"
+    if manifest.exists():
+        try:
+            sizes = json.loads(manifest.read_text())
+        except ValueError as e:
+            return f"manifest.json is unreadable ({e})"
+        for name, size in sizes.items():
+            f = ckpt / name
+            if not f.is_file():
+                return f"{name} is missing or damaged (no such file)"
+            if f.stat().st_size != size:
+                return f"{name} is missing or damaged ({f.stat().st_size} bytes, {size} when it was saved)"
+    if not (ckpt / "model.safetensors").is_file():
+        return "model.safetensors is missing or damaged (no such file)"
+    for f in sorted(ckpt.rglob("*")):
+        name = str(f.relative_to(ckpt))
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt"):  # checks the header covers the whole file
+                    pass
+            except (OSError, SafetensorError) as e:
+                return f"{name} is missing or damaged ({e})"
+        elif f.suffix in (".bin", ".pt", ".pkl") and not zipfile.is_zipfile(f):  # torch.save writes a zip
+            return f"{name} is missing or damaged (not a complete torch.save file)"
+    return None
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    """Refuse, before anything is written, to resume from a checkpoint with missing or damaged files."""
     problem = None
     if not ckpt.is_dir():
         problem = "no such directory"
@@ -68,11 +113,7 @@ def check_checkpoint(ckpt: Path) -> None:
         except ValueError as e:
             problem = str(e)
         if problem is None:
-            try:
-                with safe_open(str(ckpt / "model.safetensors"), "pt"):  # checks the header covers the whole file
-                    pass
-            except (OSError, SafetensorError) as e:
-                problem = f"model.safetensors is missing or damaged ({e})"
+            problem = _damaged_file(ckpt)
         if problem is None and not any((ckpt / "accelerate").glob("*")):
             problem = "the accelerate/ state dir is missing or empty"
     if problem:
@@ -81,26 +122,43 @@ def check_checkpoint(ckpt: Path) -> None:
                           "run with name=<new name>")
 
 
-def find_resume_checkpoint(cfg) -> Path | None:
-    """The checkpoint train.resume asks for (None: a fresh run), checked and compatible with `cfg`.
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """The run's step_* checkpoint dirs, oldest first (a step dir only appears complete: it is renamed in)."""
+    return sorted(p for p in ckpt_root.glob(CHECKPOINT_GLOB) if p.is_dir())
+
+
+def newest_checkpoint(ckpt_root: Path) -> Path | None:
+    """What `latest` points at when it is a link to an existing step dir, else the newest step_* on disk."""
+    latest = ckpt_root / "latest"
+    if latest.is_symlink() and latest.exists():
+        return latest.resolve()
+    found = step_dirs(ckpt_root)
+    return found[-1] if found else None
+
+
+def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | None:
+    """The checkpoint train.resume asks for (None: a fresh run), checked and compatible with `cfg` and,
+    when given, with the fingerprint of the prepared training data.
 
     Everything here raises ConfigError before the run dir is touched."""
-    latest = cfg.run_dir / "checkpoints" / "latest"
+    ckpt_root = cfg.run_dir / "checkpoints"
     resume = cfg.train.resume
+    on_disk = newest_checkpoint(ckpt_root)
     if resume == "none":
-        if latest.exists():
+        if on_disk is not None or (ckpt_root / "latest").exists():
             raise ConfigError(f"{cfg.run_dir} already holds checkpoints; continue it with train.resume=auto "
                               "or start a new run with name=<new name> (nothing was overwritten)")
         return None
     if resume == "auto":
-        if latest.is_symlink() and not latest.exists():
-            raise ConfigError(f"{latest} points at a missing checkpoint; point it at an existing step_* dir "
-                              "or pass train.resume=<checkpoint dir>")
-        if not latest.exists():
+        if on_disk is None:
             return None
-        ckpt = latest.resolve()
+        ckpt = on_disk
     else:
         ckpt = Path(resume)
+        if on_disk is not None and ckpt.resolve().parent != ckpt_root.resolve():  # its saves would overwrite them
+            raise ConfigError(f"{cfg.run_dir} already holds checkpoints of its own; continue it with train.resume=auto "
+                              f"(or one of its step dirs), or start from {ckpt} under name=<new name> (nothing was "
+                              "overwritten)")
     check_checkpoint(ckpt)
     try:
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -115,12 +173,82 @@ def find_resume_checkpoint(cfg) -> Path | None:
     if changed:
         raise ConfigError(f"cannot resume {cfg.run_dir} with a different model or data config ("
                           + "; ".join(changed) + "). Use name=<new name> for a new run, or restore those values.")
+    saved_fingerprint = TrainerState.read(ckpt).data_fingerprint
+    if saved_fingerprint is not None and data_fingerprint is not None:  # checkpoints from before it lack one
+        from data.prepare import check_fingerprint
+
+        try:
+            check_fingerprint(saved_fingerprint, data_fingerprint)
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {ckpt}: {e}") from None
     return ckpt
 
 
-def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool) -> Path:
+def clean_leftovers(ckpt_root: Path) -> list[Path]:
+    """Remove what interrupted saves left behind (temp dirs after a kill or a full disk; a step dir moved
+    aside for a re-save goes back if its replacement never arrived); returns them.
+    Call from the main process while holding the run lock, before the first save."""
+    gone = [p for pattern in LEFTOVER_GLOBS for p in ckpt_root.glob(pattern)]
+    for p in gone:
+        restored = ckpt_root / p.name.removeprefix(".old_")
+        if p.name.startswith(".old_") and not restored.exists():  # killed between the two renames of a re-save
+            os.replace(p, restored)
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return gone
+
+
+def abandon_newer(ckpt: Path) -> list[Path]:
+    """Resuming a run from one of its own older checkpoints: point `latest` at it now and move the newer
+    step dirs into checkpoints/abandoned/, so a later train.resume=auto cannot continue the abandoned branch.
+    Moved, not deleted: they are the user's only copy of those steps. Returns the moved dirs."""
+    ckpt_root = ckpt.parent
+    newer = [p for p in step_dirs(ckpt_root) if p.name > ckpt.name]
+    if newer:
+        (ckpt_root / "abandoned").mkdir(exist_ok=True)
+    for p in newer:
+        target = ckpt_root / "abandoned" / p.name
+        if target.exists():  # abandoned twice at the same step: keep the later copy
+            shutil.rmtree(target)
+        os.replace(p, target)
+    point_latest(ckpt_root, ckpt.name)
+    return newer
+
+
+def point_latest(ckpt_root: Path, name: str) -> None:
+    """Make `latest` a symlink to `name`, atomically; a real dir in its place (a synced copy) is renamed
+    aside first and removed once the link is in."""
+    latest, link, old = ckpt_root / "latest", ckpt_root / ".latest.tmp", ckpt_root / ".latest.old"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(name)
+    copied = latest.is_dir() and not latest.is_symlink()
+    if copied:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(latest, old)
+    os.replace(link, latest)
+    if copied:
+        shutil.rmtree(old)
+
+
+def prune(ckpt_root: Path, keep_last: int | None) -> list[Path]:
+    """Keep the newest `keep_last` step dirs (None: all) and always the one `latest` points at."""
+    if keep_last is None:
+        return []
+    keep = newest_checkpoint(ckpt_root)
+    gone = [p for p in step_dirs(ckpt_root)[:-keep_last] if p != keep]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
+
+
+def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool, keep_last: int | None = None) -> Path:
     """Accelerate state + trainer state + consolidated weights, written to a temp dir, renamed, then
-    `latest` switched. Every process calls this (ZeRO-3 gathers the weights collectively)."""
+    `latest` switched and old step dirs pruned to train.keep_last. Every process calls this (ZeRO-3
+    gathers the weights collectively)."""
     from model.weights import save_weights
 
     ckpt_root = run_dir / "checkpoints"
@@ -141,19 +269,28 @@ def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool) 
             if (run_dir / name).exists():
                 shutil.copyfile(run_dir / name, tmp / name)
         dataclasses.replace(state, world_size=acc.num_processes).write(tmp)
-        if final.exists():  # same step saved again (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
+        write_manifest(tmp)
+        # Same step saved again (e.g. SIGTERM right after a periodic save): the old dir goes aside
+        # first and is removed last, so a kill at any point leaves a complete step dir under this name.
+        old = ckpt_root / f".old_{final.name}"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-        link = ckpt_root / ".latest.tmp"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(final.name)
-        os.replace(link, ckpt_root / "latest")
+        point_latest(ckpt_root, final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_root, keep_last)
     acc.wait_for_everyone()
     return final
 
 
-def load_checkpoint(acc, ckpt: Path) -> TrainerState:
+def load_checkpoint(acc, ckpt: Path, grad_accum: int) -> TrainerState:
     """Restore weights, optimizer and every rank's RNG into the prepared objects; return the counters."""
     acc.load_state(str(ckpt / "accelerate"))
-    return TrainerState.read(ckpt)
+    state = TrainerState.read(ckpt)
+    # Accelerate restores its micro-step counter, which counted the saving run's accumulation windows;
+    # with another micro batch or process count it would straddle ours and sync gradients mid-window.
+    acc.step = state.step * grad_accum
+    if state.lr_horizon is None:  # saved before the horizon was stored: the saving run's max_steps
+        state.lr_horizon = yaml.safe_load((ckpt / "config.yaml").read_text())["train"]["max_steps"]
+    return state

@@ -3,6 +3,7 @@
     task = make_task(cfg)
     task.prepare(acc)                  # load / prepare the data, fill and check the model config
     task.save_artifacts(run_dir)       # files a run dir needs besides config.yaml (the tokenizer)
+    task.data_fingerprint()            # what the training data depends on (None: nothing to check)
     model = task.build_model()         # and task.flops_per_token
     task.load_initial_weights(model)   # train.init_from's weights (a fresh run only)
     train, val = task.loaders(acc, grad_accum)
@@ -86,6 +87,12 @@ class LMTask:
     def save_artifacts(self, run_dir: Path) -> None:
         shutil.copyfile(self.data_dir / "tokenizer.json", run_dir / "tokenizer.json")
 
+    def data_fingerprint(self) -> dict:
+        """What the training tokens depend on, stored with each checkpoint and compared on resume."""
+        from data.prepare import fingerprint
+
+        return fingerprint(self.data_dir)
+
     def build_model(self) -> torch.nn.Module:
         from model import GPT
         from model.flops import training_flops_per_token
@@ -149,6 +156,9 @@ class ViTTask:
 
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         pass  # train.init_from is for language models (refused for a ViT by the config)
+
+    def data_fingerprint(self) -> None:
+        return None  # the images are loaded whole each run; nothing prepared to drift
 
     def build_model(self) -> torch.nn.Module:
         from model.vit import ViT, training_flops_per_token
