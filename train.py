@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -30,13 +29,13 @@ from configs import ConfigError, RunConfig, load_config, to_dict
 from eval.sink import measure
 from model import backends
 from model.flops import peak_tflops
-from trainer.checkpoint import (TrainerState, abandon_newer, clean_leftovers, find_resume_checkpoint, load_checkpoint,
-                                newest_checkpoint, save_checkpoint, write_atomic)
+from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_checkpoint, load_checkpoint,
+                                newest_checkpoint, save_checkpoint, settle_run_dir, write_atomic)
 from trainer.launch import make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
 from trainer.optim import lr_at, make_optimizer
 from trainer.progress import progress_line
-from trainer.runlock import RunLock
+from trainer.rundir import check_out_dir, take_run_lock
 from trainer.slurm import requeue_if_slurm
 from trainer.tasks import make_task
 
@@ -68,34 +67,6 @@ def check_backend(cfg: RunConfig, acc) -> str:
     return backends.describe(cfg.model, acc.device, backends.compute_dtype(acc.mixed_precision))
 
 
-def check_out_dir(cfg: RunConfig) -> None:
-    """out_dir / name must be (or become) a folder we can write, said before any data is prepared."""
-    for p in (cfg.run_dir, *cfg.run_dir.parents):  # the nearest existing ancestor
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"out_dir={cfg.out_dir!r}: {p} is a file, not a folder; set out_dir to a folder")
-            if not os.access(p, os.W_OK):
-                raise ConfigError(f"out_dir={cfg.out_dir!r}: {p} is not writable; set out_dir to a writable folder")
-            return
-
-
-def take_run_lock(cfg: RunConfig, acc) -> RunLock | None:
-    """One training process per run dir: the main process takes the lock and holds it until fit() ends;
-    every process learns whether it got it, so none waits in a collective for a main process that left."""
-    lock, refused = None, None
-    if acc.is_main_process:
-        try:
-            lock = RunLock(cfg.run_dir)
-        except ConfigError as e:
-            refused = e
-    if acc.num_processes > 1 and acc.reduce(torch.tensor(float(refused is not None), device=acc.device),
-                                            reduction="sum").item() > 0:
-        refused = refused or ConfigError(f"{cfg.run_dir} is in use by another training process")
-    if refused:
-        raise refused
-    return lock
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         """Everything that can refuse the config does so before the run dir is written (the run lock
@@ -108,6 +79,8 @@ class Trainer:
         task.prepare(acc)
         self.attention_backend = check_backend(cfg, acc)
         acc.print(f"attention backend: {self.attention_backend}")
+        # Folders this run creates (the lock makes the run dir): removed again if writing it fails.
+        self.created = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]
         self.lock = take_run_lock(cfg, acc)
         try:
             self._setup()
@@ -127,15 +100,15 @@ class Trainer:
         fingerprint = task.data_fingerprint()
         resume_from = find_resume_checkpoint(cfg, fingerprint)
         if acc.is_main_process:
-            new = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # removed again on failure
             try:
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 saved = {**to_dict(cfg), "attention_backend": self.attention_backend}  # a record: loaders ignore it
                 write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
                 task.save_artifacts(cfg.run_dir)
             except OSError as e:  # disk full, read-only file system, permissions
-                if new:
-                    shutil.rmtree(new[-1], ignore_errors=True)
+                if self.created:
+                    self.release_lock()
+                    shutil.rmtree(self.created[-1], ignore_errors=True)
                 raise ConfigError(f"cannot write the run dir {cfg.run_dir}: {e.strerror or e}; free disk space or "
                                   "set out_dir to a writable folder") from None
 
@@ -157,7 +130,7 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(acc, resume_from, self.grad_accum)
             if acc.is_main_process:
-                self.settle_run_dir(resume_from)
+                settle_run_dir(cfg, resume_from, self.state)
         self.state.data_fingerprint = fingerprint
         # The LR schedule keeps the horizon of the run that started it: raising train.max_steps on
         # resume continues at min_lr past it (nanoGPT's lr_decay_iters < max_iters) instead of
@@ -168,26 +141,6 @@ class Trainer:
             wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
             acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg),
                               init_kwargs={"wandb": {"name": cfg.name, "id": wandb_id, "resume": "allow"}})
-
-    def settle_run_dir(self, ckpt) -> None:
-        """Point `latest` at the checkpoint the run continues from (resuming one of its own older checkpoints
-        abandons the newer ones) and say what was done."""
-        cfg, state = self.cfg, self.state
-        print(f"resumed from {ckpt} at step {state.step}", flush=True)
-        ckpt_root = cfg.run_dir / "checkpoints"
-        latest = ckpt_root / "latest"
-        if latest.exists() and not latest.is_symlink():
-            print(f"{latest} is a copied dir, not a link; resumed from the newest step dir instead and made "
-                  "latest a link to it", flush=True)
-        if ckpt.parent.resolve() == ckpt_root.resolve():  # also repoints latest (a link again if it was a copy)
-            moved = abandon_newer(ckpt.resolve())
-            if moved:
-                print(f"moved the newer checkpoints {', '.join(p.name for p in moved)} to {ckpt_root / 'abandoned'} "
-                      "(delete them when no longer needed); latest now points at " + ckpt.name, flush=True)
-        if state.lr_horizon != cfg.train.max_steps:
-            print(f"train.max_steps={cfg.train.max_steps} differs from the {state.lr_horizon} steps the LR schedule "
-                  f"was set up for; it keeps that horizon (cosine and wsd stay at train.min_lr past step {state.lr_horizon}). "
-                  "Start a new run for a new schedule.", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

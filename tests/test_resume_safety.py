@@ -21,7 +21,7 @@ from trainer.checkpoint import (CHECKPOINT_FMT, TrainerState, clean_leftovers, n
                                 save_checkpoint, write_manifest)
 from trainer.metrics import read_rows
 from trainer.optim import lr_at
-from trainer.runlock import RunLock
+from trainer.rundir import RunLock
 from trainer.slurm import requeue_if_slurm
 
 STEPS = 6
@@ -37,7 +37,7 @@ def base(word_corpus) -> list[str]:
     return [f"data.cache_dir={word_corpus / 'cache'}", f"data.source={word_corpus / 'corpus'}", "data.vocab_size=300",
             "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1", f"train.max_steps={STEPS}",
-            "train.ckpt_interval=1", "train.eval_interval=100", "train.eval_batches=1", "logging.progress=false"]
+            "train.ckpt_interval=1", "train.eval_interval=100", "train.eval_windows=2", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")

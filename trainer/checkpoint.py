@@ -294,3 +294,23 @@ def load_checkpoint(acc, ckpt: Path, grad_accum: int) -> TrainerState:
     if state.lr_horizon is None:  # saved before the horizon was stored: the saving run's max_steps
         state.lr_horizon = yaml.safe_load((ckpt / "config.yaml").read_text())["train"]["max_steps"]
     return state
+
+
+def settle_run_dir(cfg, ckpt: Path, state: TrainerState) -> None:
+    """Point `latest` at the checkpoint the run continues from (resuming one of its own older checkpoints
+    abandons the newer ones) and say what was done."""
+    print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    ckpt_root = cfg.run_dir / "checkpoints"
+    latest = ckpt_root / "latest"
+    if latest.exists() and not latest.is_symlink():
+        print(f"{latest} is a copied dir, not a link; resumed from the newest step dir instead and made "
+              "latest a link to it", flush=True)
+    if ckpt.parent.resolve() == ckpt_root.resolve():  # also repoints latest (a link again if it was a copy)
+        moved = abandon_newer(ckpt.resolve())
+        if moved:
+            print(f"moved the newer checkpoints {', '.join(p.name for p in moved)} to {ckpt_root / 'abandoned'} "
+                  "(delete them when no longer needed); latest now points at " + ckpt.name, flush=True)
+    if state.lr_horizon != cfg.train.max_steps:
+        print(f"train.max_steps={cfg.train.max_steps} differs from the {state.lr_horizon} steps the LR schedule "
+              f"was set up for; it keeps that horizon (cosine and wsd stay at train.min_lr past step {state.lr_horizon}). "
+              "Start a new run for a new schedule.", flush=True)

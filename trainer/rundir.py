@@ -1,0 +1,67 @@
+"""The run dir: writable before any work starts, and one training process at a time.
+
+The lock is exclusive on out/<run>/.lock, held by the main process.
+
+Two train.py on the same name would interleave checkpoints and metrics rows. The lock is an
+fcntl.flock, so the kernel drops it when the holder dies however it dies (no stale locks to clear
+by hand); the file keeps the holder's pid so the refusal can name it.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import torch
+
+from configs import ConfigError, RunConfig
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        """Take the lock or raise ConfigError naming the holder; creates the run dir and .lock only."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise ConfigError(f"{run_dir} is in use by another training process (pid {holder}); wait for it to "
+                              "finish or stop it, or use name=<new name> for a separate run") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def check_out_dir(cfg: RunConfig) -> None:
+    """out_dir / name must be (or become) a folder we can write, said before any data is prepared."""
+    for p in (cfg.run_dir, *cfg.run_dir.parents):  # the nearest existing ancestor
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"out_dir={cfg.out_dir!r}: {p} is a file, not a folder; set out_dir to a folder")
+            if not os.access(p, os.W_OK):
+                raise ConfigError(f"out_dir={cfg.out_dir!r}: {p} is not writable; set out_dir to a writable folder")
+            return
+
+
+def take_run_lock(cfg: RunConfig, acc) -> RunLock | None:
+    """One training process per run dir: the main process takes the lock and holds it until fit() ends;
+    every process learns whether it got it, so none waits in a collective for a main process that left."""
+    lock, refused = None, None
+    if acc.is_main_process:
+        try:
+            lock = RunLock(cfg.run_dir)
+        except ConfigError as e:
+            refused = e
+    if acc.num_processes > 1 and acc.reduce(torch.tensor(float(refused is not None), device=acc.device),
+                                            reduction="sum").item() > 0:
+        refused = refused or ConfigError(f"{cfg.run_dir} is in use by another training process")
+    if refused:
+        raise refused
+    return lock
