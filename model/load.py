@@ -36,15 +36,32 @@ def portable_backend(model_cfg, device, dtype) -> None:
         model_cfg.backend = "auto"
 
 
+CHECKPOINT_FMT = "step_{:07d}"  # out/<run>/checkpoints/step_0000600
+CHECKPOINT_GLOB = "step_" + "[0-9]" * 7
+
+
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """The run's step_* checkpoint dirs, oldest first (a step dir only appears complete: it is renamed in)."""
+    return sorted(p for p in ckpt_root.glob(CHECKPOINT_GLOB) if p.is_dir())
+
+
+def newest_checkpoint(ckpt_root: Path) -> Path | None:
+    """What `latest` points at when it is a link to an existing step dir, else the newest step_* on disk."""
+    latest = ckpt_root / "latest"
+    if latest.is_symlink() and latest.exists():
+        return latest.resolve()
+    found = step_dirs(ckpt_root)
+    return found[-1] if found else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir (-> checkpoints/latest), a checkpoints dir (-> latest), or a checkpoint dir."""
+    """A run dir or its checkpoints dir (-> `latest`, or the newest step dir when `latest` is missing,
+    dangling or a copy), or a checkpoint dir."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run dir like out/default or a checkpoint dir")
-    if (path / "checkpoints" / "latest").exists():
-        path = path / "checkpoints" / "latest"
-    elif (path / "latest").exists():
-        path = path / "latest"
+    ckpt_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    path = newest_checkpoint(ckpt_root) or path
     path = path.resolve()
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS}: not a finished checkpoint or run dir "

@@ -340,3 +340,21 @@ def test_sigterm_under_slurm_requeues_the_job(fake_scontrol, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "bad")
     assert "could not requeue SLURM job bad (scontrol: no such job)" in requeue_if_slurm("SIGTERM")
 
+
+
+def test_evals_and_sampling_find_the_newest_checkpoint_without_latest(tmp_path):
+    """model.load.resolve_checkpoint (sample.py and every eval) reads what is on disk, like resume."""
+    from model.load import resolve_checkpoint
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (2, 10, 4):
+        (ckpts / CHECKPOINT_FMT.format(step)).mkdir(parents=True)
+        (ckpts / CHECKPOINT_FMT.format(step) / "model.safetensors").write_bytes(b"")
+    newest = (ckpts / CHECKPOINT_FMT.format(10)).resolve()
+    assert resolve_checkpoint(tmp_path / "run") == newest  # no latest at all
+    (ckpts / "latest").symlink_to(CHECKPOINT_FMT.format(4))
+    assert resolve_checkpoint(tmp_path / "run") == (ckpts / CHECKPOINT_FMT.format(4)).resolve()  # latest wins
+    (ckpts / "latest").unlink()
+    (ckpts / "latest").symlink_to("step_9999999")  # dangling
+    assert resolve_checkpoint(tmp_path / "run") == newest
+    assert resolve_checkpoint(ckpts / CHECKPOINT_FMT.format(2)) == (ckpts / CHECKPOINT_FMT.format(2)).resolve()

@@ -22,9 +22,8 @@ from pathlib import Path
 import yaml
 
 from configs import ConfigError, to_dict
+from model.load import CHECKPOINT_FMT, newest_checkpoint, step_dirs
 
-CHECKPOINT_FMT = "step_{:07d}"
-CHECKPOINT_GLOB = "step_" + "[0-9]" * 7
 LEFTOVER_GLOBS = (".tmp_step_*", ".old_step_*", ".latest.tmp", ".latest.old")  # from saves a kill interrupted
 RESUME_MAY_CHANGE = ("backend", "linear_chunk_size", "cache_dir")  # same math, other kernels / paths
 
@@ -120,20 +119,6 @@ def check_checkpoint(ckpt: Path) -> None:
         raise ConfigError(f"cannot resume from {ckpt}: {problem}. Nothing was overwritten; resume from an earlier "
                           "checkpoint with train.resume=<its dir> (or repoint checkpoints/latest), or start a new "
                           "run with name=<new name>")
-
-
-def step_dirs(ckpt_root: Path) -> list[Path]:
-    """The run's step_* checkpoint dirs, oldest first (a step dir only appears complete: it is renamed in)."""
-    return sorted(p for p in ckpt_root.glob(CHECKPOINT_GLOB) if p.is_dir())
-
-
-def newest_checkpoint(ckpt_root: Path) -> Path | None:
-    """What `latest` points at when it is a link to an existing step dir, else the newest step_* on disk."""
-    latest = ckpt_root / "latest"
-    if latest.is_symlink() and latest.exists():
-        return latest.resolve()
-    found = step_dirs(ckpt_root)
-    return found[-1] if found else None
 
 
 def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | None:
