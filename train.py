@@ -153,7 +153,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def setup(self):
-        from data.loader import BatchLoader
+        from data.loader import make_loader
         from data.prepare import prepare
         from data.tokenizer import load_tokenizer
         from model import GPT
@@ -171,7 +171,8 @@ class Trainer:
             elif cfg.model.vocab_size < vocab:
                 raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                                   f"vocabulary ({vocab}); set model.vocab_size={vocab} or leave it null")
-            split, n = min(("train", self.meta["train_tokens"]), ("val", self.meta["val_tokens"]), key=lambda t: t[1])
+            split, n = min(((s, self.meta[f"{s}_tokens"]) for s in ("train", "val")  # None: generated, no limit
+                            if self.meta[f"{s}_tokens"] is not None), key=lambda t: t[1])
             if n < cfg.model.block_size + 1:  # said here, before the run dir is written
                 raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
                                   f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
@@ -204,9 +205,9 @@ class Trainer:
                                                    acc.num_processes, self.grad_accum, cfg.data)
             self.val_loader = self.images.loader("val", cfg.train.micro_batch_size, cfg.seed)
         else:
-            self.train_loader = BatchLoader(self.data_dir, "train", cfg.train.micro_batch_size, cfg.model.block_size,
+            self.train_loader = make_loader(self.data_dir, "train", cfg.train.micro_batch_size, cfg.model.block_size,
                                             cfg.seed, acc.process_index, acc.num_processes, self.grad_accum)
-            self.val_loader = BatchLoader(self.data_dir, "val", cfg.train.micro_batch_size, cfg.model.block_size,
+            self.val_loader = make_loader(self.data_dir, "val", cfg.train.micro_batch_size, cfg.model.block_size,
                                           cfg.seed, 0, 1)
         if resume_from is not None:
             self.load_checkpoint(resume_from)

@@ -20,13 +20,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from . import bigram_backcopy
 from .config import DataConfig
+from .loader import seed_from_key
 from .sources import BUILDERS, load_documents
-from .tokenizer import EOT, load_tokenizer, train_tokenizer
+from .tokenizer import BOS, EOT, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the shard layout or the text conversion changes
+N_VAL_SEQUENCES = 256  # bigram_backcopy: fixed held-out sequences written to val.bin for the evals
+VAL_SEQUENCE_LENGTH = 256  # tokens each, BOS first
 ENCODE_CHUNK = 256  # documents per encode_batch call
 
 
@@ -34,6 +39,10 @@ def dataset_key(cfg: DataConfig) -> str:
     """Readable prefix + short hash of everything that affects the prepared data."""
     fields = asdict(cfg)
     fields.pop("cache_dir")
+    if not cfg.bos:  # the fields added with the BOS option leave older keys (and caches) unchanged
+        fields.pop("bos")
+    if cfg.source != bigram_backcopy.SOURCE:
+        fields.pop("n_triggers")
     fields["format_version"] = FORMAT_VERSION
     fields["source_hash"] = _content_hash(Path(cfg.source)) if Path(cfg.source).exists() else None
     fields["tokenizer_hash"] = _content_hash(Path(cfg.tokenizer)) if cfg.tokenizer != "bpe" else None
@@ -42,7 +51,9 @@ def dataset_key(cfg: DataConfig) -> str:
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     name = re.sub(r"[^\w.-]+", "-", Path(cfg.source.rstrip("/")).name).strip("-") or "data"
     tok = f"bpe{cfg.vocab_size}" if cfg.tokenizer == "bpe" else "tok"
-    return f"{name}-{tok}-{digest}"
+    if cfg.source == bigram_backcopy.SOURCE:
+        tok = f"k{cfg.n_triggers}"
+    return f"{name}-{tok}{'-bos' if cfg.bos else ''}-{digest}"
 
 
 def _content_hash(path: Path) -> str:
@@ -80,7 +91,10 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=root))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final dir
     try:
-        _build(cfg, tmp, progress)
+        if cfg.source == bigram_backcopy.SOURCE:
+            _build_bigram_backcopy(cfg, tmp)
+        else:
+            _build(cfg, tmp, progress)
         if out.exists():  # leftover without meta.json: not a finished dataset
             shutil.rmtree(out, ignore_errors=True)
         try:
@@ -97,12 +111,15 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
     docs = load_documents(cfg)
     train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)
     if cfg.tokenizer == "bpe":
-        tok = train_tokenizer((docs[i] for i in train_idx), cfg.vocab_size)
+        tok = train_tokenizer((docs[i] for i in train_idx), cfg.vocab_size, bos=cfg.bos)
     else:
         tok = load_tokenizer(cfg.tokenizer)
+        if cfg.bos and tok.token_to_id(BOS) is None:
+            tok.add_special_tokens([BOS])
     eot_id = tok.token_to_id(EOT)
     if eot_id is None:
         raise ValueError(f"data.tokenizer={cfg.tokenizer!r} has no {EOT} token to separate documents")
+    bos_id = tok.token_to_id(BOS) if cfg.bos else None
     tok.save(str(out / "tokenizer.json"))
     vocab_size = tok.get_vocab_size()
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
@@ -114,7 +131,7 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
         with open(out / f"{split}.bin", "wb") as f:
             for start in range(0, len(idx), ENCODE_CHUNK):
                 batch = tok.encode_batch([docs[i] for i in idx[start : start + ENCODE_CHUNK]])
-                ids = np.concatenate([np.append(np.asarray(e.ids, dtype=dtype), dtype(eot_id)) for e in batch])
+                ids = np.concatenate([document_ids(e.ids, eot_id, bos_id, dtype) for e in batch])
                 f.write(ids.tobytes())
                 counts[split] += np.bincount(ids, minlength=vocab_size)
                 bar.update(len(batch))
@@ -125,6 +142,7 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
         "dtype": np.dtype(dtype).name,
         "vocab_size": vocab_size,
         "eot_id": eot_id,
+        "bos_id": bos_id,
         "train_tokens": int(counts["train"].sum()),
         "val_tokens": int(counts["val"].sum()),
         "train_documents": len(train_idx),
@@ -136,6 +154,44 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
         "source": cfg.source,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks completion
+
+
+def document_ids(ids: list[int], eot_id: int, bos_id: int | None, dtype) -> np.ndarray:
+    """One document in the shards: [BOS] + its tokens + EOT."""
+    head = [] if bos_id is None else [bos_id]
+    return np.asarray(head + list(ids) + [eot_id], dtype=dtype)
+
+
+def _build_bigram_backcopy(cfg: DataConfig, out: Path) -> None:
+    """The chain and its character tokenizer; val.bin holds fixed held-out sequences.
+
+    There is no train.bin: the loader generates fresh training sequences for every step."""
+    chain = bigram_backcopy.estimate_chain(load_documents(cfg), cfg.n_triggers)
+    bigram_backcopy.save_chain(chain, out)
+    bigram_backcopy.char_tokenizer(chain.chars).save(str(out / "tokenizer.json"))
+    gen = torch.Generator().manual_seed(seed_from_key(f"{cfg.seed}/val/held-out"))
+    val = bigram_backcopy.generate(chain, N_VAL_SEQUENCES, VAL_SEQUENCE_LENGTH, gen).numpy().astype(np.uint16)
+    val.tofile(out / "val.bin")
+    # The unigram baseline counts a separate sample, as the text sources count the train split.
+    train_sample = bigram_backcopy.generate(chain, N_VAL_SEQUENCES, VAL_SEQUENCE_LENGTH, gen)[:, 1:].numpy()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "vocab_size": chain.vocab_size,
+        "eot_id": None,
+        "bos_id": chain.bos_id,
+        "train_tokens": None,  # generated fresh for every step
+        "val_tokens": int(val.size),
+        "val_sequence_length": VAL_SEQUENCE_LENGTH,
+        "triggers": [chain.chars[i] for i in chain.triggers],
+        "trigger_ids": chain.triggers.tolist(),
+        "unigram_val_nll": unigram_nll(np.bincount(train_sample.ravel(), minlength=chain.vocab_size),
+                                       np.bincount(val[:, 1:].ravel(), minlength=chain.vocab_size)),
+        "optimal_val_nll": bigram_backcopy.optimal_nll(chain, torch.from_numpy(val.astype(np.int64))),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
+        "source": cfg.source,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def unigram_nll(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
