@@ -1,8 +1,9 @@
-"""sinklab data: corpus -> byte-level BPE -> memmap token shards -> deterministic batches."""
+"""sinklab data: corpus -> byte-level BPE -> memmap token shards -> deterministic batches
+(or the synthetic Bigram-Backcopy task, generated fresh per step)."""
 import warnings
 
 from .config import DataConfig
-from .loader import BatchLoader, TokenShards
+from .loader import BatchLoader, TokenShards, make_loader
 from .prepare import prepare
 from .sources import load_documents
 from .tokenizer import load_tokenizer, train_tokenizer
@@ -10,4 +11,5 @@ from .tokenizer import load_tokenizer, train_tokenizer
 # `python -m data.prepare` runs a module this package already imported; that is harmless here.
 warnings.filterwarnings("ignore", message="'data.prepare' found in sys.modules", category=RuntimeWarning)
 
-__all__ = ["BatchLoader", "DataConfig", "TokenShards", "load_documents", "load_tokenizer", "prepare", "train_tokenizer"]
+__all__ = ["BatchLoader", "DataConfig", "TokenShards", "load_documents", "load_tokenizer", "make_loader", "prepare",
+           "train_tokenizer"]

