@@ -1,6 +1,6 @@
 """Shared helpers for the model tests: an independent reference implementation of the
 attention block and of the Llama-style decoder, written from the formulas in docs/design.md
-("Model", "The attention block") with plain tensor math. Nothing here calls model/ code.
+("The decoder", "The attention block") with plain tensor math. Nothing here calls model/ code.
 
 The reference is exposed through the `ref` fixture (a namespace of functions) so the test
 modules do not import conftest directly.
