@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import shutil
-import signal
 import sys
 import time
 
@@ -31,40 +30,16 @@ from model import backends
 from model.flops import peak_tflops
 from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_checkpoint, load_checkpoint,
                                 newest_checkpoint, save_checkpoint, settle_run_dir, write_atomic)
-from trainer.launch import make_accelerator
+from trainer.launch import check_backend, make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
 from trainer.optim import lr_at, make_optimizer
 from trainer.progress import progress_line
 from trainer.rundir import check_out_dir, take_run_lock
-from trainer.slurm import requeue_if_slurm
+from trainer.signals import StopFlag, requeue_if_slurm
 from trainer.tasks import make_task
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-
-
-class StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and exit at the end of the current step."""
-
-    def __init__(self):
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
-        self.signal_name = signal.Signals(signum).name
-
-
-def check_backend(cfg: RunConfig, acc) -> str:
-    """A backend that cannot train here (GPU-only kernels, flash without bf16) fails before any work;
-    returns what will run the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
-    try:
-        backends.check(cfg.model, acc.device, acc.mixed_precision)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return backends.describe(cfg.model, acc.device, backends.compute_dtype(acc.mixed_precision))
 
 
 class Trainer:

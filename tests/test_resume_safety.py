@@ -22,7 +22,7 @@ from trainer.checkpoint import (CHECKPOINT_FMT, TrainerState, clean_leftovers, n
 from trainer.metrics import read_rows
 from trainer.optim import lr_at
 from trainer.rundir import RunLock
-from trainer.slurm import requeue_if_slurm
+from trainer.signals import requeue_if_slurm
 
 STEPS = 6
 

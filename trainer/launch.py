@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from configs import ConfigError
+from model import backends
 
 
 def make_accelerator(cfg):
@@ -70,3 +71,13 @@ def fill_deepspeed_config(ds: dict, tcfg, grad_accum: int) -> None:
             raise ConfigError(f"the DeepSpeed config sets {key}={theirs} but this run needs {value} (from "
                               "train.batch_size, train.micro_batch_size, train.grad_clip and the number of "
                               f'processes); set "{key}": "auto" in the DeepSpeed JSON (see configs/deepspeed/)')
+
+
+def check_backend(cfg, acc) -> str:
+    """A backend that cannot train here (GPU-only kernels, flash without bf16) fails before any work;
+    returns what will run the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
+    try:
+        backends.check(cfg.model, acc.device, acc.mixed_precision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return backends.describe(cfg.model, acc.device, backends.compute_dtype(acc.mixed_precision))

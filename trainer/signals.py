@@ -1,4 +1,6 @@
-"""Requeue a SLURM job that was stopped by SIGTERM (time limit, preemption), as submitit does.
+"""Stop signals: SIGTERM / SIGINT finish the step, save and exit; under SLURM a SIGTERM also requeues.
+
+The requeue is submitit's: the job stopped by SIGTERM (time limit, preemption) is put back in the queue.
 
 SLURM sends SIGTERM before the kill (configs/slurm/train.sbatch asks for it 120 s ahead with
 --signal); train.py saves a checkpoint, then the main process calls `scontrol requeue`, and the
@@ -8,6 +10,7 @@ requeued job continues with train.resume=auto. SIGINT never requeues: stop a job
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 
@@ -25,3 +28,17 @@ def requeue_if_slurm(signal_name: str | None) -> str | None:
     if done.returncode != 0:
         return f"could not requeue SLURM job {job} (scontrol: {done.stderr.strip()}); resubmit it to continue"
     return f"requeued SLURM job {job}"
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and exit at the end of the current step."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
+        self.signal_name = signal.Signals(signum).name
