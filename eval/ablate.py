@@ -10,7 +10,10 @@ what a user gets from the command line); a variant already trained to `--steps` 
 and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
 val loss, Sink_1 and F-Attn (eval.sink, T=64), max |h| (eval.activations), loss spike score
 (eval.spikes, OLMo-core W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming)
-and training tokens/s.
+and training tokens/s. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
+task's BOS-first held-out sequences, Guo et al.'s BOS attention and the mass on sink tokens or
+the sink logit's slot join the table (eval.backcopy), and streaming runs over one long sequence
+of the process with BOS only at its start (eval.backcopy.long_stream).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from pathlib import Path
 from . import fail
 
 ROOT = Path(__file__).resolve().parents[1]
+BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table
 
 
 def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]]:
@@ -77,9 +81,10 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     import numpy as np
     import torch
 
+    from data.bigram_backcopy import load_chain
     from model.load import load_run
 
-    from . import activations, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
+    from . import activations, backcopy, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
     from .checkpoints import bos_id, checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)
@@ -98,13 +103,26 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
 
     Ts = sink.resolve_lengths(sink.LENGTHS, cfg.block_size)
     bos = bos_id(run)
-    s = save("sink", sink.evaluate(model, held_out_sequences(val, sink.N_SEQS, max(Ts), bos_id=bos), Ts,
-                                   tokenizer=run.tokenizer, bos_id=bos))
+    guo = None
+    if run.config["data"].get("source") == BIGRAM_BACKCOPY:
+        # Guo et al.'s task: BOS-first sequences of the process (eval.backcopy's rows), and for
+        # streaming one long sequence with BOS only at its start.
+        sink_rows, trigger_ids = backcopy.held_out_rows(run, sink.N_SEQS, max(Ts))
+        act_rows = sink_rows[: activations.N_SEQS, : cfg.block_size]
+        stream = backcopy.long_stream(load_chain(backcopy.data_dir(run)), stream_tokens)
+        # the same rows as `python -m eval.backcopy` (its default count), so the numbers agree
+        guo = backcopy.evaluate(model, backcopy.held_out_rows(run, backcopy.N_SEQS, cfg.block_size)[0], trigger_ids)
+        guo["checkpoint"] = info
+        write_json(out / "backcopy.json", guo)
+    else:
+        sink_rows = held_out_sequences(val, sink.N_SEQS, max(Ts), bos_id=bos)
+        act_rows = held_out_sequences(val, activations.N_SEQS, cfg.block_size)
+        stream = torch.from_numpy(np.asarray(val[:stream_tokens]).astype(np.int64))
+    s = save("sink", sink.evaluate(model, sink_rows, Ts, tokenizer=run.tokenizer, bos_id=bos))
     sink.plot_heatmap(s, out / "sink_heatmap.png")
-    act = save("activations", activations.evaluate(model, held_out_sequences(val, activations.N_SEQS, cfg.block_size)))
+    act = save("activations", activations.evaluate(model, act_rows))
     activations.plot(act, out / "activations.png")
-    st = save("streaming", streaming.evaluate(model, torch.from_numpy(np.asarray(val[:stream_tokens]).astype(np.int64)),
-                                              modes=stream_modes, recompute_stride=recompute_stride))
+    st = save("streaming", streaming.evaluate(model, stream, modes=stream_modes, recompute_stride=recompute_stride))
     streaming.plot(st, out / "streaming.png")
     sp = spikes.evaluate(run_dir / "metrics.jsonl")
     sp.checkpoint = spikes.metrics_info(run_dir)
@@ -120,7 +138,10 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "sink_1": s.sink_1,
         "f_attn": s.f_attn,
         "sink_T": s.headline_T,
+        "bos_attention_non_trigger": guo and guo["bos_attention_non_trigger_mean"],
+        "extra_sink_mass_non_trigger": guo and guo.get("extra_sink_mass_non_trigger_mean"),
         "max_abs_activation": act.max_top1,
+        "max_h_ratio": act.max_ratio,
         "spike_score_loss": sp.metrics.get("loss", {}).get("spike_score"),
         "spike_score_grad_norm": sp.metrics.get("grad_norm", {}).get("spike_score"),
         "spike_score_olmo_core": sp.olmo_core_spike_score,
@@ -138,15 +159,18 @@ def _fmt(v, spec=".3f"):
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| variant | attention | gate | val loss | Sink_1 % (T=64) | F-Attn | max abs h | loss spike score % "
+    head = ("| variant | attention | gate | val loss | Sink_1 % (T=64) | BOS att. non-trigger | sink slot/token mass "
+            "| F-Attn | max abs h | max h / median | loss spike score % "
             "| stream ppl window-only | stream ppl sinks | stream ppl recompute | train tok/s |")
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    lines = [head, "|" + "|".join(["---"] * 15) + "|"]
     for r in rows:
         p = r["stream_ppl"]
         linear = "recurrent" in p
         lines.append("| " + " | ".join([
             r["variant"], r["attention"]["kind"], r["attention"]["gate"], _fmt(r["val_loss"]),
-            _fmt(r["sink_1"], ".1f"), _fmt(r["f_attn"]), _fmt(r["max_abs_activation"], ".1f"),
+            _fmt(r["sink_1"], ".1f"), _fmt(r.get("bos_attention_non_trigger")),
+            _fmt(r.get("extra_sink_mass_non_trigger")), _fmt(r["f_attn"]), _fmt(r["max_abs_activation"], ".1f"),
+            _fmt(r.get("max_h_ratio"), ".0f"),
             _fmt(r["spike_score_loss"], ".2f"),
             f"{_fmt(p['recurrent'], '.2f')} (exact state)" if linear else _fmt(p.get("window"), ".2f"),
             "same" if linear else _fmt(p.get("sinks"), ".2f"),
@@ -239,6 +263,12 @@ def main(argv=None) -> list[dict]:
             "val_loss": "last val_loss row of metrics.jsonl (nats/token)",
             "sink_1": "Gu et al. Sink_1^0.3 at T=64 in %, per sequence then averaged (eval.sink)",
             "f_attn": "Qiu et al. first-token attention at T=64 (eval.sink)",
+            "bos_attention_non_trigger": "Bigram-Backcopy only: Guo et al.'s mean attention on BOS of queries whose "
+                                         "token is not a trigger, mean over layers and heads (eval.backcopy)",
+            "extra_sink_mass_non_trigger": "Bigram-Backcopy only: the same queries' weight on the learned sink "
+                                           "tokens or on the sink logit's virtual key (eval.backcopy)",
+            "max_h_ratio": "largest over layers of max |h| / median |h| per sequence, averaged (eval.activations "
+                           "max_ratio)",
             "max_abs_activation": "largest |h| of the residual stream over layers, per sequence averaged over "
                                   "sequences (eval.activations max_top1)",
             "spike_score_loss": "OLMo-core loss spike score, W=128, k=6, % of eligible steps (eval.spikes)",

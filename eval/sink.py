@@ -48,6 +48,14 @@ def _stack(attn) -> torch.Tensor:
     return attn
 
 
+def text_attention(out) -> torch.Tensor:
+    """(L,B,H,T,T) weights among the text tokens of a forward with return_attn: model.sink_tokens'
+    learned tokens come first and are left out, so key 0 is the first text token (their mass is
+    eval.backcopy's extra_sink_mass)."""
+    n = out.sink_tokens
+    return _stack(out.attn)[..., n:, n:]
+
+
 def importance(attn, k: int = 1) -> torch.Tensor:
     """Gu et al.'s importance score alpha_k per (layer, head), shape (L, H), batch-averaged.
 
@@ -187,11 +195,11 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
         positions = PositionStats(cfg.vocab_size, eps)
         for batch in seqs[:, :T].split(batch_size):
             out = model(batch.to(device), return_attn=True)
-            a = _stack(out.attn)
+            a = text_attention(out)
             b = batch.shape[0]
             alphas.append(importance_per_sequence(a).cpu())
             f_sum = f_sum + torch.tensor(first_token_attention(a)[0]) * b
-            mass_sum = mass_sum + torch.stack([m.float().mean() for m in out.attn_mass]).cpu() * b
+            mass_sum = mass_sum + torch.stack([m[:, :, out.sink_tokens :].float().mean() for m in out.attn_mass]).cpu() * b
             positions.add(a, batch)
             n += b
         alpha = torch.cat(alphas, dim=2)  # (K, L, N, H)
@@ -235,7 +243,7 @@ def measure(model, sequences, eps: float = 0.3) -> dict:
         out = model(sequences.to(next(model.parameters()).device), return_attn=True, return_hidden=True)
     finally:
         model.train(was_training)
-    a = _stack(out.attn)
+    a = text_attention(out)
     ratios = []
     for h in out.hidden:
         h = h.detach().float().abs()

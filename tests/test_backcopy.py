@@ -56,3 +56,47 @@ def test_evaluate_on_a_model():
     assert torch.allclose(torch.tensor(result["bos_attention_non_trigger"]), want["non_trigger"], atol=1e-6)
     assert result["sink_1"] == pytest.approx(sink_1(attn))
     assert result["n_queries_trigger"] == int(torch.isin(tokens[:, 1:], torch.tensor([3, 4])).sum())
+
+
+def test_extra_sink_mass_is_the_weight_outside_the_text():
+    """Sink tokens: the summed weight on them; sink logit: the virtual key's weight. Both equal
+    1 - (weight on the text keys), computed here from the rows of the text attention."""
+    from model import GPT, GPTConfig
+
+    tokens = torch.randint(0, 10, (4, 12), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = 10
+    for extra in ({"sink_tokens": 2}, {"sink_logit": "learned"}):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=12, vocab_size=11, **extra))
+        result = evaluate(model, tokens, [3, 4], batch_size=4)
+        with torch.no_grad():
+            out = model(tokens, return_attn=True)
+        n = out.sink_tokens
+        if n:
+            outside = torch.stack([1 - a[:, :, n + 1 :, n:].sum(-1) for a in out.attn])  # (L, B, H, T-1)
+        else:
+            outside = torch.stack([1 - m[:, :, 1:] for m in out.attn_mass])
+        non_trigger = ~torch.isin(tokens[:, 1:], torch.tensor([3, 4]))
+        want = (outside * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
+        assert torch.allclose(torch.tensor(result["extra_sink_mass_non_trigger"]), want, atol=1e-5)
+        assert 0.05 < float(want.mean()) < 0.95  # the measure sees real weight, not a constant
+        # BOS is the first text key: its weight is read past the sink tokens
+        bos = torch.stack([a[:, :, n + 1 :, n] for a in out.attn])
+        want_bos = (bos * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
+        assert torch.allclose(torch.tensor(result["bos_attention_non_trigger"]), want_bos, atol=1e-5)
+
+
+def test_long_stream_has_bos_only_first_and_follows_the_process():
+    from data.bigram_backcopy import estimate_chain
+
+    from eval.backcopy import long_stream
+
+    chain = estimate_chain(["the cat sat on a mat, the end", "an ant at eat"], n_triggers=2)
+    stream = long_stream(chain, 500)
+    assert stream.shape == (500,) and stream[0] == chain.bos_id
+    assert not (stream[1:] == chain.bos_id).any()
+    assert torch.equal(stream, long_stream(chain, 500))  # deterministic
+    after_trigger = torch.isin(stream[1:-1], torch.from_numpy(chain.triggers))
+    after_trigger[0] = False  # the first character follows BOS, not a character pair
+    assert after_trigger.sum() > 20
+    assert torch.equal(stream[2:][after_trigger], stream[:-2][after_trigger])  # copies the token before the trigger

@@ -339,3 +339,18 @@ def test_held_out_sequences_start_with_bos_when_asked():
     bos = held_out_sequences(tokens, 3, 8, bos_id=0)
     assert plain.tolist()[1] == list(range(108, 116))
     assert bos.shape == (3, 8) and (bos[:, 0] == 0).all() and bos[1, 1:].tolist() == list(range(107, 114))
+
+
+def test_sink_measures_skip_learned_sink_tokens():
+    """With model.sink_tokens, key 0 of Sink_1 and F-Attn is the first text token, not a sink token."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=12, vocab_size=11, sink_tokens=1))
+    tokens = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        attn = torch.stack(model(tokens, return_attn=True).attn)  # (L, B, H, 13, 13)
+    on_first_text = attn[:, :, :, 1:, 1]  # text queries on the first text token
+    result = sink.evaluate(model, tokens, [12])
+    assert result.f_attn == pytest.approx(float(on_first_text.mean()), abs=1e-6)
+    assert sink.measure(model, tokens)["f_attn"] == pytest.approx(float(on_first_text.mean()), abs=1e-6)
