@@ -67,18 +67,21 @@ def temp_dir(root: Path, key: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}{TMP_MARK}", dir=root))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final dir
     try:
-        with _exit_on_signals():
+        with _exit_on_signals(tmp):
             yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
-def _exit_on_signals() -> Iterator[None]:
-    """Turn SIGTERM / SIGINT into SystemExit(128 + signal) so `finally` blocks run before exit.
+def _exit_on_signals(tmp: Path) -> Iterator[None]:
+    """On SIGTERM / SIGINT remove `tmp`, then exit with 128 + signal.
 
-    SIGTERM's default action kills the process without running any Python cleanup. Handlers
-    can only be set from the main thread; elsewhere the caller's own handling applies.
+    SIGTERM's default action kills the process without running any Python cleanup. The handler
+    removes the temp dir itself and leaves with os._exit: a SystemExit raised from a handler is
+    swallowed (exit code 0, build continuing) when the signal lands in a weakref or __del__
+    callback. Handlers can only be set from the main thread; elsewhere the caller's own handling
+    applies.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -86,8 +89,9 @@ def _exit_on_signals() -> Iterator[None]:
 
     def leave(signum, frame):
         print(f"data: {signal.Signals(signum).name} during data preparation; removing the partial dataset",
-              file=sys.stderr)
-        raise SystemExit(128 + signum)
+              file=sys.stderr, flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os._exit(128 + signum)
 
     previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
