@@ -45,7 +45,7 @@ logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 class Trainer:
     def __init__(self, cfg: RunConfig):
         """Everything that can refuse the config does so before the run dir is written (the run lock
-        creates it and its .lock first)."""
+        creates it and its .lock first; a run dir this run created is removed again if set-up fails)."""
         self.cfg = cfg
         self.acc, self.grad_accum = make_accelerator(cfg)
         self.task = make_task(cfg)
@@ -61,6 +61,8 @@ class Trainer:
             self._setup()
         except BaseException:
             self.release_lock()
+            if self.created and self.acc.is_main_process:
+                shutil.rmtree(self.created[-1], ignore_errors=True)
             raise
 
     def release_lock(self) -> None:
@@ -80,10 +82,7 @@ class Trainer:
                 saved = {**to_dict(cfg), "attention_backend": self.attention_backend}  # a record: loaders ignore it
                 write_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
                 task.save_artifacts(cfg.run_dir)
-            except OSError as e:  # disk full, read-only file system, permissions
-                if self.created:
-                    self.release_lock()
-                    shutil.rmtree(self.created[-1], ignore_errors=True)
+            except OSError as e:  # disk full, read-only file system, permissions (__init__ removes a run dir it created)
                 raise ConfigError(f"cannot write the run dir {cfg.run_dir}: {e.strerror or e}; free disk space or "
                                   "set out_dir to a writable folder") from None
 
@@ -218,6 +217,7 @@ class Trainer:
             print(f"{cfg.run_dir} is already at step {state.step} >= train.max_steps={tcfg.max_steps}; "
                   "raise train.max_steps to train further", flush=True)
         start, t0 = state.step, time.perf_counter()
+        metrics = None  # the last step's eval, reused for the final report
         run_t0 = t0
         while state.step < tcfg.max_steps:
             loss, grad_norm, finite, lr = self.train_step(state.step)
@@ -264,7 +264,8 @@ class Trainer:
                 return 0
             t0 = time.perf_counter()  # exclude eval, sink and checkpoint time from tok/s
         bar.close()
-        metrics = self.evaluate()
+        if metrics is None:  # nothing trained: the run was already at max_steps
+            metrics = self.evaluate()
         if acc.is_main_process:
             print(self.task.final_report(metrics, cfg.run_dir), flush=True)
         return 0

@@ -55,7 +55,7 @@ class TrainConfig:
     sink_interval: int | None = None  # steps between sink_1 / f_attn / max_h_ratio rows; null = eval_interval, 0 = off
     ckpt_interval: int = 200  # a checkpoint is also written at the end and on SIGTERM/SIGINT
     keep_last: int | None = None  # keep this many newest step_* checkpoints (and always `latest`); null = all
-    resume: str = "auto"  # auto: continue from out/<name>/latest if it exists; none: fresh run; or a checkpoint dir
+    resume: str = "auto"  # auto: continue from out/<name>/checkpoints/latest (or the newest step_* when latest is missing); none: fresh run; or a checkpoint dir
     compile: bool = False
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row

@@ -329,9 +329,11 @@ def main(argv=None) -> list[SinkResult]:
 
     if argv is None:
         argv = sys.argv[1:]
-    if "--run" in argv:  # the emergence curve from the rows logged during training
+    if any(a == "--run" or a.startswith("--run=") for a in argv):  # the emergence curve from the rows logged in training
         return main_emergence(argv)
-    ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0],
+                                 epilog="python -m eval.sink --run RUN plots the sink rows logged during training "
+                                        "(the emergence curve) to RUN/eval/sink_emergence.png")
     add_lm_arguments(ap)
     ap.add_argument("--eps", type=positive_float, default=0.3)
     ap.add_argument("--k", type=positive_int, default=1, help="token whose importance is measured (1-indexed)")

@@ -320,3 +320,14 @@ def test_evals_on_an_unwritable_run_dir_or_moved_data_say_so(tmp_path, trained, 
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "path does not exist" in err and "--data" in err and "Traceback" not in err
     assert snapshot(run_dir) == before
+
+
+def test_refused_resume_leaves_no_run_dir_behind(tmp_path, files, capsys):
+    """A fresh run refused during set-up (here: train.resume names no checkpoint) removes the run
+    dir its lock created, so nothing is left for the next run to trip over."""
+    out_dir = tmp_path / "out"
+    code = train.main([*TINY, f"data.source={files}/good", f"out_dir={out_dir}", f"data.cache_dir={tmp_path}/cache",
+                       f"train.resume={tmp_path}/no_such_checkpoint"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "no_such_checkpoint" in err
+    assert not out_dir.exists()

@@ -1,6 +1,7 @@
 """Stop signals: SIGTERM / SIGINT finish the step, save and exit; under SLURM a SIGTERM also requeues.
 
-The requeue is submitit's: the job stopped by SIGTERM (time limit, preemption) is put back in the queue.
+Under SLURM the main process runs `scontrol requeue $SLURM_JOB_ID` after the save, so a job stopped by
+SIGTERM (time limit, preemption) goes back in the queue.
 
 SLURM sends SIGTERM before the kill (configs/slurm/train.sbatch asks for it 120 s ahead with
 --signal); train.py saves a checkpoint, then the main process calls `scontrol requeue`, and the
