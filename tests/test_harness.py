@@ -112,6 +112,7 @@ def test_harness_matches_direct_forward(runs, task_dir, which):
     for sample in out["samples"]["sinklab_gen"]:
         prompt = tok.encode(sample["arguments"][0][0], add_special_tokens=False).ids
         new = run.model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
+        new = new[: new.index(lm.eot_token_id)] if lm.eot_token_id in new else new  # generation ends at end-of-text
         assert sample["resps"][0][0] == tok.decode(new).split(".")[0]
     assert 0.0 <= out["results"]["sinklab_mc"]["acc,none"] <= 1.0
 
