@@ -11,7 +11,7 @@ key) and the weight on them is reported as `extra_sink_mass_*`, as is the weight
 model.sink_logit's virtual key.
 
 Next to it, Sink_1 as Gu et al. compute it per sequence: the share of (layer, head) pairs whose
-mean attention from queries i >= 1 on key 0 exceeds eps, averaged over sequences (in %).
+mean attention from every query on key 0 exceeds eps, averaged over sequences (in %; eval.sink's).
 
     python -m eval.backcopy --ckpt out/<run> [out/<run>/checkpoints/step_0000100 ...] [--n-seqs 64]
 """
@@ -22,6 +22,7 @@ import argparse
 import torch
 
 from . import fail
+from .sink import importance_per_sequence, sink_rate
 
 
 def _probs(layer) -> torch.Tensor:
@@ -70,10 +71,8 @@ def bos_attention(attn, tokens: torch.Tensor, trigger_ids) -> dict[str, torch.Te
 
 
 def sink_1(attn, eps: float = 0.3) -> float:
-    """Gu et al.'s Sink_1^eps in %: per sequence, the share of (layer, head) pairs whose mean
-    attention of queries i >= 1 on key 0 exceeds eps; then the mean over sequences."""
-    alpha = torch.stack([_probs(layer)[:, :, 1:, 0].mean(-1) for layer in attn], 1)  # (B, L, H)
-    return float((alpha > eps).float().mean((1, 2)).mean() * 100)
+    """Gu et al.'s Sink_1^eps in %, exactly as eval.sink computes it (per sequence, then the mean)."""
+    return sink_rate(importance_per_sequence([_probs(layer) for layer in attn], max_k=1)[0], eps)
 
 
 @torch.no_grad()
@@ -114,8 +113,8 @@ def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_s
         "bos_attention_trigger": "the same for queries whose token is a trigger (they must copy)",
         "extra_sink_mass_non_trigger": "mean weight of the same queries on model.sink_tokens' learned tokens "
                                        "(summed) or on model.sink_logit's virtual key; list [layer][head]",
-        "sink_1": "Gu et al. Sink_1^eps per sequence: % of (layer, head) pairs with mean attention of queries "
-                  "i >= 1 on key 0 above eps, averaged over sequences",
+        "sink_1": "Gu et al. Sink_1^eps per sequence: % of (layer, head) pairs with mean attention of all "
+                  "queries on key 0 above eps, averaged over sequences (eval.sink's definition)",
     }
     return result
 

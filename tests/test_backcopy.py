@@ -36,7 +36,7 @@ def test_sink_1_per_sequence():
     attn = [torch.zeros(B, H, T, T) for _ in range(L)]
     for layer in attn:
         layer[:, :, :, 0] = 0.1
-        layer[:, :, 0, 0] = 1.0  # query 0 sees only BOS; it is left out of the mean
+        layer[:, :, 0, 0] = 1.0  # query 0 sees only BOS (in the mean, as Gu et al.: i >= k)
     attn[0][0, 0, 1:, 0] = 0.5
     assert sink_1(attn, eps=0.3) == pytest.approx(12.5)
     assert sink_1(attn, eps=0.05) == pytest.approx(100.0)
