@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.streaming import cache_bytes, evaluate, recompute_nll, stream_nll
+from eval.streaming import MAX_BINS, binned_nll, cache_bytes, evaluate, long_stream, position_bins, recompute_nll, stream_nll
 from model import GPT, GPTConfig
 
 V = 64
@@ -224,3 +226,29 @@ def test_plain_sink_cache_refuses_chunks(ref):
     model = tiny(ref)
     with pytest.raises(ValueError, match="band=True"):
         stream_nll(model, torch.randint(0, V, (20,)), model.make_cache(2, 4), chunk=4)
+
+
+def test_long_stream_starts_the_split_again():
+    val = np.arange(50)
+    tokens, text = long_stream(val, 120, keys_per_query=10)
+    assert tokens.tolist() == (list(range(50)) * 3)[:120] and "2.40 times" in text
+    tokens, text = long_stream(val, 30, keys_per_query=10)
+    assert tokens.tolist() == list(range(30)) and "first 30 tokens" in text
+    with pytest.raises(ValueError, match="would see the repeat"):
+        long_stream(val, 120, keys_per_query=50)
+
+
+def test_nll_by_position_has_bounded_resolution():
+    edges, scale = position_bins(10**6, 256)
+    assert scale == "log" and len(edges) <= MAX_BINS + 1 and edges[0] == 0 and edges[-1] == 10**6
+    assert (np.diff(edges) > 0).all()
+    edges, scale = position_bins(5000, 256)
+    assert scale == "linear" and len(edges) == MAX_BINS + 1 and (np.diff(edges) == 5).all()
+    rng = np.random.default_rng(0)
+    curves = {"sinks": rng.random(5000), "recompute": rng.random(5000)}
+    curves["recompute"][1::2] = np.nan  # a stride-2 recompute
+    binned = binned_nll(curves, 5000, 256)
+    assert binned["nll"]["sinks"][3] == pytest.approx(curves["sinks"][15:20].mean())
+    assert binned["nll"]["recompute"][3] == pytest.approx(curves["recompute"][16:20:2].mean())
+    diff = curves["sinks"][16:20:2] - curves["recompute"][16:20:2]
+    assert binned["minus_recompute"]["sinks"][3] == pytest.approx(diff.mean())
