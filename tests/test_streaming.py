@@ -1,6 +1,8 @@
 """eval/streaming.py against independent references: the full forward pass (nothing evicted), a
 fresh forward over the retained tokens at positions 0..n-1 (one layer, where pos-shift is exact),
-and per-window forwards for the recomputation baseline; the cache never grows past S+W."""
+and per-window forwards for the recomputation baseline; the cache never grows past S+W. The exact
+parallel form (the default) against token-by-token decoding (--exact-decode), with its memory flat
+in the stream length."""
 from __future__ import annotations
 
 import math
