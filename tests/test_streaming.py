@@ -252,4 +252,7 @@ def test_nll_by_position_has_bounded_resolution():
     assert binned["nll"]["sinks"][3] == pytest.approx(curves["sinks"][15:20].mean())
     assert binned["nll"]["recompute"][3] == pytest.approx(curves["recompute"][16:20:2].mean())
     diff = curves["sinks"][16:20:2] - curves["recompute"][16:20:2]
-    assert binned["minus_recompute"]["sinks"][3] == pytest.approx(diff.mean())
+    assert binned["baseline"] == "recompute" and binned["minus_baseline"]["sinks"][3] == pytest.approx(diff.mean())
+    without = binned_nll({"window": curves["sinks"] + 1, "sinks": curves["sinks"]}, 5000, 256)
+    assert without["baseline"] == "sinks" and without["minus_baseline"]["window"] == pytest.approx([1.0] * MAX_BINS)
+    assert "minus_baseline" not in binned_nll({"sinks": curves["sinks"]}, 5000, 256)
