@@ -60,8 +60,9 @@ class LMTask:
         """train.init_from=hf:...: the model config and weights of the import, and its tokenizer for the data.
 
         The run keeps its attention backend and may train on shorter windows than the import's context.
-        data.tokenizer becomes the import's folder, so data prep ends documents with the import's EOS."""
-        from model.hf_import import hf_folder, init_model
+        data.tokenizer becomes the import's folder (or GGUF file), so data prep ends documents with the
+        import's EOS."""
+        from model.hf_import import init_model, locate
 
         cfg, ref = self.cfg, self.cfg.train.init_from
         try:
@@ -75,7 +76,7 @@ class LMTask:
             imported.block_size = cfg.model.block_size
         acc.print(f"init_from {ref}: model config and tokenizer from the import, block_size {imported.block_size}")
         cfg.model = imported
-        cfg.data.tokenizer = str(hf_folder(ref))
+        cfg.data.tokenizer = locate(ref).tokenizer_spec  # the folder, or the GGUF file
 
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         """Copy train.init_from's weights into the freshly built model (then drop them)."""
