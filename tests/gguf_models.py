@@ -25,9 +25,11 @@ def save_tiny_gguf(name: str, path: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     arch, gguf_arch, quant = GGUF_ARCHITECTURES[name]
-    folder = save_tiny(arch, path.parent / f"{path.stem}_transformers", seed=seed, **ROPE)
+    # One token more than the byte tokenizer, <|endoftext|>: transformers' GGUF byte-level tokenizer adds it
+    # when the file lacks it, and the model's vocabulary must cover it.
+    folder = save_tiny(arch, path.parent / f"{path.stem}_transformers", seed=seed, vocab_size=259, **ROPE)
     model = AutoModelForCausalLM.from_pretrained(folder).float()
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)  # (transformers' Qwen2 tokenizer adds <|endoftext|> itself)
     cfg = model.config
     qtype = gguf.GGMLQuantizationType[quant]
 
@@ -45,7 +47,10 @@ def save_tiny_gguf(name: str, path: Path, seed: int = 0) -> Path:
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     writer.add_vocab_size(cfg.vocab_size)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    specials = set(tok.all_special_tokens)
+    if "<|endoftext|>" not in tok.get_vocab():
+        vocab.append(("<|endoftext|>", len(vocab)))
+    assert [i for _, i in vocab] == list(range(cfg.vocab_size))
+    specials = {*tok.all_special_tokens, "<|endoftext|>"}
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list([t for t, _ in vocab])
