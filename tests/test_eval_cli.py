@@ -122,8 +122,17 @@ def test_ablate_collects_runs(run_dir, tmp_path):
     rows = ablate.main(["--runs", str(run_dir), "--out", str(out), "--stream-tokens", "60",
                         "--recompute-stride", "3"])
     assert (out / "ablation.png").read_bytes()[:8] == PNG
-    table = (out / "ablation.md").read_text().splitlines()
+    md = (out / "ablation.md").read_text()
+    table = [l for l in md.splitlines() if l.startswith("|")]
     assert len(table) == 3 and table[2].startswith("| tiny | softmax | none |")
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    # what was run comes first; every column shown is defined; all-n/a columns are left out
+    assert md.startswith("# Ablation") and f"--runs {run_dir}" in md and "- commit: " in md
+    assert all(f"- **{name}**: " in md for name in header)
+    assert "BOS att. non-trigger" not in header and "stream ppl recurrent" not in header  # n/a on plain text
+    assert "n/a" not in table[2]
+    assert "OLMo-core spike score %" not in header  # 12 steps: OLMo-core reports no score below its window
+    assert "Sink_1 % raw" in header and "F-Attn raw" in header
     data = json.loads((out / "ablation.json").read_text())
     row = data["rows"][0]
     val = [json.loads(l)["val_loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
