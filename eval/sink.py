@@ -426,7 +426,12 @@ def main(argv=None) -> list[SinkResult]:
         for T in Ts:
             check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
         bos = None if args.no_bos else bos_id(run)
-        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)
+        if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
+            from .backcopy import held_out_rows  # whole sequences of the process, as eval.ablate reads them
+
+            seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
+        else:
+            seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)
         result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size,
                           tokenizer=run.tokenizer, bos_id=bos)
         plot_heatmap(result, out / "sink_heatmap.png")

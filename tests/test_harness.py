@@ -150,8 +150,13 @@ def test_cli_seed_samples_output_path_and_no_data_flag(runs, task_dir, tmp_path,
 def test_unavailable_dataset_is_one_line_naming_the_fix(runs, tmp_path, monkeypatch, capsys, where):
     from eval.harness import main
 
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)  # read at import: set them here too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # nothing cached
     source = (f"json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gone.jsonl'}" if where == "missing local file"
               else "sinklab-nonexistent/never-downloaded")
