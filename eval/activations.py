@@ -177,7 +177,8 @@ def main(argv=None) -> list[ActivationsResult]:
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
-    ap.add_argument("--length", type=positive_int, default=None, help="tokens per sequence (default: block size)")
+    ap.add_argument("--length", type=positive_int, default=None,
+                    help="tokens per sequence (default: the block size; an hf: import's context capped at 256)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--bos", action="store_true", help="start every sequence with the run's BOS token "
                     "(default: plain held-out windows, as Sun et al.; needs data.bos)")
@@ -185,7 +186,7 @@ def main(argv=None) -> list[ActivationsResult]:
 
     def one(run, out):
         cfg = run.model.config
-        T = min(args.length or cfg.block_size, cfg.block_size)
+        T = min(args.length or run.eval_block_size, cfg.block_size)
         bos = bos_id(run) if args.bos else None
         if args.bos and bos is None:
             raise ValueError(f"--bos but {run.run_dir} has no BOS token (its data has no data.bos); drop --bos")
