@@ -103,6 +103,12 @@ def patch_aligned_box(obj: torch.Tensor, patch: int):
                                 int(ys.max()) // patch, int(xs.max()) // patch), patch)
 
 
+def object_patches(masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, H, W) instance masks -> (B, grid*grid) bool, row-major: True where a patch holds object pixels."""
+    B, H, W = masks.shape
+    return (masks > 0).view(B, H // patch, patch, W // patch, patch).any(4).any(2).flatten(1)
+
+
 def lost_scores(keys: torch.Tensor, masks: torch.Tensor, patch: int, k: int | None = None) -> dict:
     """CorLoc, mask IoU and the grid's CorLoc ceiling of LOST over images: keys (B, N, D), masks (B, H, W)."""
     from data.shapes import boxes_from_mask
@@ -111,6 +117,7 @@ def lost_scores(keys: torch.Tensor, masks: torch.Tensor, patch: int, k: int | No
     grid = int(round(N**0.5))
     k = max(1, N // 8) if k is None else k
     hits, ious, ceiling, seeds_on_object = 0, [], 0, 0
+    on_object = object_patches(masks, patch)
     for b in range(B):
         out = lost(keys[b], grid, k)
         boxes = boxes_from_mask(masks[b])
@@ -124,8 +131,7 @@ def lost_scores(keys: torch.Tensor, masks: torch.Tensor, patch: int, k: int | No
             obj = masks[b] == i + 1
             best = max(best, float((pred & obj).sum()) / float((pred | obj).sum()))
         ious.append(best)
-        seed_pixels = masks[b].view(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(N, -1)[out["seed"]]
-        seeds_on_object += bool((seed_pixels > 0).any())
+        seeds_on_object += bool(on_object[b, out["seed"]])
     return {"corloc": hits / B, "mask_iou": float(np.mean(ious)), "corloc_ceiling": ceiling / B,
             "seed_on_object": seeds_on_object / B, "k": k, "n_images": B}
 

@@ -23,9 +23,10 @@ from contextlib import contextmanager
 
 import torch
 
-from .dense import dense_readouts
+from .dense import dense_readouts, object_patches
 
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
+HIGH_NORM_FACTOR = 2.0  # the high-norm mode: patch norm > this x the layer's median patch norm
 
 
 # ------------------------------------------------------------------------------ token layout
@@ -71,8 +72,14 @@ def _summary(x: torch.Tensor) -> dict | None:
             "median": float(q[0]), "p99": float(q[1]), "max": float(x.max())}
 
 
-def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[dict]:
-    """Per-layer norm distributions and outlier statistics (see the module docstring)."""
+def artifact_stats(hidden, n_registers: int, grid: int, threshold=None, background=None) -> list[dict]:
+    """Per-layer norm distributions and outlier statistics (see the module docstring).
+
+    Also the high-norm mode, scale-free: patch tokens above HIGH_NORM_FACTOR x the layer's median
+    patch norm, their share and their mean norm over the median (an artifact mode of Darcet et
+    al. is a few % of tokens at several times the typical norm; a unimodal tail gives ~0 here).
+    `background` (B, n_patches) bool, True where a patch holds no object pixel: the share of
+    outliers and of high-norm tokens that sit in the background."""
     sl = token_slices(n_registers, grid * grid)
     if threshold is None:
         threshold = patch_thresholds(hidden, sl["patches"])
@@ -83,6 +90,10 @@ def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[
     for i, (h, mask, t) in enumerate(zip(hidden, masks, thresholds)):
         norms = h.float().norm(dim=-1)  # (B, T)
         n_out = int(mask.sum())
+        patch_norms = norms[:, sl["patches"]]
+        median = float(patch_norms.median())
+        high = patch_norms > HIGH_NORM_FACTOR * median
+        n_high = int(high.sum())
         layers.append({
             "layer": i,
             "patch_norm": _summary(norms[:, sl["patches"]]),
@@ -94,7 +105,13 @@ def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[
             "outlier_fraction": n_out / mask.numel(),
             "outliers_on_border": int(mask[:, border].sum()),
             "outlier_border_share": int(mask[:, border].sum()) / n_out if n_out else None,
+            "high_norm_fraction": n_high / high.numel(),
+            "high_norm_over_median": float(patch_norms[high].mean()) / median if n_high else None,
+            "max_over_median": float(patch_norms.max()) / median,
         })
+        if background is not None:
+            layers[-1]["outlier_background_share"] = int(mask[background].sum()) / n_out if n_out else None
+            layers[-1]["high_norm_background_share"] = int(high[background].sum()) / n_high if n_high else None
     return layers
 
 
@@ -299,7 +316,8 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
     base = run_model(model, images, labels, batch_size)
     sl = token_slices(c.n_registers, c.n_patches)
     thresholds = threshold if threshold is not None else patch_thresholds(base["hidden"], sl["patches"])
-    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds)
+    background = None if dense_data is None else ~object_patches(dense_data[3], c.patch_size)
+    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds, background)
     if fixed_threshold is not None:
         for layer, mask in zip(layers, find_outliers(base["hidden"], sl["patches"], fixed_threshold)):
             layer["outlier_fraction_fixed"] = float(mask.float().mean())
@@ -308,6 +326,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         "accuracy": base["accuracy"],
         "threshold_rule": f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
         "border_share_of_patches": float(border_mask(c.grid).float().mean()),
+        "background_share_of_patches": None if background is None else float(background.float().mean()),
         "layers": layers,
         "cls_attention_last_layer": cls_attention_split(base["attn"], c.n_registers, c.n_patches),
         "dense": None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size),
@@ -329,7 +348,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         with test_time_register(model, neurons, 1.0 if ttr_rule == "reference" else None):
             ttr = run_model(model, images, labels, batch_size, attn=False)
             ttr_dense = None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size)
-        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds)
+        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds, background)
         result["test_time_register"] = {
             "ttr_layer": layer, "top_k": ttr_top_k, "rule": ttr_rule, "neurons": neurons,
             "n_outlier_positions": int(positions.sum()),
@@ -342,6 +361,10 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
     result["definitions"] = {
         "outlier_fraction": "patch tokens whose norm exceeds the layer's threshold (threshold_rule) / all patch tokens",
         "outlier_fraction_fixed": "the same against the absolute norm --fixed-threshold (present when given)",
+        "high_norm_fraction": f"patch tokens with norm > {HIGH_NORM_FACTOR:g} x the layer's median patch norm / all "
+                              "patch tokens; high_norm_over_median: their mean norm / that median",
+        "background_share": "outlier_/high_norm_background_share: share of those tokens on patches without any "
+                            "object pixel (images with masks); background_share_of_patches: the base rate",
         "rule": "test-time register: ours = units ranked by mean |activation| over outlier patches pooled over "
                 "images, moved as the patch value of largest magnitude; reference = Jiang et al.: outliers = "
                 "tokens with norm > fixed threshold at ttr_layer, scores averaged per image then over images "
