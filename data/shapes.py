@@ -26,7 +26,7 @@ SHAPES = ("square", "disc", "triangle")
 BACKGROUNDS = ("flat", "noise")
 LABELS = ("kinds", "count")
 NOISE_STD = 0.08  # background noise; objects stand >= 0.3 above the brightest background level
-MIN_RADIUS = 2
+MIN_RADIUS = 3  # a 7-pixel object: at least about 2x2 patches of 4 pixels, findable at patch level
 
 
 def n_classes(label: str, max_objects: int) -> int:
@@ -53,7 +53,7 @@ def draw_image(rng: np.random.Generator, size: int, max_objects: int, background
         img += rng.normal(0.0, NOISE_STD, (size, size)).astype(np.float32)
     mask = np.zeros((size, size), dtype=np.int64)
     n_objects = int(rng.integers(1, max_objects + 1))
-    max_r = max(MIN_RADIUS, size // 8)
+    max_r = max(MIN_RADIUS, size // 6)
     kinds, boxes = [], []
     while len(kinds) < n_objects:  # rejection sampling of non-overlapping boxes (1 px apart)
         for _ in range(100):

@@ -11,7 +11,8 @@ their mean |activation| at outlier positions, take the top k ("register neurons"
 inference append one zero token after the patches and move those units' activations from the
 patch tokens to it (zero on every patch, the patch value of largest magnitude on the new
 token). Outlier fraction (same thresholds) and accuracy are reported with and without, on the
-same images.
+same images. On images with object masks (`source: shapes`) the dense readouts of eval/dense.py
+(LOST CorLoc / mask IoU, linear-probe mIoU) are reported beside them, with and without.
 
     python -m eval.vit_artifacts --ckpt out/<run> [--threshold X] [--test-time-register --ttr-layer L --ttr-top-k K]
 """
@@ -22,7 +23,10 @@ from contextlib import contextmanager
 
 import torch
 
+from .dense import dense_readouts, object_patches
+
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
+HIGH_NORM_FACTOR = 2.0  # the high-norm mode: patch norm > this x the layer's median patch norm
 
 
 # ------------------------------------------------------------------------------ token layout
@@ -68,8 +72,14 @@ def _summary(x: torch.Tensor) -> dict | None:
             "median": float(q[0]), "p99": float(q[1]), "max": float(x.max())}
 
 
-def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[dict]:
-    """Per-layer norm distributions and outlier statistics (see the module docstring)."""
+def artifact_stats(hidden, n_registers: int, grid: int, threshold=None, background=None) -> list[dict]:
+    """Per-layer norm distributions and outlier statistics (see the module docstring).
+
+    Also the high-norm mode, scale-free: patch tokens above HIGH_NORM_FACTOR x the layer's median
+    patch norm, their share and their mean norm over the median (an artifact mode of Darcet et
+    al. is a few % of tokens at several times the typical norm; a unimodal tail gives ~0 here).
+    `background` (B, n_patches) bool, True where a patch holds no object pixel: the share of
+    outliers and of high-norm tokens that sit in the background."""
     sl = token_slices(n_registers, grid * grid)
     if threshold is None:
         threshold = patch_thresholds(hidden, sl["patches"])
@@ -80,6 +90,10 @@ def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[
     for i, (h, mask, t) in enumerate(zip(hidden, masks, thresholds)):
         norms = h.float().norm(dim=-1)  # (B, T)
         n_out = int(mask.sum())
+        patch_norms = norms[:, sl["patches"]]
+        median = float(patch_norms.median())
+        high = patch_norms > HIGH_NORM_FACTOR * median
+        n_high = int(high.sum())
         layers.append({
             "layer": i,
             "patch_norm": _summary(norms[:, sl["patches"]]),
@@ -91,7 +105,13 @@ def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[
             "outlier_fraction": n_out / mask.numel(),
             "outliers_on_border": int(mask[:, border].sum()),
             "outlier_border_share": int(mask[:, border].sum()) / n_out if n_out else None,
+            "high_norm_fraction": n_high / high.numel(),
+            "high_norm_over_median": float(patch_norms[high].mean()) / median if n_high else None,
+            "max_over_median": float(patch_norms.max()) / median,
         })
+        if background is not None:
+            layers[-1]["outlier_background_share"] = int(mask[background].sum()) / n_out if n_out else None
+            layers[-1]["high_norm_background_share"] = int(high[background].sum()) / n_high if n_high else None
     return layers
 
 
@@ -279,12 +299,15 @@ def plot_ttr(base: list[dict], ttr: list[dict], path) -> None:
 
 # ------------------------------------------------------------------------------ the whole analysis
 def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None, ttr_top_k: int | None = None,
-            batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours") -> dict:
+            batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours",
+            dense_data: tuple | None = None) -> dict:
     """Everything the CLI reports, on normalised `images` (N, C, H, W) with `labels` (N,).
     ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer).
     `fixed_threshold`: also report each layer's outlier fraction against that absolute norm.
     ttr_rule "reference": Jiang et al.'s neuron search (outliers = norm > fixed_threshold at
-    ttr_layer, scores per image then averaged) and their intervention (scale 1 x the max)."""
+    ttr_layer, scores per image then averaged) and their intervention (scale 1 x the max).
+    `dense_data` = (train images, train masks, val images, val masks): also the dense readouts
+    (eval/dense.py: LOST, linear probe), with the test-time register too when it runs."""
     if ttr_rule not in ("ours", "reference"):
         raise ValueError(f"--ttr-rule must be ours or reference, got {ttr_rule!r}")
     if ttr_top_k and ttr_rule == "reference" and fixed_threshold is None:
@@ -293,7 +316,8 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
     base = run_model(model, images, labels, batch_size)
     sl = token_slices(c.n_registers, c.n_patches)
     thresholds = threshold if threshold is not None else patch_thresholds(base["hidden"], sl["patches"])
-    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds)
+    background = None if dense_data is None else ~object_patches(dense_data[3], c.patch_size)
+    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds, background)
     if fixed_threshold is not None:
         for layer, mask in zip(layers, find_outliers(base["hidden"], sl["patches"], fixed_threshold)):
             layer["outlier_fraction_fixed"] = float(mask.float().mean())
@@ -302,8 +326,10 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         "accuracy": base["accuracy"],
         "threshold_rule": f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
         "border_share_of_patches": float(border_mask(c.grid).float().mean()),
+        "background_share_of_patches": None if background is None else float(background.float().mean()),
         "layers": layers,
         "cls_attention_last_layer": cls_attention_split(base["attn"], c.n_registers, c.n_patches),
+        "dense": None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size),
         "model": {"attention": c.attention, "gate": c.gate, "n_registers": c.n_registers, "n_layer": c.n_layer,
                   "grid": c.grid, "pool": c.pool},
     }
@@ -321,7 +347,8 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
             neurons = find_register_neurons(acts, positions, layer, ttr_top_k)
         with test_time_register(model, neurons, 1.0 if ttr_rule == "reference" else None):
             ttr = run_model(model, images, labels, batch_size, attn=False)
-        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds)
+            ttr_dense = None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size)
+        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds, background)
         result["test_time_register"] = {
             "ttr_layer": layer, "top_k": ttr_top_k, "rule": ttr_rule, "neurons": neurons,
             "n_outlier_positions": int(positions.sum()),
@@ -329,10 +356,15 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
             "outlier_fraction_without": [l["outlier_fraction"] for l in layers],
             "outlier_fraction_with": [l["outlier_fraction"] for l in ttr_layers],
             "layers_with": ttr_layers,
+            "dense_with": ttr_dense,
         }
     result["definitions"] = {
         "outlier_fraction": "patch tokens whose norm exceeds the layer's threshold (threshold_rule) / all patch tokens",
         "outlier_fraction_fixed": "the same against the absolute norm --fixed-threshold (present when given)",
+        "high_norm_fraction": f"patch tokens with norm > {HIGH_NORM_FACTOR:g} x the layer's median patch norm / all "
+                              "patch tokens; high_norm_over_median: their mean norm / that median",
+        "background_share": "outlier_/high_norm_background_share: share of those tokens on patches without any "
+                            "object pixel (images with masks); background_share_of_patches: the base rate",
         "rule": "test-time register: ours = units ranked by mean |activation| over outlier patches pooled over "
                 "images, moved as the patch value of largest magnitude; reference = Jiang et al.: outliers = "
                 "tokens with norm > fixed threshold at ttr_layer, scores averaged per image then over images "
@@ -363,6 +395,8 @@ def main(argv=None) -> dict:
                     help="also report the outlier fraction against this absolute norm (Jiang et al. use 30 on CLIP)")
     ap.add_argument("--ttr-rule", choices=["ours", "reference"], default="ours",
                     help="reference: Jiang et al.'s neuron search and intervention (needs --fixed-threshold)")
+    ap.add_argument("--n-probe-train", type=positive_int, default=1024,
+                    help="train images for the linear patch probe (dense readouts, images with masks only)")
     ap.add_argument("--batch-size", type=positive_int, default=128)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
@@ -381,9 +415,14 @@ def main(argv=None) -> dict:
         n = len(loader) if args.n_images is None else min(args.n_images, len(loader))
         x = loader.normalise(images.val_x[:n]).to(device)
         y = images.val_y[:n]
+        dense_data = None
+        if images.val_masks is not None:  # images with object masks: the dense readouts too
+            m = min(args.n_probe_train, len(images.train_x))
+            dense_data = (loader.normalise(images.train_x[:m]).to(device), images.train_masks[:m], x,
+                          images.val_masks[:n])
         result = analyse(model, x, y, args.threshold, args.ttr_layer,
                          args.ttr_top_k if args.test_time_register else None, args.batch_size,
-                         args.fixed_threshold, args.ttr_rule)
+                         args.fixed_threshold, args.ttr_rule, dense_data)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -404,6 +443,11 @@ def main(argv=None) -> dict:
         fr = ", ".join(f"{100 * f:.1f}" for f in t["outlier_fraction_with"])
         print(f"test-time register ({len(t['neurons'])} units): accuracy {t['accuracy_with']:.4f}; "
               f"outlier % per block: {fr}")
+    for name, d in (("dense", result["dense"]), ("dense with test-time register",
+                                                 result.get("test_time_register", {}).get("dense_with"))):
+        if d:
+            print(f"{name}: LOST CorLoc {100 * d['lost']['corloc']:.1f}%, mask IoU {d['lost']['mask_iou']:.3f}; "
+                  f"linear probe mIoU {d['probe']['miou']:.3f}")
     print(f"-> {out / 'vit_artifacts.json'}")
     return result
 

@@ -229,6 +229,26 @@ def test_finder_flags_exactly_the_planted_token():
     assert va.border_mask(4).sum() == 12
 
 
+def test_high_norm_mode_and_where_it_sits():
+    B, R, grid, C = 4, 1, 4, 8
+    T = 1 + R + grid * grid
+    h = torch.randn(B, T, C)
+    h = h / h.norm(dim=-1, keepdim=True) * (1 + 0.1 * torch.rand(B, T, 1))  # unimodal, norms 1-1.1
+    background = torch.ones(B, grid * grid, dtype=torch.bool)
+    background[:, :2] = False  # patches 0 and 1 hold the object
+    plain = va.artifact_stats([h], R, grid, background=background)[0]
+    assert plain["high_norm_fraction"] == 0 and plain["high_norm_over_median"] is None
+    assert plain["max_over_median"] < 1.2
+    planted = h.clone()
+    planted[1, 1 + R + 9] *= 6.0  # background patch
+    planted[3, 1 + R + 12] *= 4.0  # background patch
+    planted[0, 1 + R + 0] *= 3.0  # object patch
+    s = va.artifact_stats([planted], R, grid, background=background)[0]
+    assert s["high_norm_fraction"] == pytest.approx(3 / (B * grid * grid))
+    assert s["high_norm_background_share"] == pytest.approx(2 / 3)
+    assert 3.0 < s["high_norm_over_median"] < 5.0 and 5.5 < s["max_over_median"] < 7.0
+
+
 def planted_register_neuron_vit(unit: int = 5) -> ViT:
     """One block, sigmoid attention: MLP unit `unit` fires only on tokens whose channel 0 is set,
     and only a bright patch sets it (no position, CLS or attention output touches channel 0).
