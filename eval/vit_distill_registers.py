@@ -66,23 +66,24 @@ def shift(x: torch.Tensor, dy: int, dx: int, fill) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoised_targets(teacher, images: torch.Tensor, counts: int = 10, shift_frac: float = 0.15, fill=0.0,
-                     generator: torch.Generator | None = None, batch_size: int = 128) -> torch.Tensor:
-    """(B, N, C) the teacher's final patch features averaged over shifted / flipped views, aligned back."""
+def denoised_targets(feature_fn, images: torch.Tensor, grid: int, patch: int, counts: int = 10,
+                     shift_frac: float = 0.15, fill=0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, N, C) patch features `feature_fn(views)` (B, N, C) averaged over shifted / flipped views of
+    the images, each view's patches moved back to the image patch they show."""
     generator = generator or torch.Generator().manual_seed(0)
-    g, patch = teacher.config.grid, teacher.config.patch_size
+    g = grid
     offsets = farthest_point_offsets(g, counts, shift_frac, generator)
     flips = torch.rand(counts, generator=generator) < 0.5
     flips[0] = False
     index = torch.arange(g * g, dtype=torch.float32).view(1, g, g)  # which image patch a view patch shows
-    total = torch.zeros(len(images), g * g, teacher.config.n_embd)
-    seen = torch.zeros(g * g)
+    total, seen = None, torch.zeros(g * g)
     for (dy, dx), flip in zip(offsets.tolist(), flips.tolist()):
         view = shift(images, dy * patch, dx * patch, fill)
         where = shift(index, dy, dx, -1.0)
         if flip:
             view, where = view.flip(-1), where.flip(-1)
-        feats = patch_tokens(teacher, view, batch_size).cpu()
+        feats = feature_fn(view).float().cpu()
+        total = torch.zeros_like(feats) if total is None else total
         where = where.flatten().long()
         keep = where >= 0
         total[:, where[keep]] += feats[:, keep]
@@ -139,7 +140,8 @@ def distill(teacher, student, images: torch.Tensor, steps: int = 300, batch_size
             g["lr"] = max(end_lr, lr * (end_lr / lr) ** ((step + 1) / steps))
         idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=gen)
         x = images[idx]
-        target = denoised_targets(teacher, x, counts, shift_frac, fill, gen)
+        target = denoised_targets(lambda v: patch_tokens(teacher, v), x, teacher.config.grid,
+                                  teacher.config.patch_size, counts, shift_frac, fill, gen)
         h = student(x, return_hidden=True).hidden[-1]
         loss = feature_loss(student.norm(h[:, start : start + n]).float(), target.to(h.device))
         opt.zero_grad()
@@ -192,7 +194,7 @@ def main(argv=None) -> dict:
 
     from . import positive_int, write_json
     from .checkpoints import checkpoint_info
-    from .progress import progress_bar
+    from tqdm import tqdm
     from .result import CHECKPOINT_DEFINITION
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_distill_registers", description=__doc__.split("\n\n")[0])
@@ -218,7 +220,7 @@ def main(argv=None) -> dict:
     fill = pixel_fill(ctx, args.fill)
     student = make_student(teacher, args.n_registers, args.seed)
     t0 = time.perf_counter()
-    with progress_bar(args.steps, "distill", unit="step") as bar:
+    with tqdm(total=args.steps, desc="distill", unit="step", mininterval=5) as bar:
         history = distill(teacher, student, data.train_x, args.steps, args.train_batch, args.lr, args.end_lr,
                           counts=args.counts, shift_frac=args.shift_frac, fill=fill, parts=parts, seed=args.seed,
                           progress=bar.update)
