@@ -203,20 +203,6 @@ def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, p
             "lost_on": "features", "definitions": DEFINITIONS}
 
 
-def load_dense_data(run_config: dict, n_probe_train: int):
-    """The run's image source, refused in one line when it has no masks; normalised splits."""
-    from data.images import ImageDataConfig, load_images
-
-    cfg = ImageDataConfig(**run_config["data"])
-    images = load_images(cfg)
-    if images.val_masks is None:
-        raise ValueError(f"data.source={cfg.source!r} has no object masks; dense readouts need source: shapes")
-    loader = images.loader("val", 128, 0)
-    n = min(n_probe_train, len(images.train_x))
-    return (loader.normalise(images.train_x[:n]), images.train_masks[:n],
-            loader.normalise(images.val_x), images.val_masks)
-
-
 def main(argv=None) -> dict:
     from . import write_json
     from .checkpoints import checkpoint_info

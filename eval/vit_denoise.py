@@ -135,22 +135,28 @@ class _BatchedMLP(nn.Module):
         return x
 
 
-def bilinear_weights(coords: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, P, size * size) weights that read a size x size map at coords (B, P, 2) as grid_sample does
-    (bilinear, align_corners=False, border padding): the field is then a batched matmul, whose
-    backward is much cheaper than grid_sample's on the CPU."""
-    px = ((coords + 1) * size - 1) / 2  # (B, P, 2) in cells, x then y
+def bilinear_corners(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where (B, P, 4) and how much (B, P, 4) each of coords (B, P, 2) reads a size x size map, as
+    grid_sample does (bilinear, align_corners=False, border padding). Reading is then a gather,
+    whose backward is far cheaper on the CPU than grid_sample's."""
+    px = ((coords + 1) * size - 1) / 2  # in cells, x then y
     lo = px.floor()
     frac = px - lo
-    B, P, _ = coords.shape
-    out = torch.zeros(B, P, size * size)
+    index, weight = [], []
     for dx in (0, 1):
         for dy in (0, 1):
-            w = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+            weight.append((frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1]))
             ix = (lo[..., 0] + dx).clamp(0, size - 1)
             iy = (lo[..., 1] + dy).clamp(0, size - 1)
-            out.scatter_add_(2, (iy * size + ix).long()[..., None], w[..., None])
-    return out
+            index.append((iy * size + ix).long())
+    return torch.stack(index, -1), torch.stack(weight, -1)
+
+
+def read_field(field: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """field (B, R*R, C) read at the corners of `bilinear_corners`: (B, P, C)."""
+    B, P, _ = index.shape
+    corners = field.gather(1, index.view(B, P * 4, 1).expand(-1, -1, field.shape[-1])).view(B, P, 4, -1)
+    return (corners * weight[..., None]).sum(2)
 
 
 def decompose(feature_fn, images: torch.Tensor, grid: int, cfg: FitConfig | None = None) -> dict:
@@ -169,7 +175,7 @@ def decompose(feature_fn, images: torch.Tensor, grid: int, cfg: FitConfig | None
     coords = coords.view(B, cfg.n_views * grid * grid, 2)
     valid = (coords.abs() <= 1 - 1 / grid + 1e-6).all(-1).view(B, cfg.n_views, grid * grid)  # patch inside the image
     R = cfg.field_scale * grid
-    read = bilinear_weights(coords, R)  # (B, V * N, R * R)
+    index, weight = bilinear_corners(coords, R)  # (B, V * N, 4) each
     with torch.no_grad():  # S starts at the image's own features, upsampled to its grid
         start = F.interpolate(raw[:, 0].transpose(1, 2).reshape(B, C, grid, grid), size=(R, R), mode="bilinear",
                               align_corners=False)
@@ -187,7 +193,7 @@ def decompose(feature_fn, images: torch.Tensor, grid: int, cfg: FitConfig | None
             group["lr"] = cfg.lr * _dvt_lr_factor(step, cfg.steps)
         late = step >= cfg.steps // 2  # G frozen, h on
         artifact.requires_grad_(not late)
-        sem = torch.bmm(read, field).view(B, cfg.n_views, grid * grid, C)
+        sem = read_field(field, index, weight).view(B, cfg.n_views, grid * grid, C)
         pred = sem + artifact
         loss_res = torch.zeros(())
         if late and h is not None:
@@ -205,7 +211,7 @@ def decompose(feature_fn, images: torch.Tensor, grid: int, cfg: FitConfig | None
         if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
             history.append({"step": step, "mse": mse.item(), "cos_loss": cos.item(), "residual_loss": loss_res.item()})
     with torch.no_grad():  # view 0 is the image itself
-        clean = torch.bmm(read[:, : grid * grid], field)
+        clean = read_field(field, index[:, : grid * grid], weight[:, : grid * grid])
     return {"clean": clean * scale, "artifact": artifact.detach()[:, 0] * scale, "raw": raw[:, 0] * scale,
             "history": history}
 

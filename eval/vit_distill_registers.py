@@ -157,8 +157,8 @@ def distill(teacher, student, images: torch.Tensor, steps: int = 300, batch_size
     return history
 
 
-def save_student(student, run_dir: Path, config: dict, step: int) -> Path:
-    """The student as a checkpoint every ViT eval loads: run_dir/checkpoints/step_X/{model.safetensors,
+def save_vit_run(student, run_dir: Path, config: dict, step: int) -> Path:
+    """A ViT (the student) as a checkpoint every ViT eval loads: run_dir/checkpoints/step_X/{model.safetensors,
     config.yaml}, renamed into place, then `latest` pointed at it."""
     import os
     import shutil
@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
                                "train": list(parts), "counts": args.counts, "shift_frac": args.shift_frac}}
     if ctx.normalisation is not None:
         config["image_normalisation"] = ctx.normalisation
-    ckpt = save_student(student, run_dir, config, args.steps)
+    ckpt = save_vit_run(student, run_dir, config, args.steps)
 
     dense = ctx.dense_data(args.n_probe_train)
     x, y = data.val_x, data.val_y

@@ -152,7 +152,7 @@ def shapes_run(tmp_path_factory):
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=32, patch_size=4, in_channels=3, n_layer=2, n_head=2, n_embd=32, n_classes=7))
     data = {**ImageDataConfig(source="shapes", shapes_train=24, shapes_val=12).__dict__}
-    phreg.save_student(vit, root / "tiny", {"task": "vit", "data": data}, 0)
+    phreg.save_vit_run(vit, root / "tiny", {"task": "vit", "data": data}, 0)
     return root / "tiny"
 
 
