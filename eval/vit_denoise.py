@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
 
     from . import positive_int, write_json
     from .checkpoints import checkpoint_info
-    from tqdm import tqdm
+    from .progress import progress
     from .result import CHECKPOINT_DEFINITION
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_denoise", description=__doc__.split("\n\n")[0])
@@ -373,7 +373,7 @@ def main(argv=None) -> dict:
     fit_x = data.train_x[: args.n_fit]
     cfg = FitConfig(n_views=args.views, max_shift=args.max_shift, steps=args.fit_steps, seed=args.seed)
     t0 = time.perf_counter()
-    with tqdm(total=len(fit_x), desc="decompose", unit="img", mininterval=5) as bar:
+    with progress(len(fit_x), "decompose", unit="img") as bar:
         fit = decompose_all(model, fit_x, cfg, args.fit_batch, progress=bar.update)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
 
     from . import positive_int, write_json
     from .checkpoints import checkpoint_info
-    from tqdm import tqdm
+    from .progress import progress
     from .result import CHECKPOINT_DEFINITION
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_distill_registers", description=__doc__.split("\n\n")[0])
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
     fill = pixel_fill(ctx, args.fill)
     student = make_student(teacher, args.n_registers, args.seed)
     t0 = time.perf_counter()
-    with tqdm(total=args.steps, desc="distill", unit="step", mininterval=5) as bar:
+    with progress(args.steps, "distill", unit="step") as bar:
         history = distill(teacher, student, data.train_x, args.steps, args.train_batch, args.lr, args.end_lr,
                           counts=args.counts, shift_frac=args.shift_frac, fill=fill, parts=parts, seed=args.seed,
                           progress=bar.update)

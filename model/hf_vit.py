@@ -47,7 +47,7 @@ DEFAULT_NORMALISATION = {
     "clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
 }
 DEFAULT_NORMALISATION["clip"] = DEFAULT_NORMALISATION["clip_vision_model"]
-ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
 
 def is_vision(model_type: str) -> bool:
@@ -95,12 +95,12 @@ def vit_config(hf_cfg, image_size: int | None = None, head: tuple[str, int | Non
     patch = _square(v.patch_size, "patch")
     trained = _square(v.image_size, "image")
     size = trained if image_size is None else int(image_size)
-    act = ACTIVATIONS.get(v.hidden_act)
+    act = HF_ACTIVATIONS.get(v.hidden_act)
     dinov2 = arch.startswith("dinov2")
     swiglu = dinov2 and v.use_swiglu_ffn
     gaps = []
     if act is None and not swiglu:
-        gaps.append(f"hidden_act={v.hidden_act!r} (it has {', '.join(ACTIVATIONS)})")
+        gaps.append(f"hidden_act={v.hidden_act!r} (it has {', '.join(HF_ACTIVATIONS)})")
     if size % patch or trained % patch:
         gaps.append(f"an image size ({size}, trained at {trained}) that is not a multiple of the patch size {patch}")
     if head[0] == "tanh" and getattr(v, "pooler_act", "tanh") != "tanh":
