@@ -216,7 +216,7 @@ def decompose(feature_fn, images: torch.Tensor, grid: int, cfg: FitConfig | None
             "history": history}
 
 
-def decompose_all(model, images: torch.Tensor, cfg: FitConfig, batch_size: int = 64, progress=None) -> dict:
+def decompose_all(model, images: torch.Tensor, cfg: FitConfig, batch_size: int = 64, on_images=None) -> dict:
     """Stage 1 over many images, `batch_size` images fitted together; returns the concatenated
     `raw` and `clean` features and the mean artifact norm per patch."""
     grid = model.config.grid
@@ -226,8 +226,8 @@ def decompose_all(model, images: torch.Tensor, cfg: FitConfig, batch_size: int =
         raws.append(out["raw"])
         cleans.append(out["clean"])
         artifacts.append(out["artifact"].norm(dim=-1).mean(0))
-        if progress is not None:
-            progress(len(x))
+        if on_images is not None:  # a progress bar's update
+            on_images(len(x))
     return {"raw": torch.cat(raws), "clean": torch.cat(cleans), "artifact_norm": torch.stack(artifacts).mean(0)}
 
 
@@ -374,7 +374,7 @@ def main(argv=None) -> dict:
     cfg = FitConfig(n_views=args.views, max_shift=args.max_shift, steps=args.fit_steps, seed=args.seed)
     t0 = time.perf_counter()
     with progress(len(fit_x), "decompose", unit="img") as bar:
-        fit = decompose_all(model, fit_x, cfg, args.fit_batch, progress=bar.update)
+        fit = decompose_all(model, fit_x, cfg, args.fit_batch, on_images=bar.update)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     den, history = train_denoiser(fit["raw"], fit["clean"], grid, args.denoiser_steps, lr=args.denoiser_lr,

@@ -126,7 +126,7 @@ def trainable_parameters(student, parts=TRAINABLE) -> list[torch.nn.Parameter]:
 
 def distill(teacher, student, images: torch.Tensor, steps: int = 300, batch_size: int = 32, lr: float = 1e-4,
             end_lr: float = 5e-6, weight_decay: float = 1e-2, counts: int = 10, shift_frac: float = 0.15, fill=0.0,
-            parts=TRAINABLE, seed: int = 0, progress=None) -> list[dict]:
+            parts=TRAINABLE, seed: int = 0, on_step=None) -> list[dict]:
     """Train the student's unlocked weights on `images` (normalised) against the denoised teacher."""
     teacher.eval()
     params = trainable_parameters(student, parts)
@@ -136,7 +136,7 @@ def distill(teacher, student, images: torch.Tensor, steps: int = 300, batch_size
     history = []
     student.train()
     for step in range(steps):
-        for g in opt.param_groups:  # lr * (end_lr / lr) ** (progress), floored at end_lr, as theirs
+        for g in opt.param_groups:  # lr * (end_lr / lr) ** (step / steps), floored at end_lr, as theirs
             g["lr"] = max(end_lr, lr * (end_lr / lr) ** ((step + 1) / steps))
         idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=gen)
         x = images[idx]
@@ -147,8 +147,8 @@ def distill(teacher, student, images: torch.Tensor, steps: int = 300, batch_size
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if progress is not None:
-            progress(1)
+        if on_step is not None:  # a progress bar's update
+            on_step(1)
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             history.append({"step": step, "loss": loss.item()})
     student.eval()
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
     with progress(args.steps, "distill", unit="step") as bar:
         history = distill(teacher, student, data.train_x, args.steps, args.train_batch, args.lr, args.end_lr,
                           counts=args.counts, shift_frac=args.shift_frac, fill=fill, parts=parts, seed=args.seed,
-                          progress=bar.update)
+                          on_step=bar.update)
     seconds = time.perf_counter() - t0
     name = args.name or f"{Path(ctx.run.run_dir).name}_phreg"
     run_dir = Path("out") / name
