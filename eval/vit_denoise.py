@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
     from eval.dense import dense_readouts_on_features
     from eval.vit_images import add_image_args, load_for_vit_eval
 
-    from . import positive_int, write_json
+    from . import fail, positive_int, write_json
     from .checkpoints import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
@@ -382,7 +382,7 @@ def main(argv=None) -> dict:
     try:
         ctx = load_for_vit_eval(args)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))  # one line, exit code 2, as every eval
     model, data = ctx.model, ctx.data
     grid = model.config.grid
     fit_x = data.train_x[: args.n_fit]

@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     from eval.vit_artifacts import analyse
     from eval.vit_images import add_image_args, load_for_vit_eval, pixel_fill
 
-    from . import positive_int, write_json
+    from . import fail, positive_int, write_json
     from .checkpoints import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
         parts = tuple(p.strip() for p in args.train.split(",") if p.strip())
         trainable_parameters(make_student(ctx.model, 1), parts)  # a bad --train fails before any work
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))  # one line, exit code 2, as every eval
     teacher, data = ctx.model, ctx.data
     fill = pixel_fill(ctx, args.fill)
     student = make_student(teacher, args.n_registers, args.seed)

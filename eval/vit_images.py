@@ -141,8 +141,6 @@ def load_for_vit_eval(args) -> ViTEvalContext:
     run = load_run(args.ckpt, task="vit", image_size=args.image_size)
     if run.config.get("task", "lm") != "vit":
         raise ValueError(f"{args.ckpt} is a language-model run; a ViT eval needs a ViT (task: vit or hf: ViT)")
-    if args.image_size and "hf" not in run.config:
-        raise ValueError("--image-size applies to hf: imports; a lab run takes the images it was trained on")
     model = run.model.to(pick_device(args.device)).eval()
     data, data_cfg, classifies = model_images(run, model, args.data, args.n_images)
     return ViTEvalContext(run, model, data, data_cfg["source"], data_cfg, model_normalisation(run.config),

@@ -181,6 +181,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
                              "python -m eval.vit_artifacts")
         model, config = load_pretrained_vit(path, vision, image_size=image_size, dtype=dtype)
         return LoadedRun(model.to(device).eval(), None, config, vision.folder, data)
+    if image_size is not None:
+        raise ValueError(f"image_size applies to hf: imports of vision transformers; {path} takes the images it "
+                         "was trained on")
     if is_hf(path):
         if task not in (None, "lm"):
             raise ValueError(f"{path} is a pretrained language model, not a {task} run")

@@ -121,7 +121,7 @@ def test_dense_cli_on_a_tiny_shapes_run(tmp_path, capsys):
     # vit_artifacts reports the same readouts beside its norms, and with the test-time register
     from eval import vit_artifacts
 
-    art = vit_artifacts.main(["--ckpt", str(tmp_path / "s"), "--n-probe-train", "32", "--test-time-register",
+    (art,) = vit_artifacts.main(["--ckpt", str(tmp_path / "s"), "--n-probe-train", "32", "--test-time-register",
                               "--ttr-top-k", "2"])
     assert art["dense"]["lost"] == saved["lost"] and art["dense"]["probe"]["miou"] == saved["probe"]["miou"]
     assert art["test_time_register"]["dense_with"]["lost"]["n_images"] == 16
