@@ -76,25 +76,6 @@ def write_json(path, data: dict) -> Path:
     return path
 
 
-def held_out_sequences(tokens, n_seqs: int, length: int, bos_id: int | None = None):
-    """(n, length) LongTensor of consecutive, non-overlapping windows from the start of the
-    held-out token stream: deterministic, so two runs on the same data see the same text.
-    Fewer than n_seqs come back when the stream is short (at least one is required).
-    With `bos_id`, each row is BOS followed by a window of length - 1 tokens."""
-    import numpy as np
-    import torch
-
-    tokens = np.asarray(tokens)
-    body = length - (bos_id is not None)
-    n = min(n_seqs, len(tokens) // body) if body > 0 else 0
-    if n < 1:
-        raise ValueError(f"held-out data has {len(tokens)} tokens, fewer than one sequence of {length}")
-    rows = torch.from_numpy(tokens[: n * body].astype(np.int64).reshape(n, body))
-    if bos_id is not None:
-        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
-    return rows
-
-
 def pick_device(name: str | None = None):
     """`name` (cuda, cuda:1, cpu, mps), refused with the fix when this machine lacks it; default cuda if present."""
     import torch

@@ -84,7 +84,9 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     from data.bigram_backcopy import load_chain
     from model.load import load_run
 
-    from . import activations, backcopy, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
+    from probes.sequences import held_out_sequences
+
+    from . import activations, backcopy, eval_dir, pick_device, sink, spikes, streaming, write_json
     from .checkpoints import bos_id, checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)

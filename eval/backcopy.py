@@ -21,8 +21,9 @@ import argparse
 
 import torch
 
+from probes.sink import importance_per_sequence, sink_rate
+
 from . import fail
-from .sink import importance_per_sequence, sink_rate
 
 
 def _probs(layer) -> torch.Tensor:
