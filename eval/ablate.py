@@ -82,7 +82,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     import torch
 
     from data.bigram_backcopy import load_chain
-    from model.load import load_run
+    from runs.load import load_run
 
     from probes.sequences import held_out_sequences
 
@@ -231,7 +231,7 @@ def main(argv=None) -> list[dict]:
         fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
     if args.stream_tokens < 2:
         fail(f"--stream-tokens must be >= 2 (one prediction needs two tokens), got {args.stream_tokens}")
-    from model.load import resolve_checkpoint
+    from runs.load import resolve_checkpoint
 
     for r in args.runs:
         try:

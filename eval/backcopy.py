@@ -157,7 +157,7 @@ def long_stream(chain, n_tokens: int) -> torch.Tensor:
 def main(argv=None) -> list[dict]:
     import json
 
-    from model.load import load_run
+    from runs.load import load_run
 
     from . import eval_dir, pick_device, write_json
 

@@ -30,7 +30,7 @@ from .result import CHECKPOINT_DEFINITION
 
 
 class SinklabLM(TemplateLM):
-    """lm-eval's LM interface over a `LoadedRun` (model/load.py)."""
+    """lm-eval's LM interface over a `LoadedRun` (runs/load.py)."""
 
     def __init__(self, run, batch_size: int = 8, max_gen_toks: int = 256):
         super().__init__()

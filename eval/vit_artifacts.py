@@ -344,7 +344,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
 
 def main(argv=None) -> dict:
     from data.images import ImageDataConfig, load_images
-    from model.load import load_run
+    from runs.load import load_run
 
     from . import pick_device, positive_int, write_json
     from .checkpoints import checkpoint_info, output_dir
