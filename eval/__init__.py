@@ -1,9 +1,13 @@
 """Evaluations of trained runs (docs/design.md, "Evals"): `python -m eval.<name> --ckpt out/<run>`.
 
-Each module has pure metric functions on tensors / lists, one library function `evaluate(...)`
-returning a result dataclass (eval/result.py), and a thin `main(argv=None)` CLI that writes its
-JSON + PNG under `<run>/eval/` (eval/checkpoints.py: flags, loading, output dirs). This file
-holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes` stays light.
+The evaluations are sink, backcopy, spikes, streaming, activations, vit_artifacts and harness
+(lm-eval). Each has pure metric functions on tensors / lists, one library function returning a
+result dataclass (eval/result.py; `evaluate(...)` for most) and a thin `main(argv=None)` CLI that
+writes its JSON + PNG under `<run>/eval/`. What the CLIs share: cli.py (flags, loading each
+checkpoint, output dirs, the over-steps summary) and plots.py; sink_positions.py is a part of sink.
+bench.py only keeps `python -m eval.bench` working (the benchmarks are the package bench/).
+This file holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes`
+stays light.
 """
 from __future__ import annotations
 

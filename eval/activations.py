@@ -155,7 +155,7 @@ def main(argv=None) -> list[ActivationsResult]:
     from probes.sequences import held_out_sequences
 
     from . import positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)

@@ -347,7 +347,7 @@ def main(argv=None) -> dict:
     from runs.load import load_run
 
     from . import pick_device, positive_int, write_json
-    from .checkpoints import checkpoint_info, output_dir
+    from .cli import checkpoint_info, output_dir
     from .result import CHECKPOINT_DEFINITION
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])

@@ -280,7 +280,7 @@ def test_evals_reject_bad_flags_before_any_work(tmp_path, trained, module, flags
     before = snapshot(run_dir)
     ckpt = ["--runs" if module == "ablate" else "--ckpt", str(run_dir)]
     with pytest.raises(SystemExit) as exit:
-        importlib.import_module(f"eval.{module}").main([*ckpt, *flags])
+        importlib.import_module("ablate" if module == "ablate" else f"eval.{module}").main([*ckpt, *flags])
     assert exit.value.code == 2 and words in capsys.readouterr().err
     assert snapshot(run_dir) == before
 

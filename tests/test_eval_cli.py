@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import ablate
 import train
-from eval import ablate, activations, sink, spikes, streaming
+from eval import activations, sink, spikes, streaming
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,8 +1,8 @@
 """Ablation report: train (or collect) a grid of variants on the same data, steps and seed, run
 the evals on each and write one markdown table plus JSON and plots (docs/design.md, "Evals").
 
-    python -m eval.ablate --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
-    python -m eval.ablate --runs out/a out/b [--out out/ablate]
+    python ablate.py --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
+    python ablate.py --runs out/a out/b [--out out/ablate]
 
 Training goes through `python train.py` in a subprocess per variant (so each run is exactly
 what a user gets from the command line); a variant already trained to `--steps` is reused
@@ -25,9 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fail
+from eval import fail
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table
 
 
@@ -86,8 +86,8 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
 
     from probes.sequences import held_out_sequences
 
-    from . import activations, backcopy, eval_dir, pick_device, sink, spikes, streaming, write_json
-    from .checkpoints import bos_id, checkpoint_info
+    from eval import activations, backcopy, eval_dir, pick_device, sink, spikes, streaming, write_json
+    from eval.cli import bos_id, checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
@@ -185,7 +185,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    from .plots import save, subplots
+    from eval.plots import save, subplots
 
     fig, axes = subplots(1, 2, width=6, height=4)
     for r in rows:
@@ -210,9 +210,9 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    from . import positive_int, streaming
+    from eval import positive_int, streaming
 
-    ap = argparse.ArgumentParser(prog="python -m eval.ablate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
     ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")
@@ -252,7 +252,7 @@ def main(argv=None) -> list[dict]:
 
     rows = [evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride) for r in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
-    from . import write_json
+    from eval import write_json
 
     table = markdown(rows)
     (out / "ablation.md").write_text(table)
