@@ -46,7 +46,7 @@ def test_cpu_suite_runs_and_writes_json(tmp_path):
 def test_streaming_row(tmp_path, capsys):
     """The streaming row on a tiny random Llama: three speeds of the same stream, their ratios, and
     NLL agreement (parallel == token-by-token; ours == transformers' before the first eviction)."""
-    from eval import bench as bench_cli
+    from bench import __main__ as bench_cli
 
     assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", *TINY, "--stream-tokens", "80",
                            "--stream-window", "12", "--stream-chunk", "16", "--out", str(tmp_path)]) == 0
