@@ -29,12 +29,26 @@ def stack_attention(attn) -> torch.Tensor:
     return attn
 
 
-def text_attention(out) -> torch.Tensor:
-    """(L,B,H,T,T) weights among the text tokens of a forward with return_attn: model.sink_tokens'
-    learned tokens come first and are left out, so key 0 is the first text token (their mass is
-    eval.backcopy's extra_sink_mass)."""
+def text_attention(out, raw: bool = False) -> torch.Tensor:
+    """(L,B,H,T,T) weights among the text tokens of a forward with return_attn. model.sink_tokens'
+    learned tokens come first and are left out, so key 0 is the first text token.
+
+    renormalised (default): each row divided by its sum over the text keys, so rows sum to 1
+    whatever the fix: Gu et al.'s proxy w / sum w for sigmoid / elu1, the sink logit's slot and
+    the sink tokens' columns left out. raw: the weight the model actually applies to each text
+    key's value (w for sigmoid, 1 - slot mass shared out for the sink logit, the sink tokens'
+    columns cut without renormalising), what transformers' output_attentions returns."""
     n = out.sink_tokens
-    return stack_attention(out.attn)[..., n:, n:]
+    weights = stack_attention(out.attn) * stack_mass(out.attn_mass).unsqueeze(-1)  # probs * row mass = applied weights
+    weights = weights[..., n:, n:]
+    if raw:
+        return weights
+    return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def stack_mass(mass) -> torch.Tensor:
+    """Per-layer (B,H,T) row masses as (L,B,H,T) float."""
+    return torch.stack([m.detach().float() for m in mass])
 
 
 def importance_per_sequence(attn, max_k: int = MAX_K) -> torch.Tensor:
