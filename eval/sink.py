@@ -308,7 +308,7 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[SinkResult]:
-    from . import positive_float, positive_int
+    from . import fail, positive_float, positive_int
     from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     if argv is None:
