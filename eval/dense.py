@@ -205,7 +205,7 @@ def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, p
 
 def main(argv=None) -> dict:
     from . import fail, write_json
-    from .checkpoints import checkpoint_info
+    from .cli import checkpoint_info
     from .result import CHECKPOINT_DEFINITION
     from .vit_images import add_image_args, load_for_vit_eval
 

@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
     from eval.vit_images import add_image_args, load_for_vit_eval
 
     from . import fail, positive_int, write_json
-    from .checkpoints import checkpoint_info
+    from .cli import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
 

@@ -166,10 +166,11 @@ def save_vit_run(student, run_dir: Path, config: dict, step: int) -> Path:
     import yaml
 
     from model.weights import WEIGHTS, save_weights
+    from trainer.rundir import CHECKPOINT_FMT
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
+    final = root / CHECKPOINT_FMT.format(step)
     tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -193,7 +194,7 @@ def main(argv=None) -> dict:
     from eval.vit_images import add_image_args, load_for_vit_eval, pixel_fill
 
     from . import fail, positive_int, write_json
-    from .checkpoints import checkpoint_info
+    from .cli import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
 

@@ -53,7 +53,7 @@ class ModelImages:
 
 @dataclass
 class ViTEvalContext:
-    run: object  # model.load.LoadedRun
+    run: object  # runs.load.LoadedRun
     model: torch.nn.Module
     data: ModelImages
     data_source: str
@@ -133,10 +133,10 @@ def model_images(run, model, data: str | None = None, n_val: int | None = None):
 
 def load_for_vit_eval(args) -> ViTEvalContext:
     """Model (eval mode, on --device), images and output dir for a ViT eval's parsed flags."""
-    from model.load import load_run
+    from runs.load import load_run
 
     from . import pick_device
-    from .checkpoints import output_dir
+    from .cli import output_dir
 
     run = load_run(args.ckpt, task="vit", image_size=args.image_size)
     if run.config.get("task", "lm") != "vit":

@@ -1,6 +1,6 @@
 """Pretrained `transformers` vision transformers as sinklab ViTs, with the same outputs.
 
-    from model.load import load_run
+    from runs.load import load_run
     run = load_run("hf:facebook/dinov2-small", task="vit", image_size=224)   # or hf:/a/saved/folder
 
 | model_type | transformers class | what it maps to |

@@ -158,7 +158,7 @@ def shapes_run(tmp_path_factory):
 
 def test_cli_denoise_and_distill_write_what_the_readouts_score(shapes_run, tmp_path, monkeypatch, capsys):
     from eval import dense
-    from model.load import load_run
+    from runs.load import load_run
 
     monkeypatch.chdir(tmp_path)
     r = dvt.main(["--ckpt", str(shapes_run), "--n-fit", "8", "--views", "4", "--fit-steps", "6", "--fit-batch", "8",
