@@ -63,6 +63,9 @@ class TrainConfig:
     # Comma-separated parts of parameter names: only parameters whose name contains one train (e.g.
     # "sinks,g_proj,sink_tokens": a retrofit's new parameters); null = every parameter.
     train_only: str | None = None
+    # Comma-separated part=factor: parameters whose name contains part train at factor x the lr of the
+    # schedule (e.g. "sinks=100": a retrofit's sink logits move 100x faster); null = every one at 1x.
+    lr_scale: str | None = None
 
     def validate(self):
         for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_windows", "ckpt_interval",
@@ -94,6 +97,10 @@ class TrainConfig:
         if self.train_only is not None and not [p for p in self.train_only.split(",") if p.strip()]:
             raise ConfigError(f"train.train_only={self.train_only!r} names no parameter; give comma-separated parts of "
                               "parameter names (e.g. sinks,g_proj) or null to train every parameter")
+        if self.lr_scale is not None:
+            from trainer.optim import parse_lr_scale
+
+            parse_lr_scale(self.lr_scale)
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"train.keep_last must be >= 1 (checkpoints to keep) or null (keep all), got {self.keep_last}")
         if self.sink_interval is not None and self.sink_interval < 0:

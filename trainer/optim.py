@@ -46,12 +46,38 @@ def freeze_all_but(model: torch.nn.Module, train_only: str | None) -> None:
         p.requires_grad_(name in keep)
 
 
+def parse_lr_scale(text: str | None) -> dict[str, float]:
+    """train.lr_scale "part=factor,part=factor" -> {part: factor}; a malformed entry is a ConfigError."""
+    from configs import ConfigError
+
+    out = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        part, _, factor = entry.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = math.nan
+        if not part.strip() or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"train.lr_scale entry {entry.strip()!r} must look like part=factor with a factor >= 0 "
+                              "(e.g. train.lr_scale=sinks=100)")
+        out[part.strip()] = value
+    return out
+
+
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the parameters that train (train.train_only); weight decay on matrices and
-    embeddings only, never on norms (nanoGPT)."""
+    embeddings only, never on norms (nanoGPT). Each group's `lr_scale` (train.lr_scale, the first
+    matching part; 1 otherwise) multiplies the schedule's lr."""
     freeze_all_but(model, cfg.train_only)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    scales = parse_lr_scale(cfg.lr_scale)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((f for part, f in scales.items() if part in name), 1.0)
+        groups.setdefault((p.dim() >= 2, scale), []).append(p)  # (decays, lr scale): 2 groups without lr_scale
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "lr_scale": scale}
+                    for (decays, scale), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
