@@ -44,30 +44,12 @@ def freeze_all_but(model: torch.nn.Module, train_only: str | None) -> None:
         p.requires_grad_(name in keep)
 
 
-def parse_lr_scale(text: str | None) -> dict[str, float]:
-    """train.lr_scale "part=factor,part=factor" -> {part: factor}; a malformed entry is a ConfigError."""
-    from configs import ConfigError
-
-    out = {}
-    for entry in (text or "").split(","):
-        if not entry.strip():
-            continue
-        part, _, factor = entry.partition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = math.nan
-        if not part.strip() or not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"train.lr_scale entry {entry.strip()!r} must look like part=factor with a factor >= 0 "
-                              "(e.g. train.lr_scale=sinks=100)")
-        out[part.strip()] = value
-    return out
-
-
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the parameters that train (train.train_only); weight decay on matrices and
     embeddings only, never on norms (nanoGPT). Each group's `lr_scale` (train.lr_scale, the first
     matching part; 1 otherwise) multiplies the schedule's lr."""
+    from configs import parse_lr_scale
+
     freeze_all_but(model, cfg.train_only)
     scales = parse_lr_scale(cfg.lr_scale)
     groups = {}
