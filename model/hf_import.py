@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
+from .hf_folder import (CONFIG, HUB_METADATA, WEIGHT_NAMES, check_shapes, check_vocab, first_line, load_config,
+                        load_tokenizer, read_json, read_weights, shard_names)
 
 PREFIX = "hf:"
-# What a hub download fetches: config, transformers' weight files (not a repo's other formats,
-# such as Mistral's consolidated.safetensors) and the tokenizer in either format.
-HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*", "*.model", "*.txt"]
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
 # What the decoder lacks for some common architectures it cannot represent (the one-line refusal).
 GAPS = {
@@ -64,16 +63,27 @@ def hf_folder(ref: str) -> Path:
         return Path(name).expanduser().resolve()
     if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
         raise FileNotFoundError(f"{ref}: no such folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
+    try:
+        return download(name)
+    except Exception as e:  # offline, no such repo, gated, network: all one message
+        raise FileNotFoundError(f"{ref}: could not get it from the hub ({first_line(e)}); check the id, "
+                                "your login (huggingface-cli login) and network, or pass a local folder") from None
+
+
+def download(name: str) -> Path:
+    """The hub repo's config, tokenizer and exactly the weight files transformers loads (a single
+    file, or the shards its index lists), cached by huggingface_hub."""
     from huggingface_hub import snapshot_download
 
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES))
-        if not weight_files(folder):  # an older repo with PyTorch pickles only
-            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"]))
-    except Exception as e:  # offline, no such repo, gated, network: all one message
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{ref}: could not get it from the hub ({first_line}); check the id, "
-                                "your login (huggingface-cli login) and network, or pass a local folder") from None
+    folder = Path(snapshot_download(name, allow_patterns=HUB_METADATA + [WEIGHT_NAMES[0][0]]))
+    for single, index in WEIGHT_NAMES:
+        if (folder / single).is_file():
+            break
+        if (folder / index).is_file():
+            folder = Path(snapshot_download(name, allow_patterns=HUB_METADATA + shard_names(read_json(folder / index))))
+            break
+        if single == WEIGHT_NAMES[0][0]:  # no safetensors at all: an older repo with PyTorch pickles
+            folder = Path(snapshot_download(name, allow_patterns=HUB_METADATA + [WEIGHT_NAMES[1][0]]))
     return folder
 
 
@@ -141,28 +151,6 @@ def gpt_config(hf_cfg) -> GPTConfig:
     )
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """transformers' weight files in a folder: model.safetensors or its shards, else the
-    pytorch_model*.bin of older checkpoints."""
-    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's weight files."""
-    from safetensors.torch import load_file
-
-    files = weight_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no model*.safetensors or pytorch_model*.bin weights")
-    if files[0].suffix == ".safetensors":
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
-    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
-
-
 def to_sinklab_weights(hf_state: dict, cfg: GPTConfig, arch: str) -> dict[str, torch.Tensor]:
     """transformers names -> sinklab names (they differ by the `model.` prefix, and for Qwen3-Next
     by its (1 + w) norms and its gate stored interleaved with the queries in q_proj)."""
@@ -200,34 +188,39 @@ def to_hf_weights(state: dict, cfg: GPTConfig, arch: str) -> dict[str, torch.Ten
     return out
 
 
-def hf_tokenizer(folder: Path):
-    """The folder's tokenizer as transformers loads it (BOS added when the model's tokenizer adds one)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"{folder}: the tokenizer has no fast (tokenizers) version; save a tokenizer.json with it")
-    return tok
-
-
 def write_tokenizer(ref: str, path: str | Path) -> Path:
     """Save the pretrained model's tokenizer as a tokenizer.json (what data.tokenizer names)."""
     path = Path(path)
-    hf_tokenizer(hf_folder(ref)).backend_tokenizer.save(str(path))
+    load_tokenizer(hf_folder(ref)).backend_tokenizer.save(str(path))
     return path
+
+
+def read_folder(ref: str):
+    """(folder, transformers config, GPTConfig, tokenizer, state dict in sinklab's names) of an import,
+    every file checked (model/hf_folder.py): a damaged folder is one ValueError naming the file."""
+    folder = hf_folder(ref)
+    hf_cfg = load_config(folder)
+    try:
+        cfg = gpt_config(hf_cfg)
+    except (AttributeError, TypeError) as e:  # a field the architecture needs is missing or of the wrong type
+        raise ValueError(f"{folder / CONFIG} is incomplete for a {hf_cfg.model_type} model ({first_line(e)})") from None
+    tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+    check_vocab(tok, cfg.vocab_size, folder / CONFIG)
+    state = to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type)
+    return folder, hf_cfg, cfg, tok, state
 
 
 def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a pretrained model in sinklab's names: what `train.init_from: hf:...`
     builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/weights.py); train on text
     tokenised by the same model's tokenizer (`write_tokenizer`). The state dict is in the
-    checkpoint's dtype."""
-    from transformers import AutoConfig
+    checkpoint's dtype; its shapes are checked against the config."""
+    from .gpt import GPT
 
-    folder = hf_folder(ref)
-    hf_cfg = AutoConfig.from_pretrained(str(folder))
-    cfg = gpt_config(hf_cfg)
-    return cfg, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type)
+    folder, _, cfg, _, state = read_folder(ref)
+    with torch.device("meta"):  # shapes only, no memory
+        check_shapes(GPT(cfg), state, folder)
+    return cfg, state
 
 
 def load_pretrained(ref: str, dtype: torch.dtype | None = None):
@@ -235,22 +228,18 @@ def load_pretrained(ref: str, dtype: torch.dtype | None = None):
     built in `dtype` (None: fp32), so a bf16 import never holds an fp32 copy."""
     import dataclasses
 
-    from transformers import AutoConfig
-
     from .gpt import GPT
     from .weights import load_state
 
-    folder = hf_folder(ref)
-    hf_cfg = AutoConfig.from_pretrained(str(folder))
-    cfg = gpt_config(hf_cfg)
-    tok = hf_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+    folder, hf_cfg, cfg, tok, state = read_folder(ref)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
     try:
         model = GPT(cfg)
     finally:
         torch.set_default_dtype(default)
-    load_state(model, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type), str(folder))
+    check_shapes(model, state, folder)
+    load_state(model, state, str(folder))
     name = ref.removeprefix(PREFIX)
     info = {"ref": ref, "name": (folder.name if Path(name).expanduser().is_dir() else name.replace("/", "--")),
             "folder": str(folder), "model_type": hf_cfg.model_type,

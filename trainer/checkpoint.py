@@ -121,6 +121,15 @@ def check_checkpoint(ckpt: Path) -> None:
                           "run with name=<new name>")
 
 
+def resume_candidate(cfg) -> Path | None:
+    """The checkpoint train.resume names before any check: `auto`'s newest on disk, a given dir, or None."""
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        return newest_checkpoint(cfg.run_dir / "checkpoints")
+    return Path(cfg.train.resume)
+
+
 def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | None:
     """The checkpoint train.resume asks for (None: a fresh run), checked and compatible with `cfg` and,
     when given, with the fingerprint of the prepared training data.
