@@ -196,8 +196,14 @@ def main(argv=None) -> list[dict]:
     written = []
     for path in paths:
         run = load(path, args)
-        result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path,
-                          manager=manager)
+        try:
+            result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path,
+                              manager=manager)
+        except (ConnectionError, FileNotFoundError) as e:  # the tasks' datasets: offline, moved, gated
+            text = str(e).strip()
+            fail(f"could not load the data of lm-eval task(s) {','.join(tasks)} "
+                 f"({text.splitlines()[0] if text else type(e).__name__}); check the network, or run once online "
+                 "so the datasets are cached (HF_DATASETS_OFFLINE=1 then reads the cache)")
         result = {"tasks": tasks, **result, "checkpoint": checkpoint_info(run), "definitions": {
             "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
             "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one "

@@ -133,8 +133,11 @@ def load_tokenizer(folder: Path):
 
 
 def check_vocab(tokenizer, vocab_size: int, source: Path) -> None:
-    """The model's embedding covers every token id the tokenizer can produce."""
-    n = len(tokenizer)
+    """The model's embedding covers the tokenizer's base vocabulary and its BOS / EOS (what any text and
+    every document boundary encode to). Added tokens past it are allowed: transformers adds some on load
+    (Qwen2's tokenizer class adds <|endoftext|>) that plain text never produces."""
+    ids = [tokenizer.vocab_size - 1, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    n = max(i for i in ids if i is not None) + 1
     if n > vocab_size:
         raise ValueError(f"{source}: vocab_size={vocab_size} is smaller than the tokenizer's {n} tokens; token ids "
                          f">= {vocab_size} have no embedding (the config and tokenizer do not belong together)")

@@ -133,32 +133,44 @@ def test_2_only_the_files_transformers_reads_are_read(llama, tmp_path, monkeypat
 
 
 def test_3_an_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch, capsys):
-    """Offline (HF_HUB_OFFLINE=1), `data.source=owner/name` and eval `--data owner/name` are one line."""
-    from eval import sink
+    """Offline, `data.source=owner/name`, eval `--data owner/name` and an lm-eval task whose dataset is on the
+    hub are each one line naming what could not be reached."""
+    import datasets
+    import huggingface_hub
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from eval import harness, sink
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time: no retries
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache: nothing to fall back on
-    code = train.main(["data.source=nobody-here/no-such-dataset", f"data.cache_dir={tmp_path / 'cache'}",
-                       f"out_dir={tmp_path / 'out'}", "logging.progress=false"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert "nobody-here/no-such-dataset" in err[0] and "hub" in err[0]
+    missing = "nobody-here/no-such-dataset"
+
+    def one_error_line(run):
+        capsys.readouterr()
+        try:
+            code = run()
+        except SystemExit as e:
+            code = e.code
+        err = [line for line in capsys.readouterr().err.splitlines() if "Writing model shards" not in line]
+        assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+        return err[0]
+
+    line = one_error_line(lambda: train.main([f"data.source={missing}", f"data.cache_dir={tmp_path / 'cache'}",
+                                              f"out_dir={tmp_path / 'out'}", "logging.progress=false"]))
+    assert missing in line and "hub" in line
     assert not (tmp_path / "out").exists()
 
-    run = tmp_path / "eval_run"
-    save_tiny("qwen2", run)
-    with pytest.raises(SystemExit) as e:
-        sink.main(["--ckpt", f"hf:{run}", "--data", "nobody-here/no-such-dataset"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "nobody-here/no-such-dataset" in err[0], err
+    model = save_tiny("qwen2", tmp_path / "model")
+    line = one_error_line(lambda: sink.main(["--ckpt", f"hf:{model}", "--data", missing]))
+    assert missing in line and "hub" in line
 
-    from eval import harness
-
-    with pytest.raises(SystemExit) as e:
-        harness.main(["--ckpt", f"hf:{run}", "--tasks", "hellaswag", "--limit", "2"])
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
-    assert e.value.code == 2 and len(err) == 1 and "hellaswag" in err[0], err
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "remote.yaml").write_text(
+        f"task: sinklab_remote\ndataset_path: {missing}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n')
+    line = one_error_line(lambda: harness.main(["--ckpt", f"hf:{model}", "--tasks", "sinklab_remote",
+                                                "--include-path", str(tmp_path / "tasks"), "--limit", "2"]))
+    assert "sinklab_remote" in line and missing in line
 
 
 def test_4_an_init_from_run_resumes_without_its_folder(tmp_path, capsys):
