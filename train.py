@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import signal
 import sys
 import time
 
@@ -30,12 +31,13 @@ from model import backends
 from model.flops import peak_tflops
 from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_checkpoint, load_checkpoint,
                                 newest_checkpoint, save_checkpoint, settle_run_dir, write_atomic)
+from trainer.diskfull import WriteFailed, describe_failure
 from trainer.launch import check_backend, make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
 from trainer.optim import lr_at, make_optimizer
 from trainer.progress import progress_line
 from trainer.rundir import check_out_dir, take_run_lock
-from trainer.signals import StopFlag, requeue_if_slurm
+from trainer.signals import StopFlag, exit_during_setup, requeue_if_slurm
 from trainer.tasks import make_task
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
@@ -203,6 +205,14 @@ class Trainer:
         self.last_good = newest_checkpoint(self.cfg.run_dir / "checkpoints")
 
     def train_loop(self) -> int:
+        try:
+            return self.steps()
+        except WriteFailed as e:  # a checkpoint or metrics write did not reach the disk
+            self.acc.print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+
+    def steps(self) -> int:
+        """The training loop proper; returns the exit code."""
         cfg, tcfg, acc, state = self.cfg, self.cfg.train, self.acc, self.state
         stop = StopFlag()
         tokens_per_step = tcfg.batch_size * cfg.model.block_size
@@ -242,8 +252,16 @@ class Trainer:
                           f"(step {step}). Lower train.lr, raise train.warmup_steps or check the data; the last good "
                           f"checkpoint {good}.")
                 return 1
-            stopping = acc.reduce(torch.tensor(float(stop.signal_name is not None), device=acc.device),
-                                  reduction="sum").item() > 0
+            # One collective per step carries both reasons to stop: a signal, and a metrics append that failed.
+            stops = torch.tensor([float(stop.signal_name is not None), float(self.log.failure is not None)],
+                                 device=acc.device)
+            signalled, log_failed = (acc.reduce(stops, reduction="sum") > 0).tolist()
+            if log_failed:
+                bar.close()
+                raise WriteFailed(describe_failure("a row of metrics.jsonl", self.log.path, self.log.failure,
+                                                   self.last_good) if self.log.failure else
+                                  "the main process could not append to metrics.jsonl")
+            stopping = signalled
             if step % tcfg.eval_interval == 0 or last:
                 metrics = self.evaluate()
                 self.log.write({"step": step, "split": "val", **metrics})
@@ -280,13 +298,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    handlers = exit_during_setup()  # a preemption before the first step requeues too; the loop's StopFlag takes over
     try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return trainer.fit()
+        try:
+            cfg = load_config(args.config, args.overrides)
+            trainer = Trainer(cfg)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return trainer.fit()
+    finally:
+        for sig, handler in handlers.items():  # in-process callers (tests, notebooks) get theirs back
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

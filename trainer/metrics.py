@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import warnings
 from pathlib import Path
@@ -31,14 +32,29 @@ class MetricsLog:
 
     def __init__(self, acc, run_dir: Path, wandb: bool):
         self.acc, self.path, self.wandb = acc, run_dir / "metrics.jsonl", wandb
+        self.failure = None  # the OSError of a failed append (disk full): the loop stops at the end of the step
 
     def write(self, row: dict) -> None:
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and self.failure is None:
             finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            with open(self.path, "a") as f:  # non-finite floats as null: the file stays valid JSON
-                f.write(json.dumps(finite) + "\n")
+            line = json.dumps(finite) + "\n"  # non-finite floats as null: the file stays valid JSON
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line)
+            except OSError as e:
+                self.failure = e
+                self.cut_torn_line()
         if self.wandb:
             self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def cut_torn_line(self) -> None:
+        """After a failed append, cut the file back to its last complete row (a no-op when the write left nothing)."""
+        try:
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                os.truncate(self.path, data.rfind(b"\n") + 1)
+        except OSError:
+            pass  # the torn line is dropped with a warning when the file is next read
 
     def drop_after(self, step: int) -> None:
         """Drop rows logged after `step` (and a torn last line): a resumed run redoes them (0 = a fresh start)."""
