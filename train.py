@@ -25,7 +25,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from configs import ConfigError, RunConfig, load_config, to_dict
+from configs import ConfigError, RunConfig, load_config, saved_run_config, to_dict
 from eval.sink import measure
 from model import backends
 from model.flops import peak_tflops
@@ -34,7 +34,7 @@ from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_check
 from trainer.diskfull import WriteFailed, describe_failure
 from trainer.launch import check_backend, make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
-from trainer.optim import lr_at, make_optimizer
+from trainer.optim import lr_at, make_optimizer, schedule_notes
 from trainer.progress import progress_line
 from trainer.rundir import check_out_dir, take_run_lock
 from trainer.signals import StopFlag, exit_during_setup, requeue_if_slurm
@@ -112,6 +112,8 @@ class Trainer:
         # resume continues at min_lr past it (nanoGPT's lr_decay_iters < max_iters) instead of
         # re-stretching the cosine and jumping the lr back up.
         self.schedule = dataclasses.replace(cfg.train, max_steps=self.state.lr_horizon)
+        for note in schedule_notes(cfg.train, self.state.lr_horizon):
+            acc.print(note, flush=True)
         self.log.drop_after(self.state.step)  # rows a crashed or abandoned run logged after this checkpoint
         if cfg.logging.wandb:
             wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
@@ -291,7 +293,10 @@ class Trainer:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML run config (default: configs/default.yaml)")
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/default.yaml, or the run's "
+                                                   "own config.yaml when out_dir/name already holds one)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR (e.g. out/default) with its saved config.yaml plus the overrides given")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.attention=sigmoid train.max_steps=200")
     return p.parse_args(argv)
 
@@ -301,7 +306,11 @@ def main(argv=None) -> int:
     handlers = exit_during_setup()  # a preemption before the first step requeues too; the loop's StopFlag takes over
     try:
         try:
-            cfg = load_config(args.config, args.overrides)
+            saved, overrides = saved_run_config(args.config, args.overrides, args.resume)
+            if saved is not None:
+                print(f"continuing {saved.parent} with its config.yaml"
+                      + (f" and {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
+            cfg = load_config(saved or args.config, overrides)
             trainer = Trainer(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -279,6 +279,28 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def saved_run_config(path: str | Path | None, overrides: list[str], resume: str | None = None):
+    """The config a command line continues from: (the run's own config.yaml or None, overrides to apply).
+
+    `--resume RUN_DIR` names the run; without --config, `name=X` (and `out_dir=`) name it when that run dir
+    holds a config.yaml: a run continues with its saved config plus only the new overrides, as nanoGPT's
+    `init_from=resume` does. With --config the file and the overrides are the whole config, as always."""
+    if resume is not None:
+        if path is not None:
+            raise ConfigError("--resume continues a run with its own config.yaml; leave out --config")
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; pass a run dir like out/default")
+        return run_dir / "config.yaml", [f"out_dir={run_dir.parent}", f"name={run_dir.name}", *overrides]
+    if path is not None:
+        return None, list(overrides)
+    values = _read_yaml(DEFAULT_CONFIG)
+    for o in overrides:
+        values = _merge(values, parse_override(o))
+    saved = Path(str(values.get("out_dir", "out"))).expanduser() / str(values.get("name", "default")) / "config.yaml"
+    return (saved if saved.is_file() else None), list(overrides)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     values = _read_yaml(Path(path)) if path else _read_yaml(DEFAULT_CONFIG)
     for o in overrides:

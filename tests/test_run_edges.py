@@ -210,7 +210,7 @@ def test_9_warmup_and_schedule_messages_match_the_lr(full, base, tmp_path, capsy
     text = capsys.readouterr().out
     after = lrs(run)
     assert after[5] == after[6] == pytest.approx(1e-4)  # min_lr past the horizon
-    assert "1e-04" in text and "steps 5-6" in text, text
+    assert "1.00e-04" in text and "steps 5-6" in text, text
 
     constant = tmp_path / "constant"
     assert train.main([*base, f"out_dir={constant}", "name=c", "train.lr_schedule=constant", "train.max_steps=2"]) == 0
@@ -218,4 +218,4 @@ def test_9_warmup_and_schedule_messages_match_the_lr(full, base, tmp_path, capsy
     assert train.main([f"out_dir={constant}", "name=c", "train.max_steps=3"]) == 0
     text = capsys.readouterr().out
     assert lrs(constant / "c")[3] == pytest.approx(1e-3)
-    assert "min_lr" not in text.split("resumed from")[1] and "1e-03" in text, text
+    assert "min_lr" not in text.split("resumed from")[1] and "step 3 run at lr 1.00e-03" in text, text

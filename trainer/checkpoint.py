@@ -348,7 +348,4 @@ def settle_run_dir(cfg, ckpt: Path, state: TrainerState) -> None:
         if moved:
             print(f"moved the newer checkpoints {', '.join(p.name for p in moved)} to {ckpt_root / 'abandoned'} "
                   "(delete them when no longer needed); latest now points at " + ckpt.name, flush=True)
-    if state.lr_horizon != cfg.train.max_steps:
-        print(f"train.max_steps={cfg.train.max_steps} differs from the {state.lr_horizon} steps the LR schedule "
-              f"was set up for; it keeps that horizon (cosine and wsd stay at train.min_lr past step {state.lr_horizon}). "
-              "Start a new run for a new schedule.", flush=True)
+    # The schedule's notes (warmup, a changed max_steps) are said by the trainer for every start.
