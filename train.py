@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -100,7 +101,7 @@ class Trainer:
         self.probe = task.probe_inputs() if cfg.train.sink_every else None
         self.peak = peak_tflops(acc.device)
 
-        self.log = MetricsLog(acc, cfg.run_dir, cfg.logging.wandb)
+        self.log = MetricsLog(acc, cfg.run_dir, cfg.logging.tracker_name)
         self.state = TrainerState(lr_horizon=cfg.train.max_steps)
         self.last_good = resume_from  # the newest checkpoint written after a finite step
         if resume_from is not None:
@@ -115,10 +116,21 @@ class Trainer:
         for note in schedule_notes(cfg.train, self.state.lr_horizon):
             acc.print(note, flush=True)
         self.log.drop_after(self.state.step)  # rows a crashed or abandoned run logged after this checkpoint
-        if cfg.logging.wandb:
-            wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
-            acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg),
-                              init_kwargs={"wandb": {"name": cfg.name, "id": wandb_id, "resume": "allow"}})
+        if cfg.logging.tracker_name is not None:
+            acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg), init_kwargs=self.tracker_kwargs())
+
+    def tracker_kwargs(self) -> dict:
+        """W&B: the run's name, its id kept in the run dir (a resumed or requeued run continues the same W&B run)
+        and its files under the run dir (unless WANDB_DIR says otherwise). Other trackers write under the run dir
+        through Accelerate's project_dir."""
+        cfg, acc = self.cfg, self.acc
+        if cfg.logging.tracker_name != "wandb":
+            return {}
+        wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
+        kwargs = {"name": cfg.name, "id": wandb_id, "resume": "allow"}
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = str(cfg.run_dir)
+        return {"wandb": kwargs}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -292,11 +304,16 @@ class Trainer:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from configs.describe import config_help
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=config_help())
     p.add_argument("--config", default=None, help="YAML run config (default: configs/default.yaml, or the run's "
                                                    "own config.yaml when out_dir/name already holds one)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR (e.g. out/default) with its saved config.yaml plus the overrides given")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML, as the run's config.yaml holds it) and exit without running")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.attention=sigmoid train.max_steps=200")
     return p.parse_args(argv)
 
@@ -307,10 +324,13 @@ def main(argv=None) -> int:
     try:
         try:
             saved, overrides = saved_run_config(args.config, args.overrides, args.resume)
-            if saved is not None:
+            if saved is not None and not args.print_config:
                 print(f"continuing {saved.parent} with its config.yaml"
                       + (f" and {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
             cfg = load_config(saved or args.config, overrides)
+            if args.print_config:
+                print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+                return 0
             trainer = Trainer(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
