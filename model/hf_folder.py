@@ -99,15 +99,15 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_shapes(model: torch.nn.Module, state: dict, folder: Path) -> None:
-    """Every tensor has the shape config.json gives it, else ValueError naming both files."""
+def check_shapes(model: torch.nn.Module, state: dict, config_file: Path) -> None:
+    """Every tensor has the shape the config gives it, else ValueError naming the config."""
     expected = model.state_dict()
     wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
              if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         name, got, want = wrong[0]
-        raise ValueError(f"{folder / CONFIG} disagrees with the weights: {name} is {got} in the weight files but "
-                         f"{want} by config.json ({len(wrong)} tensor(s) differ); the config and weights do not belong "
+        raise ValueError(f"{config_file} disagrees with the weights: {name} is {got} in the weight files but "
+                         f"{want} by the config ({len(wrong)} tensor(s) differ); the config and weights do not belong "
                          "together")
 
 
