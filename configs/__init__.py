@@ -64,6 +64,9 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     init_from: str | None = None  # hf:<hub id, transformers folder or GGUF file>: start from that model and its tokenizer
+    # Comma-separated parts of parameter names: only parameters whose name contains one train (e.g.
+    # "sinks,g_proj,sink_tokens": a retrofit's new parameters); null = every parameter.
+    train_only: str | None = None
 
     def validate(self):
         for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_windows", "ckpt_interval",
@@ -92,6 +95,9 @@ class TrainConfig:
         if self.init_from is not None and not self.init_from.startswith("hf:"):
             raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id, transformers folder or GGUF file>; "
                               "to continue a sinklab run use train.resume")
+        if self.train_only is not None and not [p for p in self.train_only.split(",") if p.strip()]:
+            raise ConfigError(f"train.train_only={self.train_only!r} names no parameter; give comma-separated parts of "
+                              "parameter names (e.g. sinks,g_proj) or null to train every parameter")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"train.keep_last must be >= 1 (checkpoints to keep) or null (keep all), got {self.keep_last}")
         if self.sink_interval is not None and self.sink_interval < 0:

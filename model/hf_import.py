@@ -137,6 +137,8 @@ def hf_folder(ref: str) -> Path:
     name = ref[len(PREFIX):] if is_hf(ref) else ref
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().resolve()
+    if name.endswith(gguf_file.SUFFIX):
+        raise FileNotFoundError(f"{ref}: no such GGUF file")
     if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
         raise FileNotFoundError(f"{ref}: no such file or folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
     try:

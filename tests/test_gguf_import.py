@@ -111,3 +111,8 @@ def test_unsupported_gguf_architecture_is_refused_in_one_line(tmp_path):
         load_run(f"hf:{path}")
     assert "\n" not in str(e.value) and "phi2" in str(e.value)
     print(e.value)
+
+
+def test_a_missing_gguf_file_is_named_not_looked_up_on_the_hub():
+    with pytest.raises(FileNotFoundError, match="models/none.gguf: no such GGUF file"):
+        locate("hf:models/none.gguf")  # owner/name-shaped, but a file name: no hub lookup

@@ -57,8 +57,27 @@ def schedule_notes(cfg, horizon: int) -> list[str]:
     return notes
 
 
+def freeze_all_but(model: torch.nn.Module, train_only: str | None) -> None:
+    """train.train_only: only parameters whose name contains one of the comma-separated parts train;
+    the others are frozen (requires_grad False). None: all train."""
+    if train_only is None:
+        return
+    from configs import ConfigError
+
+    parts = [p.strip() for p in train_only.split(",") if p.strip()]
+    named = dict(model.named_parameters())
+    keep = {n for n in named if any(p in n for p in parts)}
+    if not keep:
+        raise ConfigError(f"train.train_only={train_only!r} matches no parameter of this model (names look like "
+                          f"{', '.join(list(named)[:3])}, ...)")
+    for name, p in named.items():
+        p.requires_grad_(name in keep)
+
+
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only, never on norms (nanoGPT)."""
+    """AdamW over the parameters that train (train.train_only); weight decay on matrices and
+    embeddings only, never on norms (nanoGPT)."""
+    freeze_all_but(model, cfg.train_only)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
