@@ -22,7 +22,6 @@ from data.config import DataConfig
 from data.images import ImageDataConfig
 from model.config import GPTConfig
 from model.vit import ViTConfig
-from trainer.optim import LR_SCHEDULES
 
 CONFIG_DIR = Path(__file__).parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -30,6 +29,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TASKS = {"lm": (GPTConfig, DataConfig), "vit": (ViTConfig, ImageDataConfig)}
 # What train.py records at the top of a run's config.yaml next to the config; reading it back ignores them.
 RECORDS = ("attention_backend",)
+LR_SCHEDULES = ("cosine", "constant", "wsd")  # train.lr_schedule; trainer/optim.py computes them
 
 
 # YAML 1.1's boolean words, which an override keeps as text until a boolean key takes them.

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probes.sequences import held_out_sequences
+
 from .activations import MASSIVE_ABS, MASSIVE_REL
 from .result import EvalResult
 
@@ -251,8 +253,8 @@ class InterventionsResult(EvalResult):
 
 
 def main(argv=None) -> list[InterventionsResult]:
-    from . import fail, held_out_sequences, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from . import fail, positive_int
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
     from .streaming import ORDERS, default_window
 
     ap = argparse.ArgumentParser(prog="python -m eval.interventions", description=__doc__.split("\n\n")[0])

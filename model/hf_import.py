@@ -1,6 +1,6 @@
 """Pretrained `transformers` decoders as sinklab GPTs, with the same logits.
 
-    from model.load import load_run
+    from runs.load import load_run
     run = load_run("hf:HuggingFaceTB/SmolLM2-135M")      # a hub id, or hf:/path/to/a/saved/folder
     run = load_run("hf:/models/SmolLM2-135M-Instruct.Q4_1.gguf")   # a GGUF file (model/gguf_file.py)
 

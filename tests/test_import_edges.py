@@ -90,7 +90,7 @@ def test_2_only_the_files_transformers_reads_are_read(llama, tmp_path, monkeypat
     from transformers import AutoModelForCausalLM
 
     from model import hf_import
-    from model.load import load_run
+    from runs.load import load_run
 
     folder = tmp_path / "stray"
     shutil.copytree(llama, folder)

@@ -15,7 +15,7 @@ from gguf_models import save_tiny_gguf
 
 import train
 from configs import load_config
-from model.load import load_run
+from runs.load import load_run
 from trainer.tasks import LMTask
 
 WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()

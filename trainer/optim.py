@@ -1,11 +1,9 @@
-"""AdamW and the learning-rate schedules (train.lr_schedule)."""
+"""AdamW and the learning-rate schedules (train.lr_schedule, one of configs.LR_SCHEDULES)."""
 from __future__ import annotations
 
 import math
 
 import torch
-
-LR_SCHEDULES = ("cosine", "constant", "wsd")
 
 
 def lr_at(step: int, cfg) -> float:

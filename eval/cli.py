@@ -50,7 +50,7 @@ def expand(patterns) -> list[str]:
 
 def check_paths(paths) -> None:
     """Every local path resolves to a checkpoint before any of them is evaluated."""
-    from model.load import resolve_checkpoint
+    from runs.load import resolve_checkpoint
 
     for p in paths:
         if p.startswith("hf:"):
@@ -65,7 +65,7 @@ def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
     import torch
 
-    from model.load import load_run
+    from runs.load import load_run
 
     params = inspect.signature(load_run).parameters
     kwargs = {}
@@ -74,7 +74,7 @@ def load(path: str, args, task: str = "lm"):
         kwargs["dtype"] = dtype
     if getattr(args, "data", None) is not None:
         if "data" not in params:
-            fail("--data needs a model.load_run that takes data=; this checkout's does not")
+            fail("--data needs a runs.load.load_run that takes data=; this checkout's does not")
         kwargs["data"] = args.data
     try:
         run = load_run(path, pick_device(args.device), task=task, **kwargs)
