@@ -173,7 +173,7 @@ class Trainer:
         acc, model, cfg = self.acc, self.model, self.cfg.train
         lr = lr_at(step, self.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # train.lr_scale
         loss_sum = torch.zeros((), device=acc.device)
         finite, loss_ok, grad_norm = True, True, float("nan")
         for micro in range(self.grad_accum):

@@ -27,7 +27,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 def add_lm_arguments(ap, data: bool = True) -> None:
     """The flags every LM eval takes, in one place (`data=False`: an eval that reads no held-out text)."""
     ap.add_argument("--ckpt", nargs="+", required=True,
-                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<hub id, transformers folder or GGUF file>")
+                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', "
+                         "or hf:<hub id, transformers folder or GGUF file>")
     if data:
         ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")

@@ -74,10 +74,18 @@ def freeze_all_but(model: torch.nn.Module, train_only: str | None) -> None:
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the parameters that train (train.train_only); weight decay on matrices and
-    embeddings only, never on norms (nanoGPT)."""
+    embeddings only, never on norms (nanoGPT). Each group's `lr_scale` (train.lr_scale, the first
+    matching part; 1 otherwise) multiplies the schedule's lr."""
+    from configs import parse_lr_scale
+
     freeze_all_but(model, cfg.train_only)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    scales = parse_lr_scale(cfg.lr_scale)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((f for part, f in scales.items() if part in name), 1.0)
+        groups.setdefault((p.dim() >= 2, scale), []).append(p)  # (decays, lr scale): 2 groups without lr_scale
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "lr_scale": scale}
+                    for (decays, scale), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
