@@ -239,14 +239,13 @@ def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=N
     located. The ViT is built in `dtype` (None: fp32)."""
     import dataclasses
 
-    from .hf_import import read_weights
     from .vit import ViT
     from .weights import load_state
 
     hf_cfg = source.config()
     arch = hf_cfg.model_type
     vit_config(hf_cfg, image_size)  # refuses before the weights are read
-    hf_state = read_weights(source.folder)
+    hf_state = source.weights()  # model/hf_folder.py's checked read
     cfg = vit_config(hf_cfg, image_size, head_of(hf_state, arch))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
