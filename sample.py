@@ -18,7 +18,7 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir (uses its latest checkpoint), a checkpoint dir, or "
-                                                 "hf:<hub id or transformers folder>")
+                                                 "hf:<hub id, transformers folder or GGUF file>")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")

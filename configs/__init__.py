@@ -59,7 +59,7 @@ class TrainConfig:
     compile: bool = False
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    init_from: str | None = None  # hf:<hub id or transformers folder>: start from that model and its tokenizer
+    init_from: str | None = None  # hf:<hub id, transformers folder or GGUF file>: start from that model and its tokenizer
 
     def validate(self):
         for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_windows", "ckpt_interval",
@@ -86,7 +86,7 @@ class TrainConfig:
                               f"{self.max_steps * (1 - self.decay_fraction):g} (max_steps x (1 - decay_fraction)); "
                               "lower train.warmup_steps or train.decay_fraction")
         if self.init_from is not None and not self.init_from.startswith("hf:"):
-            raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id or transformers folder>; "
+            raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id, transformers folder or GGUF file>; "
                               "to continue a sinklab run use train.resume")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"train.keep_last must be >= 1 (checkpoints to keep) or null (keep all), got {self.keep_last}")

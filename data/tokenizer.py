@@ -50,7 +50,7 @@ def load_pretrained(spec: str) -> tuple[Tokenizer, str]:
     """(tokenizer, end-of-document token) for data.tokenizer = `spec`.
 
     `spec` is a tokenizer.json file, a folder holding one (a transformers `save_pretrained`
-    folder), or an HF hub id such as `gpt2` or `meta-llama/Llama-3.2-1B` (loaded through
+    folder), a GGUF file (its tokenizer, as transformers reads it), or an HF hub id such as `gpt2` or `meta-llama/Llama-3.2-1B` (loaded through
     transformers' AutoTokenizer, so gated models need `huggingface-cli login`). `~` is expanded.
 
     BOS/EOS: every document is encoded as plain text (add_special_tokens=False, so a template
@@ -59,6 +59,11 @@ def load_pretrained(spec: str) -> tuple[Tokenizer, str]:
     EOS_CANDIDATES the vocabulary has. A BOS token, if wanted, is added by the data.bos option.
     """
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # llama.cpp's file: the tokenizer is in its metadata
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _with_eos(hf.backend_tokenizer, hf.eos_token, spec)
     if path.is_file():
         return _with_eos(load_tokenizer(path), None, spec)
     if path.is_dir() and not (path / "tokenizer_config.json").is_file():

@@ -224,13 +224,14 @@ def main(argv=None) -> list[ActivationsResult]:
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
-    ap.add_argument("--length", type=positive_int, default=None, help="tokens per sequence (default: block size)")
+    ap.add_argument("--length", type=positive_int, default=None,
+                    help="tokens per sequence (default: the block size; an hf: import's context capped at 256)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
     args = ap.parse_args(argv)
 
     def one(run, out):
         cfg = run.model.config
-        T = min(args.length or cfg.block_size, cfg.block_size)
+        T = min(args.length or run.eval_block_size, cfg.block_size)
         seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos_id(run))
         result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer)
         plot(result, out / "activations.png")

@@ -13,6 +13,7 @@ import glob
 import inspect
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from . import fail, make_dir, pick_device, write_json
@@ -24,7 +25,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 def add_lm_arguments(ap) -> None:
     """The flags every LM eval takes, in one place."""
     ap.add_argument("--ckpt", nargs="+", required=True,
-                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<id>")
+                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<hub id, transformers folder or GGUF file>")
     ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -78,6 +79,9 @@ def load(path: str, args, task: str = "lm"):
         fail(str(e))
     if dtype is not None and "dtype" not in params:
         run.model.to(dtype)
+    if getattr(run, "eval_block_size", run.model.config.block_size) < run.model.config.block_size:
+        print(f"note: {path} has a context of {run.model.config.block_size} tokens; the evals default to "
+              f"{run.eval_block_size} (the flags for sequence length and window go up to the context)", file=sys.stderr)
     return run
 
 
@@ -108,11 +112,17 @@ def git_commit() -> str | None:
 
 
 def checkpoint_info(run) -> dict:
-    """Path, step and tokens seen (from trainer_state.json) of the loaded checkpoint, and the git commit."""
+    """Path, step and tokens seen (from trainer_state.json) of the loaded checkpoint, the git commit, and
+    the weights' quantisation (a GGUF import's, eval/result.py CHECKPOINT_DEFINITION); an import also
+    names its hf: ref and model_type."""
     state_file = Path(run.checkpoint) / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    return {"path": str(run.checkpoint), "step": state.get("step"), "tokens": state.get("tokens"),
-            "git_commit": git_commit()}
+    hf = run.config.get("hf")
+    info = {"path": str(run.checkpoint), "step": state.get("step"), "tokens": state.get("tokens"),
+            "quantization": (hf or {}).get("quantization"), "git_commit": git_commit()}
+    if hf:
+        info.update(ref=hf["ref"], model_type=hf["model_type"], format=hf.get("format"))
+    return info
 
 
 def output_dir(run, requested: str) -> Path:

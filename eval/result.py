@@ -25,6 +25,10 @@ class EvalResult:
         return dict(self.DEFINITIONS)
 
 
-CHECKPOINT_DEFINITION = ("path: the checkpoint evaluated; step and tokens: training step and tokens seen when it "
-                         "was written (trainer_state.json; null when unknown); git_commit: HEAD of the code that "
-                         "ran the eval (null outside a git checkout)")
+CHECKPOINT_DEFINITION = ("path: the checkpoint evaluated (an hf: import's transformers folder or GGUF file); step and "
+                         "tokens: training step and tokens seen when it was written (trainer_state.json; null when "
+                         "unknown); quantization: a GGUF file's quantisation, type (general.file_type, e.g. Q4_1: "
+                         "the weights were dequantised from it, so this is not the original model) and "
+                         "tensor_types (tensors per GGML type), null for unquantised weights; ref, model_type, "
+                         "format: an import's hf: reference, transformers model_type and gguf / transformers; "
+                         "git_commit: HEAD of the code that ran the eval (null outside a git checkout)")

@@ -103,11 +103,12 @@ def first_token_attention(attn) -> tuple[list[float], float]:
     return per_layer.tolist(), float(per_layer.mean())
 
 
-def resolve_lengths(lengths, block_size: int) -> list[int]:
-    """Turn e.g. (64, "block") into distinct ints, clipped to the model's context."""
+def resolve_lengths(lengths, block_size: int, block: int | None = None) -> list[int]:
+    """Turn e.g. (64, "block") into distinct ints, clipped to the model's context; "block" is
+    `block` (an import's evaluation context, LoadedRun.eval_block_size), else block_size."""
     out = []
     for length in lengths:
-        T = block_size if length in (None, "block") else int(length)
+        T = (block or block_size) if length in (None, "block") else int(length)
         T = min(T, block_size)
         if T not in out:
             out.append(T)
@@ -339,13 +340,14 @@ def main(argv=None) -> list[SinkResult]:
     ap.add_argument("--k", type=positive_int, default=1, help="token whose importance is measured (1-indexed)")
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
     ap.add_argument("--lengths", nargs="+", type=length_arg, default=[str(x) for x in LENGTHS],
-                    help='ints or "block"')
+                    help='ints or "block" (the block size; an hf: import\'s context capped at 256)')
     ap.add_argument("--batch-size", type=positive_int, default=4)
     args = ap.parse_args(argv)
 
     def one(run, out):
         model = run.model
-        Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size)
+        Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size,
+                             run.eval_block_size)
         bos = bos_id(run)
         seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)
         result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size,

@@ -243,7 +243,8 @@ def main(argv=None) -> list[StreamingResult]:
     add_lm_arguments(ap)
     ap.add_argument("--n-sink", type=nonnegative_int, default=4, help="S: first tokens kept (sinks mode)")
     ap.add_argument("--window", type=positive_int, default=None,
-                    help="W: recent tokens kept (default: block_size - S - 1, or block_size - S with evict-first)")
+                    help="W: recent tokens kept (default: block_size - S - 1, or block_size - S with evict-first; "
+                         "for an hf: import its context capped at 256 in place of block_size)")
     ap.add_argument("--order", choices=ORDERS, default="reference",
                     help="reference: trim after the forward, a query sees S+W+1 keys; evict-first: S+W")
     ap.add_argument("--bos", action="store_true", help="start the stream with the BOS token (runs trained with data.bos)")
@@ -258,7 +259,7 @@ def main(argv=None) -> list[StreamingResult]:
 
     def one(run, out):
         cfg = run.model.config
-        window = default_window(cfg.block_size, args.n_sink, args.order) if args.window is None else args.window
+        window = default_window(run.eval_block_size, args.n_sink, args.order) if args.window is None else args.window
         if window < 1:
             fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} near block_size "
                  f"{cfg.block_size} pass --window explicitly")

@@ -58,8 +58,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
-        if cfg.sink_logit == "learned":  # initialised at 0.0: softmax + 1 until training moves it
-            self.sinks = nn.Parameter(torch.zeros(H))
+        if cfg.sink_logit == "learned":  # initialised at sink_logit_init (0.0: softmax + 1 until training moves it)
+            self.sinks = nn.Parameter(torch.full((H,), float(cfg.sink_logit_init)))
         # A plain attribute, not a buffer: module casts (bf16 under DeepSpeed) must not round it.
         self.inv_freq = scaled_rope_frequencies(cfg)
         self.compute_dtype = None  # None: the weights' dtype

@@ -33,6 +33,7 @@ class AttentionConfig:
     # softmax only: a per-head logit b_h in the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)).
     # zero: b_h = 0 (softmax + 1); learned: gpt-oss's per-head sinks, a parameter initialised at 0.0.
     sink_logit: str = "none"
+    sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/retrofit.py)
     qk_norm: bool = False
     backend: str = "auto"  # model/backends/: auto resolves once, when the model is built or moved
     linear_chunk_size: int = 64
@@ -104,6 +105,8 @@ class AttentionConfig:
                              f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
         if self.n_kv_head is not None and self.n_kv_head <= 0:
             raise ValueError(f"model.n_kv_head must be null (= n_head) or a positive integer, got {self.n_kv_head}")
+        if not math.isfinite(self.sink_logit_init):
+            raise ValueError(f"model.sink_logit_init must be a finite number, got {self.sink_logit_init}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(f"model.rope_theta and model.norm_eps must be > 0, got {self.rope_theta}, {self.norm_eps}")
         if self.n_head % self.kv_heads:

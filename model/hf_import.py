@@ -2,9 +2,10 @@
 
     from model.load import load_run
     run = load_run("hf:HuggingFaceTB/SmolLM2-135M")      # a hub id, or hf:/path/to/a/saved/folder
+    run = load_run("hf:/models/SmolLM2-135M-Instruct.Q4_1.gguf")   # a GGUF file (model/gguf_file.py)
 
 Only architectures the decoder computes exactly are imported; anything else is refused with
-the feature the decoder lacks. Weights and tokenizer come from the same folder.
+the feature the decoder lacks. Weights and tokenizer come from the same folder (or GGUF file).
 
 | model_type | what it maps to |
 |---|---|
@@ -24,10 +25,13 @@ is a different function from the original's window over absolute positions.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import gguf_file
 from .config import GPTConfig
 
 PREFIX = "hf:"
@@ -57,13 +61,85 @@ def is_hf(ref) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
+@dataclass(frozen=True)
+class Pretrained:
+    """Where an `hf:` model lives: a transformers folder (local, or downloaded from the hub) or a
+    GGUF file. Config, tokenizer and weights are read from there in transformers' names."""
+
+    ref: str
+    folder: Path  # the transformers folder, or the folder holding the GGUF file
+    gguf: Path | None = None
+    hub_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A readable name that no other model shares: the hub id ('/' -> '--'), or a local folder's or
+        GGUF file's name plus a hash of its resolved path (two folders both called `hf` stay apart)."""
+        if self.hub_id is not None:
+            return self.hub_id.replace("/", "--")
+        local = self.gguf or self.folder
+        return f"{local.stem if self.gguf else local.name}-{hashlib.sha256(str(local).encode()).hexdigest()[:8]}"
+
+    @property
+    def path(self) -> Path:
+        """The GGUF file, or the transformers folder."""
+        return self.gguf or self.folder
+
+    @property
+    def tokenizer_spec(self) -> str:
+        """What data.tokenizer takes to tokenise a run's data as this model does."""
+        return str(self.path)
+
+    def config(self):
+        from transformers import AutoConfig
+
+        if self.gguf is not None:
+            return gguf_file.read_config(self.gguf)
+        return AutoConfig.from_pretrained(str(self.folder))
+
+    def tokenizer(self):
+        """The tokenizer as transformers loads it (BOS added when the model's tokenizer adds one)."""
+        if self.gguf is not None:
+            tok = gguf_file.read_tokenizer(self.gguf)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(self.folder))
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"{self.path}: the tokenizer has no fast (tokenizers) version; save a tokenizer.json with it")
+        return tok
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return gguf_file.read_weights(self.gguf) if self.gguf is not None else read_weights(self.folder)
+
+    def quantization(self) -> dict | None:
+        """A GGUF file's quantisation (gguf_file.quantization); None for transformers weights."""
+        return gguf_file.quantization(self.gguf) if self.gguf is not None else None
+
+
+def locate(ref: str) -> Pretrained:
+    """`hf:<GGUF file>` or `hf:<folder holding one .gguf>`, `hf:<transformers folder>`, or `hf:<owner/name>`
+    downloaded (cached) from the hub."""
+    name = ref[len(PREFIX):] if is_hf(ref) else ref
+    local = Path(name).expanduser()
+    found = gguf_file.find_gguf(local)
+    if found is not None:
+        return Pretrained(ref, found.parent, gguf=found)
+    if local.is_file():
+        raise FileNotFoundError(f"{ref}: a file that is not {gguf_file.SUFFIX}; pass a GGUF file, a transformers "
+                                "folder or a hub id")
+    if local.is_dir():
+        return Pretrained(ref, local.resolve())
+    return Pretrained(ref, hf_folder(ref), hub_id=name)
+
+
 def hf_folder(ref: str) -> Path:
     """`hf:<local folder>` as it is; `hf:<owner/name>` downloaded (cached) from the hub."""
     name = ref[len(PREFIX):] if is_hf(ref) else ref
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().resolve()
     if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
-        raise FileNotFoundError(f"{ref}: no such folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
+        raise FileNotFoundError(f"{ref}: no such file or folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
     from huggingface_hub import snapshot_download
 
     try:
@@ -200,60 +276,47 @@ def to_hf_weights(state: dict, cfg: GPTConfig, arch: str) -> dict[str, torch.Ten
     return out
 
 
-def hf_tokenizer(folder: Path):
-    """The folder's tokenizer as transformers loads it (BOS added when the model's tokenizer adds one)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"{folder}: the tokenizer has no fast (tokenizers) version; save a tokenizer.json with it")
-    return tok
-
-
 def write_tokenizer(ref: str, path: str | Path) -> Path:
     """Save the pretrained model's tokenizer as a tokenizer.json (what data.tokenizer names)."""
     path = Path(path)
-    hf_tokenizer(hf_folder(ref)).backend_tokenizer.save(str(path))
+    locate(ref).tokenizer().backend_tokenizer.save(str(path))
     return path
 
 
 def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a pretrained model in sinklab's names: what `train.init_from: hf:...`
     builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/weights.py); train on text
-    tokenised by the same model's tokenizer (`write_tokenizer`). The state dict is in the
-    checkpoint's dtype."""
-    from transformers import AutoConfig
-
-    folder = hf_folder(ref)
-    hf_cfg = AutoConfig.from_pretrained(str(folder))
+    tokenised by the same model's tokenizer (`Pretrained.tokenizer_spec`). The state dict is in the
+    checkpoint's dtype (fp32 for a dequantised GGUF)."""
+    source = locate(ref)
+    hf_cfg = source.config()
     cfg = gpt_config(hf_cfg)
-    return cfg, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type)
+    return cfg, to_sinklab_weights(source.weights(), cfg, hf_cfg.model_type)
 
 
 def load_pretrained(ref: str, dtype: torch.dtype | None = None):
-    """(GPT, tokenizers.Tokenizer, config dict, folder) for `load_run("hf:...")`. The GPT is
-    built in `dtype` (None: fp32), so a bf16 import never holds an fp32 copy."""
+    """(GPT, tokenizers.Tokenizer, config dict, path) for `load_run("hf:...")`; path is the
+    transformers folder or the GGUF file. The GPT is built in `dtype` (None: fp32), so a bf16
+    import never holds an fp32 copy. config["hf"] records where the model came from, its output
+    name (`Pretrained.name`) and a GGUF file's quantisation."""
     import dataclasses
-
-    from transformers import AutoConfig
 
     from .gpt import GPT
     from .weights import load_state
 
-    folder = hf_folder(ref)
-    hf_cfg = AutoConfig.from_pretrained(str(folder))
+    source = locate(ref)
+    hf_cfg = source.config()
     cfg = gpt_config(hf_cfg)
-    tok = hf_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+    tok = source.tokenizer()  # before the weights: a missing tokenizer fails fast
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
     try:
         model = GPT(cfg)
     finally:
         torch.set_default_dtype(default)
-    load_state(model, to_sinklab_weights(read_weights(folder), cfg, hf_cfg.model_type), str(folder))
-    name = ref.removeprefix(PREFIX)
-    info = {"ref": ref, "name": (folder.name if Path(name).expanduser().is_dir() else name.replace("/", "--")),
-            "folder": str(folder), "model_type": hf_cfg.model_type,
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    load_state(model, to_sinklab_weights(source.weights(), cfg, hf_cfg.model_type), str(source.path))
+    info = {"ref": ref, "name": source.name, "folder": str(source.folder), "path": str(source.path),
+            "format": "gguf" if source.gguf else "transformers", "quantization": source.quantization(),
+            "model_type": hf_cfg.model_type, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     config = {"task": "lm", "model": dataclasses.asdict(cfg), "hf": info}
-    return model, tok.backend_tokenizer, config, folder
+    return model, tok.backend_tokenizer, config, source.path

@@ -3,7 +3,7 @@
 A checkpoint dir holds `model.safetensors` (full weights, whatever parallelism wrote them),
 `config.yaml` (the run's resolved config) and `tokenizer.json`, so it loads without
 Accelerate or DeepSpeed. A run dir's `latest` points at its newest checkpoint.
-`hf:<hub id or transformers folder>` loads a pretrained model instead (model/hf_import.py).
+`hf:<hub id, transformers folder or GGUF file>` loads a pretrained model instead (model/hf_import.py).
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import yaml
 from .weights import WEIGHTS, load_weights, parse_dtype
 
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
+# The evals' default sequence length for an hf: import, in place of its context (8,192 tokens for
+# SmolLM2, 128k for Llama 3.1): what a CPU evaluates in minutes. Their length flags go further.
+IMPORT_EVAL_CONTEXT = 256
 
 
 def portable_backend(model_cfg, device, dtype) -> None:
@@ -85,9 +88,17 @@ class LoadedRun:
         return self._val
 
     @property
+    def eval_block_size(self) -> int:
+        """The evals' default sequence length: the run's block_size; an import's context capped at
+        IMPORT_EVAL_CONTEXT."""
+        block = self.model.config.block_size
+        return min(block, IMPORT_EVAL_CONTEXT) if "hf" in self.config else block
+
+    @property
     def run_dir(self) -> Path:
         """out/<run>: checkpoints live in out/<run>/checkpoints/step_*/. An import's evals go to
-        out/hf/<name>/ (the hub id or folder name, '/' -> '--')."""
+        out/hf/<name>/ (the hub id with '/' -> '--', or a local folder's or GGUF file's name plus a
+        hash of its path: hf_import.Pretrained.name)."""
         if "hf" in self.config:
             return Path("out") / "hf" / self.config["hf"]["name"]
         return self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else self.checkpoint
@@ -148,7 +159,7 @@ def held_out_tokens(source: str, tokenizer, end_id: int, data_fields: dict | Non
 def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | None = None, *,
              dtype=None, data: str | None = None) -> LoadedRun:
     """Model (eval mode), tokenizer and config of a run or checkpoint, or of a pretrained
-    transformers model with path `hf:<hub id or folder>`. `task` ("lm" or "vit"): refuse, with a
+    model with path `hf:<hub id, transformers folder, GGUF file or folder holding one>`. `task` ("lm" or "vit"): refuse, with a
     message, a run of the other kind (an LM eval pointed at a ViT run). `dtype`: fp32 / bf16 /
     fp16 or a torch dtype to cast the weights to (None: fp32). `data`: the text `val_tokens`
     returns (see `held_out_tokens`)."""

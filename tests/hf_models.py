@@ -46,9 +46,9 @@ def save_tiny(name: str, folder: Path, seed: int = 0, **overrides) -> Path:
     arch, fields, bos = ARCHITECTURES[name]
     tok = byte_tokenizer(bos)
     cfg = AutoConfig.for_model(
-        arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        arch, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
-        bos_token_id=0, eos_token_id=1, **{**fields, **overrides})
+        bos_token_id=0, eos_token_id=1, **{"vocab_size": len(tok), **fields, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():

@@ -123,7 +123,7 @@ def test_cli_writes_results_and_refuses_no_tasks(runs, task_dir, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # an import's results go to out/hf/<name>/eval/
     ref = runs["llama"].config["hf"]["ref"]
     [result] = main(["--ckpt", ref, "--tasks", "sinklab_mc", "--include-path", str(task_dir), "--batch-size", "4"])
-    written = json.loads((tmp_path / "out" / "hf" / "llama" / "eval" / "harness.json").read_text())
+    written = json.loads((tmp_path / "out" / "hf" / runs["llama"].config["hf"]["name"] / "eval" / "harness.json").read_text())
     assert written["results"]["sinklab_mc"]["acc,none"] == result["results"]["sinklab_mc"]["acc,none"]
     assert written["checkpoint"]["path"] == str(runs["llama"].checkpoint) and "definitions" in written
     with pytest.raises(SystemExit) as e:  # (an unknown name would index lm-eval's 14k tasks: ~20 s)

@@ -123,7 +123,7 @@ def test_unrepresentable_models_are_refused(tmp_path, arch, fields, reason):
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder, and not a hub id"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a hub id"):
         load_run(f"hf:{tmp_path / 'nothing'}")
 
 
@@ -180,7 +180,11 @@ def test_an_eval_runs_on_an_import_with_data(folders, tmp_path, monkeypatch):
     [result] = activations.main(["--ckpt", f"hf:{folders['qwen3']}", "--data", str(corpus), "--n-seqs", "2",
                                  "--length", "32"])
     assert result.checkpoint["path"] == str(folders["qwen3"])
-    assert (tmp_path / "out" / "hf" / "qwen3" / "eval" / "activations.json").is_file()
+    from model.hf_import import locate
+
+    name = locate(f"hf:{folders['qwen3']}").name
+    assert name.startswith("qwen3-")  # the folder's name plus a hash of its path
+    assert (tmp_path / "out" / "hf" / name / "eval" / "activations.json").is_file()
 
 
 def test_sliding_windows_cap_the_context():

@@ -34,6 +34,7 @@ class LMTask:
     def __init__(self, cfg):
         self.cfg = cfg
         self.initial_state = None  # train.init_from's state dict, until load_initial_weights
+        self.sink_token_ids = []  # a retrofit's model.sink_tokens start as these tokens' embeddings
 
     def prepare(self, acc) -> None:
         from data.prepare import prepare
@@ -60,12 +61,20 @@ class LMTask:
         """train.init_from=hf:...: the model config and weights of the import, and its tokenizer for the data.
 
         The run keeps its attention backend and may train on shorter windows than the import's context.
-        data.tokenizer becomes the import's folder, so data prep ends documents with the import's EOS."""
-        from model.hf_import import hf_folder, init_model
+        data.tokenizer becomes the import's folder (or GGUF file), so data prep ends documents with the
+        import's EOS."""
+        from model.hf_import import init_model, locate
+        from model.retrofit import added_fields
 
         cfg, ref = self.cfg, self.cfg.train.init_from
         try:
             imported, self.initial_state = init_model(ref)
+            fixes = added_fields(cfg.model, imported)
+            source = locate(ref)
+            if fixes.get("sink_tokens"):  # they start as the import's BOS (else EOS) embedding
+                tok = source.tokenizer()
+                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                self.sink_token_ids = [start] * fixes["sink_tokens"]
         except FileNotFoundError as e:
             raise ConfigError(f"train.init_from: {e}") from None
         except ValueError as e:
@@ -73,16 +82,25 @@ class LMTask:
         imported.backend = cfg.model.backend
         if cfg.model.block_size < imported.block_size:
             imported.block_size = cfg.model.block_size
-        acc.print(f"init_from {ref}: model config and tokenizer from the import, block_size {imported.block_size}")
+        for name, value in fixes.items():  # a retrofit: model/retrofit.py starts them as the identity
+            setattr(imported, name, value)
+        imported.sink_logit_init = cfg.model.sink_logit_init
+        imported.validate()
+        added = ", ".join(f"model.{k}={v}" for k, v in fixes.items())
+        acc.print(f"init_from {ref}: model config and tokenizer from the import, block_size {imported.block_size}"
+                  + (f"; retrofit {added}" if added else ""))
         cfg.model = imported
-        cfg.data.tokenizer = str(hf_folder(ref))
+        cfg.data.tokenizer = source.tokenizer_spec  # the folder, or the GGUF file
 
     def load_initial_weights(self, model: torch.nn.Module) -> None:
-        """Copy train.init_from's weights into the freshly built model (then drop them)."""
+        """Copy train.init_from's weights into the freshly built model (then drop them), with a
+        retrofit's new parameters started as the identity (model/retrofit.py)."""
+        from model.retrofit import complete_state
         from model.weights import load_state
 
         if self.initial_state is not None:
-            load_state(model, self.initial_state, self.cfg.train.init_from)
+            state = complete_state(self.initial_state, self.cfg.model, self.sink_token_ids)
+            load_state(model, state, self.cfg.train.init_from)
             self.initial_state = None
 
     def save_artifacts(self, run_dir: Path) -> None:

@@ -6,16 +6,20 @@ else asks this registry:
 
     allowed(kind)                      the values model.backend may take for this kind (config)
     get(name)                          the Backend, callable as backend(q, k, v, cfg, causal)
-    resolve(cfg, device, dtype)        `auto` -> a name; done once when the model is built or moved
+    resolve(cfg, device, dtype)        `auto` -> a name; done once when the model is built or moved; a
+                                       backend is first checked against math on the device (selfcheck.py)
     describe(cfg, device, dtype)       "sdpa (softmax, fp32, cpu)": what a run prints and saves
     check(cfg, device, mixed_precision)  ValueError before training with a backend that cannot run
     fast(kind, device)                 the fused backends to check against math here (eval/bench.py)
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from .base import Backend
+from . import selfcheck
+from .base import DTYPE_NAMES, Backend
 from .chunked import BACKEND as _chunked
 from .flash import BACKEND as _flash
 from .flex import BACKEND as _flex
@@ -30,7 +34,6 @@ from .triton import BACKEND as _triton
 # (measured at about 5x flash softmax: docs/design.md). Elsewhere: materialised weights (flex has
 # no CPU backward) and chunked linear attention.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (_flash, _triton, _sdpa, _chunked, _flex, _math)}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,13 +49,30 @@ def get(name: str) -> Backend:
 
 
 def resolve(cfg, device, dtype: torch.dtype | None = None) -> str:
-    """cfg.backend, or for `auto` the fastest backend known to be correct for this kind on this
-    device and dtype (one that can also train there)."""
-    if cfg.backend != "auto":
-        return cfg.backend
+    """cfg.backend, or for `auto` the fastest backend that runs this kind on this device and dtype
+    (one that can also train there). A backend other than math is used only once it has agreed with
+    math on the device (selfcheck.py, once per process); one that does not is replaced by the next
+    of the policy, with one line saying so."""
     device = torch.device(device)
+    failures: list[str] = []
+    chosen = cfg.backend
+    if cfg.backend != "auto":
+        named = get(cfg.backend)
+        # One that cannot run here at all is left to check() / the call to refuse with its reason.
+        if named.why_not(cfg, device, dtype) is None and not selfcheck.trusted(named, cfg, device, dtype, failures):
+            chosen = _first_trusted(cfg, device, dtype, failures, skip=cfg.backend)
+    else:
+        chosen = _first_trusted(cfg, device, dtype, failures)
+    for line in failures:
+        print(f"{line}; using {chosen}", file=sys.stderr, flush=True)
+    return chosen
+
+
+def _first_trusted(cfg, device, dtype, failures: list[str], skip: str | None = None) -> str:
     for name, b in REGISTRY.items():
-        if b.why_not(cfg, device, dtype, training=True) is None and (b.auto_ok is None or b.auto_ok(cfg, device)):
+        if name == skip or b.why_not(cfg, device, dtype, training=True) is not None:
+            continue
+        if (b.auto_ok is None or b.auto_ok(cfg, device)) and selfcheck.trusted(b, cfg, device, dtype, failures):
             return name
     raise AssertionError("math runs everything")
 
