@@ -5,11 +5,14 @@ nanoGPT's model. This module is the command line; it prints markdown and writes 
     python -m eval.bench --check                       # verify fast paths against math, then time them
     python -m eval.bench --lengths 1024 4096 --kinds softmax sigmoid
     python -m eval.bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind
+    python -m eval.bench --skip kernels train nanogpt --stream-model /path/to/hf_folder   # the streaming row
 
 `--check` runs every fast backend against the `math` backend (forward and gradients, relative
 error ||fast - ref|| / ||ref|| with the reference in fp32 on the same inputs) and exits non-zero
 when one is over the bound (1e-2 for bf16 on the GPU, 1e-4 for fp32 on the CPU). The speed
-targets the rows are read against are in docs/gpu.md.
+targets the rows are read against are in docs/gpu.md. The streaming row (eval/bench_streaming.py)
+compares eval.streaming's parallel form with token-by-token decoding and with transformers' own
+decoding of the same imported model.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from model.config import ATTENTION_KINDS, GATE_KINDS
 
 from .bench_kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table  # noqa: F401  (check: used by the tests)
+from .bench_streaming import streaming_row
 from .bench_train import train_table
 
 
@@ -59,7 +63,13 @@ def parse_args(argv):
                    help="gates for the training rows (default: none elementwise on GPU, all on CPU)")
     p.add_argument("--lengths", nargs="+", type=int, default=None, help="T values (gpu: 1024 4096 8192, cpu: 256)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--skip", nargs="*", choices=["kernels", "train", "nanogpt"], default=[], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", choices=["kernels", "train", "nanogpt", "streaming"], default=[],
+                   help="parts to leave out")
+    p.add_argument("--stream-model", default=None,
+                   help="streaming row: a transformers folder (default: a random Llama of --n-layer/--n-head/--n-embd/--vocab)")
+    p.add_argument("--stream-tokens", type=int, default=4096, help="streaming row: tokens streamed (default 4096)")
+    p.add_argument("--stream-window", type=int, default=252, help="streaming row: W of the 4+W sink cache (default 252)")
+    p.add_argument("--stream-chunk", type=int, default=256, help="streaming row: queries per forward of the parallel form")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the training rows")
     p.add_argument("--backends", nargs="+", default=None, help="check and kernel rows: only these backends (the "
                    "kernel table's baseline, SDPA softmax, always runs), e.g. sdpa flash triton chunked math")
@@ -91,7 +101,11 @@ def parse_args(argv):
             p.error(reason)
     if args.suite == "cpu" and args.device != "cpu":
         p.error("--suite cpu runs on the CPU; drop --device or pass --device cpu")
-    for name in ("lengths", "n_layer", "n_head", "n_embd", "vocab", "batch", "warmup", "reps"):
+    if args.stream_model is not None and not (Path(args.stream_model).expanduser() / "config.json").is_file():
+        p.error(f"--stream-model {args.stream_model}: not a transformers folder (no config.json); "
+                "save one with save_pretrained, or leave the flag out for a random Llama")
+    for name in ("lengths", "n_layer", "n_head", "n_embd", "vocab", "batch", "warmup", "reps",
+                 "stream_tokens", "stream_window", "stream_chunk"):
         v = getattr(args, name)
         if v is not None and any(x <= 0 for x in (v if isinstance(v, list) else [v])):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -170,6 +184,22 @@ def main(argv=None) -> int:
         cols = ["T", "B", "model", "step_ms", "best_ms", "tok_per_s", "mfu", "peak_mem_gb", "vs_softmax", "error"]
         print(("vs_softmax on the CPU: median over rounds of the paired ratio; best_ms: fastest step\n\n"
                if args.suite == "cpu" else "") + markdown([r for r in rows], cols) + "\n")
+    if "streaming" not in args.skip:
+        shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab=args.vocab)
+        folder = None if args.stream_model is None else Path(args.stream_model).expanduser()
+        try:
+            row = streaming_row(folder, args.stream_tokens, 4, args.stream_window, args.stream_chunk, shape)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        result["streaming"] = [row]
+        save()
+        print(f"## streaming, sinks mode ({row['cache']}, a query sees S+W+1 keys), {row['tokens']} random tokens, "
+              f"{row['layers']} layers x {row['width']}, fp32, {row['threads']} threads; transformers decodes with "
+              "its full DynamicCache\n")
+        print(markdown([row], ["model", "tokens", "cache", "parallel_tok_s", "token_by_token_tok_s", "hf_decode_tok_s",
+                               "parallel_vs_token_by_token", "parallel_vs_hf_decode", "token_by_token_vs_hf_decode",
+                               "max_nll_diff_parallel_vs_token_by_token", "max_nll_diff_vs_hf_before_eviction"]) + "\n")
     print(f"wrote {out_path}")
     return 0
 

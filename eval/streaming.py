@@ -1,10 +1,10 @@
 """Streaming perplexity with KV-sink windows, the StreamingLLM protocol (Xiao et al., ICLR 2024)
 as its reference code (mit-han-lab/streaming-llm, examples/eval_long_ppl.py) runs it.
 
-Token-by-token decoding over a long held-out text (default: the run's held-out split,
-documents concatenated, first 20k tokens; `--bos` puts the BOS token first, as a Llama
-tokenizer does for each text there); the NLL of every next token is recorded. Modes, all at
-the same total cache of S+W tokens:
+Over a long held-out text (default: the run's held-out split, documents concatenated, first
+`--tokens` = 20,000 tokens; longer streams start the split again from its first token; `--bos`
+puts the BOS token first, as a Llama tokenizer does for each text there) the NLL of every next
+token is recorded. Modes, all at the same total cache of S+W tokens:
 
 * `window`    window attention: the S+W most recent tokens only (cache 0+(S+W));
 * `sinks`     StreamingLLM: the S first tokens + the W most recent (cache S+W), keys re-rotated
@@ -18,9 +18,13 @@ Order (`--order`): the reference feeds a token with the cache as it is and trims
 S+W after the forward, so each query sees S+W+1 keys (`reference`, the default). `evict-first`
 trims before the forward: S+W keys per query, the cache never holds more than S+W.
 
-`linear` attention has no window: it runs its exact recurrent state over the whole text (one
-mode, `recurrent`). W defaults to the largest window whose queries stay inside the trained
-context: block_size - S - 1 (reference order) or block_size - S (evict-first).
+window and sinks run in the sink cache's exact parallel form by default (model/cache.py's
+BandKVCache: chunks of `--chunk` queries, each seeing what the token-by-token cache held when it
+was decoded); `--exact-decode` feeds one token at a time instead, the reference the parallel form
+is tested against. `linear` attention has no window: it runs its exact recurrent state over the
+whole text (one mode, `recurrent`), fed in chunks (one token at a time with --exact-decode). W
+defaults to the largest window whose queries stay inside the trained context: block_size - S - 1
+(reference order) or block_size - S (evict-first); a larger one needs --beyond-context.
 
     python -m eval.streaming --ckpt out/<run> [--n-sink 4] [--window W] [--tokens 20000] [--bos]
 """
@@ -47,21 +51,33 @@ def cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def stream_nll(model, tokens: torch.Tensor, cache) -> dict:
-    """Feed `tokens` (1-D) one at a time through `cache`; NLL of each next token (len N-1).
+def stream_nll(model, tokens: torch.Tensor, cache, chunk: int = 1, desc: str = "streaming") -> dict:
+    """Feed `tokens` (1-D) through `cache`, `chunk` tokens per call; NLL of each next token (len N-1).
+    chunk > 1 needs a cache that takes many tokens per call as if fed one at a time: the sink
+    cache's band form, a full cache or linear attention's state (a plain sink cache would let a
+    chunk's queries see more than its capacity).
 
     Returns {"nll": np.ndarray, "seconds", "cache_tokens_peak", "cache_bytes_peak"}.
     """
+    from .progress import progress
+
+    if chunk > 1 and cache.capacity is not None and not cache.is_band:
+        raise ValueError("a sink cache fed chunk > 1 tokens per call is not token-by-token streaming; "
+                         "use make_cache(n_sink, window, band=True)")
     device = next(model.parameters()).device
-    ids = tokens.to(device).long().view(-1, 1)
+    ids = tokens.to(device).long()
     n = ids.shape[0] - 1
     nll = torch.empty(n, device=device)
     peak = 0
     t0 = time.perf_counter()
-    for t in range(n):
-        logits = model(ids[t : t + 1], cache=cache).logits[0, -1]
-        nll[t] = torch.logsumexp(logits, -1) - logits[ids[t + 1, 0]]
-        peak = max(peak, len(cache))
+    with progress(n, desc) as bar:
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            logits = model(ids[None, start:end], cache=cache).logits[0]
+            nll[start:end] = F.cross_entropy(logits.float(), ids[start + 1 : end + 1], reduction="none")
+            # tokens a query attends to: the band form keeps the next query's context, itself not yet in
+            peak = max(peak, min(len(cache) + 1, cache.seen) if cache.is_band else len(cache))
+            bar.update(end - start)
     nll = nll.cpu().numpy()  # synchronises on GPU before the clock stops
     seconds = time.perf_counter() - t0
     if cache.is_recurrent:
@@ -76,6 +92,8 @@ def recompute_nll(model, tokens: torch.Tensor, context: int, stride: int = 1, ba
 
     The first `context` predictions share one prefix forward; later ones are batched windows.
     """
+    from .progress import progress
+
     device = next(model.parameters()).device
     tokens = tokens.to(device).long()
     n = tokens.shape[0] - 1
@@ -85,21 +103,25 @@ def recompute_nll(model, tokens: torch.Tensor, context: int, stride: int = 1, ba
     logits = model(tokens[None, :head]).logits[0]
     nll[:head] = F.cross_entropy(logits, tokens[1 : head + 1], reduction="none")
     ends = torch.arange(head, n, stride, device=device)  # t: last context token of each window
-    for chunk in ends.split(batch_size) if len(ends) else ():
-        windows = torch.stack([tokens[t - context + 1 : t + 1] for t in chunk.tolist()])
-        last = model(windows).logits[:, -1]
-        nll[chunk] = F.cross_entropy(last, tokens[chunk + 1], reduction="none")
+    with progress(head + len(ends), "streaming recompute") as bar:
+        bar.update(head)
+        for chunk in ends.split(batch_size) if len(ends) else ():
+            windows = torch.stack([tokens[t - context + 1 : t + 1] for t in chunk.tolist()])
+            last = model(windows).logits[:, -1]
+            nll[chunk] = F.cross_entropy(last, tokens[chunk + 1], reduction="none")
+            bar.update(len(chunk))
     out = nll.cpu().numpy()
     seconds = time.perf_counter() - t0
     return {"nll": out, "seconds": seconds, "cache_tokens_peak": context, "cache_bytes_peak": None}
 
 
-def _summary(res: dict, cache: str) -> dict:
+def _summary(res: dict, cache: str, method: str) -> dict:
     nll = res["nll"]
     scored = np.isfinite(nll)
     mean = float(nll[scored].mean())
     return {
         "cache": cache,
+        "method": method,
         "ppl": float(np.exp(mean)),
         "mean_nll": mean,
         "n_scored": int(scored.sum()),
@@ -108,6 +130,40 @@ def _summary(res: dict, cache: str) -> dict:
         "cache_tokens_peak": res["cache_tokens_peak"],
         "cache_bytes_peak": res["cache_bytes_peak"],
     }
+
+
+MAX_BINS = 1000  # per-position NLL in the JSON: at most this many bins per mode
+LOG_SCALE_FROM = 50  # streams longer than this many times the keys per query get log-spaced bins
+
+
+def position_bins(n: int, keys_per_query: int) -> tuple[np.ndarray, str]:
+    """Bin edges over predictions 0..n: equal widths, or log-spaced for long streams (where
+    eviction would sit in the first percent of a linear axis). Returns (edges, scale)."""
+    if n > LOG_SCALE_FROM * keys_per_query:
+        edges = np.unique(np.round(np.geomspace(1, n, MAX_BINS)).astype(np.int64))
+        return np.concatenate(([0], edges)), "log"
+    return np.unique(np.linspace(0, n, min(n, MAX_BINS) + 1).round().astype(np.int64)), "linear"
+
+
+def binned_nll(curves: dict, n: int, keys_per_query: int) -> dict:
+    """Mean NLL per position bin and mode; with recompute, each mode minus recompute on the
+    positions recompute scored. NaN (unscored) -> null in the JSON."""
+    edges, scale = position_bins(n, keys_per_query)
+
+    def per_bin(values):
+        out = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            part = values[lo:hi]
+            part = part[np.isfinite(part)]
+            out.append(float(part.mean()) if len(part) else None)
+        return out
+
+    binned = {"scale": scale, "bin_start": edges[:-1].tolist(), "bin_end": edges[1:].tolist(),
+              "nll": {mode: per_bin(nll) for mode, nll in curves.items()}}
+    if "recompute" in curves:
+        binned["minus_recompute"] = {mode: per_bin(nll - curves["recompute"])
+                                     for mode, nll in curves.items() if mode != "recompute"}
+    return binned
 
 
 @dataclass
@@ -124,25 +180,36 @@ class StreamingResult(EvalResult):
     recompute_stride: int
     attention: dict
     modes: dict
+    nll_by_position: dict
+    chunk: int | None = None
     notes: str | None = None
     text: str | None = None
     process_peak_rss_mb: float | None = None
     _curves: dict = field(default_factory=dict, repr=False)  # mode -> per-token NLL array
 
     DEFINITIONS = {
-        "ppl": "exp(mean NLL of each next token) over the scored positions, decoding token by token",
+        "ppl": "exp(mean NLL of each next token) over the scored positions",
         "window": "window attention, cache = the S+W most recent tokens (0+(S+W)): the same total cache as sinks",
         "sinks": "StreamingLLM: S first tokens + W most recent, keys re-rotated at cache positions",
         "recompute": "sliding window with recomputation over the last keys_per_query tokens (quality reference)",
         "recurrent": "linear attention: exact recurrent state over the whole text (no window)",
+        "method": "parallel: the sink cache's exact parallel form, chunk queries per forward, each seeing what "
+                  "the token-by-token cache held when it was decoded (equal to exact-decode up to float rounding); "
+                  "exact-decode: one token per forward (the reference); chunked state: linear attention's "
+                  "recurrent state fed chunk tokens at a time; batched windows: recompute",
+        "chunk": "queries per forward in the parallel form (null with --exact-decode)",
         "order": "reference: the cache is trimmed to S+W after each forward (StreamingLLM's eval_long_ppl.py), "
                  "so a query sees S+W+1 keys; evict-first: trimmed before, S+W keys",
         "keys_per_query": "keys a query attends to once the cache is full",
         "first_eviction": "index of the first prediction (0 = predicting token 1) whose query misses a token",
         "bos_first": "the stream starts with the BOS token",
         "tokens_per_s": "scored tokens / wall seconds of the mode",
-        "cache_tokens_peak": "largest number of tokens held in the cache during a forward (context for recompute)",
+        "cache_tokens_peak": "largest number of tokens a query attends to (the token-by-token cache during a "
+                             "forward; context for recompute)",
         "cache_bytes_peak": "bytes of K/V (or linear state) resident at the end, where the cache is largest",
+        "nll_by_position": "mean NLL per bin of predictions [bin_start, bin_end) and mode (scale: linear bins, or "
+                           f"log-spaced past {LOG_SCALE_FROM}x keys_per_query predictions; at most {MAX_BINS} bins); "
+                           "minus_recompute: each mode's NLL minus recompute's on the positions recompute scored",
         "ppl_window": "ppl of the window mode (null when not run)",
         "ppl_sinks": "ppl of the sinks mode (null when not run)",
     }
@@ -163,9 +230,10 @@ def default_window(block_size: int, n_sink: int, order: str = "reference") -> in
 
 def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = None, modes=MODES,
              recompute_stride: int = 1, batch_size: int = 16, order: str = "reference",
-             bos_id: int | None = None) -> StreamingResult:
+             bos_id: int | None = None, exact_decode: bool = False, chunk: int = 256) -> StreamingResult:
     """Run each mode over `tokens` (1-D ids, BOS prepended when `bos_id` is given); the
-    per-token NLL curves are in `result._curves`."""
+    per-token NLL curves are in `result._curves`. window and sinks run in the parallel form,
+    `chunk` queries per forward, unless `exact_decode`."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
     cfg = model.config
@@ -176,24 +244,31 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
     keys = n_sink + window + (order == "reference")
     # the reference's trim-after-forward is an evict-first cache one slot larger: same keys per query
     extra = int(order == "reference")
+    step = 1 if exact_decode else chunk
     if cfg.attention == "linear":
         modes = ("recurrent",)
     results, curves = {}, {}
     for mode in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        method = "exact-decode" if exact_decode else "parallel"
         if mode == "recurrent":
-            res, cache = stream_nll(model, tokens, model.make_cache()), "exact recurrent state"
+            method = "exact-decode" if exact_decode else "chunked state"
+            res, cache = stream_nll(model, tokens, model.make_cache(), step, desc=mode), "exact recurrent state"
         elif mode == "window":
-            res = stream_nll(model, tokens, model.make_cache(0, n_sink + window + extra))
+            res = stream_nll(model, tokens, model.make_cache(0, n_sink + window + extra, band=not exact_decode),
+                             step, desc=mode)
             cache = f"0+{n_sink + window}"
         elif mode == "sinks":
-            res, cache = stream_nll(model, tokens, model.make_cache(n_sink, window + extra)), f"{n_sink}+{window}"
+            res = stream_nll(model, tokens, model.make_cache(n_sink, window + extra, band=not exact_decode),
+                             step, desc=mode)
+            cache = f"{n_sink}+{window}"
         elif mode == "recompute":
             res, cache = recompute_nll(model, tokens, keys, recompute_stride, batch_size), f"recompute last {keys}"
+            method = "batched windows"
         else:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-        results[mode] = _summary(res, cache)
+        results[mode] = _summary(res, cache, method)
         if device.type == "cuda":
             results[mode]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         curves[mode] = res["nll"]
@@ -201,38 +276,68 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
         scored = np.isfinite(curves["recompute"])
         for mode, nll in curves.items():
             results[mode]["ppl_on_recompute_positions"] = float(np.exp(nll[scored].mean()))
+    n = int(tokens.shape[0]) - 1
     return StreamingResult(
-        n_tokens=int(tokens.shape[0]), n_predictions=int(tokens.shape[0]) - 1, n_sink=n_sink, window=window,
+        n_tokens=n + 1, n_predictions=n, n_sink=n_sink, window=window,
         order=order, keys_per_query=keys, first_eviction=keys, bos_first=bos_id is not None,
         block_size=cfg.block_size, recompute_stride=recompute_stride,
         attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
-        modes=results, _curves=curves,
+        modes=results, nll_by_position=binned_nll(curves, n, keys), chunk=None if exact_decode else chunk,
+        _curves=curves,
         notes="linear attention runs its exact recurrent state: no eviction, one mode" if cfg.attention == "linear" else None)
 
 
 def plot(result: StreamingResult, path) -> None:
-    """NLL vs position, moving average, one line per mode; dashed line where eviction starts."""
+    """NLL over position per mode (bin means, log x for long streams), eviction start marked;
+    with recompute, a second panel of each mode's NLL minus recompute's, where overlapping
+    curves come apart."""
     from .plots import save, subplots
 
-    n, curves = result.n_predictions, result._curves
-    smooth = max(1, n // 100)
-    fig, axes = subplots(1, 1, width=8, height=4)
-    ax = axes[0, 0]
-    for mode, nll in curves.items():
-        pos = np.flatnonzero(np.isfinite(nll))
-        vals = nll[pos]
-        k = min(smooth, len(vals))
-        avg = np.convolve(vals, np.ones(k) / k, mode="valid")
-        ax.plot(pos[k - 1 :], avg, lw=1, label=f"{mode} ({result.modes[mode]['cache']}): "
-                                                f"ppl {result.modes[mode]['ppl']:.2f}")
-    if result.attention["kind"] != "linear":
-        ax.axvline(result.first_eviction, color="gray", ls="--", lw=0.8,
-                   label=f"first eviction (prediction {result.first_eviction})")
-    ax.set_xlabel("position in the text (tokens)")
-    ax.set_ylabel(f"NLL (nats), moving average over {smooth}")
-    ax.set_title(f"streaming NLL, {result.attention['kind']} (gate {result.attention['gate']})")
-    ax.legend(fontsize=8)
+    binned = result.nll_by_position
+    start, end = np.array(binned["bin_start"]), np.array(binned["bin_end"])
+    x = (start + end - 1) / 2 if binned["scale"] == "linear" else np.sqrt(np.maximum(start, 1) * np.maximum(end - 1, 1))
+    panels = [("nll", "NLL (nats), mean per bin")]
+    if "minus_recompute" in binned:
+        panels.append(("minus_recompute", "NLL minus recompute's (nats)"))
+    fig, axes = subplots(len(panels), 1, width=8, height=3.6)
+    for ax, (key, ylabel) in zip(axes[:, 0], panels):
+        for mode, values in binned[key].items():
+            y = np.array([np.nan if v is None else v for v in values], dtype=float)
+            r = result.modes[mode]
+            ax.plot(x, y, lw=1, label=f"{mode} ({r['cache']}): ppl {r['ppl']:.2f}")
+        if key == "minus_recompute":
+            ax.axhline(0, color="black", lw=0.6)
+        if result.attention["kind"] != "linear":
+            ax.axvline(result.first_eviction, color="gray", ls="--", lw=0.8,
+                       label=f"eviction starts (prediction {result.first_eviction})")
+        if binned["scale"] == "log":
+            ax.set_xscale("log")
+        ax.set_xlabel("position in the stream (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(f"streaming NLL, {result.attention['kind']} (gate {result.attention['gate']}), "
+                         f"{len(start)} bins")
     save(fig, path)
+
+
+def long_stream(val, n_tokens: int, keys_per_query: int) -> tuple[torch.Tensor, str]:
+    """The first n_tokens of the held-out split (documents concatenated); past its end the split
+    starts again from its first token, as many times as needed. A query's context then never holds
+    two copies of the same text as long as the split is longer than the keys a query sees.
+    Returns (tokens, a sentence saying what was streamed)."""
+    val = np.asarray(val)
+    passes = -(-n_tokens // len(val))
+    if passes > 1 and len(val) <= keys_per_query:
+        raise ValueError(f"--tokens {n_tokens} needs the held-out split ({len(val)} tokens) repeated, but a query "
+                         f"sees {keys_per_query} keys and would see the repeat: lower --tokens to {len(val)} or "
+                         "pass a larger --data")
+    tokens = np.concatenate([val] * passes)[:n_tokens] if passes > 1 else val[:n_tokens]
+    text = f"first {len(tokens)} tokens of the held-out split (documents concatenated), of {len(val)} available"
+    if passes > 1:
+        text = (f"{len(tokens)} tokens: the held-out split (documents concatenated, {len(val)} tokens) streamed "
+                f"{n_tokens / len(val):.2f} times in a row; queries never see a repeat (split > {keys_per_query} "
+                "keys), but each later pass's first tokens can copy the sinks")
+    return torch.from_numpy(tokens.astype(np.int64)), text
 
 
 def main(argv=None) -> list[StreamingResult]:
@@ -245,11 +350,17 @@ def main(argv=None) -> list[StreamingResult]:
     ap.add_argument("--window", type=positive_int, default=None,
                     help="W: recent tokens kept (default: block_size - S - 1, or block_size - S with evict-first; "
                          "for an hf: import its context capped at 256 in place of block_size)")
+    ap.add_argument("--beyond-context", action="store_true",
+                    help="allow a window whose queries see more keys than block_size (positions never trained on)")
     ap.add_argument("--order", choices=ORDERS, default="reference",
                     help="reference: trim after the forward, a query sees S+W+1 keys; evict-first: S+W")
     ap.add_argument("--bos", action="store_true", help="start the stream with the BOS token (runs trained with data.bos)")
-    ap.add_argument("--tokens", type=int, default=20000, help="held-out tokens to stream (at most)")
+    ap.add_argument("--tokens", type=positive_int, default=20000,
+                    help="tokens to stream (default 20000); past the held-out split's end it starts again")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--exact-decode", action="store_true",
+                    help="window / sinks token by token (the reference) instead of the exact parallel form")
+    ap.add_argument("--chunk", type=positive_int, default=256, help="queries per forward in the parallel form")
     ap.add_argument("--recompute-stride", type=positive_int, default=1, help="score every k-th position in recompute")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward in recompute")
     args = ap.parse_args(argv)
@@ -264,24 +375,28 @@ def main(argv=None) -> list[StreamingResult]:
             fail(f"--window must be >= 1 (got {window}); with --n-sink {args.n_sink} near block_size "
                  f"{cfg.block_size} pass --window explicitly")
         keys = args.n_sink + window + (args.order == "reference")
-        if "recompute" in args.modes and keys > cfg.block_size and cfg.attention != "linear":
+        linear = cfg.attention == "linear"
+        if keys > cfg.block_size and not linear and not args.beyond_context:
+            fail(f"--window {window}: a query would see {keys} keys, more than the model's context of "
+                 f"{cfg.block_size} (positions it never trained on); use --window <= "
+                 f"{default_window(cfg.block_size, args.n_sink, args.order)} or pass --beyond-context")
+        if "recompute" in args.modes and keys > cfg.block_size and not linear:
             fail(f"recompute needs the {keys} keys a query sees <= block_size {cfg.block_size}; "
                  "lower --window or drop recompute from --modes")
         bos = bos_id(run) if args.bos else None
         if args.bos and bos is None:
             fail(f"--bos needs a run trained with data.bos (a BOS token); {run.run_dir} has none")
         val = run.val_tokens()
-        tokens = torch.from_numpy(np.asarray(val[: args.tokens]).astype(np.int64))
-        if tokens.shape[0] < 2:
-            fail(f"the held-out split of {run.run_dir} has {tokens.shape[0]} tokens; nothing to stream")
+        if len(val) < 2:
+            fail(f"the held-out split of {run.run_dir} has {len(val)} tokens; nothing to stream")
+        tokens, text = long_stream(val, args.tokens, keys)
         result = evaluate(run.model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size,
-                          args.order, bos)
-        result.text = (f"first {tokens.shape[0]} tokens of the held-out split (documents concatenated), "
-                       f"of {len(val)} available")
+                          args.order, bos, args.exact_decode, args.chunk)
+        result.text = text
         result.process_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         plot(result, out / "streaming.png")
         for mode, r in result.modes.items():
-            print(f"{mode:>10} [{r['cache']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
+            print(f"{mode:>10} [{r['cache']}, {r['method']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
                   f"peak cache {r['cache_tokens_peak']} tokens")
         return result
 

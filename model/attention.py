@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import backends
 from .config import AttentionConfig
 from .rope import apply_rope, rope_cos_sin, scaled_rope_frequencies
-from .scores import expand_kv, linear_attention_chunked, math_attention
+from .scores import expand_kv, linear_attention_chunked, math_attention, weights_from_scores
 
 
 @dataclass
@@ -88,11 +88,14 @@ class Attention(nn.Module):
     # ---------------------------------------------------------------- forward
     def rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (B,H,T,D) as if it sat at positions start .. start+T-1."""
+        return self.rope_at(x, torch.arange(start, start + x.shape[-2], device=x.device))
+
+    def rope_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B,H,T,D) at integer positions (T,)."""
         if not self.cfg.rope:
             return x
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
-        positions = torch.arange(start, start + x.shape[-2], device=x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         return apply_rope(x, cos, sin)
 
@@ -115,6 +118,8 @@ class Attention(nn.Module):
             y, weights = self.attend(self.rope(q, 0), self.rope(k, 0), v, return_attn)
         elif cache.is_recurrent:
             y = self.attend_recurrent(q, k, v, cache)
+        elif cache.is_band:
+            y = self.attend_band(q, k, v, cache)
         else:
             k, v, start = cache.update(k, v)
             y, _ = self.attend(self.rope(q, start), self.rope(k, 0), v)
@@ -149,6 +154,28 @@ class Attention(nn.Module):
         mass = w.sum(-1)
         sink_slot = None if sink is None else 1 - mass
         return y, AttentionWeights(probs=w / mass.unsqueeze(-1), mass=mass, sink_slot=sink_slot)
+
+    def attend_band(self, q, k, v, store):
+        """The sink cache's parallel form (model/cache.py's BandKVCache): query i sees the sinks
+        j < n_sink and the keys with 0 <= i - j < window, scored as if it had been fed alone:
+        band keys and queries rotated at their stream indices (shifted to start at the oldest
+        band key: relative positions, small angles), sink keys at their slots j and the query at
+        its cache slot min(i, n_sink + window - 1)."""
+        cfg = self.cfg
+        first, n_sink, window = store.seen, store.n_sink, store.window
+        keys, values, key_index = store.update(k, v)  # ascending stream indices: the sinks first
+        keys, values = expand_kv(keys, values, cfg.n_head)
+        n_held_sinks = min(n_sink, store.seen)
+        base = max(n_sink, first - window + 1)
+        q_index = torch.arange(first, store.seen, device=q.device)
+        sink_k, band_k = keys[:, :, :n_held_sinks], keys[:, :, n_held_sinks:]
+        band = self.rope_at(q, q_index - base) @ self.rope_at(band_k, key_index[n_held_sinks:] - base).transpose(-2, -1)
+        sinks = self.rope_at(q, q_index.clamp(max=n_sink + window - 1)) @ self.rope_at(
+            sink_k, key_index[:n_held_sinks]).transpose(-2, -1)
+        distance = q_index[:, None] - key_index[None, :]
+        visible = (distance >= 0) & ((key_index < n_sink)[None, :] | (distance < window))
+        scores = torch.cat((sinks, band), dim=-1) * q.shape[-1] ** -0.5
+        return weights_from_scores(scores, visible, cfg, self.sink_logits()) @ values
 
     def attend_recurrent(self, q, k, v, state):
         """Linear attention from its recurrent state (model/cache.py's LinearState), exactly."""

@@ -16,6 +16,10 @@ positions 0..n-1 and the queries at theirs. For the full cache those are the abs
 decoding equals the full forward pass. For the sink cache the evicted middle closes up and the kept
 keys are re-positioned at 0..n-1: StreamingLLM's "pos shift", which lets generation run forever
 in constant memory. Linear attention keeps its exact recurrent state (S, z) instead.
+
+`make_cache(n_sink, window, band=True)` is the same sink cache in its parallel form: a call may
+carry any number of tokens, and each attends to exactly what it would have seen fed one token at a
+time (band attention, `BandKVCache`), so a long stream is evaluated chunk by chunk in bounded memory.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class KVCache:
     """One layer's unrotated keys and values. n_sink/window None = keep everything."""
 
     is_recurrent = False
+    is_band = False
 
     def __init__(self, n_sink: int | None = None, window: int | None = None):
         if (n_sink is None) != (window is None):
@@ -73,11 +78,59 @@ class KVCache:
         return self.k, self.v, len(self) - n_new
 
 
+class BandKVCache:
+    """The sink cache (n_sink first + window most recent tokens) fed many tokens per call, each
+    token attending as if it had been fed alone. It holds the sinks and the last window - 1 tokens,
+    unrotated, with their stream indices; `update` returns them plus the new tokens.
+
+    Fed one token at a time, KVCache(n_sink, window) gives token i (0-based in the stream) the keys
+    j <= i with j < n_sink (sinks) or i - j < window (recent). Once full it holds n_sink + window
+    keys at cache slots 0..n-1 with the query in the last slot, min(i, n_sink + window - 1): a recent
+    key sits i - j slots before the query, as without eviction, and sink j at slot j. The block
+    rotates band keys and queries at their stream indices (relative to the oldest band key, so
+    the angles stay small) and the sink columns at those slots: the same scores in one call.
+    """
+
+    is_recurrent = False
+    is_band = True
+
+    def __init__(self, n_sink: int, window: int):
+        if window < 1 or n_sink < 0:
+            raise ValueError(f"sink cache needs window >= 1 and n_sink >= 0, got window={window}, n_sink={n_sink}")
+        self.n_sink, self.window = n_sink, window
+        self.k = self.v = self.index = None
+        self.seen = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.n_sink + self.window
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def nbytes(self) -> int:
+        return _nbytes((self.k, self.v))
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Append unrotated k, v (B, Hkv, T_new, D) of the next tokens. Returns (keys, values, index):
+        what is held plus the new tokens, and each one's stream index (LongTensor, ascending)."""
+        new = torch.arange(self.seen, self.seen + k.shape[-2], device=k.device)
+        keys = k if self.k is None else torch.cat((self.k, k), dim=2)
+        values = v if self.v is None else torch.cat((self.v, v), dim=2)
+        index = new if self.index is None else torch.cat((self.index, new))
+        self.seen += k.shape[-2]
+        # what the next tokens can still see: the sinks and the window - 1 tokens before them
+        keep = (index < self.n_sink) | (index > self.seen - self.window)
+        self.k, self.v, self.index = keys[:, :, keep], values[:, :, keep], index[keep]
+        return keys, values, index
+
+
 class LinearState:
     """Linear attention's exact recurrent state (S, z) after `seen` tokens: constant memory, nothing
     evicted. The block rotates at absolute positions before the feature map, as in the full forward."""
 
     is_recurrent = True
+    is_band = False
     capacity = window = None
 
     def __init__(self):
@@ -118,7 +171,8 @@ class Cache:
 
     @property
     def window(self) -> int | None:
-        """A sink cache's recent tokens: also the most tokens one call may add. None = any."""
+        """A sink cache's recent tokens: also the most tokens one call may add (the band form
+        takes any number). None = any."""
         return self.layers[0].window
 
     @property
@@ -126,17 +180,27 @@ class Cache:
         """A fixed-size state (linear attention) rather than tokens."""
         return self.layers[0].is_recurrent
 
+    @property
+    def is_band(self) -> bool:
+        """A sink cache in its parallel form (BandKVCache): any number of tokens per call."""
+        return self.layers[0].is_band
+
     def nbytes(self) -> int:
         """Bytes resident: K and V of every layer, or linear attention's states."""
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def make_cache(config, n_sink: int | None = None, window: int | None = None) -> Cache:
-    """Full cache (no arguments) or sink cache (n_sink + window). `linear` gets its state. A model
-    with learned sink tokens (model.sink_tokens) keeps them as the sink cache's first slots, in
-    front of the n_sink first text tokens."""
+def make_cache(config, n_sink: int | None = None, window: int | None = None, band: bool = False) -> Cache:
+    """Full cache (no arguments) or sink cache (n_sink + window); `band` gives the sink cache's
+    parallel form (BandKVCache). `linear` gets its state, which takes any number of tokens per call.
+    A model with learned sink tokens (model.sink_tokens) keeps them as the sink cache's first
+    slots, in front of the n_sink first text tokens."""
     if config.attention == "linear":
         return Cache([LinearState() for _ in range(config.n_layer)])
     if n_sink is not None:
         n_sink += getattr(config, "sink_tokens", 0)
+    if band:
+        if n_sink is None:
+            raise ValueError("band=True is the parallel form of a sink cache: give n_sink and window")
+        return Cache([BandKVCache(n_sink, window) for _ in range(config.n_layer)])
     return Cache([KVCache(n_sink, window) for _ in range(config.n_layer)])

@@ -139,8 +139,10 @@ class GPT(nn.Module):
             sink_tokens=n_sink,
         )
 
-    def make_cache(self, n_sink: int | None = None, window: int | None = None) -> Cache:
-        return make_cache(self.config, n_sink, window)
+    def make_cache(self, n_sink: int | None = None, window: int | None = None, band: bool = False) -> Cache:
+        """Full cache, sink cache (n_sink + window), or with `band` the sink cache's parallel form
+        (model/cache.py)."""
+        return make_cache(self.config, n_sink, window, band)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

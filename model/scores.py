@@ -79,28 +79,32 @@ def unnormalised_weights(scores: torch.Tensor, kind: str, sigmoid_bias: float) -
 def math_attention(q, k, v, cfg, causal: bool, sink=None):
     """Reference: materialise the weights. q: (B,H,Tq,D), k, v: (B,H,Tk,D); sink: the sink logits
     b_h (H,) or None. Returns (y, w); with sink logits the rows of w sum to less than 1."""
-    t_q, t_k = q.shape[-2], k.shape[-2]
-    mask = causal_mask(t_q, t_k, q.device) if causal else None
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
     if cfg.attention == "linear":
         w = feature_map(q) @ feature_map(k).transpose(-2, -1)
     else:
         w = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    w = weights_from_scores(w, mask, cfg, sink)
+    return w @ v, w
+
+
+def weights_from_scores(s, mask, cfg, sink=None):
+    """The attention weights from raw scores s (B,H,Tq,Tk): s_ij = q_i.k_j / sqrt(d), or
+    phi(q_i).phi(k_j) for linear. mask: bool (Tq,Tk) or (B,H,Tq,Tk), True = visible; None = all.
+    The one place each kind's score function, normalisation and sink logit is applied."""
     if cfg.attention == "softmax":
         if mask is not None:
-            w = w.masked_fill(~mask, float("-inf"))
+            s = s.masked_fill(~mask, float("-inf"))
         if sink is not None:  # the virtual key: one more column in the softmax, then dropped
-            w = torch.cat((w, sink.to(w.dtype)[:, None, None].expand(*w.shape[:-1], 1)), dim=-1)
-        w = torch.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
-        if sink is not None:
-            w = w[..., :-1]
-    else:
-        if cfg.attention != "linear":
-            w = unnormalised_weights(w, cfg.attention, cfg.resolved_sigmoid_bias)
-        if mask is not None:
-            w = w.masked_fill(~mask, 0.0)
-        if row_normalised(cfg):
-            w = w / w.sum(dim=-1, keepdim=True)
-    return w @ v, w
+            s = torch.cat((s, sink.to(s.dtype)[:, None, None].expand(*s.shape[:-1], 1)), dim=-1)
+        w = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(s.dtype)
+        return w[..., :-1] if sink is not None else w
+    w = s if cfg.attention == "linear" else unnormalised_weights(s, cfg.attention, cfg.resolved_sigmoid_bias)
+    if mask is not None:
+        w = w.masked_fill(~mask, 0.0)
+    if row_normalised(cfg):
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def bench(*args, out: Path):
 
 def test_cpu_suite_runs_and_writes_json(tmp_path):
     proc = bench("--suite", "cpu", "--check", "--kinds", "softmax", "sigmoid", "linear", "--gates", "none",
-                 "elementwise", *TINY, out=tmp_path)
+                 "elementwise", "--skip", "streaming", *TINY, out=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(tmp_path.glob("bench-cpu-*.json"))
     assert len(files) == 1
@@ -43,10 +43,29 @@ def test_cpu_suite_runs_and_writes_json(tmp_path):
     assert "| nanogpt |" in proc.stdout
 
 
+def test_streaming_row(tmp_path, capsys):
+    """The streaming row on a tiny random Llama: three speeds of the same stream, their ratios, and
+    NLL agreement (parallel == token-by-token; ours == transformers' before the first eviction)."""
+    from eval import bench as bench_cli
+
+    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", *TINY, "--stream-tokens", "80",
+                           "--stream-window", "12", "--stream-chunk", "16", "--out", str(tmp_path)]) == 0
+    row, = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())["streaming"]
+    assert row["model"] == "random llama" and row["tokens"] == 80 and row["cache"] == "4+12"
+    assert row["parallel_vs_token_by_token"] == pytest.approx(row["parallel_tok_s"] / row["token_by_token_tok_s"])
+    assert row["parallel_vs_hf_decode"] == pytest.approx(row["parallel_tok_s"] / row["hf_decode_tok_s"])
+    assert row["max_nll_diff_parallel_vs_token_by_token"] < 1e-5
+    assert row["max_nll_diff_vs_hf_before_eviction"] < 1e-4
+    assert "| random llama | 80 | 4+12 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main(["--skip", "kernels", "train", "nanogpt", "--stream-model", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "not a transformers folder" in capsys.readouterr().err
+
+
 def test_gpu_suite_shape_runs_on_cpu(tmp_path):
     """The GPU suite's code path (kernel table, training rows) at tiny shapes on the CPU."""
     proc = bench("--suite", "gpu", "--device", "cpu", "--kinds", "softmax", "linear", "--gates", "none", "headwise",
-                 *TINY, out=tmp_path)
+                 "--skip", "streaming", *TINY, out=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("bench-gpu-*.json")).read_text())
     kernels = {(r["variant"], r["backend"]): r for r in result["kernels"]}

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import train
 from eval import ablate, activations, sink, spikes, streaming
+from model.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -106,6 +108,26 @@ def test_streaming_cli(run_dir):
     assert r["modes"]["recompute"]["n_scored"] == 13 + len(range(13, 89, 2))
     for m in r["modes"].values():
         assert math.isfinite(m["ppl"]) and m["ppl"] > 1 and m["tokens_per_s"] > 0
+
+
+def test_streaming_long_stream_beyond_context(run_dir, capsys):
+    """A window past the model's context is refused in one line unless --beyond-context; a stream
+    longer than the held-out split starts it again; the JSON keeps per-position NLL in bins."""
+    with pytest.raises(SystemExit) as e:
+        streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks"])
+    assert e.value.code == 2 and "--beyond-context" in capsys.readouterr().err
+    n_val = len(load_run(str(run_dir)).val_tokens())
+    result, = streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks",
+                              "--beyond-context", "--tokens", str(3 * n_val)])
+    r = outputs(run_dir, "streaming.json", "streaming.png")
+    assert r["n_tokens"] == 3 * n_val and "3.00 times" in r["text"] and r["keys_per_query"] == 43
+    assert r["modes"]["sinks"]["method"] == "parallel" and r["chunk"] == 256
+    bins = r["nll_by_position"]
+    assert bins["bin_end"][-1] == 3 * n_val - 1 and len(bins["nll"]["sinks"]) == len(bins["bin_start"])
+    assert np.nanmean(np.array(bins["nll"]["sinks"], dtype=float)) == pytest.approx(r["modes"]["sinks"]["mean_nll"], rel=0.05)
+    exact, = streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "8", "--modes", "sinks", "--exact-decode",
+                             "--tokens", "120"])
+    assert exact.modes["sinks"]["method"] == "exact-decode" and exact.chunk is None
 
 
 def test_streaming_bad_input_is_one_clear_error(run_dir, tmp_path):

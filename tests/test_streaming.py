@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.streaming import cache_bytes, evaluate, recompute_nll, stream_nll
+from eval.streaming import MAX_BINS, binned_nll, cache_bytes, evaluate, long_stream, position_bins, recompute_nll, stream_nll
 from model import GPT, GPTConfig
 
 V = 64
@@ -126,3 +128,126 @@ def test_bos_prefixed_stream(ref):
     assert result.bos_first and result.n_tokens == 21
     ref.close(torch.from_numpy(result._curves["sinks"])[:10], full_forward_nll(model, torch.cat([torch.tensor([0]), tokens]))[:10],
               tol=1e-4, what="before eviction")
+
+
+# --------------------------------------------------------------------------------------------
+# the exact parallel form (BandKVCache) against token-by-token decoding
+# --------------------------------------------------------------------------------------------
+PARALLEL_CASES = [  # (model fields, n_sink, window, order); the stream has 47 predictions
+    (dict(attention="softmax"), 0, 7, "reference"),
+    (dict(attention="softmax"), 1, 9, "evict-first"),
+    (dict(attention="softmax"), 4, 60, "reference"),  # window larger than the stream: nothing evicted
+    (dict(attention="sigmoid", qk_norm=True), 4, 6, "reference"),
+    (dict(attention="sigmoid", attn_normalize=True), 1, 5, "evict-first"),
+    (dict(attention="elu1"), 0, 8, "evict-first"),
+    (dict(attention="elu1"), 4, 5, "reference"),
+    (dict(attention="softmax", gate="elementwise", qk_norm=True), 4, 6, "reference"),
+    (dict(attention="sigmoid", gate="headwise"), 1, 7, "reference"),
+    (dict(attention="softmax", sink_logit="learned"), 1, 6, "reference"),
+    (dict(attention="softmax", sink_logit="zero", n_kv_head=1), 4, 8, "evict-first"),
+    (dict(attention="softmax", sink_tokens=2), 0, 6, "reference"),  # window mode keeps the sink tokens
+    (dict(attention="elu1", sink_tokens=3), 4, 5, "evict-first"),
+    (dict(attention="linear"), 4, 6, "reference"),  # the recurrent state, fed in chunks
+]
+
+
+@pytest.mark.parametrize("fields,n_sink,window,order", PARALLEL_CASES,
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+def test_parallel_form_equals_token_by_token(ref, fields, n_sink, window, order):
+    """Per-token NLL of the parallel form (chunks of 10 queries, so chunks straddle the start of
+    eviction) equals token-by-token decoding within 1e-5 in fp32, for every mode with a cache."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=V, **fields)
+    model = ref.randomize_(GPT(cfg), seed=3).eval()  # peaked attention: evictions change the output
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or name == "sink_tokens":  # away from their zero init
+                p.normal_(0, 1.0)
+        model.norm.weight.mul_(0.2)  # NLL near a trained model's (~5 nats), not ~20: fp32 steps of ~1e-6
+    tokens = torch.randint(0, V, (48,), generator=torch.Generator().manual_seed(1))
+    modes = ("window", "sinks")
+    fast = evaluate(model, tokens, n_sink, window, modes, order=order, chunk=10)
+    exact = evaluate(model, tokens, n_sink, window, modes, order=order, exact_decode=True)
+    assert fast.modes.keys() == exact.modes.keys()
+    for mode in fast.modes:
+        assert fast.modes[mode]["method"] in ("parallel", "chunked state")
+        assert exact.modes[mode]["method"] == "exact-decode"
+        diff = abs(fast._curves[mode] - exact._curves[mode]).max()
+        assert diff < 1e-5, (mode, diff)
+        assert fast.modes[mode]["cache_tokens_peak"] == exact.modes[mode]["cache_tokens_peak"]
+    if cfg.attention != "linear" and fast.first_eviction < 32:  # evictions change the NLL: not a full forward
+        full = full_forward_nll(model, tokens[:33]).numpy()
+        sinks = fast._curves["sinks"]
+        assert abs(sinks[fast.first_eviction : 32] - full[fast.first_eviction :]).max() > 1e-3
+        assert n_sink == 0 or abs(sinks - fast._curves["window"]).max() > 1e-3
+
+
+class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops create while the mode is on (CPU tensors have no
+    allocator statistics): a storage counts from the op that makes it until its tensor is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _release(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                key = t.untyped_storage().data_ptr()
+                self.live[key] = t.untyped_storage().nbytes()
+                self.now += self.live[key]
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def test_parallel_form_memory_is_bounded_as_the_stream_grows(ref):
+    """Peak tensor memory of the parallel form is flat in the stream length (4x longer: < 1.3x),
+    while a full cache fed the same chunks grows with it (> 2x): the measure sees growth."""
+    model = tiny(ref)
+    peaks = {}
+    for n in (200, 800):
+        tokens = torch.randint(0, V, (n,))
+        for kind, make in (("band", lambda: model.make_cache(2, 16, band=True)), ("full", model.make_cache)):
+            with LiveTensorBytes() as meter:
+                stream_nll(model, tokens, make(), chunk=32)
+            peaks[kind, n] = meter.peak
+    assert peaks["band", 800] < 1.3 * peaks["band", 200], peaks
+    assert peaks["full", 800] > 2 * peaks["full", 200], peaks
+
+
+def test_plain_sink_cache_refuses_chunks(ref):
+    model = tiny(ref)
+    with pytest.raises(ValueError, match="band=True"):
+        stream_nll(model, torch.randint(0, V, (20,)), model.make_cache(2, 4), chunk=4)
+
+
+def test_long_stream_starts_the_split_again():
+    val = np.arange(50)
+    tokens, text = long_stream(val, 120, keys_per_query=10)
+    assert tokens.tolist() == (list(range(50)) * 3)[:120] and "2.40 times" in text
+    tokens, text = long_stream(val, 30, keys_per_query=10)
+    assert tokens.tolist() == list(range(30)) and "first 30 tokens" in text
+    with pytest.raises(ValueError, match="would see the repeat"):
+        long_stream(val, 120, keys_per_query=50)
+
+
+def test_nll_by_position_has_bounded_resolution():
+    edges, scale = position_bins(10**6, 256)
+    assert scale == "log" and len(edges) <= MAX_BINS + 1 and edges[0] == 0 and edges[-1] == 10**6
+    assert (np.diff(edges) > 0).all()
+    edges, scale = position_bins(5000, 256)
+    assert scale == "linear" and len(edges) == MAX_BINS + 1 and (np.diff(edges) == 5).all()
+    rng = np.random.default_rng(0)
+    curves = {"sinks": rng.random(5000), "recompute": rng.random(5000)}
+    curves["recompute"][1::2] = np.nan  # a stride-2 recompute
+    binned = binned_nll(curves, 5000, 256)
+    assert binned["nll"]["sinks"][3] == pytest.approx(curves["sinks"][15:20].mean())
+    assert binned["nll"]["recompute"][3] == pytest.approx(curves["recompute"][16:20:2].mean())
+    diff = curves["sinks"][16:20:2] - curves["recompute"][16:20:2]
+    assert binned["minus_recompute"]["sinks"][3] == pytest.approx(diff.mean())
