@@ -1,9 +1,11 @@
-"""Image classification data for the ViT: embedded digits or an HF image dataset, deterministic batches.
+"""Image classification data for the ViT: embedded digits, synthetic shapes or an HF image dataset.
 
 `source: digits` is scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes,
-read from the installed package, no download); any other source is an HF hub image dataset
-(e.g. `uoft-cs/cifar10`) loaded with `datasets.load_dataset`. The held-out split is the
-dataset's `test` split when it has one, else a seeded `val_fraction` of the images.
+read from the installed package, no download); `source: shapes` draws objects on a flat or
+noisy background with per-pixel object masks (data/shapes.py, no download); any other source is
+an HF hub image dataset (e.g. `uoft-cs/cifar10`) loaded with `datasets.load_dataset`. The
+held-out split is the dataset's `test` split when it has one, else a seeded `val_fraction` of
+the images (shapes draws its two splits separately).
 
 ImageBatchLoader has BatchLoader's interface and determinism: the global batch of a step is
 drawn from a generator seeded by (seed, split, step), augmentation included, and micro-step m
@@ -22,13 +24,14 @@ from .loader import seed_from_key
 from .prepare import split_documents
 
 DIGITS = "digits"
+SHAPES = "shapes"
 
 
 @dataclass
 class ImageDataConfig:
     """Fields of the `data:` section when `task: vit`."""
 
-    source: str = DIGITS  # "digits" (embedded) or an HF hub image dataset name
+    source: str = DIGITS  # "digits" (embedded), "shapes" (synthetic, with masks) or an HF hub image dataset name
     hub_config: str | None = None
     image_field: str | None = None  # None = "image" or "img", whichever the dataset has
     label_field: str = "label"
@@ -37,10 +40,29 @@ class ImageDataConfig:
     augment_shift: int = 1  # random translation by up to this many pixels (training only)
     augment_flip: bool = False  # random horizontal flips (natural images; not digits)
     seed: int = 1337
+    # source: shapes only (data/shapes.py)
+    shapes_size: int = 32  # image side in pixels
+    shapes_train: int = 4096  # images per split
+    shapes_val: int = 512
+    shapes_max_objects: int = 3
+    shapes_background: str = "noise"  # "flat" or "noise"
+    shapes_label: str = "kinds"  # "kinds" (which shapes occur, 7 classes) or "count" (how many objects)
 
     def validate(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
-            raise ValueError(f"data.source must be 'digits' or an HF image dataset name, got {self.source!r}")
+            raise ValueError(f"data.source must be 'digits', 'shapes' or an HF image dataset name, got {self.source!r}")
+        if self.source == SHAPES:
+            from .shapes import BACKGROUNDS, LABELS
+
+            if self.shapes_background not in BACKGROUNDS or self.shapes_label not in LABELS:
+                raise ValueError(f"data.shapes_background must be one of {list(BACKGROUNDS)} and data.shapes_label "
+                                 f"one of {list(LABELS)}, got {self.shapes_background!r}, {self.shapes_label!r}")
+            if self.shapes_size < 16 or self.shapes_train < 2 or self.shapes_val < 1:
+                raise ValueError("data.shapes_size must be >= 16 pixels and data.shapes_train >= 2, "
+                                 f"data.shapes_val >= 1 images, got {self.shapes_size}, {self.shapes_train}, "
+                                 f"{self.shapes_val}")
+            if not 1 <= self.shapes_max_objects <= 8:
+                raise ValueError(f"data.shapes_max_objects must be in [1, 8], got {self.shapes_max_objects}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.max_images is not None and self.max_images < 2:
@@ -52,7 +74,8 @@ class ImageDataConfig:
 @dataclass
 class ImageSet:
     """Both splits as float images in [0, 1] (N, C, H, W) + long labels, and the train-split
-    per-channel mean / std that every batch is normalised with."""
+    per-channel mean / std that every batch is normalised with. Sources with dense labels
+    (shapes) also give per-pixel instance masks (N, H, W), 0 = background; others None."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -61,6 +84,8 @@ class ImageSet:
     n_classes: int
     mean: torch.Tensor  # (C,)
     std: torch.Tensor  # (C,)
+    train_masks: torch.Tensor | None = None
+    val_masks: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -114,13 +139,29 @@ def _hub(cfg: ImageDataConfig):
     return x[tr], y[tr], x[va], y[va]
 
 
+def _shapes(cfg: ImageDataConfig) -> ImageSet:
+    from .shapes import make_shapes, n_classes
+
+    kw = dict(seed=cfg.seed, size=cfg.shapes_size, max_objects=cfg.shapes_max_objects,
+              background=cfg.shapes_background, label=cfg.shapes_label)
+    train_x, train_y, train_m = make_shapes(cfg.shapes_train, "train", **kw)
+    val_x, val_y, val_m = make_shapes(cfg.shapes_val, "val", **kw)
+    return ImageSet(train_x, train_y, val_x, val_y, n_classes(cfg.shapes_label, cfg.shapes_max_objects),
+                    *_channel_stats(train_x), train_masks=train_m, val_masks=val_m)
+
+
+def _channel_stats(train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return train_x.mean(dim=(0, 2, 3)), train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+
+
 def load_images(cfg: ImageDataConfig) -> ImageSet:
     """Both splits of `cfg.source`, with the train split's channel statistics."""
+    cfg.validate()
+    if cfg.source == SHAPES:
+        return _shapes(cfg)
     train_x, train_y, val_x, val_y = _digits(cfg) if cfg.source == DIGITS else _hub(cfg)
     n_classes = int(max(train_y.max(), val_y.max())) + 1
-    mean = train_x.mean(dim=(0, 2, 3))
-    std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    return ImageSet(train_x, train_y, val_x, val_y, n_classes, mean, std)
+    return ImageSet(train_x, train_y, val_x, val_y, n_classes, *_channel_stats(train_x))
 
 
 class ImageBatchLoader:

@@ -70,10 +70,18 @@ def _json_safe(obj):
     return obj
 
 
-def write_json(path, data: dict) -> Path:
+def write_text(path, text: str) -> Path:
+    """Write a whole file atomically (temp file, then rename): a kill or a full disk mid-write
+    leaves the previous file, never a truncated one."""
+    from trainer.checkpoint import write_atomic
+
     path = Path(path)
-    path.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    write_atomic(path, text)
     return path
+
+
+def write_json(path, data: dict) -> Path:
+    return write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 def held_out_sequences(tokens, n_seqs: int, length: int, bos_id: int | None = None):

@@ -13,7 +13,10 @@ Value states (Gu et al. 2025, "When Attention Sink Emerges": the sink token's va
 so the attention it absorbs adds little to the output): per layer the L2 norm of v = v_proj(x)
 per key/value head at the first text token, against the mean over the other text tokens.
 
-    python -m eval.activations --ckpt out/<run> [--n-seqs 10]
+Sequences are plain windows of the held-out text, as Sun et al.'s (no BOS; `--bos` puts the
+run's BOS first); model.sink_tokens' learned tokens are left out of every statistic.
+
+    python -m eval.activations --ckpt out/<run> [--n-seqs 10] [--bos]
 """
 from __future__ import annotations
 
@@ -123,6 +126,8 @@ class ActivationsResult(EvalResult):
     max_ratio_top1_median: float
     n_seqs: int
     T: int
+    bos_first: bool
+    sink_tokens: int
     attention: dict
     value_norms: list
     min_value_norm_ratio: float
@@ -150,20 +155,33 @@ class ActivationsResult(EvalResult):
         "first_token_value_norm_ratio": "first token's value norm / mean value norm of the other tokens",
         "sink_tokens_value_norm": "mean value norm of the learned sink tokens (model.sink_tokens only)",
         "min_value_norm_ratio": "smallest first_token_value_norm_ratio over layers (headline)",
+        "bos_first": "sequences start with BOS (--bos); the default, as Sun et al., is plain windows of the "
+                     "held-out text without BOS",
+        "sink_tokens": "model.sink_tokens' learned tokens in front of every sequence: left out of every number "
+                       "here (positions, token ids and the first token are the text's)",
     }
 
 
 @torch.no_grad()
-def evaluate(model, sequences, batch_size: int = 8, tokenizer=None) -> ActivationsResult:
-    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream;
-    with `tokenizer` the pooled top positions also carry their token's text."""
+def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int | None = None) -> ActivationsResult:
+    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream
+    at the text tokens (model.sink_tokens' learned tokens are left out); with `tokenizer` the
+    pooled top positions also carry their token's text. `bos_id` is recorded as `bos_first`
+    when every sequence starts with it."""
+    from .progress import progress
+
     device = next(model.parameters()).device
     model.eval()
     sequences = torch.as_tensor(sequences).long()
-    per_layer = None
+    per_layer, n_sink = None, 0
+    bar = progress(sequences.numel(), "eval.activations")
     for batch in sequences.split(batch_size):
-        hidden = [h.cpu() for h in model(batch.to(device), return_hidden=True).hidden]
+        out = model(batch.to(device), return_hidden=True)
+        n_sink = out.sink_tokens
+        hidden = [h[:, n_sink:].cpu() for h in out.hidden]
         per_layer = hidden if per_layer is None else [torch.cat(p) for p in zip(per_layer, hidden)]
+        bar.update(batch.numel())
+    bar.close()
     layers = massive_activations(per_layer, tokens=sequences)
     if tokenizer is not None:
         for layer in layers:
@@ -178,6 +196,7 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None) -> Activatio
         max_abs=max(l["top"][0]["value"] for l in layers),
         max_ratio_top1_median=max(l["ratio_top1_median"] for l in layers),
         n_seqs=int(per_layer[0].shape[0]), T=int(per_layer[0].shape[1]),
+        bos_first=bos_id is not None and bool((sequences[:, 0] == bos_id).all()), sink_tokens=n_sink,
         attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
         value_norms=values, min_value_norm_ratio=min(v["first_token_value_norm_ratio"] for v in values))
 
@@ -227,13 +246,18 @@ def main(argv=None) -> list[ActivationsResult]:
     ap.add_argument("--length", type=positive_int, default=None,
                     help="tokens per sequence (default: the block size; an hf: import's context capped at 256)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--bos", action="store_true", help="start every sequence with the run's BOS token "
+                    "(default: plain held-out windows, as Sun et al.; needs data.bos)")
     args = ap.parse_args(argv)
 
     def one(run, out):
         cfg = run.model.config
         T = min(args.length or run.eval_block_size, cfg.block_size)
-        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos_id(run))
-        result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer)
+        bos = bos_id(run) if args.bos else None
+        if args.bos and bos is None:
+            raise ValueError(f"--bos but {run.run_dir} has no BOS token (its data has no data.bos); drop --bos")
+        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos)
+        result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer, bos_id=bos)
         plot(result, out / "activations.png")
         print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x, "
               f"first-token value norm / others: min over layers {result.min_value_norm_ratio:.2f}")

@@ -11,7 +11,8 @@ their mean |activation| at outlier positions, take the top k ("register neurons"
 inference append one zero token after the patches and move those units' activations from the
 patch tokens to it (zero on every patch, the patch value of largest magnitude on the new
 token). Outlier fraction (same thresholds) and accuracy are reported with and without, on the
-same images.
+same images. On images with object masks (`source: shapes`) the dense readouts of eval/dense.py
+(LOST CorLoc / mask IoU, linear-probe mIoU) are reported beside them, with and without.
 
     python -m eval.vit_artifacts --ckpt out/<run> [--threshold X] [--test-time-register --ttr-layer L --ttr-top-k K]
 """
@@ -22,7 +23,10 @@ from contextlib import contextmanager
 
 import torch
 
+from .dense import dense_readouts, object_patches
+
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
+HIGH_NORM_FACTOR = 2.0  # the high-norm mode: patch norm > this x the layer's median patch norm
 
 
 # ------------------------------------------------------------------------------ token layout
@@ -68,8 +72,14 @@ def _summary(x: torch.Tensor) -> dict | None:
             "median": float(q[0]), "p99": float(q[1]), "max": float(x.max())}
 
 
-def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[dict]:
-    """Per-layer norm distributions and outlier statistics (see the module docstring)."""
+def artifact_stats(hidden, n_registers: int, grid: int, threshold=None, background=None) -> list[dict]:
+    """Per-layer norm distributions and outlier statistics (see the module docstring).
+
+    Also the high-norm mode, scale-free: patch tokens above HIGH_NORM_FACTOR x the layer's median
+    patch norm, their share and their mean norm over the median (an artifact mode of Darcet et
+    al. is a few % of tokens at several times the typical norm; a unimodal tail gives ~0 here).
+    `background` (B, n_patches) bool, True where a patch holds no object pixel: the share of
+    outliers and of high-norm tokens that sit in the background."""
     sl = token_slices(n_registers, grid * grid)
     if threshold is None:
         threshold = patch_thresholds(hidden, sl["patches"])
@@ -80,6 +90,10 @@ def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[
     for i, (h, mask, t) in enumerate(zip(hidden, masks, thresholds)):
         norms = h.float().norm(dim=-1)  # (B, T)
         n_out = int(mask.sum())
+        patch_norms = norms[:, sl["patches"]]
+        median = float(patch_norms.median())
+        high = patch_norms > HIGH_NORM_FACTOR * median
+        n_high = int(high.sum())
         layers.append({
             "layer": i,
             "patch_norm": _summary(norms[:, sl["patches"]]),
@@ -91,7 +105,13 @@ def artifact_stats(hidden, n_registers: int, grid: int, threshold=None) -> list[
             "outlier_fraction": n_out / mask.numel(),
             "outliers_on_border": int(mask[:, border].sum()),
             "outlier_border_share": int(mask[:, border].sum()) / n_out if n_out else None,
+            "high_norm_fraction": n_high / high.numel(),
+            "high_norm_over_median": float(patch_norms[high].mean()) / median if n_high else None,
+            "max_over_median": float(patch_norms.max()) / median,
         })
+        if background is not None:
+            layers[-1]["outlier_background_share"] = int(mask[background].sum()) / n_out if n_out else None
+            layers[-1]["high_norm_background_share"] = int(high[background].sum()) / n_high if n_high else None
     return layers
 
 
@@ -157,12 +177,24 @@ def find_register_neurons_reference(acts, hidden, norm_threshold: float, top_k: 
             for v, f in zip(vals.tolist(), flat.tolist())]
 
 
+def sign_max(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude in `x`, with its sign (Jiang et al.'s `sign_max`)."""
+    hi, lo = x.max(), x.min()
+    return hi if hi.abs() > lo.abs() else lo
+
+
 @contextmanager
-def test_time_register(model, neurons: list[dict], scale: float | None = None):
+def test_time_register(model, neurons: list[dict], rule: str = "ours", scale: float = 1.0):
     """Within the block: every forward of `model` (a ViT) appends one zero token after the patches,
-    and the given MLP units are moved from the patch tokens to that token: it takes the patch value
-    of largest magnitude (scale None), or, as Jiang et al.'s hook does, `scale` times the largest
-    value over all tokens (one scalar for every unit)."""
+    and the given MLP units are moved onto it.
+
+    rule "ours": per unit, the new token takes the patch value of largest magnitude and the
+    patches get 0. rule "reference" (Jiang et al.'s `activate_on_registers` hook): per image and
+    layer, the new token takes `scale` x one scalar, the signed value of largest magnitude over
+    all tokens and all of the layer's chosen units, and every token between CLS and the new one
+    (patches, and trained registers if any) gets 0."""
+    if rule not in ("ours", "reference"):
+        raise ValueError(f"rule must be ours or reference, got {rule!r}")
     sl = token_slices(model.config.n_registers, model.config.n_patches)
     by_layer: dict[int, list[int]] = {}
     for n in neurons:
@@ -175,12 +207,14 @@ def test_time_register(model, neurons: list[dict], scale: float | None = None):
     def move_units(units):
         def hook(module, args):
             h = args[0].clone()
-            patch = h[:, sl["patches"], units]  # (B, N, k)
-            if scale is None:
+            if rule == "ours":
+                patch = h[:, sl["patches"], units]  # (B, N, k)
                 h[:, -1, units] = patch.gather(1, patch.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+                h[:, sl["patches"], units] = 0.0
             else:
-                h[:, -1, units] = scale * h[:, :, units].max(dim=1).values
-            h[:, sl["patches"], units] = 0.0
+                for b in range(h.shape[0]):  # the reference runs one image at a time
+                    h[b, -1, units] = scale * sign_max(h[b][:, units])
+                h[:, 1:-1, units] = 0.0
             return (h,)
         return hook
 
@@ -197,7 +231,10 @@ def test_time_register(model, neurons: list[dict], scale: float | None = None):
 @torch.no_grad()
 def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -> dict:
     """Hidden states per layer, last-layer attention and accuracy over `images`, batched."""
+    from .progress import progress
+
     hidden, last_attn, correct = None, [], 0
+    bar = progress(len(labels), "eval.vit_artifacts", unit="img")
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         out = model(x, return_hidden=True, return_attn=attn)
         hs = [h.cpu() for h in out.hidden]
@@ -205,6 +242,8 @@ def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -
         if attn:
             last_attn.append(out.attn[-1].cpu())
         correct += int((out.logits.argmax(-1).cpu() == y).sum())
+        bar.update(len(y))
+    bar.close()
     return {"hidden": hidden, "attn": torch.cat(last_attn) if attn else None, "accuracy": correct / len(labels)}
 
 
@@ -279,12 +318,16 @@ def plot_ttr(base: list[dict], ttr: list[dict], path) -> None:
 
 # ------------------------------------------------------------------------------ the whole analysis
 def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None, ttr_top_k: int | None = None,
-            batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours") -> dict:
+            batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours",
+            ttr_detect_layer: int = -1, dense_data: tuple | None = None) -> dict:
     """Everything the CLI reports, on normalised `images` (N, C, H, W) with `labels` (N,).
     ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer).
     `fixed_threshold`: also report each layer's outlier fraction against that absolute norm.
     ttr_rule "reference": Jiang et al.'s neuron search (outliers = norm > fixed_threshold at
-    ttr_layer, scores per image then averaged) and their intervention (scale 1 x the max)."""
+    ttr_detect_layer, default the last block; scores per image then averaged; units of blocks
+    0..ttr_layer) and their intervention (test_time_register's "reference" rule).
+    `dense_data` = (train images, train masks, val images, val masks): also the dense readouts
+    (eval/dense.py: LOST, linear probe), with the test-time register too when it runs."""
     if ttr_rule not in ("ours", "reference"):
         raise ValueError(f"--ttr-rule must be ours or reference, got {ttr_rule!r}")
     if ttr_top_k and ttr_rule == "reference" and fixed_threshold is None:
@@ -293,7 +336,8 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
     base = run_model(model, images, labels, batch_size)
     sl = token_slices(c.n_registers, c.n_patches)
     thresholds = threshold if threshold is not None else patch_thresholds(base["hidden"], sl["patches"])
-    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds)
+    background = None if dense_data is None else ~object_patches(dense_data[3], c.patch_size)
+    layers = artifact_stats(base["hidden"], c.n_registers, c.grid, thresholds, background)
     if fixed_threshold is not None:
         for layer, mask in zip(layers, find_outliers(base["hidden"], sl["patches"], fixed_threshold)):
             layer["outlier_fraction_fixed"] = float(mask.float().mean())
@@ -302,8 +346,10 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         "accuracy": base["accuracy"],
         "threshold_rule": f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
         "border_share_of_patches": float(border_mask(c.grid).float().mean()),
+        "background_share_of_patches": None if background is None else float(background.float().mean()),
         "layers": layers,
         "cls_attention_last_layer": cls_attention_split(base["attn"], c.n_registers, c.n_patches),
+        "dense": None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size),
         "model": {"attention": c.attention, "gate": c.gate, "n_registers": c.n_registers, "n_layer": c.n_layer,
                   "grid": c.grid, "pool": c.pool},
     }
@@ -311,84 +357,117 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         layer = c.n_layer - 1 if ttr_layer is None else ttr_layer
         if not 0 <= layer < c.n_layer:
             raise ValueError(f"--ttr-layer {layer} is not a block index in [0, {c.n_layer - 1}]")
+        if not -c.n_layer <= ttr_detect_layer < c.n_layer:
+            raise ValueError(f"--ttr-detect-layer {ttr_detect_layer} is not a block index in [-{c.n_layer}, {c.n_layer - 1}]")
+        detect = ttr_detect_layer % c.n_layer
         masks = find_outliers(base["hidden"], sl["patches"], thresholds)
         positions = torch.zeros(len(labels), 1 + c.n_registers + c.n_patches, dtype=torch.bool)
         positions[:, sl["patches"]] = torch.stack(masks).any(0)  # flagged in any layer
         acts = [torch.cat(p) for p in zip(*(mlp_inputs(model, x) for x in images.split(batch_size)))]
         if ttr_rule == "reference":
-            neurons = find_register_neurons_reference(acts, base["hidden"], fixed_threshold, ttr_top_k, layer)
+            neurons = find_register_neurons_reference(acts, base["hidden"], fixed_threshold, ttr_top_k,
+                                                      detect_layer=detect, max_layer=layer)
         else:
             neurons = find_register_neurons(acts, positions, layer, ttr_top_k)
-        with test_time_register(model, neurons, 1.0 if ttr_rule == "reference" else None):
+        with test_time_register(model, neurons, rule=ttr_rule):
             ttr = run_model(model, images, labels, batch_size, attn=False)
-        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds)
+            ttr_dense = None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size)
+        ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds, background)
         result["test_time_register"] = {
             "ttr_layer": layer, "top_k": ttr_top_k, "rule": ttr_rule, "neurons": neurons,
+            **({"ttr_detect_layer": detect} if ttr_rule == "reference" else {}),
             "n_outlier_positions": int(positions.sum()),
             "accuracy_without": base["accuracy"], "accuracy_with": ttr["accuracy"],
             "outlier_fraction_without": [l["outlier_fraction"] for l in layers],
             "outlier_fraction_with": [l["outlier_fraction"] for l in ttr_layers],
             "layers_with": ttr_layers,
+            "dense_with": ttr_dense,
         }
     result["definitions"] = {
         "outlier_fraction": "patch tokens whose norm exceeds the layer's threshold (threshold_rule) / all patch tokens",
         "outlier_fraction_fixed": "the same against the absolute norm --fixed-threshold (present when given)",
-        "rule": "test-time register: ours = units ranked by mean |activation| over outlier patches pooled over "
-                "images, moved as the patch value of largest magnitude; reference = Jiang et al.: outliers = "
-                "tokens with norm > fixed threshold at ttr_layer, scores averaged per image then over images "
-                "with outliers, layers <= ttr_layer, register value = 1 x the max over tokens",
+        "high_norm_fraction": f"patch tokens with norm > {HIGH_NORM_FACTOR:g} x the layer's median patch norm / all "
+                              "patch tokens; high_norm_over_median: their mean norm / that median",
+        "background_share": "outlier_/high_norm_background_share: share of those tokens on patches without any "
+                            "object pixel (images with masks); background_share_of_patches: the base rate",
+        "rule": "test-time register: ours = units of blocks <= ttr_layer ranked by mean |activation| over "
+                "outlier patches pooled over images, each moved as its patch value of largest magnitude, patches "
+                "zeroed; reference = Jiang et al.: outliers = tokens with norm > fixed threshold at "
+                "ttr_detect_layer, scores averaged per image then over images with outliers, units of blocks "
+                "<= ttr_layer; the register gets, per image and layer, one scalar: the signed value of largest "
+                "magnitude over all tokens and the layer's units; every token between CLS and the register "
+                "(patches, trained registers) zeroed",
     }
     result["_hidden"], result["_attn"] = base["hidden"], base["attn"]
     return result
 
 
-def main(argv=None) -> dict:
-    from data.images import ImageDataConfig, load_images
-    from model.load import load_run
-
-    from . import pick_device, positive_int, write_json
-    from .checkpoints import checkpoint_info, output_dir
-    from .result import CHECKPOINT_DEFINITION
+def main(argv=None) -> list[dict]:
+    from . import fail, positive_int
+    from .checkpoints import check_paths, expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="a ViT run directory, e.g. out/vit_digits")
+    ap.add_argument("--ckpt", nargs="+", required=True,
+                    help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*'")
     ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
                     f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
-    ap.add_argument("--n-images", type=int, default=None, help="held-out images to use (default: all)")
+    ap.add_argument("--n-images", type=positive_int, default=None, help="held-out images to use (default: all)")
     ap.add_argument("--n-maps", type=positive_int, default=4, help="images to draw attention maps for")
     ap.add_argument("--test-time-register", action="store_true", help="also run the test-time register intervention")
     ap.add_argument("--ttr-layer", type=int, default=None, help="search MLP units in blocks 0..L (default: all)")
-    ap.add_argument("--ttr-top-k", type=int, default=4, help="number of register neurons to move")
+    ap.add_argument("--ttr-detect-layer", type=int, default=-1,
+                    help="--ttr-rule reference: the block whose output norms mark the outliers (default -1: the last)")
+    ap.add_argument("--ttr-top-k", type=positive_int, default=4, help="number of register neurons to move")
     ap.add_argument("--fixed-threshold", type=float, default=None,
                     help="also report the outlier fraction against this absolute norm (Jiang et al. use 30 on CLIP)")
     ap.add_argument("--ttr-rule", choices=["ours", "reference"], default="ours",
                     help="reference: Jiang et al.'s neuron search and intervention (needs --fixed-threshold)")
+    ap.add_argument("--n-probe-train", type=positive_int, default=1024,
+                    help="train images for the linear patch probe (dense readouts, images with masks only)")
     ap.add_argument("--batch-size", type=positive_int, default=128)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    if args.ttr_top_k < 1 or (args.n_images is not None and args.n_images < 1):
-        ap.error("--ttr-top-k and --n-images must be positive")
+    if args.test_time_register and args.ttr_rule == "reference" and args.fixed_threshold is None:
+        fail("--ttr-rule reference needs --fixed-threshold (the absolute norm that marks an outlier)")
+    paths = expand(args.ckpt)
+    check_paths(paths)
+    results = []
+    for path in paths:
+        try:
+            results.append(evaluate_checkpoint(path, args))
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+    return results
 
-    try:
-        run = load_run(args.ckpt, task="vit")
-        if run.config.get("task", "lm") != "vit":
-            raise ValueError(f"{args.ckpt} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
-        data_cfg = ImageDataConfig(**run.config["data"])
-        images = load_images(data_cfg)
-        model = run.model.to(pick_device(args.device)).eval()
-        device = next(model.parameters()).device
-        loader = images.loader("val", args.batch_size, 0)
-        n = len(loader) if args.n_images is None else min(args.n_images, len(loader))
-        x = loader.normalise(images.val_x[:n]).to(device)
-        y = images.val_y[:n]
-        result = analyse(model, x, y, args.threshold, args.ttr_layer,
-                         args.ttr_top_k if args.test_time_register else None, args.batch_size,
-                         args.fixed_threshold, args.ttr_rule)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
+def evaluate_checkpoint(path: str, args) -> dict:
+    """The CLI's work on one ViT checkpoint: analyse, plot, write vit_artifacts.json."""
+    from data.images import ImageDataConfig, load_images
+
+    from . import write_json
+    from .checkpoints import checkpoint_info, load, output_dir
+    from .result import CHECKPOINT_DEFINITION
+
+    run = load(path, args, task="vit")
+    if run.config.get("task", "lm") != "vit":
+        raise ValueError(f"{path} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
+    images = load_images(ImageDataConfig(**run.config["data"]))
+    model = run.model.eval()
+    device = next(model.parameters()).device
+    loader = images.loader("val", args.batch_size, 0)
+    n = len(loader) if args.n_images is None else min(args.n_images, len(loader))
+    x = loader.normalise(images.val_x[:n]).to(device)
+    y = images.val_y[:n]
+    dense_data = None
+    if images.val_masks is not None:  # images with object masks: the dense readouts too
+        m = min(args.n_probe_train, len(images.train_x))
+        dense_data = (loader.normalise(images.train_x[:m]).to(device), images.train_masks[:m], x,
+                      images.val_masks[:n])
+    result = analyse(model, x, y, args.threshold, args.ttr_layer,
+                     args.ttr_top_k if args.test_time_register else None, args.batch_size,
+                     args.fixed_threshold, args.ttr_rule, args.ttr_detect_layer, dense_data)
     c = model.config
-    out = output_dir(run, args.ckpt)
+    out = output_dir(run, path)
     result["checkpoint"] = checkpoint_info(run)
     result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
     hidden, attn = result.pop("_hidden"), result.pop("_attn")
@@ -404,6 +483,11 @@ def main(argv=None) -> dict:
         fr = ", ".join(f"{100 * f:.1f}" for f in t["outlier_fraction_with"])
         print(f"test-time register ({len(t['neurons'])} units): accuracy {t['accuracy_with']:.4f}; "
               f"outlier % per block: {fr}")
+    for name, d in (("dense", result["dense"]), ("dense with test-time register",
+                                                 result.get("test_time_register", {}).get("dense_with"))):
+        if d:
+            print(f"{name}: LOST CorLoc {100 * d['lost']['corloc']:.1f}%, mask IoU {d['lost']['mask_iou']:.3f}; "
+                  f"linear probe mIoU {d['probe']['miou']:.3f}")
     print(f"-> {out / 'vit_artifacts.json'}")
     return result
 

@@ -88,7 +88,7 @@ CASES = {  # id: (arguments, words the message must contain)
     "out_dir a file": (["out_dir={files}/tokenizer.json"], ["tokenizer.json is a file, not a folder"]),
     "cache_dir a file": (["data.cache_dir={files}/tokenizer.json"], ["tokenizer.json is a file, not a directory"]),
     "init_from not hf": (["train.init_from=out/other"], ["train.init_from='out/other' must look like hf:"]),
-    "init_from missing folder": (["train.init_from=hf:{files}/nope"], ["train.init_from: hf:", "no such folder"]),
+    "init_from missing folder": (["train.init_from=hf:{files}/nope"], ["train.init_from: hf:", "no such file or folder"]),
 }
 
 

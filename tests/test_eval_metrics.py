@@ -325,9 +325,11 @@ def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
         hidden = model(seqs, return_hidden=True).hidden
     assert m["max_h_ratio"] == pytest.approx(max(float(h.abs().max() / h.abs().median()) for h in hidden))
     rows = [{"step": s, "loss": 1.0} for s in range(5)] + [{"step": s, **m} for s in (0, 4)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = sink.main(["--run", str(tmp_path)])
-    assert out["curves"]["sink_1"] == [[0, m["sink_1"]], [4, m["sink_1"]]]
+    torn = json.dumps({"step": 5, **m})[:20]  # the trainer was killed mid-row
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + torn)
+    with pytest.warns(UserWarning, match="torn last line"):
+        out = sink.main(["--run", str(tmp_path)])
+    assert out[0]["curves"]["sink_1"] == [[0, m["sink_1"]], [4, m["sink_1"]]]
     assert (tmp_path / "eval" / "sink_emergence.png").stat().st_size > 1000
 
 
@@ -350,10 +352,74 @@ def test_sink_measures_skip_learned_sink_tokens():
     tokens = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         attn = torch.stack(model(tokens, return_attn=True).attn)  # (L, B, H, 13, 13)
-    on_first_text = attn[:, :, :, 1:, 1]  # text queries on the first text token
+    on_first_text = attn[:, :, :, 1:, 1]  # text queries on the first text token: the raw weight
+    renormalised = on_first_text / attn[:, :, :, 1:, 1:].sum(-1)  # over the text keys only, rows sum to 1
     result = sink.evaluate(model, tokens, [12])
-    assert result.f_attn == pytest.approx(float(on_first_text.mean()), abs=1e-6)
-    assert sink.measure(model, tokens)["f_attn"] == pytest.approx(float(on_first_text.mean()), abs=1e-6)
+    assert result.f_attn_raw == pytest.approx(float(on_first_text.mean()), abs=1e-6)
+    assert result.f_attn == pytest.approx(float(renormalised.mean()), abs=1e-6)
+    assert result.f_attn_raw < result.f_attn  # the sink token takes some weight
+    assert sink.measure(model, tokens)["f_attn"] == pytest.approx(float(renormalised.mean()), abs=1e-6)
+
+
+def test_activations_leave_learned_sink_tokens_out():
+    """model.sink_tokens: the learned token carries the largest |h| but is not text. Positions,
+    token ids and the first token are the text's, and a top value on the last text token is
+    reported at that position (it used to shift by one and fall off the end)."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, sink_tokens=1)).eval()
+    with torch.no_grad():
+        model.sink_tokens[0, 0, 3] = 500.0  # the learned token: far above anything in the text
+        model.embed_tokens.weight[7, 5] = 50.0  # token 7: the text's largest value, in channel 5
+    tokens = torch.randint(0, 7, (3, 8), generator=torch.Generator().manual_seed(1))
+    tokens[:, -1] = 7  # ... on the last text token
+    result = activations.evaluate(model, tokens, batch_size=2)
+    with torch.no_grad():
+        hidden = [h[:, 1:] for h in model(tokens, return_hidden=True).hidden]  # text positions only
+    for layer, h in zip(result.layers, hidden):
+        top = layer["top"][0]
+        assert (top["position"], top["channel"], top["token_id"]) == (7, 5, 7)
+        assert top["value"] == pytest.approx(float(h.abs().max()), rel=1e-5) and top["value"] < 500
+        assert layer["first_token_norm"] == pytest.approx(float(h[:, 0].norm(dim=-1).mean()), rel=1e-5)
+    assert result.T == 8 and result.sink_tokens == 1 and not result.bos_first
+
+
+def test_raw_and_renormalised_weights_for_a_sink_logit_by_hand():
+    """One head, a virtual sink key: softmax over [slot, k0, k1] gives row 0 = (0.5 | 0.5, -) and
+    row 1 = (0.2 | 0.6, 0.2). Raw F-Attn is what reaches BOS's value, (0.5 + 0.6) / 2; renormalised
+    over the real keys it is (1 + 0.75) / 2, as the model's probs already hold it."""
+    from types import SimpleNamespace
+
+    probs = torch.tensor([[[[1.0, 0.0], [0.75, 0.25]]]])  # (B, H, T, T), rows over the real keys
+    mass = torch.tensor([[[0.5, 0.8]]])  # what reaches the values: 1 - slot
+    out = SimpleNamespace(attn=[probs], attn_mass=[mass], sink_tokens=0)
+    raw, renorm = sink.text_attention(out, raw=True), sink.text_attention(out)
+    assert raw[0, 0, 0].tolist() == [[0.5, 0.0], [0.6000000238418579, 0.20000000298023224]]
+    assert sink.first_token_attention(raw)[1] == pytest.approx(0.55)
+    assert sink.first_token_attention(renorm)[1] == pytest.approx(0.875)
+
+
+def test_raw_weights_are_what_the_model_applies():
+    """On real models: raw rows sum to the applied mass (1 - slot for a sink logit, w's sum for
+    sigmoid, 1 - the sink tokens' share); renormalised rows sum to 1; plain softmax has one scale."""
+    from model import GPT, GPTConfig
+
+    tokens = torch.randint(0, 10, (2, 12), generator=torch.Generator().manual_seed(0))
+    for extra in ({}, {"sink_logit": "learned"}, {"attention": "sigmoid"}, {"sink_tokens": 2}):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=11, **extra)).eval()
+        with torch.no_grad():
+            out = model(tokens, return_attn=True)
+        raw, renorm = sink.text_attention(out, raw=True), sink.text_attention(out)
+        torch.testing.assert_close(renorm.sum(-1), torch.ones_like(renorm.sum(-1)))
+        n = out.sink_tokens
+        applied = torch.stack([a[..., n:, n:].sum(-1) * m[..., n:] for a, m in zip(out.attn, out.attn_mass)])
+        torch.testing.assert_close(raw.sum(-1), applied)
+        if not extra:
+            torch.testing.assert_close(raw, renorm)
+        else:
+            assert not torch.allclose(raw, renorm)
 
 
 # --- value-state norms (Gu et al.: sink tokens carry small values) ---------------------------
