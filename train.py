@@ -8,7 +8,7 @@ Outputs go to out/<name>/: config.yaml, tokenizer.json, metrics.jsonl and
 checkpoints/step_XXXXXXX/ (Accelerate state + trainer_state.json + model.safetensors),
 with `latest` pointing at the newest. See docs/design.md, "Training". The pieces live in
 trainer/: the LM / ViT differences (tasks.py), checkpoints, the optimizer and LR schedules,
-metrics.jsonl; the sink measurement is eval.sink.measure.
+metrics.jsonl; the sink measurement is probes.sink.measure.
 """
 from __future__ import annotations
 
@@ -25,16 +25,16 @@ import yaml
 from tqdm import tqdm
 
 from configs import ConfigError, RunConfig, load_config, to_dict
-from eval.sink import measure
 from model import backends
 from model.flops import peak_tflops
-from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_checkpoint, load_checkpoint,
-                                newest_checkpoint, save_checkpoint, settle_run_dir, write_atomic)
+from probes.sink import measure
+from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_checkpoint, load_checkpoint, save_checkpoint,
+                                settle_run_dir)
 from trainer.launch import check_backend, make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
 from trainer.optim import lr_at, make_optimizer
 from trainer.progress import progress_line
-from trainer.rundir import check_out_dir, take_run_lock
+from trainer.rundir import check_out_dir, newest_checkpoint, take_run_lock, write_atomic
 from trainer.signals import StopFlag, requeue_if_slurm
 from trainer.tasks import make_task
 
@@ -157,7 +157,7 @@ class Trainer:
         acc, model, cfg = self.acc, self.model, self.cfg.train
         lr = lr_at(step, self.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # train.lr_scale
         loss_sum = torch.zeros((), device=acc.device)
         finite, loss_ok, grad_norm = True, True, float("nan")
         for micro in range(self.grad_accum):

@@ -22,7 +22,6 @@ from data.config import DataConfig
 from data.images import ImageDataConfig
 from model.config import GPTConfig
 from model.vit import ViTConfig
-from trainer.optim import LR_SCHEDULES
 
 CONFIG_DIR = Path(__file__).parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -30,10 +29,29 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TASKS = {"lm": (GPTConfig, DataConfig), "vit": (ViTConfig, ImageDataConfig)}
 # What train.py records at the top of a run's config.yaml next to the config; reading it back ignores them.
 RECORDS = ("attention_backend",)
+LR_SCHEDULES = ("cosine", "constant", "wsd")  # train.lr_schedule; trainer/optim.py computes them
 
 
 class ConfigError(ValueError):
     """A user error in a config file or override; the message says how to fix it."""
+
+
+def parse_lr_scale(text: str | None) -> dict[str, float]:
+    """train.lr_scale "part=factor,part=factor" -> {part: factor}; a malformed entry is a ConfigError."""
+    out = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        part, _, factor = entry.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = math.nan
+        if not part.strip() or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"train.lr_scale entry {entry.strip()!r} must look like part=factor with a factor >= 0 "
+                              "(e.g. train.lr_scale=sinks=100)")
+        out[part.strip()] = value
+    return out
 
 
 @dataclass
@@ -60,6 +78,12 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     init_from: str | None = None  # hf:<hub id, transformers folder or GGUF file>: start from that model and its tokenizer
+    # Comma-separated parts of parameter names: only parameters whose name contains one train (e.g.
+    # "sinks,g_proj,sink_tokens": a retrofit's new parameters); null = every parameter.
+    train_only: str | None = None
+    # Comma-separated part=factor: parameters whose name contains part train at factor x the lr of the
+    # schedule (e.g. "sinks=100": a retrofit's sink logits move 100x faster); null = every one at 1x.
+    lr_scale: str | None = None
 
     def validate(self):
         for name in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_windows", "ckpt_interval",
@@ -88,6 +112,11 @@ class TrainConfig:
         if self.init_from is not None and not self.init_from.startswith("hf:"):
             raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id, transformers folder or GGUF file>; "
                               "to continue a sinklab run use train.resume")
+        if self.train_only is not None and not [p for p in self.train_only.split(",") if p.strip()]:
+            raise ConfigError(f"train.train_only={self.train_only!r} names no parameter; give comma-separated parts of "
+                              "parameter names (e.g. sinks,g_proj) or null to train every parameter")
+        if self.lr_scale is not None:
+            parse_lr_scale(self.lr_scale)
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"train.keep_last must be >= 1 (checkpoints to keep) or null (keep all), got {self.keep_last}")
         if self.sink_interval is not None and self.sink_interval < 0:

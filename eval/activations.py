@@ -237,8 +237,10 @@ def plot(result: ActivationsResult, path) -> None:
 
 
 def main(argv=None) -> list[ActivationsResult]:
-    from . import held_out_sequences, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from probes.sequences import held_out_sequences
+
+    from . import positive_int
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)

@@ -209,10 +209,10 @@ def load_dense_data(run_config: dict, n_probe_train: int):
 
 
 def main(argv=None) -> dict:
-    from model.load import load_run
+    from runs.load import load_run
 
     from . import fail, pick_device, positive_int, write_json
-    from .checkpoints import checkpoint_info, output_dir
+    from .cli import checkpoint_info, output_dir
     from .result import CHECKPOINT_DEFINITION
 
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])

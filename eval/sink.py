@@ -14,6 +14,7 @@
 For kinds without row normalisation (sigmoid, elu1) the model returns Gu et al.'s proxy
 weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind.
 When the run's data starts documents with BOS, every sequence starts with BOS here too.
+The definitions shared with the in-training probe (probes/sink.py) are imported from there.
 
     python -m eval.sink --ckpt out/<run> [--eps 0.3] [--n-seqs 100] [--lengths 64 block]
     python -m eval.sink --run out/<run>       # Sink_1, F-Attn, max |h| ratio logged during training, over steps
@@ -26,6 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from probes.sequences import held_out_sequences
+from probes.sink import (MAX_K, TRACKED, first_token_attention, importance_per_sequence, sink_rate, stack_attention,
+                         text_attention)
+from trainer.metrics import read_rows
+
 from .progress import progress
 from .result import EvalResult
 
@@ -35,42 +41,7 @@ PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text k
               "output_attentions returns them")
 
 N_SEQS = 100  # held-out sequences per length, as Gu et al.
-MAX_K = 10  # sink_rate_by_position covers k = 1..MAX_K
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
-
-
-def _stack(attn) -> torch.Tensor:
-    """Accept (L,H,T,T), (L,B,H,T,T) or a per-layer list of (B,H,T,T); return (L,B,H,T,T) float."""
-    if isinstance(attn, (list, tuple)):
-        attn = torch.stack([a.detach().float() for a in attn])
-    attn = attn.detach().float()
-    if attn.dim() == 4:
-        attn = attn.unsqueeze(1)
-    if attn.dim() != 5 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"expected (L,H,T,T), (L,B,H,T,T) or a list of (B,H,T,T); got {tuple(attn.shape)}")
-    return attn
-
-
-def text_attention(out, raw: bool = False) -> torch.Tensor:
-    """(L,B,H,T,T) weights among the text tokens of a forward with return_attn. model.sink_tokens'
-    learned tokens come first and are left out, so key 0 is the first text token.
-
-    renormalised (default): each row divided by its sum over the text keys, so rows sum to 1
-    whatever the fix: Gu et al.'s proxy w / sum w for sigmoid / elu1, the sink logit's slot and
-    the sink tokens' columns left out. raw: the weight the model actually applies to each text
-    key's value (w for sigmoid, 1 - slot mass shared out for the sink logit, the sink tokens'
-    columns cut without renormalising), what transformers' output_attentions returns."""
-    n = out.sink_tokens
-    weights = _stack(out.attn) * _stack_mass(out.attn_mass).unsqueeze(-1)  # probs * row mass = applied weights
-    weights = weights[..., n:, n:]
-    if raw:
-        return weights
-    return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-
-
-def _stack_mass(mass) -> torch.Tensor:
-    """Per-layer (B,H,T) row masses as (L,B,H,T) float."""
-    return torch.stack([m.detach().float() for m in mass])
 
 
 def extra_sink_mass(out) -> torch.Tensor | None:
@@ -100,27 +71,12 @@ def importance(attn, k: int = 1) -> torch.Tensor:
     alpha_k = 1/(T-k+1) * sum_{i=k..T} A_{i,k} with 1-indexed k: the average attention that the
     queries able to see token k (i >= k under the causal mask) put on it.
     """
-    a = _stack(attn)
+    a = stack_attention(attn)
     T = a.shape[-1]
     if not 1 <= k <= T:
         raise ValueError(f"k must be in 1..T={T}, got {k}")
     column = a[..., k - 1 :, k - 1]  # (L,B,H,T-k+1): queries i = k..T on key k
     return (column.sum(-1) / (T - k + 1)).mean(1)
-
-
-def importance_per_sequence(attn, max_k: int = MAX_K) -> torch.Tensor:
-    """alpha_k per (layer, sequence, head) for k = 1..max_k (capped at T): shape (K, L, B, H)."""
-    a = _stack(attn)
-    T = a.shape[-1]
-    return torch.stack([a[..., k - 1 :, k - 1].sum(-1) / (T - k + 1) for k in range(1, min(max_k, T) + 1)])
-
-
-def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
-    """Sink_k^eps in percent: share of (layer, head) pairs whose importance exceeds eps.
-
-    On alpha of shape (L, B, H) (one per sequence) this is Gu et al.'s figure: per sequence the
-    share of pairs above eps, averaged over sequences (every sequence has the same L*H pairs)."""
-    return float((torch.as_tensor(alpha) > eps).float().mean() * 100)
 
 
 def uniform_f_attn(T: int) -> float:
@@ -142,19 +98,6 @@ def check_length(T: int, k: int, eps: float) -> None:
         shortest = next(t for t in range(T + 1, 10 * T + 10_000) if uniform_alpha(t, k) <= eps)
         raise ValueError(f"at T={T} uniform attention already gives alpha_{k} = {uniform_alpha(T, k):.2f} > eps "
                          f"{eps:g}, so every head would count as a sink; use --lengths >= {shortest} or a larger --eps")
-
-
-def first_token_attention(attn) -> tuple[list[float], float]:
-    """Qiu et al.'s F-Attn: mean attention probability on the first token.
-
-    Averaged over heads, batch and *all* query positions 0..T-1, as Qiu et al. average over the
-    sequence. Query 0 is included even though causally it can only attend to itself (weight 1);
-    it adds at most 1/T. With this convention F-Attn of a layer = mean over heads of alpha_1.
-    Returns (per-layer list, overall mean over layers).
-    """
-    a = _stack(attn)
-    per_layer = a[..., :, 0].mean(dim=(1, 2, 3))  # (L,)
-    return per_layer.tolist(), float(per_layer.mean())
 
 
 def resolve_lengths(lengths, block_size: int, block: int | None = None) -> list[int]:
@@ -315,38 +258,9 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
         by_length=by_length)
 
 
-@torch.no_grad()
-def measure(model, sequences, eps: float = 0.3) -> dict:
-    """The in-training tracker: one forward of `sequences` (B, T) with attention and hidden states.
-
-    Returns {"sink_1": Gu et al.'s per-sequence Sink_1 in %, "f_attn": Qiu et al.'s F-Attn,
-    "max_h_ratio": largest over layers of max |h| / median |h| of the residual stream}. The
-    caller logs these as a metrics.jsonl row; `python -m eval.sink --run RUN` plots them.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(sequences.to(next(model.parameters()).device), return_attn=True, return_hidden=True)
-    finally:
-        model.train(was_training)
-    a = text_attention(out)
-    ratios = []
-    for h in out.hidden:
-        h = h.detach().float().abs()
-        median = h.median()
-        ratios.append(float(h.max() / median) if median > 0 else float("inf"))
-    return {"sink_1": sink_rate(importance_per_sequence(a, 1)[0], eps),
-            "f_attn": first_token_attention(a)[1], "max_h_ratio": max(ratios)}
-
-
-TRACKED = ("sink_1", "f_attn", "max_h_ratio")  # the keys `measure` returns
-
-
 def emergence(run_dir) -> dict:
     """The rows of <run>/metrics.jsonl that carry `measure`'s keys, as {key: [(step, value)]}."""
     from pathlib import Path
-
-    from trainer.metrics import read_rows
 
     curves = {k: [] for k in TRACKED}
     for row in read_rows(Path(run_dir) / "metrics.jsonl"):  # a torn last line (a killed run) is dropped
@@ -425,8 +339,8 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[SinkResult]:
-    from . import fail, held_out_sequences, positive_float, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from . import fail, positive_float, positive_int
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     if argv is None:
         argv = sys.argv[1:]
@@ -460,7 +374,7 @@ def main(argv=None) -> list[SinkResult]:
             check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
         bos = None if args.no_bos else bos_id(run)
         if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
-            from .backcopy import held_out_rows  # whole sequences of the process, as eval.ablate reads them
+            from .backcopy import held_out_rows  # whole sequences of the process, as ablate.py reads them
 
             seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
         else:
@@ -483,7 +397,7 @@ def main_emergence(argv) -> list[dict]:
     from pathlib import Path
 
     from . import eval_dir, fail, write_json
-    from .checkpoints import expand
+    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
                                  "logged during training (metrics.jsonl), plotted over steps")
@@ -504,7 +418,7 @@ def main_emergence(argv) -> list[dict]:
             fail(f"{metrics} has no rows with {', '.join(TRACKED)}; they are logged when training tracks sinks")
         out = eval_dir(run)
         result = {"run": str(run), "curves": {k: [list(p) for p in v] for k, v in curves.items()},
-                  "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (eval.sink.measure)",
+                  "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (probes.sink.measure)",
                                   "f_attn": "Qiu et al. F-Attn: mean attention on the first token",
                                   "max_h_ratio": "largest over layers of max |h| / median |h| of the residual stream",
                                   "curves": "per key, [step, value] rows from metrics.jsonl"}}

@@ -404,7 +404,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
 
 def main(argv=None) -> list[dict]:
     from . import fail, positive_int
-    from .checkpoints import check_paths, expand
+    from .cli import check_paths, expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True,
@@ -445,7 +445,7 @@ def evaluate_checkpoint(path: str, args) -> dict:
     from data.images import ImageDataConfig, load_images
 
     from . import write_json
-    from .checkpoints import checkpoint_info, load, output_dir
+    from .cli import checkpoint_info, load, output_dir
     from .result import CHECKPOINT_DEFINITION
 
     run = load(path, args, task="vit")

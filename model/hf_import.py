@@ -1,6 +1,6 @@
 """Pretrained `transformers` decoders as sinklab GPTs, with the same logits.
 
-    from model.load import load_run
+    from runs.load import load_run
     run = load_run("hf:HuggingFaceTB/SmolLM2-135M")      # a hub id, or hf:/path/to/a/saved/folder
     run = load_run("hf:/models/SmolLM2-135M-Instruct.Q4_1.gguf")   # a GGUF file (model/gguf_file.py)
 
@@ -138,6 +138,8 @@ def hf_folder(ref: str) -> Path:
     name = ref[len(PREFIX):] if is_hf(ref) else ref
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().resolve()
+    if name.endswith(gguf_file.SUFFIX):
+        raise FileNotFoundError(f"{ref}: no such GGUF file")
     if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
         raise FileNotFoundError(f"{ref}: no such file or folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
     from huggingface_hub import snapshot_download

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eval import activations, sink, spikes
+from probes.sink import measure
 
 
 def uniform_causal(T: int, L: int = 2, H: int = 3) -> torch.Tensor:
@@ -317,7 +318,7 @@ def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16))
     model.train()
     seqs = torch.randint(0, 50, (4, 16))
-    m = sink.measure(model, seqs)
+    m = measure(model, seqs)
     assert model.training  # left as it was
     full = sink.evaluate(model, seqs, lengths=(16,))
     assert m["sink_1"] == pytest.approx(full.sink_1) and m["f_attn"] == pytest.approx(full.f_attn, abs=1e-6)
@@ -334,7 +335,7 @@ def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
 
 
 def test_held_out_sequences_start_with_bos_when_asked():
-    from eval import held_out_sequences
+    from probes.sequences import held_out_sequences
 
     tokens = np.arange(100, 130)
     plain = held_out_sequences(tokens, 3, 8)
@@ -358,7 +359,7 @@ def test_sink_measures_skip_learned_sink_tokens():
     assert result.f_attn_raw == pytest.approx(float(on_first_text.mean()), abs=1e-6)
     assert result.f_attn == pytest.approx(float(renormalised.mean()), abs=1e-6)
     assert result.f_attn_raw < result.f_attn  # the sink token takes some weight
-    assert sink.measure(model, tokens)["f_attn"] == pytest.approx(float(renormalised.mean()), abs=1e-6)
+    assert measure(model, tokens)["f_attn"] == pytest.approx(float(renormalised.mean()), abs=1e-6)
 
 
 def test_activations_leave_learned_sink_tokens_out():

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from configs import ConfigError, to_dict
-from model.load import CHECKPOINT_FMT, newest_checkpoint, step_dirs
+
+from .rundir import CHECKPOINT_FMT, newest_checkpoint, step_dirs
 
 LEFTOVER_GLOBS = (".tmp_step_*", ".old_step_*", ".latest.tmp", ".latest.old")  # from saves a kill interrupted
 RESUME_MAY_CHANGE = ("backend", "linear_chunk_size", "cache_dir")  # same math, other kernels / paths
@@ -54,12 +55,6 @@ class TrainerState:
 
     def write(self, ckpt: Path) -> None:
         (ckpt / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self), indent=1))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_manifest(ckpt: Path) -> None:

@@ -7,7 +7,7 @@ import secrets
 import warnings
 from pathlib import Path
 
-from .checkpoint import write_atomic
+from .rundir import write_atomic
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -134,7 +134,7 @@ class LMTask:
         """N_PROBE fixed windows of block_size tokens from the start of the val split, as the evals take them
         (BOS first when the data puts BOS at document starts)."""
         from data.loader import TokenShards
-        from eval import held_out_sequences
+        from probes.sequences import held_out_sequences
 
         bos_id = self.meta.get("bos_id") if getattr(self.cfg.data, "bos", False) else None
         return held_out_sequences(TokenShards(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
