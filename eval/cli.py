@@ -77,6 +77,8 @@ def load(path: str, args, task: str = "lm"):
         if "data" not in params:
             fail("--data needs a runs.load.load_run that takes data=; this checkout's does not")
         kwargs["data"] = args.data
+    if getattr(args, "image_size", None) is not None:  # an hf: ViT's input size
+        kwargs["image_size"] = args.image_size
     try:
         run = load_run(path, pick_device(args.device), task=task, **kwargs)
     except Exception as e:  # noqa: BLE001 - every failure to read a checkpoint is one line, never a traceback
