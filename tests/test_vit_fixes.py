@@ -192,3 +192,17 @@ def test_vit_evals_take_an_hf_import_with_data(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         vit_artifacts.main(["--ckpt", f"hf:{tmp_path / 'd2r'}"])
     assert "--data" in capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line_before_any_work(shapes_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for main, argv, says in [
+        (dvt.main, ["--ckpt", str(tmp_path / "nowhere")], "nowhere"),
+        (phreg.main, ["--ckpt", str(shapes_run), "--train", "registers,mlp"], "unknown parts ['mlp']"),
+        (dvt.main, ["--ckpt", str(shapes_run), "--image-size", "64"], "image_size applies to hf: imports"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # no student written
