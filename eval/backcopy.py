@@ -23,9 +23,11 @@ import argparse
 
 import torch
 
+from probes.sink import importance_per_sequence, sink_rate, text_attention
+
 from . import fail, nonnegative_int
 from .progress import progress
-from .sink import PROXY_NOTE, importance_per_sequence, sink_rate, text_attention
+from .sink import PROXY_NOTE
 
 
 def _probs(layer) -> torch.Tensor:
@@ -34,7 +36,7 @@ def _probs(layer) -> torch.Tensor:
 
 
 QUERY_KINDS = ("non_trigger", "trigger")
-SCALES = ("", "_raw")  # renormalised over the text keys, and raw (eval.sink.text_attention)
+SCALES = ("", "_raw")  # renormalised over the text keys, and raw (probes.sink.text_attention)
 N_SEQS = 64  # held-out sequences of block_size tokens
 
 
@@ -97,7 +99,7 @@ DEFINITIONS = {
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_size: int = 16) -> dict:
     """BOS attention by query kind and Sink_1 of `model` on (N, T) BOS-first sequences, each on the
-    renormalised and on the raw weights (eval.sink.text_attention)."""
+    renormalised and on the raw weights (probes.sink.text_attention)."""
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"need (N, T >= 2) token ids, got shape {tuple(tokens.shape)}")
     device = next(model.parameters()).device
@@ -185,7 +187,7 @@ def length_arg(text: str) -> str:
 
 def main(argv=None) -> list[dict]:
     from . import eval_dir, positive_float, positive_int, write_json
-    from .checkpoints import check_paths, checkpoint_info, expand, load
+    from .cli import check_paths, checkpoint_info, expand, load
 
     ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True,

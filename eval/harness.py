@@ -11,7 +11,7 @@ disjoint windows of block_size tokens, each starting from the prefix token) and 
 first stop string or end-of-text). Text is encoded without special tokens; an empty context,
 and the first rolling window, start from the prefix token: BOS when the tokenizer adds one
 (Llama, Mistral), else end-of-text (sinklab's `<|endoftext|>`, Qwen's EOS), as lm-eval's own
-HF model does. Results go to harness.json where every eval writes (eval/checkpoints.py:
+HF model does. Results go to harness.json where every eval writes (eval/cli.py:
 <run>/eval/, <run>/eval/step_X/ for one checkpoint, out/hf/<name>/eval/ for an hf: import), with
 the checkpoint, step, tokens seen and git commit.
 """
@@ -32,7 +32,7 @@ from .result import CHECKPOINT_DEFINITION
 
 
 class SinklabLM(TemplateLM):
-    """lm-eval's LM interface over a `LoadedRun` (model/load.py)."""
+    """lm-eval's LM interface over a `LoadedRun` (runs/load.py)."""
 
     def __init__(self, run, batch_size: int = 8, max_gen_toks: int = 256):
         super().__init__()
@@ -48,7 +48,7 @@ class SinklabLM(TemplateLM):
             bos = hf["bos_token_id"]
             bos = bos if bos is not None and self.tokenizer.encode("a").ids[:1] == [bos] else None
         else:  # a run trained with data.bos: documents start with its BOS
-            from .checkpoints import bos_id
+            from .cli import bos_id
 
             bos = bos_id(run)
         self._prefix = self._eot if bos is None else bos
@@ -218,7 +218,7 @@ def output_path(requested: str | None, run, path: str, several: bool) -> Path:
     """harness.json where every eval writes, or under --output-path: a .json file (one checkpoint)
     or a folder (harness.json, or harness_<run>_<checkpoint>.json with several checkpoints)."""
     from . import make_dir
-    from .checkpoints import output_dir
+    from .cli import output_dir
 
     if requested is None:
         return output_dir(run, path) / "harness.json"
@@ -231,7 +231,7 @@ def output_path(requested: str | None, run, path: str, several: bool) -> Path:
 
 def main(argv=None) -> list[dict]:
     from . import nonnegative_int, positive_int, write_json
-    from .checkpoints import add_lm_arguments, check_paths, checkpoint_info, expand, load
+    from .cli import add_lm_arguments, check_paths, checkpoint_info, expand, load
 
     ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap, data=False)  # the tasks bring their own data

@@ -14,6 +14,7 @@
 For kinds without row normalisation (sigmoid, elu1) the model returns Gu et al.'s proxy
 weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind.
 When the run's data starts documents with BOS, every sequence starts with BOS here too.
+The definitions shared with the in-training probe (probes/sink.py) are imported from there.
 
     python -m eval.sink --ckpt out/<run> [--eps 0.3] [--n-seqs 100] [--lengths 64 block]
     python -m eval.sink --run out/<run>       # Sink_1, F-Attn, max |h| ratio logged during training, over steps
@@ -26,6 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from probes.sequences import held_out_sequences
+from probes.sink import (MAX_K, TRACKED, first_token_attention, importance_per_sequence, sink_rate, stack_attention,
+                         text_attention)
+from trainer.metrics import read_rows
+
 from .progress import progress
 from .result import EvalResult
 
@@ -35,42 +41,28 @@ PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text k
               "output_attentions returns them")
 
 N_SEQS = 100  # held-out sequences per length, as Gu et al.
-MAX_K = 10  # sink_rate_by_position covers k = 1..MAX_K
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
 
 
-def _stack(attn) -> torch.Tensor:
-    """Accept (L,H,T,T), (L,B,H,T,T) or a per-layer list of (B,H,T,T); return (L,B,H,T,T) float."""
-    if isinstance(attn, (list, tuple)):
-        attn = torch.stack([a.detach().float() for a in attn])
-    attn = attn.detach().float()
-    if attn.dim() == 4:
-        attn = attn.unsqueeze(1)
-    if attn.dim() != 5 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"expected (L,H,T,T), (L,B,H,T,T) or a list of (B,H,T,T); got {tuple(attn.shape)}")
-    return attn
-
-
-def text_attention(out, raw: bool = False) -> torch.Tensor:
-    """(L,B,H,T,T) weights among the text tokens of a forward with return_attn. model.sink_tokens'
-    learned tokens come first and are left out, so key 0 is the first text token.
-
-    renormalised (default): each row divided by its sum over the text keys, so rows sum to 1
-    whatever the fix: Gu et al.'s proxy w / sum w for sigmoid / elu1, the sink logit's slot and
-    the sink tokens' columns left out. raw: the weight the model actually applies to each text
-    key's value (w for sigmoid, 1 - slot mass shared out for the sink logit, the sink tokens'
-    columns cut without renormalising), what transformers' output_attentions returns."""
-    n = out.sink_tokens
-    weights = _stack(out.attn) * _stack_mass(out.attn_mass).unsqueeze(-1)  # probs * row mass = applied weights
-    weights = weights[..., n:, n:]
-    if raw:
-        return weights
-    return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-
-
-def _stack_mass(mass) -> torch.Tensor:
-    """Per-layer (B,H,T) row masses as (L,B,H,T) float."""
-    return torch.stack([m.detach().float() for m in mass])
+def extra_sink_mass(out) -> torch.Tensor | None:
+    """Per layer, the mean weight that the text queries put outside the text (L,): on the learned
+    tokens of model.sink_tokens (summed) and on the virtual key of model.sink_logit. None for a
+    model with neither: then all of it is on the text."""
+    n, slots = out.sink_tokens, out.attn_sink_slot
+    if not n and slots is None:
+        return None
+    per_layer = []
+    for l, probs in enumerate(out.attn):
+        w = probs.detach().float()
+        extra = torch.zeros_like(w[:, :, n:, 0])  # (B, H, text queries)
+        if slots is not None:  # the slot's weight; the keys' weights are probs * (1 - slot)
+            slot = slots[l][:, :, n:].detach().float()
+            extra = extra + slot
+            w = w * (1 - slots[l].detach().float()).unsqueeze(-1)
+        if n:
+            extra = extra + w[:, :, n:, :n].sum(-1)
+        per_layer.append(extra.mean())
+    return torch.stack(per_layer)
 
 
 def importance(attn, k: int = 1) -> torch.Tensor:
@@ -79,27 +71,12 @@ def importance(attn, k: int = 1) -> torch.Tensor:
     alpha_k = 1/(T-k+1) * sum_{i=k..T} A_{i,k} with 1-indexed k: the average attention that the
     queries able to see token k (i >= k under the causal mask) put on it.
     """
-    a = _stack(attn)
+    a = stack_attention(attn)
     T = a.shape[-1]
     if not 1 <= k <= T:
         raise ValueError(f"k must be in 1..T={T}, got {k}")
     column = a[..., k - 1 :, k - 1]  # (L,B,H,T-k+1): queries i = k..T on key k
     return (column.sum(-1) / (T - k + 1)).mean(1)
-
-
-def importance_per_sequence(attn, max_k: int = MAX_K) -> torch.Tensor:
-    """alpha_k per (layer, sequence, head) for k = 1..max_k (capped at T): shape (K, L, B, H)."""
-    a = _stack(attn)
-    T = a.shape[-1]
-    return torch.stack([a[..., k - 1 :, k - 1].sum(-1) / (T - k + 1) for k in range(1, min(max_k, T) + 1)])
-
-
-def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
-    """Sink_k^eps in percent: share of (layer, head) pairs whose importance exceeds eps.
-
-    On alpha of shape (L, B, H) (one per sequence) this is Gu et al.'s figure: per sequence the
-    share of pairs above eps, averaged over sequences (every sequence has the same L*H pairs)."""
-    return float((torch.as_tensor(alpha) > eps).float().mean() * 100)
 
 
 def uniform_f_attn(T: int) -> float:
@@ -121,19 +98,6 @@ def check_length(T: int, k: int, eps: float) -> None:
         shortest = next(t for t in range(T + 1, 10 * T + 10_000) if uniform_alpha(t, k) <= eps)
         raise ValueError(f"at T={T} uniform attention already gives alpha_{k} = {uniform_alpha(T, k):.2f} > eps "
                          f"{eps:g}, so every head would count as a sink; use --lengths >= {shortest} or a larger --eps")
-
-
-def first_token_attention(attn) -> tuple[list[float], float]:
-    """Qiu et al.'s F-Attn: mean attention probability on the first token.
-
-    Averaged over heads, batch and *all* query positions 0..T-1, as Qiu et al. average over the
-    sequence. Query 0 is included even though causally it can only attend to itself (weight 1);
-    it adds at most 1/T. With this convention F-Attn of a layer = mean over heads of alpha_1.
-    Returns (per-layer list, overall mean over layers).
-    """
-    a = _stack(attn)
-    per_layer = a[..., :, 0].mean(dim=(1, 2, 3))  # (L,)
-    return per_layer.tolist(), float(per_layer.mean())
 
 
 def resolve_lengths(lengths, block_size: int, block: int | None = None) -> list[int]:
@@ -203,6 +167,11 @@ class SinkResult(EvalResult):
             "weights": PROXY_NOTE,
             "f_attn_uniform": "F-Attn of uniform causal attention at the same T: H_T / T",
             "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
+            "extra_sink_mass_per_layer": "mean weight of the text queries outside the text: on model.sink_tokens' "
+                                         "learned tokens (summed) plus model.sink_logit's virtual key; per layer "
+                                         "(null without either fix). Sink_1 and F-Attn are read on the text keys: "
+                                         "renormalised over them for a sink logit, the text's share for sink tokens",
+            "extra_sink_mass": "extra_sink_mass_per_layer averaged over layers",
             "bos_first": "every sequence starts with the BOS token: the default when the run's data starts "
                          "documents with BOS, so sequences look like training windows (Gu et al. evaluate on "
                          "windows of their training text, which has no BOS); --no-bos feeds plain windows",
@@ -236,7 +205,7 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
     by_length = {}
     bar = progress(sum(seqs.shape[0] * T for T in Ts), "eval.sink")
     for T in Ts:
-        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, n = [], [], 0.0, 0.0, 0.0, 0
+        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, extra_sum, n = [], [], 0.0, 0.0, 0.0, None, 0
         positions = PositionStats(cfg.vocab_size, eps)
         for batch in seqs[:, :T].split(batch_size):
             out = model(batch.to(device), return_attn=True)
@@ -247,6 +216,9 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
             f_sum = f_sum + torch.tensor(first_token_attention(a)[0]) * b
             f_raw_sum = f_raw_sum + torch.tensor(first_token_attention(a_raw)[0]) * b
             mass_sum = mass_sum + torch.stack([m[:, :, out.sink_tokens :].float().mean() for m in out.attn_mass]).cpu() * b
+            extra = extra_sink_mass(out)
+            if extra is not None:
+                extra_sum = (0.0 if extra_sum is None else extra_sum) + extra.cpu() * b
             positions.add(a, batch)
             n += b
             bar.update(b * T)
@@ -271,6 +243,8 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
             "f_attn_raw": float(f_raw_layers.mean()),
             "f_attn_uniform": uniform_f_attn(T),
             "row_mass_per_layer": (mass_sum / n).tolist(),
+            "extra_sink_mass_per_layer": None if extra_sum is None else (extra_sum / n).tolist(),
+            "extra_sink_mass": None if extra_sum is None else float((extra_sum / n).mean()),
         }
     bar.close()
     head = by_length[str(Ts[0])]
@@ -284,38 +258,9 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
         by_length=by_length)
 
 
-@torch.no_grad()
-def measure(model, sequences, eps: float = 0.3) -> dict:
-    """The in-training tracker: one forward of `sequences` (B, T) with attention and hidden states.
-
-    Returns {"sink_1": Gu et al.'s per-sequence Sink_1 in %, "f_attn": Qiu et al.'s F-Attn,
-    "max_h_ratio": largest over layers of max |h| / median |h| of the residual stream}. The
-    caller logs these as a metrics.jsonl row; `python -m eval.sink --run RUN` plots them.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(sequences.to(next(model.parameters()).device), return_attn=True, return_hidden=True)
-    finally:
-        model.train(was_training)
-    a = text_attention(out)
-    ratios = []
-    for h in out.hidden:
-        h = h.detach().float().abs()
-        median = h.median()
-        ratios.append(float(h.max() / median) if median > 0 else float("inf"))
-    return {"sink_1": sink_rate(importance_per_sequence(a, 1)[0], eps),
-            "f_attn": first_token_attention(a)[1], "max_h_ratio": max(ratios)}
-
-
-TRACKED = ("sink_1", "f_attn", "max_h_ratio")  # the keys `measure` returns
-
-
 def emergence(run_dir) -> dict:
     """The rows of <run>/metrics.jsonl that carry `measure`'s keys, as {key: [(step, value)]}."""
     from pathlib import Path
-
-    from trainer.metrics import read_rows
 
     curves = {k: [] for k in TRACKED}
     for row in read_rows(Path(run_dir) / "metrics.jsonl"):  # a torn last line (a killed run) is dropped
@@ -394,8 +339,8 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[SinkResult]:
-    from . import fail, held_out_sequences, positive_float, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from . import fail, positive_float, positive_int
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     if argv is None:
         argv = sys.argv[1:]
@@ -429,7 +374,7 @@ def main(argv=None) -> list[SinkResult]:
             check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
         bos = None if args.no_bos else bos_id(run)
         if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
-            from .backcopy import held_out_rows  # whole sequences of the process, as eval.ablate reads them
+            from .backcopy import held_out_rows  # whole sequences of the process, as ablate.py reads them
 
             seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
         else:
@@ -440,6 +385,9 @@ def main(argv=None) -> list[SinkResult]:
         print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}% (raw weights {result.sink_1_raw:.2f}%, "
               f"pooled {result.sink_1_pooled:.2f}%, any position {result.sink_any:.2f}%)  F-Attn: {result.f_attn:.3f} "
               f"(raw {result.f_attn_raw:.3f}, uniform {result.f_attn_uniform:.3f})")
+        extra = result.by_length[str(result.headline_T)]["extra_sink_mass"]
+        if extra is not None:
+            print(f"attention outside the text (sink tokens / sink logit): {extra:.3f} of every text query's weight")
         return result
 
     return for_each_checkpoint(args, "sink", one, headline=("sink_1", "sink_any", "f_attn"))
@@ -449,7 +397,7 @@ def main_emergence(argv) -> list[dict]:
     from pathlib import Path
 
     from . import eval_dir, fail, write_json
-    from .checkpoints import expand
+    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
                                  "logged during training (metrics.jsonl), plotted over steps")
@@ -470,7 +418,7 @@ def main_emergence(argv) -> list[dict]:
             fail(f"{metrics} has no rows with {', '.join(TRACKED)}; they are logged when training tracks sinks")
         out = eval_dir(run)
         result = {"run": str(run), "curves": {k: [list(p) for p in v] for k, v in curves.items()},
-                  "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (eval.sink.measure)",
+                  "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (probes.sink.measure)",
                                   "f_attn": "Qiu et al. F-Attn: mean attention on the first token",
                                   "max_h_ratio": "largest over layers of max |h| / median |h| of the residual stream",
                                   "curves": "per key, [step, value] rows from metrics.jsonl"}}

@@ -206,7 +206,7 @@ def evaluate(metrics_path, window: int = 128, k: float = 6.0, two_sided: bool = 
 def metrics_info(run_dir) -> dict:
     """What a metrics.jsonl eval covers, in the shape of the checkpoint record: the run, its last
     logged step and tokens, and the git commit."""
-    from .checkpoints import git_commit
+    from .cli import git_commit
 
     from trainer.metrics import read_rows
 
@@ -219,7 +219,7 @@ def metrics_info(run_dir) -> dict:
 
 def main(argv=None) -> list[SpikesResult]:
     from . import eval_dir, positive_float, positive_int, write_json
-    from .checkpoints import expand
+    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", "--ckpt", dest="run", nargs="+", required=True,

@@ -345,7 +345,7 @@ def long_stream(val, n_tokens: int, keys_per_query: int) -> tuple[torch.Tensor, 
 
 def main(argv=None) -> list[StreamingResult]:
     from . import fail, nonnegative_int, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ablate
 import train
-from eval import ablate, activations, sink, spikes, streaming
-from model.load import load_run
+from eval import activations, sink, spikes, streaming
+from runs.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -197,7 +198,7 @@ def one_line_error(capsys, e) -> str:
 
 
 def test_every_metrics_reader_drops_a_torn_last_line(run_dir, tmp_path):
-    """The trainer killed mid-row: eval.sink --run, eval.ablate --runs and eval.spikes read the rest."""
+    """The trainer killed mid-row: eval.sink --run, ablate.py --runs and eval.spikes read the rest."""
     import shutil
 
     run = tmp_path / "torn"
@@ -277,20 +278,20 @@ def test_a_checkpoint_pruned_while_the_eval_runs_is_one_line(run_dir, tmp_path, 
     evaluated: the eval stops with one line naming what happened, after writing the first's JSON."""
     import shutil
 
-    import model.load
+    import runs.load
 
     run = tmp_path / "pruned"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
     ckpts = run / "checkpoints"
     shutil.copytree(ckpts / "latest", ckpts / "step_0000006")
-    load_run = model.load.load_run
+    load_run = runs.load.load_run
 
     def load_then_prune(path, *a, **kw):
         loaded = load_run(path, *a, **kw)
         shutil.rmtree(ckpts / "step_0000012", ignore_errors=True)
         return loaded
 
-    monkeypatch.setattr(model.load, "load_run", load_then_prune)
+    monkeypatch.setattr(runs.load, "load_run", load_then_prune)
     with pytest.raises(SystemExit) as e:
         activations.main(["--ckpt", str(ckpts / "step_*"), "--n-seqs", "2"])
     err = one_line_error(capsys, e)

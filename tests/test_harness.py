@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hf_models import save_tiny
 
 from model import GPT, GPTConfig
-from model.load import LoadedRun, load_run
+from runs.load import LoadedRun, load_run
 
 QUESTIONS = [
     {"q": "The sun rises in the", "choices": ["east", "west", "sea"], "label": 0, "answer": "east"},

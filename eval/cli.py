@@ -27,7 +27,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 def add_lm_arguments(ap, data: bool = True) -> None:
     """The flags every LM eval takes, in one place (`data=False`: an eval that reads no held-out text)."""
     ap.add_argument("--ckpt", nargs="+", required=True,
-                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<hub id, transformers folder or GGUF file>")
+                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', "
+                         "or hf:<hub id, transformers folder or GGUF file>")
     if data:
         ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
@@ -50,7 +51,7 @@ def expand(patterns) -> list[str]:
 
 def check_paths(paths) -> None:
     """Every local path resolves to a checkpoint before any of them is evaluated."""
-    from model.load import resolve_checkpoint
+    from runs.load import resolve_checkpoint
 
     for p in paths:
         if p.startswith("hf:"):
@@ -65,7 +66,7 @@ def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
     import torch
 
-    from model.load import load_run
+    from runs.load import load_run
 
     params = inspect.signature(load_run).parameters
     kwargs = {}
@@ -74,8 +75,10 @@ def load(path: str, args, task: str = "lm"):
         kwargs["dtype"] = dtype
     if getattr(args, "data", None) is not None:
         if "data" not in params:
-            fail("--data needs a model.load_run that takes data=; this checkout's does not")
+            fail("--data needs a runs.load.load_run that takes data=; this checkout's does not")
         kwargs["data"] = args.data
+    if getattr(args, "image_size", None) is not None:  # an hf: ViT's input size
+        kwargs["image_size"] = args.image_size
     try:
         run = load_run(path, pick_device(args.device), task=task, **kwargs)
     except Exception as e:  # noqa: BLE001 - every failure to read a checkpoint is one line, never a traceback

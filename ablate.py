@@ -1,16 +1,17 @@
 """Ablation report: train (or collect) a grid of variants on the same data, steps and seed, run
 the evals on each and write one markdown table plus JSON and plots (docs/design.md, "Evals").
 
-    python -m eval.ablate --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
-    python -m eval.ablate --runs out/a out/b [--out out/ablate]
+    python ablate.py --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
+    python ablate.py --runs out/a out/b [--out out/ablate]
 
 Training goes through `python train.py` in a subprocess per variant (so each run is exactly
 what a user gets from the command line); a variant already trained to `--steps` is reused
 (train.resume=auto), so an interrupted ablation continues where it stopped. Each run's checkpoint
 and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
-val loss, Sink_1 and F-Attn (eval.sink, T=64), max |h| (eval.activations), loss spike score
-(eval.spikes, OLMo-core W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming)
-and training tokens/s. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
+val loss, Sink_1 and F-Attn on renormalised and raw weights (eval.sink, T=64), max |h|
+(eval.activations, plain held-out windows as its CLI), OLMo-core's total spike score (eval.spikes,
+W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming) and training tokens/s.
+ablation.md starts with what was run and defines every column. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
 task's BOS-first held-out sequences, Guo et al.'s BOS attention and the mass on sink tokens or
 the sink logit's slot join the table (eval.backcopy), and streaming runs over one long sequence
 of the process with BOS only at its start (eval.backcopy.long_stream).
@@ -25,9 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fail
+from eval import fail
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table
 
 
@@ -87,10 +88,12 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     import torch
 
     from data.bigram_backcopy import load_chain
-    from model.load import load_run
+    from runs.load import load_run
 
-    from . import activations, backcopy, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
-    from .checkpoints import bos_id, checkpoint_info
+    from probes.sequences import held_out_sequences
+
+    from eval import activations, backcopy, eval_dir, pick_device, sink, spikes, streaming, write_json
+    from eval.cli import bos_id, checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
@@ -236,7 +239,7 @@ def markdown(rows: list[dict], settings: dict | None = None) -> str:
 def plot(rows: list[dict], out: Path) -> None:
     """Loss curves, then one panel per sink quantity (Sink_1 %, F-Attn) with each bar's value
     written on it, so a 0% bar still reads as a measured zero."""
-    from .plots import save, subplots
+    from eval.plots import save, subplots
 
     fig, axes = subplots(1, 3, width=5.5, height=4)
     ax = axes[0, 0]
@@ -266,9 +269,9 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    from . import positive_int, streaming
+    from eval import positive_int, streaming
 
-    ap = argparse.ArgumentParser(prog="python -m eval.ablate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
     ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")
@@ -287,9 +290,9 @@ def main(argv=None) -> list[dict]:
         fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
     if args.stream_tokens < 2:
         fail(f"--stream-tokens must be >= 2 (one prediction needs two tokens), got {args.stream_tokens}")
-    from model.load import resolve_checkpoint
+    from runs.load import resolve_checkpoint
 
-    from .checkpoints import expand
+    from eval.cli import expand
 
     args.configs, args.runs = expand(args.configs), expand(args.runs)
     for r in args.runs:
@@ -309,19 +312,19 @@ def main(argv=None) -> list[dict]:
 
         torch.set_num_threads(args.threads)
 
-    from .checkpoints import git_commit
-    from .progress import progress
+    from eval.cli import git_commit
+    from eval.progress import progress
 
     rows = []
-    bar = progress(len(run_dirs), "eval.ablate", unit="run")
+    bar = progress(len(run_dirs), "ablate", unit="run")
     for r in run_dirs:
         rows.append(evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride))
         bar.update(1)
     bar.close()
-    from . import make_dir, write_json, write_text
+    from eval import make_dir, write_json, write_text
 
     make_dir(out)
-    settings = {"command": " ".join(["python -m eval.ablate", *(argv if argv is not None else sys.argv[1:])]),
+    settings = {"command": " ".join(["python ablate.py", *(argv if argv is not None else sys.argv[1:])]),
                 "steps": args.steps, "overrides": args.set, "configs": args.configs, "runs": args.runs,
                 "run_dirs": [str(r) for r in run_dirs], "stream_tokens": args.stream_tokens,
                 "stream_modes": args.stream_modes, "recompute_stride": args.recompute_stride,
