@@ -18,14 +18,18 @@ from eval.streaming import evaluate
 
 
 def random_llama(folder: Path, n_layer: int, n_head: int, n_embd: int, vocab: int, context: int) -> Path:
-    """A randomly initialised LlamaForCausalLM saved to `folder` (no tokenizer: none is needed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised LlamaForCausalLM saved to `folder`, with a word-level tokenizer of
+    `vocab` made-up words (the import wants one; the stream is ids, never text)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
                       num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=context,
                       tie_word_embeddings=True, initializer_range=0.2)  # not near-uniform: NLL diffs mean something
     LlamaForCausalLM(cfg).save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=f"w{vocab - 1}").save_pretrained(folder)
     return folder
 
 
