@@ -33,6 +33,8 @@ import torch
 
 from . import gguf_file
 from .config import GPTConfig
+from .gpt import GPT
+from .weights import load_state
 
 PREFIX = "hf:"
 # What a hub download fetches: config, transformers' weight files (not a repo's other formats,
@@ -302,9 +304,6 @@ def load_pretrained(ref: str, dtype: torch.dtype | None = None):
     import never holds an fp32 copy. config["hf"] records where the model came from, its output
     name (`Pretrained.name`) and a GGUF file's quantisation."""
     import dataclasses
-
-    from .gpt import GPT
-    from .weights import load_state
 
     source = locate(ref)
     hf_cfg = source.config()
