@@ -133,11 +133,11 @@ class LMTask:
     def probe_inputs(self) -> torch.Tensor:
         """N_PROBE fixed windows of block_size tokens from the start of the val split, as the evals take them
         (BOS first when the data puts BOS at document starts)."""
-        from data.loader import TokenShards
+        from data.loader import TokenSplit
         from probes.sequences import held_out_sequences
 
         bos_id = self.meta.get("bos_id") if getattr(self.cfg.data, "bos", False) else None
-        return held_out_sequences(TokenShards(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
+        return held_out_sequences(TokenSplit(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
 
     def final_report(self, metrics: dict, run_dir: Path) -> str:
         val, uni = metrics["val_loss"], self.meta["unigram_val_nll"]
