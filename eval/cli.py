@@ -16,7 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
+
+from configs import from_dict
+from data.prepare import prepare
 
 from . import fail, make_dir, pick_device, write_json, write_text
 
@@ -63,8 +67,6 @@ def check_paths(paths) -> None:
 
 def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
-    import torch
-
     from runs.load import load_run
 
     params = inspect.signature(load_run).parameters
@@ -108,9 +110,6 @@ def bos_id(run) -> int | None:
         return None
     if getattr(run, "bos_id", None) is not None:
         return run.bos_id
-    from configs import from_dict
-    from data.prepare import prepare
-
     meta = json.loads((prepare(from_dict({"data": data}).data, progress=False) / "meta.json").read_text())
     if meta.get("bos_id") is None:
         fail(f"{run.run_dir} trained with data.bos but its prepared data records no bos_id; prepare the data again")

@@ -30,6 +30,14 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+from data.images import ImageDataConfig, load_images
+from data.shapes import boxes_from_mask
+from runs.load import load_run
+
+from . import fail, pick_device, positive_int, write_json
+from .cli import checkpoint_info, output_dir
+from .result import CHECKPOINT_DEFINITION
+
 CORLOC_IOU = 0.5
 PROBE_STEPS = 300
 PROBE_LR = 0.05
@@ -111,8 +119,6 @@ def object_patches(masks: torch.Tensor, patch: int) -> torch.Tensor:
 
 def lost_scores(keys: torch.Tensor, masks: torch.Tensor, patch: int, k: int | None = None) -> dict:
     """CorLoc, mask IoU and the grid's CorLoc ceiling of LOST over images: keys (B, N, D), masks (B, H, W)."""
-    from data.shapes import boxes_from_mask
-
     B, N, _ = keys.shape
     grid = int(round(N**0.5))
     k = max(1, N // 8) if k is None else k
@@ -196,8 +202,6 @@ def dense_readouts(model, train_x, train_masks, val_x, val_masks, lost_k: int | 
 
 def load_dense_data(run_config: dict, n_probe_train: int):
     """The run's image source, refused in one line when it has no masks; normalised splits."""
-    from data.images import ImageDataConfig, load_images
-
     cfg = ImageDataConfig(**run_config["data"])
     images = load_images(cfg)
     if images.val_masks is None:
@@ -209,12 +213,6 @@ def load_dense_data(run_config: dict, n_probe_train: int):
 
 
 def main(argv=None) -> dict:
-    from runs.load import load_run
-
-    from . import fail, pick_device, positive_int, write_json
-    from .cli import checkpoint_info, output_dir
-    from .result import CHECKPOINT_DEFINITION
-
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, help="a ViT run directory trained on images with masks (source: shapes)")
     ap.add_argument("--lost-k", type=positive_int, default=None, help="LOST's k lowest-degree patches "

@@ -23,7 +23,13 @@ from contextlib import contextmanager
 
 import torch
 
+from data.images import ImageDataConfig, load_images
+
+from . import fail, positive_int, write_json
+from .cli import check_paths, checkpoint_info, expand, load, output_dir
 from .dense import dense_readouts, object_patches
+from .progress import progress
+from .result import CHECKPOINT_DEFINITION
 
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
 HIGH_NORM_FACTOR = 2.0  # the high-norm mode: patch norm > this x the layer's median patch norm
@@ -231,8 +237,6 @@ def test_time_register(model, neurons: list[dict], rule: str = "ours", scale: fl
 @torch.no_grad()
 def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -> dict:
     """Hidden states per layer, last-layer attention and accuracy over `images`, batched."""
-    from .progress import progress
-
     hidden, last_attn, correct = None, [], 0
     bar = progress(len(labels), "eval.vit_artifacts", unit="img")
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
@@ -403,9 +407,6 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
 
 
 def main(argv=None) -> list[dict]:
-    from . import fail, positive_int
-    from .cli import check_paths, expand
-
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*'")
@@ -442,12 +443,6 @@ def main(argv=None) -> list[dict]:
 
 def evaluate_checkpoint(path: str, args) -> dict:
     """The CLI's work on one ViT checkpoint: analyse, plot, write vit_artifacts.json."""
-    from data.images import ImageDataConfig, load_images
-
-    from . import write_json
-    from .cli import checkpoint_info, load, output_dir
-    from .result import CHECKPOINT_DEFINITION
-
     run = load(path, args, task="vit")
     if run.config.get("task", "lm") != "vit":
         raise ValueError(f"{path} is a language-model run; vit_artifacts needs a ViT run (task: vit)")

@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from configs import ConfigError, to_dict
+from data.prepare import check_fingerprint
+from model.weights import save_weights
 
 from .rundir import CHECKPOINT_FMT, newest_checkpoint, step_dirs
 
@@ -155,8 +157,6 @@ def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | 
                           + "; ".join(changed) + "). Use name=<new name> for a new run, or restore those values.")
     saved_fingerprint = TrainerState.read(ckpt).data_fingerprint
     if saved_fingerprint is not None and data_fingerprint is not None:  # checkpoints from before it lack one
-        from data.prepare import check_fingerprint
-
         try:
             check_fingerprint(saved_fingerprint, data_fingerprint)
         except ValueError as e:
@@ -229,8 +229,6 @@ def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool, 
     """Accelerate state + trainer state + consolidated weights, written to a temp dir, renamed, then
     `latest` switched and old step dirs pruned to train.keep_last. Every process calls this (ZeRO-3
     gathers the weights collectively)."""
-    from model.weights import save_weights
-
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / CHECKPOINT_FMT.format(state.step)
     tmp = ckpt_root / f".tmp_{final.name}"
