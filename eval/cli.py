@@ -10,7 +10,6 @@ overwrite another's. With several checkpoints the CLI also writes `<run>/eval/<n
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import subprocess
 import sys
@@ -69,26 +68,16 @@ def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
     from runs.load import load_run
 
-    params = inspect.signature(load_run).parameters
-    kwargs = {}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "dtype", None))
-    if dtype is not None and "dtype" in params:
-        kwargs["dtype"] = dtype
-    if getattr(args, "data", None) is not None:
-        if "data" not in params:
-            fail("--data needs a runs.load.load_run that takes data=; this checkout's does not")
-        kwargs["data"] = args.data
     try:
-        run = load_run(path, pick_device(args.device), task=task, **kwargs)
+        run = load_run(path, pick_device(args.device), task=task, dtype=dtype, data=getattr(args, "data", None))
     except Exception as e:  # noqa: BLE001 - every failure to read a checkpoint is one line, never a traceback
         if not path.startswith("hf:") and not Path(path).exists():
             vanished(path)
         if isinstance(e, (OSError, ValueError, SafetensorError)):
             fail(str(e))
         raise
-    if dtype is not None and "dtype" not in params:
-        run.model.to(dtype)
-    if getattr(run, "eval_block_size", run.model.config.block_size) < run.model.config.block_size:
+    if run.eval_block_size < run.model.config.block_size:
         print(f"note: {path} has a context of {run.model.config.block_size} tokens; the evals default to "
               f"{run.eval_block_size} (the flags for sequence length and window go up to the context)", file=sys.stderr)
     return run
