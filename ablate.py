@@ -8,9 +8,10 @@ Training goes through `python train.py` in a subprocess per variant (so each run
 what a user gets from the command line); a variant already trained to `--steps` is reused
 (train.resume=auto), so an interrupted ablation continues where it stopped. Each run's checkpoint
 and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
-val loss, Sink_1 and F-Attn (eval.sink, T=64), max |h| (eval.activations), loss spike score
-(eval.spikes, OLMo-core W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming)
-and training tokens/s. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
+val loss, Sink_1 and F-Attn on renormalised and raw weights (eval.sink, T=64), max |h|
+(eval.activations, plain held-out windows as its CLI), OLMo-core's total spike score (eval.spikes,
+W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming) and training tokens/s.
+ablation.md starts with what was run and defines every column. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
 task's BOS-first held-out sequences, Guo et al.'s BOS attention and the mass on sink tokens or
 the sink logit's slot join the table (eval.backcopy), and streaming runs over one long sequence
 of the process with BOS only at its start (eval.backcopy.long_stream).

@@ -30,7 +30,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 def add_lm_arguments(ap, data: bool = True) -> None:
     """The flags every LM eval takes, in one place (`data=False`: an eval that reads no held-out text)."""
     ap.add_argument("--ckpt", nargs="+", required=True,
-                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<hub id, transformers folder or GGUF file>")
+                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', "
+                         "or hf:<hub id, transformers folder or GGUF file>")
     if data:
         ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
@@ -70,7 +71,8 @@ def load(path: str, args, task: str = "lm"):
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "dtype", None))
     try:
-        run = load_run(path, pick_device(args.device), task=task, dtype=dtype, data=getattr(args, "data", None))
+        run = load_run(path, pick_device(args.device), task=task, dtype=dtype, data=getattr(args, "data", None),
+                       image_size=getattr(args, "image_size", None))  # image_size: an hf: ViT's input size
     except Exception as e:  # noqa: BLE001 - every failure to read a checkpoint is one line, never a traceback
         if not path.startswith("hf:") and not Path(path).exists():
             vanished(path)

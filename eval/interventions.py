@@ -232,7 +232,8 @@ class InterventionsResult(EvalResult):
                    "per sequence, set to 0 (ppl_zero) or to their mean over the calibration sequences "
                    "(ppl_mean; `means`: per channel at the first token and at the others); ppl unmodified",
         "knockout": "key 0 removed for queries 1.. (renormalised over the remaining keys, as a forward with key 0 "
-                    "masked) in every layer (ppl_all_layers) and in each layer alone (ppl_per_layer); ppl unmodified",
+                    "masked) in every layer (ppl_all_layers) and in each layer alone (ppl_per_layer); ppl unmodified; "
+                    "with model.sink_tokens key 0 is the first learned sink token",
         "ppl": "exp(mean next-token NLL) over n_seqs held-out sequences of T tokens",
         "n_seqs": "held-out sequences for massive and knockout (calibration: the next n_seqs ones)",
         "ppl_sinks_replaced": "sink_content's ppl_sinks_replaced (null when not run)",

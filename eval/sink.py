@@ -47,6 +47,27 @@ N_SEQS = 100  # held-out sequences per length, as Gu et al.
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
 
 
+def extra_sink_mass(out) -> torch.Tensor | None:
+    """Per layer, the mean weight that the text queries put outside the text (L,): on the learned
+    tokens of model.sink_tokens (summed) and on the virtual key of model.sink_logit. None for a
+    model with neither: then all of it is on the text."""
+    n, slots = out.sink_tokens, out.attn_sink_slot
+    if not n and slots is None:
+        return None
+    per_layer = []
+    for l, probs in enumerate(out.attn):
+        w = probs.detach().float()
+        extra = torch.zeros_like(w[:, :, n:, 0])  # (B, H, text queries)
+        if slots is not None:  # the slot's weight; the keys' weights are probs * (1 - slot)
+            slot = slots[l][:, :, n:].detach().float()
+            extra = extra + slot
+            w = w * (1 - slots[l].detach().float()).unsqueeze(-1)
+        if n:
+            extra = extra + w[:, :, n:, :n].sum(-1)
+        per_layer.append(extra.mean())
+    return torch.stack(per_layer)
+
+
 def importance(attn, k: int = 1) -> torch.Tensor:
     """Gu et al.'s importance score alpha_k per (layer, head), shape (L, H), batch-averaged.
 
@@ -149,6 +170,11 @@ class SinkResult(EvalResult):
             "weights": PROXY_NOTE,
             "f_attn_uniform": "F-Attn of uniform causal attention at the same T: H_T / T",
             "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
+            "extra_sink_mass_per_layer": "mean weight of the text queries outside the text: on model.sink_tokens' "
+                                         "learned tokens (summed) plus model.sink_logit's virtual key; per layer "
+                                         "(null without either fix). Sink_1 and F-Attn are read on the text keys: "
+                                         "renormalised over them for a sink logit, the text's share for sink tokens",
+            "extra_sink_mass": "extra_sink_mass_per_layer averaged over layers",
             "bos_first": "every sequence starts with the BOS token: the default when the run's data starts "
                          "documents with BOS, so sequences look like training windows (Gu et al. evaluate on "
                          "windows of their training text, which has no BOS); --no-bos feeds plain windows",
@@ -180,7 +206,7 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
     by_length = {}
     bar = progress(sum(seqs.shape[0] * T for T in Ts), "eval.sink")
     for T in Ts:
-        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, n = [], [], 0.0, 0.0, 0.0, 0
+        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, extra_sum, n = [], [], 0.0, 0.0, 0.0, None, 0
         positions = PositionStats(cfg.vocab_size, eps)
         for batch in seqs[:, :T].split(batch_size):
             out = model(batch.to(device), return_attn=True)
@@ -191,6 +217,9 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
             f_sum = f_sum + torch.tensor(first_token_attention(a)[0]) * b
             f_raw_sum = f_raw_sum + torch.tensor(first_token_attention(a_raw)[0]) * b
             mass_sum = mass_sum + torch.stack([m[:, :, out.sink_tokens :].float().mean() for m in out.attn_mass]).cpu() * b
+            extra = extra_sink_mass(out)
+            if extra is not None:
+                extra_sum = (0.0 if extra_sum is None else extra_sum) + extra.cpu() * b
             positions.add(a, batch)
             n += b
             bar.update(b * T)
@@ -215,6 +244,8 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
             "f_attn_raw": float(f_raw_layers.mean()),
             "f_attn_uniform": uniform_f_attn(T),
             "row_mass_per_layer": (mass_sum / n).tolist(),
+            "extra_sink_mass_per_layer": None if extra_sum is None else (extra_sum / n).tolist(),
+            "extra_sink_mass": None if extra_sum is None else float((extra_sum / n).mean()),
         }
     bar.close()
     head = by_length[str(Ts[0])]
@@ -350,6 +381,9 @@ def main(argv=None) -> list[SinkResult]:
         print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}% (raw weights {result.sink_1_raw:.2f}%, "
               f"pooled {result.sink_1_pooled:.2f}%, any position {result.sink_any:.2f}%)  F-Attn: {result.f_attn:.3f} "
               f"(raw {result.f_attn_raw:.3f}, uniform {result.f_attn_uniform:.3f})")
+        extra = result.by_length[str(result.headline_T)]["extra_sink_mass"]
+        if extra is not None:
+            print(f"attention outside the text (sink tokens / sink logit): {extra:.3f} of every text query's weight")
         return result
 
     return for_each_checkpoint(args, "sink", one, headline=("sink_1", "sink_any", "f_attn"))

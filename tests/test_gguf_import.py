@@ -116,3 +116,11 @@ def test_unsupported_gguf_architecture_is_refused_in_one_line(tmp_path):
 def test_a_missing_gguf_file_is_named_not_looked_up_on_the_hub():
     with pytest.raises(FileNotFoundError, match="models/none.gguf: no such GGUF file"):
         locate("hf:models/none.gguf")  # owner/name-shaped, but a file name: no hub lookup
+
+
+def test_sample_cli_generates_from_a_gguf_file(files, capsys):
+    import sample
+
+    assert sample.main(["--ckpt", f"hf:{files['qwen2']}", "--prompt", "Shall", "--max-new-tokens", "5",
+                        "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Shall")

@@ -146,3 +146,17 @@ def test_a_retrofit_run_resumes_like_an_uninterrupted_one(setup, capsys, train_o
     imported = dict(load_run(f"hf:{path}").model.named_parameters())
     same = torch.equal(trained["layers.0.self_attn.q_proj.weight"], imported["layers.0.self_attn.q_proj.weight"])
     assert same == (train_only is not None)  # train.train_only freezes the import's own weights
+
+
+def test_lr_scale_moves_the_named_parameters_faster(setup):
+    """Adam's first step moves every parameter by about lr (m / sqrt(v) = sign(g)): by lr x factor here."""
+    root, path = setup
+    fixes = ("model.sink_logit=learned", "model.sink_logit_init=0", "train.weight_decay=0")
+    moved = {}
+    for tag, extra in (("x1", ()), ("x10", ("train.lr_scale=sinks=10",))):
+        run(root, path, f"lr_{tag}", 1, *fixes, *extra)
+        params = dict(load_run(root / "out" / f"lr_{tag}").model.named_parameters())
+        moved[tag] = (params["layers.0.self_attn.sinks"].abs().max().item(),
+                      params["layers.0.self_attn.q_proj.weight"])
+    assert moved["x1"][0] == pytest.approx(1e-2, rel=1e-2) and moved["x10"][0] == pytest.approx(1e-1, rel=1e-2)
+    assert torch.equal(moved["x1"][1], moved["x10"][1])  # the other parameters as without lr_scale
