@@ -25,7 +25,7 @@ import yaml
 
 from configs import ConfigError, to_dict
 from data.prepare import check_fingerprint
-from model.weights import save_weights
+from model import weights
 
 from .diskfull import WriteFailed, describe_failure, is_write_failure
 from .rundir import CHECKPOINT_FMT, newest_checkpoint, step_dirs
@@ -281,7 +281,7 @@ def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool, 
     state_dict = {k.removeprefix("_orig_mod."): v for k, v in (state_dict or {}).items()}
     if acc.is_main_process and failure is None:
         try:
-            save_weights(state_dict, tmp / "model.safetensors", tied)
+            weights.save_weights(state_dict, tmp / "model.safetensors", tied)
             for name in ("config.yaml", "tokenizer.json"):
                 if (run_dir / name).exists():
                     shutil.copyfile(run_dir / name, tmp / name)
