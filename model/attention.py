@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import backends
-from .config import AttentionConfig
+from .config import AttentionConfig, block_option
 from .rope import apply_rope, rope_cos_sin, scaled_rope_frequencies
 from .scores import expand_kv, linear_attention_chunked, math_attention, weights_from_scores
 
@@ -52,7 +52,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.n_embd, H * D, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * D, cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(H * D, cfg.n_embd, bias=block_option(cfg, "o_proj_bias"))  # ViT imports only
         if cfg.gate != "none":
             self.g_proj = nn.Linear(cfg.n_embd, H if cfg.gate == "headwise" else H * D, bias=False)
         if cfg.qk_norm:

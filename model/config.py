@@ -17,6 +17,24 @@ def swiglu_hidden(n_embd: int, intermediate_size: int | None) -> int:
     return intermediate_size or 64 * math.ceil(8 * n_embd / 3 / 64)
 
 
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu", "gelu_tanh", "quick_gelu")  # swiglu is gated; the others are fc -> act -> fc
+# Block options that only ViTConfig has (what pretrained ViTs need); a decoder config has none of
+# them and builds the Llama block with these values.
+BLOCK_DEFAULTS = {"norm": "rmsnorm", "mlp": "swiglu", "mlp_bias": False, "o_proj_bias": False, "layer_scale": None}
+
+
+def block_option(cfg, name: str):
+    return getattr(cfg, name, BLOCK_DEFAULTS[name])
+
+
+def mlp_hidden(cfg) -> int:
+    """The MLP width of a block: intermediate_size, or by default 8/3 n_embd (SwiGLU) / 4 n_embd (GELU)."""
+    if block_option(cfg, "mlp") == "swiglu":
+        return swiglu_hidden(cfg.n_embd, cfg.intermediate_size)
+    return cfg.intermediate_size or 4 * cfg.n_embd
+
+
 @dataclass
 class AttentionConfig:
     """Fields of the attention block (see docs/design.md, "The attention block")."""
