@@ -99,7 +99,7 @@ class TextStream:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from model.load import load_run
+    from runs.load import load_run
 
     from eval import pick_device
 

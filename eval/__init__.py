@@ -1,9 +1,13 @@
 """Evaluations of trained runs (docs/design.md, "Evals"): `python -m eval.<name> --ckpt out/<run>`.
 
-Each module has pure metric functions on tensors / lists, one library function `evaluate(...)`
-returning a result dataclass (eval/result.py), and a thin `main(argv=None)` CLI that writes its
-JSON + PNG under `<run>/eval/` (eval/checkpoints.py: flags, loading, output dirs). This file
-holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes` stays light.
+The evaluations are sink, backcopy, spikes, streaming, activations, vit_artifacts and harness
+(lm-eval). Each has pure metric functions on tensors / lists, one library function returning a
+result dataclass (eval/result.py; `evaluate(...)` for most) and a thin `main(argv=None)` CLI that
+writes its JSON + PNG under `<run>/eval/`. What the CLIs share: cli.py (flags, loading each
+checkpoint, output dirs, the over-steps summary) and plots.py; sink_positions.py is a part of sink.
+eval/bench/ only keeps `python -m eval.bench` working (the benchmarks are the package bench/).
+This file holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes`
+stays light.
 """
 from __future__ import annotations
 
@@ -70,29 +74,18 @@ def _json_safe(obj):
     return obj
 
 
-def write_json(path, data: dict) -> Path:
+def write_text(path, text: str) -> Path:
+    """Write a whole file atomically (temp file, then rename): a kill or a full disk mid-write
+    leaves the previous file, never a truncated one."""
+    from trainer.rundir import write_atomic
+
     path = Path(path)
-    path.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    write_atomic(path, text)
     return path
 
 
-def held_out_sequences(tokens, n_seqs: int, length: int, bos_id: int | None = None):
-    """(n, length) LongTensor of consecutive, non-overlapping windows from the start of the
-    held-out token stream: deterministic, so two runs on the same data see the same text.
-    Fewer than n_seqs come back when the stream is short (at least one is required).
-    With `bos_id`, each row is BOS followed by a window of length - 1 tokens."""
-    import numpy as np
-    import torch
-
-    tokens = np.asarray(tokens)
-    body = length - (bos_id is not None)
-    n = min(n_seqs, len(tokens) // body) if body > 0 else 0
-    if n < 1:
-        raise ValueError(f"held-out data has {len(tokens)} tokens, fewer than one sequence of {length}")
-    rows = torch.from_numpy(tokens[: n * body].astype(np.int64).reshape(n, body))
-    if bos_id is not None:
-        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
-    return rows
+def write_json(path, data: dict) -> Path:
+    return write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 def pick_device(name: str | None = None):

@@ -9,7 +9,14 @@ the averaged median. Pooled over all sequences, as extras: the top-3 |h| with th
 (sequence, position, channel, token id), the median, their ratio, the count of "massive" values,
 and the first token's hidden-state norm over the mean norm of the other tokens.
 
-    python -m eval.activations --ckpt out/<run> [--n-seqs 10]
+Value states (Gu et al. 2025, "When Attention Sink Emerges": the sink token's values are small,
+so the attention it absorbs adds little to the output): per layer the L2 norm of v = v_proj(x)
+per key/value head at the first text token, against the mean over the other text tokens.
+
+Sequences are plain windows of the held-out text, as Sun et al.'s (no BOS; `--bos` puts the
+run's BOS first); model.sink_tokens' learned tokens are left out of every statistic.
+
+    python -m eval.activations --ckpt out/<run> [--n-seqs 10] [--bos]
 """
 from __future__ import annotations
 
@@ -66,6 +73,50 @@ def massive_activations(hidden, top: int = 3, tokens=None) -> list[dict]:
     return stats
 
 
+@torch.no_grad()
+def value_norms(model, sequences, batch_size: int = 8) -> list[dict]:
+    """Per layer, the L2 norm of the value state v = v_proj(normed block input), per key/value
+    head, at the first text token and averaged over the other text tokens of `sequences` (N, T),
+    then over sequences. With model.sink_tokens the learned tokens (which come first) are reported
+    apart, as `sink_tokens_value_norm`, and the first text token is the one after them."""
+    device = next(model.parameters()).device
+    layers = [block.self_attn for block in model.layers]
+    captured = [None] * len(layers)
+
+    def keep(i):
+        def hook(module, inputs, output):
+            captured[i] = output.detach().float()
+        return hook
+
+    handles = [attn.v_proj.register_forward_hook(keep(i)) for i, attn in enumerate(layers)]
+    n = model.config.sink_tokens
+    sums = None
+    count = 0
+    try:
+        for batch in torch.as_tensor(sequences).long().split(batch_size):
+            model(batch.to(device))
+            per_layer = []
+            for attn, v in zip(layers, captured):
+                norms = v.view(*v.shape[:2], attn.cfg.kv_heads, attn.cfg.head_dim).norm(dim=-1)  # (B, T', Hkv)
+                per_layer.append(torch.stack([norms[:, n:n + 1].mean(1).sum(0), norms[:, n + 1:].mean(1).sum(0),
+                                              norms[:, :n].mean(1).sum(0) if n else torch.zeros_like(norms[0, 0])]))
+            step = torch.stack(per_layer).cpu()  # (L, 3, Hkv): first, others, sink tokens; summed over the batch
+            sums = step if sums is None else sums + step
+            count += batch.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for first, others, learned in sums / count:
+        row = {"first_token_value_norm": float(first.mean()), "other_tokens_value_norm": float(others.mean()),
+               "first_token_value_norm_ratio": float(first.mean() / others.mean()),
+               "first_token_value_norm_per_head": first.tolist(), "other_tokens_value_norm_per_head": others.tolist()}
+        if n:
+            row["sink_tokens_value_norm"] = float(learned.mean())
+        out.append(row)
+    return out
+
+
 @dataclass
 class ActivationsResult(EvalResult):
     layers: list
@@ -75,7 +126,11 @@ class ActivationsResult(EvalResult):
     max_ratio_top1_median: float
     n_seqs: int
     T: int
+    bos_first: bool
+    sink_tokens: int
     attention: dict
+    value_norms: list
+    min_value_norm_ratio: float
 
     DEFINITIONS = {
         "layers": "one entry per block, hidden state (residual stream) after that block",
@@ -94,25 +149,45 @@ class ActivationsResult(EvalResult):
                      "(Sun et al.'s working definition)",
         "first_token_norm_ratio": "mean L2 norm of the first token's hidden state / mean L2 norm "
                                   "of the other tokens' hidden states",
+        "value_norms": "one entry per block: L2 norm of the value state v_proj(x) per key/value head "
+                       "(Gu et al. 2025: sink tokens carry small values), at the first text token and the "
+                       "mean over the other text tokens, averaged over heads and sequences; _per_head: per head",
+        "first_token_value_norm_ratio": "first token's value norm / mean value norm of the other tokens",
+        "sink_tokens_value_norm": "mean value norm of the learned sink tokens (model.sink_tokens only)",
+        "min_value_norm_ratio": "smallest first_token_value_norm_ratio over layers (headline)",
+        "bos_first": "sequences start with BOS (--bos); the default, as Sun et al., is plain windows of the "
+                     "held-out text without BOS",
+        "sink_tokens": "model.sink_tokens' learned tokens in front of every sequence: left out of every number "
+                       "here (positions, token ids and the first token are the text's)",
     }
 
 
 @torch.no_grad()
-def evaluate(model, sequences, batch_size: int = 8, tokenizer=None) -> ActivationsResult:
-    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream;
-    with `tokenizer` the pooled top positions also carry their token's text."""
+def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int | None = None) -> ActivationsResult:
+    """Run `model` on (N, T) held-out ids and report `massive_activations` of the residual stream
+    at the text tokens (model.sink_tokens' learned tokens are left out); with `tokenizer` the
+    pooled top positions also carry their token's text. `bos_id` is recorded as `bos_first`
+    when every sequence starts with it."""
+    from .progress import progress
+
     device = next(model.parameters()).device
     model.eval()
     sequences = torch.as_tensor(sequences).long()
-    per_layer = None
+    per_layer, n_sink = None, 0
+    bar = progress(sequences.numel(), "eval.activations")
     for batch in sequences.split(batch_size):
-        hidden = [h.cpu() for h in model(batch.to(device), return_hidden=True).hidden]
+        out = model(batch.to(device), return_hidden=True)
+        n_sink = out.sink_tokens
+        hidden = [h[:, n_sink:].cpu() for h in out.hidden]
         per_layer = hidden if per_layer is None else [torch.cat(p) for p in zip(per_layer, hidden)]
+        bar.update(batch.numel())
+    bar.close()
     layers = massive_activations(per_layer, tokens=sequences)
     if tokenizer is not None:
         for layer in layers:
             for entry in layer["top"]:
                 entry["text"] = tokenizer.decode([entry["token_id"]], skip_special_tokens=False)
+    values = value_norms(model, sequences, batch_size)
     cfg = model.config
     return ActivationsResult(
         layers=layers,
@@ -121,17 +196,19 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None) -> Activatio
         max_abs=max(l["top"][0]["value"] for l in layers),
         max_ratio_top1_median=max(l["ratio_top1_median"] for l in layers),
         n_seqs=int(per_layer[0].shape[0]), T=int(per_layer[0].shape[1]),
-        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate})
+        bos_first=bos_id is not None and bool((sequences[:, 0] == bos_id).all()), sink_tokens=n_sink,
+        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
+        value_norms=values, min_value_norm_ratio=min(v["first_token_value_norm_ratio"] for v in values))
 
 
 def plot(result: ActivationsResult, path) -> None:
-    """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), and the first-token
-    norm ratio per layer."""
+    """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), the first-token
+    norm ratio per layer, and the first token's value norm next to the other tokens'."""
     from .plots import save, subplots
 
     layers = result.layers
     x = list(range(1, len(layers) + 1))
-    fig, axes = subplots(1, 2, width=5.5, height=3.8)
+    fig, axes = subplots(1, 3, width=5.5, height=3.8)
     ax = axes[0, 0]
     for r in range(len(layers[0]["top_per_seq"])):
         ax.plot(x, [l["top_per_seq"][r] for l in layers], marker="o", label=f"top {r + 1}")
@@ -148,12 +225,22 @@ def plot(result: ActivationsResult, path) -> None:
     ax.set_xticks(x)
     ax.set_xlabel("layer")
     ax.set_title("first-token norm / mean norm of other tokens")
+    ax = axes[0, 2]
+    ax.plot(x, [v["first_token_value_norm"] for v in result.value_norms], marker="o", label="first token")
+    ax.plot(x, [v["other_tokens_value_norm"] for v in result.value_norms], marker="o", label="other tokens (mean)")
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("|v| per head")
+    ax.set_title("value-state norm")
+    ax.legend(fontsize=8)
     save(fig, path)
 
 
 def main(argv=None) -> list[ActivationsResult]:
-    from . import held_out_sequences, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from probes.sequences import held_out_sequences
+
+    from . import positive_int
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
@@ -161,15 +248,21 @@ def main(argv=None) -> list[ActivationsResult]:
     ap.add_argument("--length", type=positive_int, default=None,
                     help="tokens per sequence (default: the block size; an hf: import's context capped at 256)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--bos", action="store_true", help="start every sequence with the run's BOS token "
+                    "(default: plain held-out windows, as Sun et al.; needs data.bos)")
     args = ap.parse_args(argv)
 
     def one(run, out):
         cfg = run.model.config
         T = min(args.length or run.eval_block_size, cfg.block_size)
-        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos_id(run))
-        result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer)
+        bos = bos_id(run) if args.bos else None
+        if args.bos and bos is None:
+            raise ValueError(f"--bos but {run.run_dir} has no BOS token (its data has no data.bos); drop --bos")
+        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos)
+        result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer, bos_id=bos)
         plot(result, out / "activations.png")
-        print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x")
+        print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x, "
+              f"first-token value norm / others: min over layers {result.min_value_norm_ratio:.2f}")
         return result
 
     return for_each_checkpoint(args, "activations", one, headline=("max_top1", "max_ratio"))

@@ -6,9 +6,11 @@ its attention on BOS (Guo et al.: 0.02 at init -> 0.51 by step 260 -> 0.78 by st
 non-trigger queries of their 1-layer model). For text sources with a BOS token there are no
 triggers and every query counts as non-trigger.
 
-With model.sink_tokens the learned tokens' rows and columns are left out (BOS is the first text
-key) and the weight on them is reported as `extra_sink_mass_*`, as is the weight of
-model.sink_logit's virtual key.
+Every query counts, the BOS query itself included, as in Guo et al.'s measure. With
+model.sink_tokens the learned tokens' rows and columns are left out (BOS is the first text key)
+and the weight on them is reported as `extra_sink_mass_*`, as is the weight of
+model.sink_logit's virtual key. Each number comes on two scales: renormalised over the text
+keys (rows sum to 1 for every fix) and raw (`*_raw`: the weight the model actually puts on BOS).
 
 Next to it, Sink_1 as Gu et al. compute it per sequence: the share of (layer, head) pairs whose
 mean attention from every query on key 0 exceeds eps, averaged over sequences (in %; eval.sink's).
@@ -21,8 +23,11 @@ import argparse
 
 import torch
 
-from . import fail
-from .sink import importance_per_sequence, sink_rate
+from probes.sink import importance_per_sequence, sink_rate, text_attention
+
+from . import fail, nonnegative_int
+from .progress import progress
+from .sink import PROXY_NOTE
 
 
 def _probs(layer) -> torch.Tensor:
@@ -31,35 +36,37 @@ def _probs(layer) -> torch.Tensor:
 
 
 QUERY_KINDS = ("non_trigger", "trigger")
+SCALES = ("", "_raw")  # renormalised over the text keys, and raw (probes.sink.text_attention)
 N_SEQS = 64  # held-out sequences of block_size tokens
 
 
 def query_kind_sums(per_query: torch.Tensor, tokens: torch.Tensor, trigger_ids) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per query kind: (sum over queries i >= 1 of `per_query`, per (layer, head) as an (L, H)
-    tensor; number of such queries). per_query: (L, B, H, T-1) values of queries 1..T-1; the query
-    *at* a trigger is the one that must copy; tokens: the (B, T) input ids."""
-    queries = tokens[:, 1:]
-    is_trigger = torch.isin(queries, torch.as_tensor(list(trigger_ids), dtype=queries.dtype, device=queries.device))
+    """Per query kind: (sum over queries of `per_query`, per (layer, head) as an (L, H) tensor;
+    number of such queries). per_query: (L, B, H, T) values of queries 0..T-1; the query *at* a
+    trigger is the one that must copy, every other one (BOS at query 0 included) is non-trigger;
+    tokens: the (B, T) input ids."""
+    is_trigger = torch.isin(tokens, torch.as_tensor(list(trigger_ids), dtype=tokens.dtype, device=tokens.device))
     out = {}
     for kind, mask in zip(QUERY_KINDS, (~is_trigger, is_trigger)):
-        w = mask.unsqueeze(1).to(per_query.dtype)  # (B, 1, T-1)
+        w = mask.unsqueeze(1).to(per_query.dtype)  # (B, 1, T)
         out[kind] = ((per_query * w).sum((1, 3)).cpu(), int(mask.sum()))
     return out
 
 
 def bos_attention_sums(attn, tokens: torch.Tensor, trigger_ids) -> dict[str, tuple[torch.Tensor, int]]:
-    """query_kind_sums of the attention on key 0; attn: per layer (B, H, T, T) weights."""
-    return query_kind_sums(torch.stack([_probs(layer)[:, :, 1:, 0] for layer in attn]), tokens, trigger_ids)
+    """query_kind_sums of the attention on key 0 of every query, the BOS query itself included
+    (Guo et al.'s measure); attn: per layer (B, H, T, T) weights."""
+    return query_kind_sums(torch.stack([_probs(layer)[:, :, :, 0] for layer in attn]), tokens, trigger_ids)
 
 
 def extra_sink_mass(out) -> torch.Tensor | None:
-    """(L, B, H, T-1): the weight text queries 1..T-1 put outside the text, on model.sink_tokens'
+    """(L, B, H, T): the raw weight text queries put outside the text, on model.sink_tokens'
     learned tokens or on model.sink_logit's virtual key; None when the model has neither."""
     n = out.sink_tokens
     if n:
-        return torch.stack([_probs(a)[:, :, n + 1 :, :n].sum(-1) for a in out.attn])
+        return torch.stack([_probs(a)[:, :, n:, :n].sum(-1) for a in out.attn])
     if out.attn_sink_slot and out.attn_sink_slot[0] is not None:
-        return torch.stack([s.detach().float()[:, :, 1:] for s in out.attn_sink_slot])
+        return torch.stack([s.detach().float() for s in out.attn_sink_slot])
     return None
 
 
@@ -75,47 +82,62 @@ def sink_1(attn, eps: float = 0.3) -> float:
     return sink_rate(importance_per_sequence([_probs(layer) for layer in attn], max_k=1)[0], eps)
 
 
+DEFINITIONS = {
+    "bos_attention_non_trigger": "Guo et al.: mean attention on key 0 (BOS) of every query whose token is not a "
+                                 "trigger, the BOS query itself included; renormalised weights; list [layer][head]",
+    "bos_attention_non_trigger_raw": "the same on the raw weights (what the model puts on BOS)",
+    "bos_attention_trigger": "the same for queries whose token is a trigger (they must copy)",
+    "extra_sink_mass_non_trigger": "raw weight of the same queries on model.sink_tokens' learned tokens "
+                                   "(summed) or on model.sink_logit's virtual key; list [layer][head]",
+    "sink_1": "Gu et al. Sink_1^eps per sequence: % of (layer, head) pairs with mean attention of all "
+              "queries on key 0 above eps, averaged over sequences (eval.sink's definition); renormalised weights",
+    "sink_1_raw": "the same on the raw weights",
+    "weights": PROXY_NOTE,
+}
+
+
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_size: int = 16) -> dict:
-    """BOS attention by query kind and Sink_1 of `model` on (N, T) BOS-first sequences."""
+    """BOS attention by query kind and Sink_1 of `model` on (N, T) BOS-first sequences, each on the
+    renormalised and on the raw weights (probes.sink.text_attention)."""
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"need (N, T >= 2) token ids, got shape {tuple(tokens.shape)}")
     device = next(model.parameters()).device
     model.eval()
-    sums, counts, sink_sum = {k: 0.0 for k in QUERY_KINDS}, {k: 0 for k in QUERY_KINDS}, 0.0
+    sums = {(kind, sc): 0.0 for kind in QUERY_KINDS for sc in SCALES}
+    counts, sink_sum = {k: 0 for k in QUERY_KINDS}, {sc: 0.0 for sc in SCALES}
     extra_sums = {k: 0.0 for k in QUERY_KINDS}
+    bar = progress(tokens.numel(), "eval.backcopy")
     for batch in tokens.split(batch_size):
         batch = batch.to(device)
         out = model(batch, return_attn=True)
-        n = out.sink_tokens  # learned sink tokens come first: BOS is key n
-        attn = [a[:, :, n:, n:] for a in out.attn]
-        for kind, (s, c) in bos_attention_sums(attn, batch, trigger_ids).items():
-            sums[kind], counts[kind] = sums[kind] + s, counts[kind] + c
+        for sc in SCALES:
+            attn = text_attention(out, raw=sc == "_raw")  # (L, B, H, T, T): BOS is key 0
+            for kind, (s, c) in query_kind_sums(attn[..., :, 0], batch, trigger_ids).items():
+                sums[kind, sc] = sums[kind, sc] + s
+                if not sc:  # the same queries on both scales
+                    counts[kind] += c
+            sink_sum[sc] += sink_rate(importance_per_sequence(attn, max_k=1)[0], eps) * batch.shape[0]
         extra = extra_sink_mass(out)
         if extra is not None:
             for kind, (s, _) in query_kind_sums(extra, batch, trigger_ids).items():
                 extra_sums[kind] = extra_sums[kind] + s
-        sink_sum += sink_1(attn, eps) * batch.shape[0]
-    result = {"sink_1": sink_sum / tokens.shape[0], "eps": eps, "n_seqs": int(tokens.shape[0]),
-              "T": int(tokens.shape[1]), "trigger_ids": list(trigger_ids)}
+        bar.update(batch.numel())
+    bar.close()
+    result = {"sink_1": sink_sum[""] / tokens.shape[0], "sink_1_raw": sink_sum["_raw"] / tokens.shape[0], "eps": eps,
+              "n_seqs": int(tokens.shape[0]), "T": int(tokens.shape[1]), "trigger_ids": list(trigger_ids)}
+    nan = torch.full_like(sums["non_trigger", ""], float("nan"))
     for kind in QUERY_KINDS:
-        mean = sums[kind] / counts[kind] if counts[kind] else torch.full_like(sums["non_trigger"], float("nan"))
-        result[f"bos_attention_{kind}"] = mean.tolist()
-        result[f"bos_attention_{kind}_mean"] = float(mean.mean())
+        for sc in SCALES:
+            mean = sums[kind, sc] / counts[kind] if counts[kind] else nan
+            result[f"bos_attention_{kind}{sc}"] = mean.tolist()
+            result[f"bos_attention_{kind}{sc}_mean"] = float(mean.mean())
         result[f"n_queries_{kind}"] = counts[kind]
         if torch.is_tensor(extra_sums[kind]):
-            extra = extra_sums[kind] / counts[kind] if counts[kind] else torch.full_like(mean, float("nan"))
+            extra = extra_sums[kind] / counts[kind] if counts[kind] else nan
             result[f"extra_sink_mass_{kind}"] = extra.tolist()
             result[f"extra_sink_mass_{kind}_mean"] = float(extra.mean())
-    result["definitions"] = {
-        "bos_attention_non_trigger": "Guo et al.: mean attention on key 0 (BOS) of queries i >= 1 whose token is "
-                                     "not a trigger; list [layer][head]",
-        "bos_attention_trigger": "the same for queries whose token is a trigger (they must copy)",
-        "extra_sink_mass_non_trigger": "mean weight of the same queries on model.sink_tokens' learned tokens "
-                                       "(summed) or on model.sink_logit's virtual key; list [layer][head]",
-        "sink_1": "Gu et al. Sink_1^eps per sequence: % of (layer, head) pairs with mean attention of all "
-                  "queries on key 0 above eps, averaged over sequences (eval.sink's definition)",
-    }
+    result["definitions"] = dict(DEFINITIONS)
     return result
 
 
@@ -153,41 +175,55 @@ def long_stream(chain, n_tokens: int) -> torch.Tensor:
 
     return generate(chain, 1, n_tokens, torch.Generator().manual_seed(STREAM_SEED))[0]
 
+def length_arg(text: str) -> str:
+    """--length: "block" or an integer >= 2 (one query after BOS at least)."""
+    if text == "block":
+        return text
+    value = nonnegative_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (BOS and one query) or \"block\", got {text}")
+    return text
+
+
 def main(argv=None) -> list[dict]:
-    import json
-
-    from model.load import load_run
-
-    from . import eval_dir, pick_device, write_json
+    from . import eval_dir, positive_float, positive_int, write_json
+    from .cli import check_paths, checkpoint_info, expand, load
 
     ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", nargs="+", required=True, help="run dirs or checkpoint dirs (e.g. for dynamics)")
-    ap.add_argument("--n-seqs", type=int, default=N_SEQS)
-    ap.add_argument("--length", default="block", help='sequence length T, or "block" for the model\'s block size')
-    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--ckpt", nargs="+", required=True,
+                    help="run dirs, checkpoint dirs or globs such as 'out/<run>/checkpoints/step_*' (for dynamics)")
+    ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
+    ap.add_argument("--length", type=length_arg, default="block",
+                    help='sequence length T >= 2, or "block" for the model\'s block size')
+    ap.add_argument("--eps", type=positive_float, default=0.3)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
+    paths = expand(args.ckpt)
+    for path in paths:
+        if path.startswith("hf:"):
+            fail(f"--ckpt {path}: eval.backcopy needs a run trained on BOS-first data (data.source=bigram_backcopy "
+                 "or data.bos=true) and reads its prepared data; an hf: import has neither. Use eval.sink on it")
+    check_paths(paths)
 
     results = []
-    for path in args.ckpt:
-        try:
-            run = load_run(path, task="lm")
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        model = run.model.to(pick_device(args.device))
+    for path in paths:
+        run = load(path, args)
+        model = run.model
         T = model.config.block_size if args.length == "block" else min(int(args.length), model.config.block_size)
         try:
             x, trigger_ids = held_out_rows(run, args.n_seqs, T)
         except ValueError as e:
             fail(f"{path}: {e}")
         result = evaluate(model, x, trigger_ids, eps=args.eps)
-        step = json.loads((run.checkpoint / "trainer_state.json").read_text())["step"]
-        result.update(checkpoint=str(run.checkpoint), step=step)
-        write_json(eval_dir(run.run_dir) / f"backcopy_step_{step}.json", result)
-        print(f"{run.run_dir.name} step {step}: Sink_1^{args.eps} {result['sink_1']:.1f}%  BOS attention: "
-              f"non-trigger {result['bos_attention_non_trigger_mean']:.3f}, "
-              f"trigger {result['bos_attention_trigger_mean']:.3f} (mean over layers and heads)")
+        info = checkpoint_info(run)
+        result.update(checkpoint=info, step=info["step"])
+        out = write_json(eval_dir(run.run_dir) / f"backcopy_step_{info['step']}.json", result)
+        print(f"{run.run_dir.name} step {info['step']}: Sink_1^{args.eps} {result['sink_1']:.1f}% "
+              f"(raw {result['sink_1_raw']:.1f}%)  BOS attention: non-trigger "
+              f"{result['bos_attention_non_trigger_mean']:.3f} (raw {result['bos_attention_non_trigger_raw_mean']:.3f}), "
+              f"trigger {result['bos_attention_trigger_mean']:.3f} (mean over layers and heads)\n-> {out}")
         results.append(result)
+        del run  # one model in memory at a time
     return results
 
 

@@ -204,8 +204,8 @@ def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, p
 
 
 def main(argv=None) -> dict:
-    from . import write_json
-    from .checkpoints import checkpoint_info
+    from . import fail, write_json
+    from .cli import checkpoint_info
     from .result import CHECKPOINT_DEFINITION
     from .vit_images import add_image_args, load_for_vit_eval
 
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
                                                 args.lost_k)
             result["denoiser"] = args.denoiser
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))  # one line, exit code 2, as every eval
     run, out = ctx.run, ctx.out
     result["checkpoint"] = checkpoint_info(run)
     result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION

@@ -11,7 +11,7 @@ disjoint windows of block_size tokens, each starting from the prefix token) and 
 first stop string or end-of-text). Text is encoded without special tokens; an empty context,
 and the first rolling window, start from the prefix token: BOS when the tokenizer adds one
 (Llama, Mistral), else end-of-text (sinklab's `<|endoftext|>`, Qwen's EOS), as lm-eval's own
-HF model does. Results go to harness.json where every eval writes (eval/checkpoints.py:
+HF model does. Results go to harness.json where every eval writes (eval/cli.py:
 <run>/eval/, <run>/eval/step_X/ for one checkpoint, out/hf/<name>/eval/ for an hf: import), with
 the checkpoint, step, tokens seen and git commit.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +27,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from . import fail
+from .progress import progress
 from .result import CHECKPOINT_DEFINITION
 
 
 class SinklabLM(TemplateLM):
-    """lm-eval's LM interface over a `LoadedRun` (model/load.py)."""
+    """lm-eval's LM interface over a `LoadedRun` (runs/load.py)."""
 
     def __init__(self, run, batch_size: int = 8, max_gen_toks: int = 256):
         super().__init__()
@@ -46,7 +48,7 @@ class SinklabLM(TemplateLM):
             bos = hf["bos_token_id"]
             bos = bos if bos is not None and self.tokenizer.encode("a").ids[:1] == [bos] else None
         else:  # a run trained with data.bos: documents start with its BOS
-            from .checkpoints import bos_id
+            from .cli import bos_id
 
             bos = bos_id(run)
         self._prefix = self._eot if bos is None else bos
@@ -72,6 +74,7 @@ class SinklabLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results = [None] * len(requests)
         bs = override_bs or self.batch_size
+        bar = progress(len(requests), "eval.harness loglikelihood", unit="req")
         for start in range(0, len(order), bs):
             batch = [requests[i] for i in order[start:start + bs]]
             # The last max_length tokens of context + continuation feed the model (all but the last).
@@ -87,6 +90,8 @@ class SinklabLM(TemplateLM):
                 target = torch.tensor(cont)
                 results[order[start + row]] = (float(scored.gather(-1, target[:, None]).sum()),
                                                bool((scored.argmax(-1) == target).all()))
+            bar.update(len(batch))
+        bar.close()
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -110,6 +115,7 @@ class SinklabLM(TemplateLM):
         key = lambda i: (len(encoded[i][0]), json.dumps(encoded[i][1], sort_keys=True, default=str))
         order = sorted(range(len(requests)), key=key)
         results = [None] * len(requests)
+        bar = progress(len(requests), "eval.harness generate_until", unit="req")
         start = 0
         while start < len(order):
             end = start + 1
@@ -119,7 +125,9 @@ class SinklabLM(TemplateLM):
             texts = self._generate([encoded[i][0] for i in group], dict(encoded[group[0]][1]))
             for i, text in zip(group, texts):
                 results[i] = text
+            bar.update(len(group))
             start = end
+        bar.close()
         return results
 
     def _generate(self, prompts: list[list[int]], kwargs: dict) -> list[str]:
@@ -141,16 +149,52 @@ class SinklabLM(TemplateLM):
 
 def evaluate(run, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
              batch_size: int = 8, include_path: str | None = None, log_samples: bool = False,
-             manager=None) -> dict:
+             manager=None, seed: int | None = None) -> dict:
     """Run lm-eval tasks on a LoadedRun; returns lm-eval's result dict (JSON-safe parts).
-    `manager`: a `task_manager(tasks, include_path)` to reuse (building one can take 20 s)."""
+    `manager`: a `task_manager(tasks, include_path)` to reuse (building one can take 20 s).
+    `seed`: lm-eval's python, numpy, torch and few-shot seeds all set to it (None: lm-eval's
+    defaults, 0 / 1234 / 1234 / 1234). A task whose dataset cannot be loaded (offline, missing
+    files) raises DatasetUnavailable."""
     from lm_eval import simple_evaluate
 
     manager = manager or task_manager(tasks, include_path)
-    out = simple_evaluate(model=SinklabLM(run, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot,
-                          limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
+    seeds = {} if seed is None else {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed,
+                                     "fewshot_random_seed": seed}
+    try:
+        out = simple_evaluate(model=SinklabLM(run, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot,
+                              limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0, **seeds)
+    except Exception as e:  # noqa: BLE001 - only dataset failures are translated, the rest re-raised
+        cause = dataset_failure(e)
+        if cause is None:
+            raise
+        raise DatasetUnavailable(f"lm-eval could not load the data of {', '.join(tasks)} ({cause}); with no "
+                                 "network, run once where the hub is reachable so the datasets are cached "
+                                 "(HF_DATASETS_CACHE), or give a task YAML whose dataset_path is local via "
+                                 "--include-path") from e
     keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "samples")
     return json.loads(json.dumps({k: out[k] for k in keep if k in out}, default=str))
+
+
+class DatasetUnavailable(RuntimeError):
+    """A task's dataset could not be loaded: no network, not on the hub, or missing local files."""
+
+
+def dataset_failure(e: BaseException) -> str | None:
+    """One line naming why a dataset failed to load, when `e` (or what caused it) is such a failure."""
+    import datasets
+    import requests
+    from huggingface_hub import errors as hub_errors
+
+    kinds = (ConnectionError, TimeoutError, FileNotFoundError, requests.exceptions.ConnectionError,
+             datasets.exceptions.DatasetNotFoundError, hub_errors.OfflineModeIsEnabled,
+             hub_errors.LocalEntryNotFoundError)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def task_manager(tasks: list[str], include_path: str | None):
@@ -170,25 +214,47 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
+def output_path(requested: str | None, run, path: str, several: bool) -> Path:
+    """harness.json where every eval writes, or under --output-path: a .json file (one checkpoint)
+    or a folder (harness.json, or harness_<run>_<checkpoint>.json with several checkpoints)."""
+    from . import make_dir
+    from .cli import output_dir
+
+    if requested is None:
+        return output_dir(run, path) / "harness.json"
+    req = Path(requested)
+    if req.suffix == ".json":
+        return make_dir(req.parent) / req.name
+    name = f"harness_{Path(run.run_dir).name}_{Path(run.checkpoint).name}.json" if several else "harness.json"
+    return make_dir(req) / name
+
+
 def main(argv=None) -> list[dict]:
-    from . import write_json
-    from .checkpoints import add_lm_arguments, check_paths, checkpoint_info, expand, load, output_dir
+    from . import nonnegative_int, positive_int, write_json
+    from .cli import add_lm_arguments, check_paths, checkpoint_info, expand, load
 
     ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
-    add_lm_arguments(ap)
+    add_lm_arguments(ap, data=False)  # the tasks bring their own data
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--num-fewshot", type=nonnegative_int, default=None)
     ap.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
+    ap.add_argument("--output-path", default=None,
+                    help="a .json file or a folder for the results (default: <run>/eval/harness.json)")
+    ap.add_argument("--seed", type=nonnegative_int, default=None,
+                    help="lm-eval's python, numpy, torch and few-shot seeds (default: lm-eval's 0/1234/1234/1234)")
+    ap.add_argument("--log-samples", action="store_true", help="keep every request and response in the JSON")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        fail("--batch-size must be >= 1")
+    if args.limit is not None and not args.limit > 0:
+        fail(f"--limit must be > 0 (documents, or a fraction if < 1), got {args.limit}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         fail("--tasks is empty; name at least one lm-eval task")
     paths = expand(args.ckpt)
     check_paths(paths)
+    if args.output_path and args.output_path.endswith(".json") and len(paths) > 1:
+        fail(f"--output-path {args.output_path} is one file but {len(paths)} checkpoints were given; pass a folder")
     try:
         manager = task_manager(tasks, args.include_path)  # unknown task names fail before any model loads
     except ValueError as e:
@@ -196,15 +262,20 @@ def main(argv=None) -> list[dict]:
     written = []
     for path in paths:
         run = load(path, args)
-        result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path,
-                          manager=manager)
-        result = {"tasks": tasks, **result, "checkpoint": checkpoint_info(run), "definitions": {
+        try:
+            result = evaluate(run, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path,
+                              log_samples=args.log_samples, manager=manager, seed=args.seed)
+        except DatasetUnavailable as e:
+            fail(str(e))
+        result = {"tasks": tasks, **result, "seed": args.seed, "checkpoint": checkpoint_info(run), "definitions": {
             "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
             "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one "
                             "or the run's data starts documents with it, else from end-of-text",
+            "seed": "lm-eval's python / numpy / torch / few-shot seed (null: lm-eval's defaults 0/1234/1234/1234)",
+            "samples": "with --log-samples: every request lm-eval made and the model's response, per task",
             "checkpoint": CHECKPOINT_DEFINITION,
         }}
-        out = output_dir(run, path) / "harness.json"
+        out = output_path(args.output_path, run, path, len(paths) > 1)
         write_json(out, result)
         for task, metrics in result["results"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

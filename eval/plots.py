@@ -1,6 +1,7 @@
 """Matplotlib helpers shared by the evals: headless (Agg) backend, one place to save figures."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +16,14 @@ def subplots(nrows: int = 1, ncols: int = 1, width: float = 6.0, height: float =
 
 
 def save(fig, path) -> Path:
+    """Save to a temp file in the same folder, then rename: a kill mid-write leaves the old plot."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

@@ -2,7 +2,7 @@
 
 Subclasses declare their fields and a `DEFINITIONS` dict (field name -> what it means); fields
 whose name starts with "_" (per-token curves, raw tensors) stay out of the JSON. `checkpoint`
-is filled in by the CLI with where the numbers came from (see eval/checkpoints.py).
+is filled in by the CLI with where the numbers came from (see eval/cli.py).
 """
 from __future__ import annotations
 

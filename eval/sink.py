@@ -14,6 +14,7 @@
 For kinds without row normalisation (sigmoid, elu1) the model returns Gu et al.'s proxy
 weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind.
 When the run's data starts documents with BOS, every sequence starts with BOS here too.
+The definitions shared with the in-training probe (probes/sink.py) are imported from there.
 
     python -m eval.sink --ckpt out/<run> [--eps 0.3] [--n-seqs 100] [--lengths 64 block]
     python -m eval.sink --run out/<run>       # Sink_1, F-Attn, max |h| ratio logged during training, over steps
@@ -26,34 +27,42 @@ from dataclasses import dataclass
 
 import torch
 
+from probes.sequences import held_out_sequences
+from probes.sink import (MAX_K, TRACKED, first_token_attention, importance_per_sequence, sink_rate, stack_attention,
+                         text_attention)
+from trainer.metrics import read_rows
+
+from .progress import progress
 from .result import EvalResult
 
-PROXY_NOTE = ("attention weights are row-normalised; for unnormalised kinds (sigmoid, elu1 without "
-              "attn_normalize) they are Gu et al.'s proxy weights w/sum(w)")
+PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
+              "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
+              "out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
+              "output_attentions returns them")
 
 N_SEQS = 100  # held-out sequences per length, as Gu et al.
-MAX_K = 10  # sink_rate_by_position covers k = 1..MAX_K
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
 
 
-def _stack(attn) -> torch.Tensor:
-    """Accept (L,H,T,T), (L,B,H,T,T) or a per-layer list of (B,H,T,T); return (L,B,H,T,T) float."""
-    if isinstance(attn, (list, tuple)):
-        attn = torch.stack([a.detach().float() for a in attn])
-    attn = attn.detach().float()
-    if attn.dim() == 4:
-        attn = attn.unsqueeze(1)
-    if attn.dim() != 5 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"expected (L,H,T,T), (L,B,H,T,T) or a list of (B,H,T,T); got {tuple(attn.shape)}")
-    return attn
-
-
-def text_attention(out) -> torch.Tensor:
-    """(L,B,H,T,T) weights among the text tokens of a forward with return_attn: model.sink_tokens'
-    learned tokens come first and are left out, so key 0 is the first text token (their mass is
-    eval.backcopy's extra_sink_mass)."""
-    n = out.sink_tokens
-    return _stack(out.attn)[..., n:, n:]
+def extra_sink_mass(out) -> torch.Tensor | None:
+    """Per layer, the mean weight that the text queries put outside the text (L,): on the learned
+    tokens of model.sink_tokens (summed) and on the virtual key of model.sink_logit. None for a
+    model with neither: then all of it is on the text."""
+    n, slots = out.sink_tokens, out.attn_sink_slot
+    if not n and slots is None:
+        return None
+    per_layer = []
+    for l, probs in enumerate(out.attn):
+        w = probs.detach().float()
+        extra = torch.zeros_like(w[:, :, n:, 0])  # (B, H, text queries)
+        if slots is not None:  # the slot's weight; the keys' weights are probs * (1 - slot)
+            slot = slots[l][:, :, n:].detach().float()
+            extra = extra + slot
+            w = w * (1 - slots[l].detach().float()).unsqueeze(-1)
+        if n:
+            extra = extra + w[:, :, n:, :n].sum(-1)
+        per_layer.append(extra.mean())
+    return torch.stack(per_layer)
 
 
 def importance(attn, k: int = 1) -> torch.Tensor:
@@ -62,7 +71,7 @@ def importance(attn, k: int = 1) -> torch.Tensor:
     alpha_k = 1/(T-k+1) * sum_{i=k..T} A_{i,k} with 1-indexed k: the average attention that the
     queries able to see token k (i >= k under the causal mask) put on it.
     """
-    a = _stack(attn)
+    a = stack_attention(attn)
     T = a.shape[-1]
     if not 1 <= k <= T:
         raise ValueError(f"k must be in 1..T={T}, got {k}")
@@ -70,37 +79,25 @@ def importance(attn, k: int = 1) -> torch.Tensor:
     return (column.sum(-1) / (T - k + 1)).mean(1)
 
 
-def importance_per_sequence(attn, max_k: int = MAX_K) -> torch.Tensor:
-    """alpha_k per (layer, sequence, head) for k = 1..max_k (capped at T): shape (K, L, B, H)."""
-    a = _stack(attn)
-    T = a.shape[-1]
-    return torch.stack([a[..., k - 1 :, k - 1].sum(-1) / (T - k + 1) for k in range(1, min(max_k, T) + 1)])
-
-
-def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
-    """Sink_k^eps in percent: share of (layer, head) pairs whose importance exceeds eps.
-
-    On alpha of shape (L, B, H) (one per sequence) this is Gu et al.'s figure: per sequence the
-    share of pairs above eps, averaged over sequences (every sequence has the same L*H pairs)."""
-    return float((torch.as_tensor(alpha) > eps).float().mean() * 100)
-
-
 def uniform_f_attn(T: int) -> float:
     """F-Attn of causal attention spread evenly over the visible keys: (1/T) sum_i 1/i = H_T / T."""
-    return sum(1 / i for i in range(1, T + 1)) / T
+    return uniform_alpha(T, 1)
 
 
-def first_token_attention(attn) -> tuple[list[float], float]:
-    """Qiu et al.'s F-Attn: mean attention probability on the first token.
+def uniform_alpha(T: int, k: int = 1) -> float:
+    """alpha_k of causal attention spread evenly over the visible keys: 1/(T-k+1) sum_{i=k..T} 1/i."""
+    return sum(1 / i for i in range(k, T + 1)) / (T - k + 1)
 
-    Averaged over heads, batch and *all* query positions 0..T-1, as Qiu et al. average over the
-    sequence. Query 0 is included even though causally it can only attend to itself (weight 1);
-    it adds at most 1/T. With this convention F-Attn of a layer = mean over heads of alpha_1.
-    Returns (per-layer list, overall mean over layers).
-    """
-    a = _stack(attn)
-    per_layer = a[..., :, 0].mean(dim=(1, 2, 3))  # (L,)
-    return per_layer.tolist(), float(per_layer.mean())
+
+def check_length(T: int, k: int, eps: float) -> None:
+    """Refuse a (T, k, eps) at which Sink_k says nothing: k past the sequence, or so short a
+    sequence that uniform attention (an untrained model) already puts more than eps on token k."""
+    if k > T:
+        raise ValueError(f"--k {k} is beyond the sequence length T={T}; use --k <= {T} or longer --lengths")
+    if uniform_alpha(T, k) > eps:
+        shortest = next(t for t in range(T + 1, 10 * T + 10_000) if uniform_alpha(t, k) <= eps)
+        raise ValueError(f"at T={T} uniform attention already gives alpha_{k} = {uniform_alpha(T, k):.2f} > eps "
+                         f"{eps:g}, so every head would count as a sink; use --lengths >= {shortest} or a larger --eps")
 
 
 def resolve_lengths(lengths, block_size: int, block: int | None = None) -> list[int]:
@@ -129,8 +126,10 @@ class SinkResult(EvalResult):
     """Sink metrics of one model; the headline numbers are at the first length (T=64 by default)."""
 
     sink_1: float
+    sink_1_raw: float
     sink_1_pooled: float
     f_attn: float
+    f_attn_raw: float
     f_attn_uniform: float
     sink_rate_by_position: list
     sink_any: float
@@ -142,13 +141,15 @@ class SinkResult(EvalResult):
     lengths: list
     attention: dict
     by_length: dict
-    notes: str = f"proxy weights w/sum(w) for unnormalised kinds; {PROXY_NOTE}"
+    notes: str = PROXY_NOTE
 
     def definitions(self) -> dict:
         k = self.k
         return {
             "sink_1": f"Gu et al. Sink_{k}^eps as their code computes it: per sequence, % of (layer, head) pairs "
-                      f"with alpha_{k} > eps; mean over sequences (at headline_T)",
+                      f"with alpha_{k} > eps; mean over sequences (at headline_T); renormalised weights",
+            "sink_1_raw": f"the same on the raw weights (what the model puts on token {k}: below the renormalised "
+                          "value when a sink logit's slot or a learned sink token takes weight)",
             "sink_1_pooled": f"% of (layer, head) pairs whose alpha_{k} averaged over sequences exceeds eps",
             f"alpha_{k}": f"Gu et al. importance of token {k} (1-indexed): mean over queries i >= {k} of "
                           f"A[i, {k}], averaged over sequences; list [layer][head]",
@@ -161,10 +162,19 @@ class SinkResult(EvalResult):
                                         "all attention received (mean over layers and heads) and share of positions",
             "most_attended_tokens": "token ids receiving the most attention in total (share of all attention)",
             "f_attn": "Qiu et al. F-Attn: mean attention on the first token over heads, sequences and all "
-                      "query positions (query 0 included); per layer and mean over layers",
+                      "query positions (query 0 included); per layer and mean over layers; renormalised weights",
+            "f_attn_raw": "the same on the raw weights",
+            "weights": PROXY_NOTE,
             "f_attn_uniform": "F-Attn of uniform causal attention at the same T: H_T / T",
             "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
-            "bos_first": "every sequence starts with the BOS token (the run's data has BOS)",
+            "extra_sink_mass_per_layer": "mean weight of the text queries outside the text: on model.sink_tokens' "
+                                         "learned tokens (summed) plus model.sink_logit's virtual key; per layer "
+                                         "(null without either fix). Sink_1 and F-Attn are read on the text keys: "
+                                         "renormalised over them for a sink logit, the text's share for sink tokens",
+            "extra_sink_mass": "extra_sink_mass_per_layer averaged over layers",
+            "bos_first": "every sequence starts with the BOS token: the default when the run's data starts "
+                         "documents with BOS, so sequences look like training windows (Gu et al. evaluate on "
+                         "windows of their training text, which has no BOS); --no-bos feeds plain windows",
         }
 
 
@@ -188,41 +198,59 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
     Ts = [T for T in resolve_lengths(lengths, cfg.block_size) if T <= seqs.shape[1]]
     if not Ts:
         raise ValueError(f"sequences of {seqs.shape[1]} tokens are shorter than every length in {lengths}")
+    if k > min(Ts):
+        raise ValueError(f"--k {k} is beyond the sequence length T={min(Ts)}; use --k <= {min(Ts)} or longer --lengths")
     classes, texts = classify_vocab(tokenizer, cfg.vocab_size, [] if bos_id is None else [bos_id])
     model.eval()
     by_length = {}
+    bar = progress(sum(seqs.shape[0] * T for T in Ts), "eval.sink")
     for T in Ts:
-        alphas, f_sum, mass_sum, n = [], 0.0, 0.0, 0
+        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, extra_sum, n = [], [], 0.0, 0.0, 0.0, None, 0
         positions = PositionStats(cfg.vocab_size, eps)
         for batch in seqs[:, :T].split(batch_size):
             out = model(batch.to(device), return_attn=True)
-            a = text_attention(out)
+            a, a_raw = text_attention(out), text_attention(out, raw=True)
             b = batch.shape[0]
-            alphas.append(importance_per_sequence(a).cpu())
+            alphas.append(importance_per_sequence(a, max(MAX_K, k)).cpu())
+            alphas_raw.append(importance_per_sequence(a_raw, k)[k - 1 :].cpu())
             f_sum = f_sum + torch.tensor(first_token_attention(a)[0]) * b
+            f_raw_sum = f_raw_sum + torch.tensor(first_token_attention(a_raw)[0]) * b
             mass_sum = mass_sum + torch.stack([m[:, :, out.sink_tokens :].float().mean() for m in out.attn_mass]).cpu() * b
+            extra = extra_sink_mass(out)
+            if extra is not None:
+                extra_sum = (0.0 if extra_sum is None else extra_sum) + extra.cpu() * b
             positions.add(a, batch)
             n += b
+            bar.update(b * T)
         alpha = torch.cat(alphas, dim=2)  # (K, L, N, H)
-        f_layers = f_sum / n
+        alpha_raw = torch.cat(alphas_raw, dim=2)[0]  # (L, N, H), k only
+        f_layers, f_raw_layers = f_sum / n, f_raw_sum / n
         by_length[str(T)] = {
             "T": T,
             f"sink_{k}": sink_rate(alpha[k - 1], eps),
+            f"sink_{k}_raw": sink_rate(alpha_raw, eps),
             f"sink_{k}_pooled": sink_rate(alpha[k - 1].mean(1), eps),
             f"alpha_{k}": alpha[k - 1].mean(1).tolist(),
-            "sink_rate_by_position": [sink_rate(a_k, eps) for a_k in alpha],
+            f"alpha_{k}_raw": alpha_raw.mean(1).tolist(),
+            "sink_rate_by_position": [sink_rate(a_k, eps) for a_k in alpha[:MAX_K]],
             "sink_any": positions.sink_any(),
             "top_keys": positions.top_keys(),
             "attention_by_token_class": positions.by_class(classes),
             "most_attended_tokens": positions.top_tokens(texts),
             "f_attn_per_layer": f_layers.tolist(),
             "f_attn": float(f_layers.mean()),
+            "f_attn_raw_per_layer": f_raw_layers.tolist(),
+            "f_attn_raw": float(f_raw_layers.mean()),
             "f_attn_uniform": uniform_f_attn(T),
             "row_mass_per_layer": (mass_sum / n).tolist(),
+            "extra_sink_mass_per_layer": None if extra_sum is None else (extra_sum / n).tolist(),
+            "extra_sink_mass": None if extra_sum is None else float((extra_sum / n).mean()),
         }
+    bar.close()
     head = by_length[str(Ts[0])]
     return SinkResult(
-        sink_1=head[f"sink_{k}"], sink_1_pooled=head[f"sink_{k}_pooled"], f_attn=head["f_attn"],
+        sink_1=head[f"sink_{k}"], sink_1_raw=head[f"sink_{k}_raw"], sink_1_pooled=head[f"sink_{k}_pooled"],
+        f_attn=head["f_attn"], f_attn_raw=head["f_attn_raw"],
         f_attn_uniform=head["f_attn_uniform"], sink_rate_by_position=head["sink_rate_by_position"],
         sink_any=head["sink_any"], headline_T=Ts[0], eps=eps, k=k, n_seqs=int(seqs.shape[0]),
         bos_first=bos_id is not None and bool((seqs[:, 0] == bos_id).all()), lengths=Ts,
@@ -230,48 +258,25 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
         by_length=by_length)
 
 
-@torch.no_grad()
-def measure(model, sequences, eps: float = 0.3) -> dict:
-    """The in-training tracker: one forward of `sequences` (B, T) with attention and hidden states.
-
-    Returns {"sink_1": Gu et al.'s per-sequence Sink_1 in %, "f_attn": Qiu et al.'s F-Attn,
-    "max_h_ratio": largest over layers of max |h| / median |h| of the residual stream}. The
-    caller logs these as a metrics.jsonl row; `python -m eval.sink --run RUN` plots them.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(sequences.to(next(model.parameters()).device), return_attn=True, return_hidden=True)
-    finally:
-        model.train(was_training)
-    a = text_attention(out)
-    ratios = []
-    for h in out.hidden:
-        h = h.detach().float().abs()
-        median = h.median()
-        ratios.append(float(h.max() / median) if median > 0 else float("inf"))
-    return {"sink_1": sink_rate(importance_per_sequence(a, 1)[0], eps),
-            "f_attn": first_token_attention(a)[1], "max_h_ratio": max(ratios)}
-
-
-TRACKED = ("sink_1", "f_attn", "max_h_ratio")  # the keys `measure` returns
-
-
 def emergence(run_dir) -> dict:
     """The rows of <run>/metrics.jsonl that carry `measure`'s keys, as {key: [(step, value)]}."""
-    import json
     from pathlib import Path
 
     curves = {k: [] for k in TRACKED}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for row in read_rows(Path(run_dir) / "metrics.jsonl"):  # a torn last line (a killed run) is dropped
         for k in TRACKED:
             if row.get(k) is not None and "step" in row:
                 curves[k].append((int(row["step"]), float(row[k])))
     return curves
 
 
-def plot_emergence(curves: dict, path) -> None:
+EMERGENCE_AXES = {"sink_1": "Sink_1^0.3 (%)", "f_attn": "F-Attn (mean weight on the first token)",
+                  "max_h_ratio": "max |h| / median |h|"}
+
+
+def plot_emergence(curves: dict, path, run_name: str = "") -> None:
+    """One panel per tracked quantity over the training step; Sink_1 in % from 0 to 100, F-Attn from
+    0, the |h| ratio on a log axis only when it spans more than two decades."""
     from .plots import save, subplots
 
     fig, axes = subplots(1, len(TRACKED), width=4.5, height=3.5)
@@ -279,8 +284,17 @@ def plot_emergence(curves: dict, path) -> None:
         if curves[key]:
             ax.plot(*zip(*curves[key]), marker=".")
         ax.set_xlabel("training step")
+        ax.set_ylabel(EMERGENCE_AXES[key])
         ax.set_title(key)
-    axes[0, 2].set_yscale("log")
+    axes[0, 0].set_ylim(0, 100)
+    axes[0, 1].set_ylim(bottom=0)
+    ratios = [v for _, v in curves["max_h_ratio"] if v > 0 and v != float("inf")]
+    if ratios and max(ratios) / min(ratios) > 100:
+        axes[0, 2].set_yscale("log")
+    else:
+        axes[0, 2].set_ylim(bottom=0)
+    if run_name:
+        fig.suptitle(f"{run_name}: sink rows logged during training")
     save(fig, path)
 
 
@@ -325,8 +339,8 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[SinkResult]:
-    from . import held_out_sequences, positive_float, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from . import fail, positive_float, positive_int
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     if argv is None:
         argv = sys.argv[1:]
@@ -342,49 +356,77 @@ def main(argv=None) -> list[SinkResult]:
     ap.add_argument("--lengths", nargs="+", type=length_arg, default=[str(x) for x in LENGTHS],
                     help='ints or "block" (the block size; an hf: import\'s context capped at 256)')
     ap.add_argument("--batch-size", type=positive_int, default=4)
+    ap.add_argument("--no-bos", action="store_true",
+                    help="plain held-out windows even when the run's data starts documents with BOS")
     args = ap.parse_args(argv)
+    for x in args.lengths:  # "block" is checked once the model's context is known
+        if x != "block":
+            try:
+                check_length(int(x), args.k, args.eps)
+            except ValueError as e:
+                fail(str(e))
 
     def one(run, out):
         model = run.model
         Ts = resolve_lengths([x if x == "block" else int(x) for x in args.lengths], model.config.block_size,
                              run.eval_block_size)
-        bos = bos_id(run)
-        seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)
+        for T in Ts:
+            check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
+        bos = None if args.no_bos else bos_id(run)
+        if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
+            from .backcopy import held_out_rows  # whole sequences of the process, as ablate.py reads them
+
+            seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
+        else:
+            seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)
         result = evaluate(model, seqs, Ts, eps=args.eps, k=args.k, batch_size=args.batch_size,
                           tokenizer=run.tokenizer, bos_id=bos)
         plot_heatmap(result, out / "sink_heatmap.png")
-        print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}% (pooled {result.sink_1_pooled:.2f}%, "
-              f"any position {result.sink_any:.2f}%)  F-Attn: {result.f_attn:.3f} (uniform {result.f_attn_uniform:.3f})")
+        print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}% (raw weights {result.sink_1_raw:.2f}%, "
+              f"pooled {result.sink_1_pooled:.2f}%, any position {result.sink_any:.2f}%)  F-Attn: {result.f_attn:.3f} "
+              f"(raw {result.f_attn_raw:.3f}, uniform {result.f_attn_uniform:.3f})")
+        extra = result.by_length[str(result.headline_T)]["extra_sink_mass"]
+        if extra is not None:
+            print(f"attention outside the text (sink tokens / sink logit): {extra:.3f} of every text query's weight")
         return result
 
     return for_each_checkpoint(args, "sink", one, headline=("sink_1", "sink_any", "f_attn"))
 
 
-def main_emergence(argv) -> dict:
+def main_emergence(argv) -> list[dict]:
     from pathlib import Path
 
     from . import eval_dir, fail, write_json
+    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
                                  "logged during training (metrics.jsonl), plotted over steps")
-    ap.add_argument("--run", required=True, help="run directory with metrics.jsonl")
+    ap.add_argument("--run", nargs="+", required=True, help="run directories (or globs) with metrics.jsonl")
     args = ap.parse_args(argv)
-    metrics = Path(args.run) / "metrics.jsonl"
-    if not metrics.is_file():
-        fail(f"{metrics} not found: --run must be a training run directory")
-    curves = emergence(args.run)
-    if not any(curves.values()):
-        fail(f"{metrics} has no rows with {', '.join(TRACKED)}; they are logged when training tracks sinks")
-    out = eval_dir(args.run)
-    result = {"curves": {k: [list(p) for p in v] for k, v in curves.items()},
-              "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (eval.sink.measure)",
-                              "f_attn": "Qiu et al. F-Attn: mean attention on the first token",
-                              "max_h_ratio": "largest over layers of max |h| / median |h| of the residual stream",
-                              "curves": "per key, [step, value] rows from metrics.jsonl"}}
-    write_json(out / "sink_emergence.json", result)
-    plot_emergence(curves, out / "sink_emergence.png")
-    print(f"-> {out / 'sink_emergence.png'}")
-    return result
+    runs = expand(args.run)
+    for run in runs:  # every run is checked before anything is written
+        if not (Path(run) / "metrics.jsonl").is_file():
+            fail(f"{Path(run) / 'metrics.jsonl'} not found: --run must be a training run directory")
+    results = []
+    for run in runs:
+        metrics = Path(run) / "metrics.jsonl"
+        try:
+            curves = emergence(run)
+        except (OSError, ValueError) as e:
+            fail(f"{metrics}: {e}")
+        if not any(curves.values()):
+            fail(f"{metrics} has no rows with {', '.join(TRACKED)}; they are logged when training tracks sinks")
+        out = eval_dir(run)
+        result = {"run": str(run), "curves": {k: [list(p) for p in v] for k, v in curves.items()},
+                  "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (probes.sink.measure)",
+                                  "f_attn": "Qiu et al. F-Attn: mean attention on the first token",
+                                  "max_h_ratio": "largest over layers of max |h| / median |h| of the residual stream",
+                                  "curves": "per key, [step, value] rows from metrics.jsonl"}}
+        write_json(out / "sink_emergence.json", result)
+        plot_emergence(curves, out / "sink_emergence.png", Path(run).resolve().name)
+        print(f"-> {out / 'sink_emergence.png'}")
+        results.append(result)
+    return results
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def evaluate(metrics_path, window: int = 128, k: float = 6.0, two_sided: bool = 
 def metrics_info(run_dir) -> dict:
     """What a metrics.jsonl eval covers, in the shape of the checkpoint record: the run, its last
     logged step and tokens, and the git commit."""
-    from .checkpoints import git_commit
+    from .cli import git_commit
 
     from trainer.metrics import read_rows
 
@@ -217,36 +217,41 @@ def metrics_info(run_dir) -> dict:
     return {"path": str(run_dir), "step": last.get("step"), "tokens": last.get("tokens"), "git_commit": git_commit()}
 
 
-def main(argv=None) -> SpikesResult:
+def main(argv=None) -> list[SpikesResult]:
     from . import eval_dir, positive_float, positive_int, write_json
+    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", "--ckpt", dest="run", required=True, help="run directory with metrics.jsonl")
+    ap.add_argument("--run", "--ckpt", dest="run", nargs="+", required=True,
+                    help="run directories (or globs such as 'out/ablate/*') with metrics.jsonl")
     ap.add_argument("--window", type=positive_int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")
     ap.add_argument("--k", type=positive_float, default=6.0, help="6 = OLMo-core, 7 = OLMo 2")
     ap.add_argument("--two-sided", action="store_true", help="OLMo 2's rule: |value - mean| >= k std")
     args = ap.parse_args(argv)
 
-    run_dir = Path(args.run)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.exists():
-        fail(f"{metrics_path} not found: --run must be a training run directory")
-    try:
-        result = evaluate(metrics_path, args.window, args.k, args.two_sided)
-    except ValueError as e:
-        fail(str(e))
-    result.checkpoint = metrics_info(run_dir)
-    out = eval_dir(run_dir)
-    write_json(out / "spikes.json", result.to_json())
-    plot(result._series, result.metrics, out / "spikes.png")
-    for m, r in result.metrics.items():
-        score = "n/a" if r["spike_score"] is None else f"{r['spike_score']:.3f}%"
-        print(f"{m}: spike score {score} ({r['n_spikes']}/{r['n_eligible']}), "
-              f"{r['n_events']} events, divergence {r['divergence']}")
-    score = result.olmo_core_spike_score
-    print(f"OLMo-core spike score (any metric, all {result.n_steps} steps): "
-          + ("n/a" if score is None else f"{score:.3f}%"))
-    return result
+    runs = [Path(r) for r in expand(args.run)]
+    for run_dir in runs:  # every run is checked before anything is written
+        if not (run_dir / "metrics.jsonl").exists():
+            fail(f"{run_dir / 'metrics.jsonl'} not found: --run must be a training run directory")
+    results = []
+    for run_dir in runs:
+        try:
+            result = evaluate(run_dir / "metrics.jsonl", args.window, args.k, args.two_sided)
+            result.checkpoint = metrics_info(run_dir)
+        except (OSError, ValueError) as e:
+            fail(str(e))
+        out = eval_dir(run_dir)
+        write_json(out / "spikes.json", result.to_json())
+        plot(result._series, result.metrics, out / "spikes.png")
+        for m, r in result.metrics.items():
+            score = "n/a" if r["spike_score"] is None else f"{r['spike_score']:.3f}%"
+            print(f"{run_dir.name} {m}: spike score {score} ({r['n_spikes']}/{r['n_eligible']}), "
+                  f"{r['n_events']} events, divergence {r['divergence']}")
+        score = result.olmo_core_spike_score
+        print(f"{run_dir.name} OLMo-core spike score (any metric, all {result.n_steps} steps): "
+              + ("n/a" if score is None else f"{score:.3f}%"))
+        results.append(result)
+    return results
 
 
 if __name__ == "__main__":

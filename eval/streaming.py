@@ -146,8 +146,8 @@ def position_bins(n: int, keys_per_query: int) -> tuple[np.ndarray, str]:
 
 
 def binned_nll(curves: dict, n: int, keys_per_query: int) -> dict:
-    """Mean NLL per position bin and mode; with recompute, each mode minus recompute on the
-    positions recompute scored. NaN (unscored) -> null in the JSON."""
+    """Mean NLL per position bin and mode, and each mode minus a baseline (recompute when it ran,
+    else sinks) on the positions the baseline scored. NaN (unscored) -> null in the JSON."""
     edges, scale = position_bins(n, keys_per_query)
 
     def per_bin(values):
@@ -160,9 +160,11 @@ def binned_nll(curves: dict, n: int, keys_per_query: int) -> dict:
 
     binned = {"scale": scale, "bin_start": edges[:-1].tolist(), "bin_end": edges[1:].tolist(),
               "nll": {mode: per_bin(nll) for mode, nll in curves.items()}}
-    if "recompute" in curves:
-        binned["minus_recompute"] = {mode: per_bin(nll - curves["recompute"])
-                                     for mode, nll in curves.items() if mode != "recompute"}
+    baseline = next((m for m in ("recompute", "sinks") if m in curves), None)
+    if baseline is not None and len(curves) > 1:
+        binned["baseline"] = baseline
+        binned["minus_baseline"] = {mode: per_bin(nll - curves[baseline])
+                                    for mode, nll in curves.items() if mode != baseline}
     return binned
 
 
@@ -209,7 +211,8 @@ class StreamingResult(EvalResult):
         "cache_bytes_peak": "bytes of K/V (or linear state) resident at the end, where the cache is largest",
         "nll_by_position": "mean NLL per bin of predictions [bin_start, bin_end) and mode (scale: linear bins, or "
                            f"log-spaced past {LOG_SCALE_FROM}x keys_per_query predictions; at most {MAX_BINS} bins); "
-                           "minus_recompute: each mode's NLL minus recompute's on the positions recompute scored",
+                           "minus_baseline: each mode's NLL minus the baseline's (recompute when run, else sinks) "
+                           "on the positions the baseline scored",
         "ppl_window": "ppl of the window mode (null when not run)",
         "ppl_sinks": "ppl of the sinks mode (null when not run)",
     }
@@ -288,24 +291,24 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
 
 
 def plot(result: StreamingResult, path) -> None:
-    """NLL over position per mode (bin means, log x for long streams), eviction start marked;
-    with recompute, a second panel of each mode's NLL minus recompute's, where overlapping
-    curves come apart."""
+    """NLL over position per mode (bin means, log x for long streams), eviction start marked, and
+    a panel of each mode's NLL minus the baseline's (recompute, else sinks), where curves that
+    overlap in the first panel come apart."""
     from .plots import save, subplots
 
     binned = result.nll_by_position
     start, end = np.array(binned["bin_start"]), np.array(binned["bin_end"])
     x = (start + end - 1) / 2 if binned["scale"] == "linear" else np.sqrt(np.maximum(start, 1) * np.maximum(end - 1, 1))
     panels = [("nll", "NLL (nats), mean per bin")]
-    if "minus_recompute" in binned:
-        panels.append(("minus_recompute", "NLL minus recompute's (nats)"))
+    if "minus_baseline" in binned:
+        panels.append(("minus_baseline", f"NLL minus {binned['baseline']}'s (nats)"))
     fig, axes = subplots(len(panels), 1, width=8, height=3.6)
     for ax, (key, ylabel) in zip(axes[:, 0], panels):
         for mode, values in binned[key].items():
             y = np.array([np.nan if v is None else v for v in values], dtype=float)
-            r = result.modes[mode]
-            ax.plot(x, y, lw=1, label=f"{mode} ({r['cache']}): ppl {r['ppl']:.2f}")
-        if key == "minus_recompute":
+            r, scored = result.modes[mode], np.isfinite(y)  # bins a strided recompute skipped: joined over
+            ax.plot(x[scored], y[scored], lw=1, label=f"{mode} ({r['cache']}): ppl {r['ppl']:.2f}")
+        if key == "minus_baseline":
             ax.axhline(0, color="black", lw=0.6)
         if result.attention["kind"] != "linear":
             ax.axvline(result.first_eviction, color="gray", ls="--", lw=0.8,
@@ -342,7 +345,7 @@ def long_stream(val, n_tokens: int, keys_per_query: int) -> tuple[torch.Tensor, 
 
 def main(argv=None) -> list[StreamingResult]:
     from . import fail, nonnegative_int, positive_int
-    from .checkpoints import add_lm_arguments, bos_id, for_each_checkpoint
+    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)

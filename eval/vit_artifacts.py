@@ -177,12 +177,24 @@ def find_register_neurons_reference(acts, hidden, norm_threshold: float, top_k: 
             for v, f in zip(vals.tolist(), flat.tolist())]
 
 
+def sign_max(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude in `x`, with its sign (Jiang et al.'s `sign_max`)."""
+    hi, lo = x.max(), x.min()
+    return hi if hi.abs() > lo.abs() else lo
+
+
 @contextmanager
-def test_time_register(model, neurons: list[dict], scale: float | None = None):
+def test_time_register(model, neurons: list[dict], rule: str = "ours", scale: float = 1.0):
     """Within the block: every forward of `model` (a ViT) appends one zero token after the patches,
-    and the given MLP units are moved from the patch tokens to that token: it takes the patch value
-    of largest magnitude (scale None), or, as Jiang et al.'s hook does, `scale` times the largest
-    value over all tokens (one scalar for every unit)."""
+    and the given MLP units are moved onto it.
+
+    rule "ours": per unit, the new token takes the patch value of largest magnitude and the
+    patches get 0. rule "reference" (Jiang et al.'s `activate_on_registers` hook): per image and
+    layer, the new token takes `scale` x one scalar, the signed value of largest magnitude over
+    all tokens and all of the layer's chosen units, and every token between CLS and the new one
+    (patches, and trained registers if any) gets 0."""
+    if rule not in ("ours", "reference"):
+        raise ValueError(f"rule must be ours or reference, got {rule!r}")
     sl = token_slices(model.config.n_registers, model.config.n_patches)
     by_layer: dict[int, list[int]] = {}
     for n in neurons:
@@ -195,12 +207,14 @@ def test_time_register(model, neurons: list[dict], scale: float | None = None):
     def move_units(units):
         def hook(module, args):
             h = args[0].clone()
-            patch = h[:, sl["patches"], units]  # (B, N, k)
-            if scale is None:
+            if rule == "ours":
+                patch = h[:, sl["patches"], units]  # (B, N, k)
                 h[:, -1, units] = patch.gather(1, patch.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+                h[:, sl["patches"], units] = 0.0
             else:
-                h[:, -1, units] = scale * h[:, :, units].max(dim=1).values
-            h[:, sl["patches"], units] = 0.0
+                for b in range(h.shape[0]):  # the reference runs one image at a time
+                    h[b, -1, units] = scale * sign_max(h[b][:, units])
+                h[:, 1:-1, units] = 0.0
             return (h,)
         return hook
 
@@ -216,8 +230,12 @@ def test_time_register(model, neurons: list[dict], scale: float | None = None):
 
 @torch.no_grad()
 def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -> dict:
-    """Hidden states per layer, last-layer attention and accuracy over `images`, batched."""
+    """Hidden states per layer, last-layer attention and accuracy over `images`, batched. `labels`
+    None: the model's head does not predict these images' labels (an import), accuracy None."""
+    from .progress import progress
+
     hidden, last_attn, correct = None, [], 0
+    bar = progress(len(images), "eval.vit_artifacts", unit="img")
     label_batches = [None] * len(images.split(batch_size)) if labels is None else labels.split(batch_size)
     for x, y in zip(images.split(batch_size), label_batches):
         out = model(x, return_hidden=True, return_attn=attn)
@@ -227,7 +245,9 @@ def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -
             last_attn.append(out.attn[-1].cpu())
         if y is not None:
             correct += int((out.logits.argmax(-1).cpu() == y).sum())
-    accuracy = None if labels is None else correct / len(labels)  # None: the head does not predict these labels
+        bar.update(len(x))
+    bar.close()
+    accuracy = None if labels is None else correct / len(labels)
     return {"hidden": hidden, "attn": torch.cat(last_attn) if attn else None, "accuracy": accuracy}
 
 
@@ -303,12 +323,13 @@ def plot_ttr(base: list[dict], ttr: list[dict], path) -> None:
 # ------------------------------------------------------------------------------ the whole analysis
 def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None, ttr_top_k: int | None = None,
             batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours",
-            dense_data: tuple | None = None) -> dict:
+            ttr_detect_layer: int = -1, dense_data: tuple | None = None) -> dict:
     """Everything the CLI reports, on normalised `images` (N, C, H, W) with `labels` (N,).
     ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer).
     `fixed_threshold`: also report each layer's outlier fraction against that absolute norm.
     ttr_rule "reference": Jiang et al.'s neuron search (outliers = norm > fixed_threshold at
-    ttr_layer, scores per image then averaged) and their intervention (scale 1 x the max).
+    ttr_detect_layer, default the last block; scores per image then averaged; units of blocks
+    0..ttr_layer) and their intervention (test_time_register's "reference" rule).
     `dense_data` = (train images, train masks, val images, val masks): also the dense readouts
     (eval/dense.py: LOST, linear probe), with the test-time register too when it runs."""
     if ttr_rule not in ("ours", "reference"):
@@ -340,20 +361,25 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         layer = c.n_layer - 1 if ttr_layer is None else ttr_layer
         if not 0 <= layer < c.n_layer:
             raise ValueError(f"--ttr-layer {layer} is not a block index in [0, {c.n_layer - 1}]")
+        if not -c.n_layer <= ttr_detect_layer < c.n_layer:
+            raise ValueError(f"--ttr-detect-layer {ttr_detect_layer} is not a block index in [-{c.n_layer}, {c.n_layer - 1}]")
+        detect = ttr_detect_layer % c.n_layer
         masks = find_outliers(base["hidden"], sl["patches"], thresholds)
         positions = torch.zeros(len(images), 1 + c.n_registers + c.n_patches, dtype=torch.bool)
         positions[:, sl["patches"]] = torch.stack(masks).any(0)  # flagged in any layer
         acts = [torch.cat(p) for p in zip(*(mlp_inputs(model, x) for x in images.split(batch_size)))]
         if ttr_rule == "reference":
-            neurons = find_register_neurons_reference(acts, base["hidden"], fixed_threshold, ttr_top_k, layer)
+            neurons = find_register_neurons_reference(acts, base["hidden"], fixed_threshold, ttr_top_k,
+                                                      detect_layer=detect, max_layer=layer)
         else:
             neurons = find_register_neurons(acts, positions, layer, ttr_top_k)
-        with test_time_register(model, neurons, 1.0 if ttr_rule == "reference" else None):
+        with test_time_register(model, neurons, rule=ttr_rule):
             ttr = run_model(model, images, labels, batch_size, attn=False)
             ttr_dense = None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size)
         ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds, background)
         result["test_time_register"] = {
             "ttr_layer": layer, "top_k": ttr_top_k, "rule": ttr_rule, "neurons": neurons,
+            **({"ttr_detect_layer": detect} if ttr_rule == "reference" else {}),
             "n_outlier_positions": int(positions.sum()),
             "accuracy_without": base["accuracy"], "accuracy_with": ttr["accuracy"],
             "outlier_fraction_without": [l["outlier_fraction"] for l in layers],
@@ -368,37 +394,39 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
                               "patch tokens; high_norm_over_median: their mean norm / that median",
         "background_share": "outlier_/high_norm_background_share: share of those tokens on patches without any "
                             "object pixel (images with masks); background_share_of_patches: the base rate",
-        "rule": "test-time register: ours = units ranked by mean |activation| over outlier patches pooled over "
-                "images, moved as the patch value of largest magnitude; reference = Jiang et al.: outliers = "
-                "tokens with norm > fixed threshold at ttr_layer, scores averaged per image then over images "
-                "with outliers, layers <= ttr_layer, register value = 1 x the max over tokens",
+        "rule": "test-time register: ours = units of blocks <= ttr_layer ranked by mean |activation| over "
+                "outlier patches pooled over images, each moved as its patch value of largest magnitude, patches "
+                "zeroed; reference = Jiang et al.: outliers = tokens with norm > fixed threshold at "
+                "ttr_detect_layer, scores averaged per image then over images with outliers, units of blocks "
+                "<= ttr_layer; the register gets, per image and layer, one scalar: the signed value of largest "
+                "magnitude over all tokens and the layer's units; every token between CLS and the register "
+                "(patches, trained registers) zeroed",
     }
     result["_hidden"], result["_attn"] = base["hidden"], base["attn"]
     return result
 
 
-def main(argv=None) -> dict:
-    from model.load import load_run
-
-    from . import pick_device, positive_int, write_json
-    from .checkpoints import checkpoint_info, output_dir
-    from .result import CHECKPOINT_DEFINITION
-    from .vit_images import model_images
+def main(argv=None) -> list[dict]:
+    from . import fail, positive_int
+    from .cli import check_paths, expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="a ViT run directory (e.g. out/vit_digits) or hf:<id or folder> "
-                    "of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")
+    ap.add_argument("--ckpt", nargs="+", required=True,
+                    help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*', or hf:<id or "
+                    "folder> of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")
     ap.add_argument("--data", default=None, help="image source: digits, shapes or an HF image dataset "
                     "(required for hf:; default: the run's own)")
     ap.add_argument("--image-size", type=positive_int, default=None,
-                    help="input size of an hf: import (default: its pretraining size)")
+                    help="input size of an hf: import (a multiple of its patch size; default: its pretraining size)")
     ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
                     f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
-    ap.add_argument("--n-images", type=int, default=None, help="held-out images to use (default: all)")
+    ap.add_argument("--n-images", type=positive_int, default=None, help="held-out images to use (default: all)")
     ap.add_argument("--n-maps", type=positive_int, default=4, help="images to draw attention maps for")
     ap.add_argument("--test-time-register", action="store_true", help="also run the test-time register intervention")
     ap.add_argument("--ttr-layer", type=int, default=None, help="search MLP units in blocks 0..L (default: all)")
-    ap.add_argument("--ttr-top-k", type=int, default=4, help="number of register neurons to move")
+    ap.add_argument("--ttr-detect-layer", type=int, default=-1,
+                    help="--ttr-rule reference: the block whose output norms mark the outliers (default -1: the last)")
+    ap.add_argument("--ttr-top-k", type=positive_int, default=4, help="number of register neurons to move")
     ap.add_argument("--fixed-threshold", type=float, default=None,
                     help="also report the outlier fraction against this absolute norm (Jiang et al. use 30 on CLIP)")
     ap.add_argument("--ttr-rule", choices=["ours", "reference"], default="ours",
@@ -408,36 +436,49 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=positive_int, default=128)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    if args.ttr_top_k < 1 or (args.n_images is not None and args.n_images < 1):
-        ap.error("--ttr-top-k and --n-images must be positive")
+    if args.test_time_register and args.ttr_rule == "reference" and args.fixed_threshold is None:
+        fail("--ttr-rule reference needs --fixed-threshold (the absolute norm that marks an outlier)")
+    paths = expand(args.ckpt)
+    check_paths(paths)
+    results = []
+    for path in paths:
+        try:
+            results.append(evaluate_checkpoint(path, args))
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+    return results
 
-    try:
-        run = load_run(args.ckpt, task="vit", image_size=args.image_size)
-        if run.config.get("task", "lm") != "vit":
-            raise ValueError(f"{args.ckpt} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
-        model = run.model.to(pick_device(args.device)).eval()
-        images, _, classifies = model_images(run, model, args.data, args.n_images)
-        x, n = images.val_x, len(images.val_x)
-        y = images.val_y if classifies else None  # an import's head does not predict these labels
-        dense_data = None
-        if images.val_masks is not None:  # images with object masks: the dense readouts too
-            m = min(args.n_probe_train, len(images.train_x))
-            dense_data = (images.train_x[:m], images.train_masks[:m], x, images.val_masks)
-        result = analyse(model, x, y, args.threshold, args.ttr_layer,
-                         args.ttr_top_k if args.test_time_register else None, args.batch_size,
-                         args.fixed_threshold, args.ttr_rule, dense_data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
+def evaluate_checkpoint(path: str, args) -> dict:
+    """The CLI's work on one ViT checkpoint: analyse, plot, write vit_artifacts.json."""
+    from . import write_json
+    from .cli import checkpoint_info, load, output_dir
+    from .result import CHECKPOINT_DEFINITION
+    from .vit_images import model_images
+
+    run = load(path, args, task="vit")
+    if run.config.get("task", "lm") != "vit":
+        raise ValueError(f"{path} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
+    model = run.model.eval()
+    images, _, classifies = model_images(run, model, args.data, args.n_images)
+    x, n = images.val_x, len(images.val_x)
+    y = images.val_y if classifies else None  # an import's head does not predict these labels
+    dense_data = None
+    if images.val_masks is not None:  # images with object masks: the dense readouts too
+        m = min(args.n_probe_train, len(images.train_x))
+        dense_data = (images.train_x[:m], images.train_masks[:m], x, images.val_masks)
+    result = analyse(model, x, y, args.threshold, args.ttr_layer,
+                     args.ttr_top_k if args.test_time_register else None, args.batch_size,
+                     args.fixed_threshold, args.ttr_rule, args.ttr_detect_layer, dense_data)
     c = model.config
-    out = output_dir(run, args.ckpt)
+    out = output_dir(run, path)
     result["checkpoint"] = checkpoint_info(run)
     result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
     hidden, attn = result.pop("_hidden"), result.pop("_attn")
     plot_norms(hidden, c.n_registers, c.grid, result["layers"], out / "vit_norms.png")
-    shown = x.cpu().flatten(1)
-    shown = ((shown - shown.amin(1, keepdim=True)) / (shown.amax(1, keepdim=True) - shown.amin(1, keepdim=True)).clamp_min(1e-6)).view_as(x)
-    plot_attention_maps(shown, attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
+    shown = x.cpu().flatten(1)  # normalised images back to [0, 1] per image, for the plot
+    shown = (shown - shown.amin(1, keepdim=True)) / (shown.amax(1, keepdim=True) - shown.amin(1, keepdim=True)).clamp_min(1e-6)
+    plot_attention_maps(shown.view_as(x), attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
     if "test_time_register" in result:
         plot_ttr(result["layers"], result["test_time_register"]["layers_with"], out / "vit_ttr.png")
     write_json(out / "vit_artifacts.json", result)

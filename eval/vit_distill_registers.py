@@ -166,10 +166,11 @@ def save_vit_run(student, run_dir: Path, config: dict, step: int) -> Path:
     import yaml
 
     from model.weights import WEIGHTS, save_weights
+    from trainer.rundir import CHECKPOINT_FMT
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
+    final = root / CHECKPOINT_FMT.format(step)
     tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -192,8 +193,8 @@ def main(argv=None) -> dict:
     from eval.vit_artifacts import analyse
     from eval.vit_images import add_image_args, load_for_vit_eval, pixel_fill
 
-    from . import positive_int, write_json
-    from .checkpoints import checkpoint_info
+    from . import fail, positive_int, write_json
+    from .cli import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
 
@@ -215,7 +216,7 @@ def main(argv=None) -> dict:
         parts = tuple(p.strip() for p in args.train.split(",") if p.strip())
         trainable_parameters(make_student(ctx.model, 1), parts)  # a bad --train fails before any work
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))  # one line, exit code 2, as every eval
     teacher, data = ctx.model, ctx.data
     fill = pixel_fill(ctx, args.fill)
     student = make_student(teacher, args.n_registers, args.seed)

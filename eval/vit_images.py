@@ -53,7 +53,7 @@ class ModelImages:
 
 @dataclass
 class ViTEvalContext:
-    run: object  # model.load.LoadedRun
+    run: object  # runs.load.LoadedRun
     model: torch.nn.Module
     data: ModelImages
     data_source: str
@@ -133,17 +133,12 @@ def model_images(run, model, data: str | None = None, n_val: int | None = None):
 
 def load_for_vit_eval(args) -> ViTEvalContext:
     """Model (eval mode, on --device), images and output dir for a ViT eval's parsed flags."""
-    from model.load import load_run
+    from .cli import load, output_dir
 
-    from . import pick_device
-    from .checkpoints import output_dir
-
-    run = load_run(args.ckpt, task="vit", image_size=args.image_size)
+    run = load(args.ckpt, args, task="vit")  # a bad path is one line, as in every eval
     if run.config.get("task", "lm") != "vit":
         raise ValueError(f"{args.ckpt} is a language-model run; a ViT eval needs a ViT (task: vit or hf: ViT)")
-    if args.image_size and "hf" not in run.config:
-        raise ValueError("--image-size applies to hf: imports; a lab run takes the images it was trained on")
-    model = run.model.to(pick_device(args.device)).eval()
+    model = run.model.eval()
     data, data_cfg, classifies = model_images(run, model, args.data, args.n_images)
     return ViTEvalContext(run, model, data, data_cfg["source"], data_cfg, model_normalisation(run.config),
                           classifies, output_dir(run, args.ckpt))

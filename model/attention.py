@@ -160,7 +160,8 @@ class Attention(nn.Module):
         j < n_sink and the keys with 0 <= i - j < window, scored as if it had been fed alone:
         band keys and queries rotated at their stream indices (shifted to start at the oldest
         band key: relative positions, small angles), sink keys at their slots j and the query at
-        its cache slot min(i, n_sink + window - 1)."""
+        its cache slot min(i, n_sink + window - 1). The scores are materialised (scores.py's
+        reference), whatever the backend: one chunk's (Tq, n_sink + window - 1 + Tq) at a time."""
         cfg = self.cfg
         first, n_sink, window = store.seen, store.n_sink, store.window
         keys, values, key_index = store.update(k, v)  # ascending stream indices: the sinks first
@@ -169,7 +170,8 @@ class Attention(nn.Module):
         base = max(n_sink, first - window + 1)
         q_index = torch.arange(first, store.seen, device=q.device)
         sink_k, band_k = keys[:, :, :n_held_sinks], keys[:, :, n_held_sinks:]
-        band = self.rope_at(q, q_index - base) @ self.rope_at(band_k, key_index[n_held_sinks:] - base).transpose(-2, -1)
+        band_q, band_k = self.rope_at(q, q_index - base), self.rope_at(band_k, key_index[n_held_sinks:] - base)
+        band = band_q @ band_k.transpose(-2, -1)
         sinks = self.rope_at(q, q_index.clamp(max=n_sink + window - 1)) @ self.rope_at(
             sink_k, key_index[:n_held_sinks]).transpose(-2, -1)
         distance = q_index[:, None] - key_index[None, :]

@@ -1,6 +1,6 @@
 """Pretrained `transformers` vision transformers as sinklab ViTs, with the same outputs.
 
-    from model.load import load_run
+    from runs.load import load_run
     run = load_run("hf:facebook/dinov2-small", task="vit", image_size=224)   # or hf:/a/saved/folder
 
 | model_type | transformers class | what it maps to |
@@ -56,18 +56,19 @@ def is_vision(model_type: str) -> bool:
 
 
 def pretrained_vision(ref: str):
-    """(folder, transformers config) when `hf:<ref>` is a vision transformer's folder (imported
-    or refused here), else None (a decoder, for model/hf_import.py)."""
-    from transformers import AutoConfig
-
-    from .hf_import import hf_folder
+    """The located model (hf_import.Pretrained) when `hf:<ref>` is a vision transformer's
+    transformers folder (imported or refused here), else None (a decoder or a GGUF file, for
+    model/hf_import.py, which also names a missing one)."""
+    from .hf_import import locate
 
     try:
-        folder = hf_folder(ref)
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        source = locate(ref)
+        if source.gguf is not None:
+            return None
+        model_type = json.loads((source.folder / "config.json").read_text()).get("model_type")
     except (FileNotFoundError, ValueError, OSError):
-        return None  # not a transformers folder: the decoder import names the problem
-    return (folder, AutoConfig.from_pretrained(str(folder))) if is_vision(model_type) else None
+        return None
+    return source if is_vision(model_type) else None
 
 
 def _square(value, what: str) -> int:
@@ -233,18 +234,18 @@ def normalisation(folder: Path, arch: str) -> dict:
     return {"image_mean": mean, "image_std": std, "from": f"transformers' default for {arch}"}
 
 
-def load_pretrained_vit(ref: str, folder: Path, hf_cfg, image_size: int | None = None, dtype=None):
-    """(ViT, config dict) for `load_run("hf:...", task="vit")`; `folder` and `hf_cfg` are what
-    hf_import resolved. The ViT is built in `dtype` (None: fp32)."""
+def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=None):
+    """(ViT, config dict) for `load_run("hf:...", task="vit")`; `source` is what `pretrained_vision`
+    located. The ViT is built in `dtype` (None: fp32)."""
     import dataclasses
 
-    from .hf_import import PREFIX, read_weights
     from .vit import ViT
     from .weights import load_state
 
+    hf_cfg = source.config()
     arch = hf_cfg.model_type
     vit_config(hf_cfg, image_size)  # refuses before the weights are read
-    hf_state = read_weights(folder)
+    hf_state = source.weights()  # model/hf_folder.py's checked read
     cfg = vit_config(hf_cfg, image_size, head_of(hf_state, arch))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
@@ -252,8 +253,7 @@ def load_pretrained_vit(ref: str, folder: Path, hf_cfg, image_size: int | None =
         model = ViT(cfg)
     finally:
         torch.set_default_dtype(default)
-    load_state(model, to_sinklab_vit_weights(hf_state, arch), str(folder))
-    name = ref.removeprefix(PREFIX)
-    info = {"ref": ref, "name": folder.name if Path(name).expanduser().is_dir() else name.replace("/", "--"),
-            "folder": str(folder), "model_type": arch, **normalisation(folder, arch)}
+    load_state(model, to_sinklab_vit_weights(hf_state, arch), str(source.folder))
+    info = {"ref": ref, "name": source.name, "folder": str(source.folder), "path": str(source.folder),
+            "format": "transformers", "model_type": arch, **normalisation(source.folder, arch)}
     return model, {"task": "vit", "model": dataclasses.asdict(cfg), "hf": info}

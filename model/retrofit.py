@@ -37,7 +37,8 @@ def added_fields(run_model, imported) -> dict:
         if wanted in ("none", 0) or wanted == has:
             continue
         if has not in ("none", 0):
-            raise ValueError(f"the import already has model.{name}={has!r}; drop model.{name}={wanted!r} or set it to {has!r}")
+            raise ValueError(f"the import already has model.{name}={has!r}; drop model.{name}={wanted!r} "
+                             f"or set it to {has!r}")
         out[name] = wanted
     return out
 

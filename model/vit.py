@@ -35,29 +35,29 @@ HEADS = ("linear", "tanh", "none")
 class ViTConfig(AttentionConfig):
     """`block_size` 0 = the token count 1 + n_registers + n_patches (it only sets the sigmoid bias)."""
 
-    image_size: int = 8
-    patch_size: int = 2
-    in_channels: int = 1
-    n_layer: int = 4
-    n_registers: int = 0
+    image_size: int = 8  # input height and width in pixels
+    patch_size: int = 2  # square patch side in pixels
+    in_channels: int = 1  # image channels (1 digits, 3 RGB)
+    n_layer: int = 4  # transformer blocks
+    n_registers: int = 0  # learned register tokens after CLS (Darcet et al. 2024)
     n_classes: int | None = None  # None = take it from the data
-    pool: str = "cls"
-    pos_embed: str = "learned"
+    pool: str = "cls"  # cls | mean: what the classifier reads, the CLS token or the mean of the patches
+    pos_embed: str = "learned"  # learned | sincos: position embedding of the patches
     intermediate_size: int | None = None  # SwiGLU hidden width; None = 8/3 * n_embd rounded to 64
-    init_std: float = 0.02
-    rope: bool = False
-    block_size: int = 0
+    init_std: float = 0.02  # std of the normal init of the weight matrices
+    rope: bool = False  # off: the patches carry absolute position embeddings
+    block_size: int = 0  # 0 = the token count (it only sets the sigmoid bias)
     # pretrained-ViT options (module docstring); the defaults are the lab's ViT
     norm: str = "rmsnorm"  # or layernorm (with a bias), also for the final norm
     mlp: str = "swiglu"  # gelu, gelu_tanh, quick_gelu: up -> act -> down, width intermediate_size or 4 n_embd
-    mlp_bias: bool = False
+    mlp_bias: bool = False  # biases on the MLP projections
     o_proj_bias: bool = False  # a bias on the attention output projection
     layer_scale: float | None = None  # per-channel scales on both residual branches, initialised at this value
     pre_norm: bool = False  # a norm on the tokens before the first block (CLIP's pre_layrnorm)
     patch_bias: bool = True  # the patch projection's bias (CLIP has none)
     pos_embed_grid: int | None = None  # learned table's grid when it differs from image_size / patch_size
     pos_embed_antialias: bool = False  # resample that table with antialiasing (DINOv2 with registers)
-    head: str = "linear"
+    head: str = "linear"  # linear | tanh | none (HEADS): what turns the pooled token into the output
 
     def __post_init__(self):
         if self.block_size == 0:

@@ -22,7 +22,8 @@ def test_bos_attention_matches_loops():
     for kind, want_trigger in (("non_trigger", False), ("trigger", True)):
         for l in range(L):
             for h in range(H):
-                vals = [attn[l][b, h, i, 0].item() for b in range(B) for i in range(1, T)
+                # Guo et al. count every query, the BOS query (i = 0, not a trigger) included
+                vals = [attn[l][b, h, i, 0].item() for b in range(B) for i in range(T)
                         if (tokens[b, i].item() in triggers) == want_trigger]
                 assert got[kind][l, h].item() == pytest.approx(sum(vals) / len(vals), rel=1e-6)
     # No trigger at all: the trigger row is undefined, not zero.
@@ -55,7 +56,8 @@ def test_evaluate_on_a_model():
     want = bos_attention(attn, tokens, [3, 4])
     assert torch.allclose(torch.tensor(result["bos_attention_non_trigger"]), want["non_trigger"], atol=1e-6)
     assert result["sink_1"] == pytest.approx(sink_1(attn))
-    assert result["n_queries_trigger"] == int(torch.isin(tokens[:, 1:], torch.tensor([3, 4])).sum())
+    assert result["n_queries_trigger"] == int(torch.isin(tokens, torch.tensor([3, 4])).sum())
+    assert result["n_queries_non_trigger"] == tokens.numel() - result["n_queries_trigger"]  # BOS query included
 
 
 def test_extra_sink_mass_is_the_weight_outside_the_text():
@@ -73,17 +75,23 @@ def test_extra_sink_mass_is_the_weight_outside_the_text():
             out = model(tokens, return_attn=True)
         n = out.sink_tokens
         if n:
-            outside = torch.stack([1 - a[:, :, n + 1 :, n:].sum(-1) for a in out.attn])  # (L, B, H, T-1)
+            outside = torch.stack([1 - a[:, :, n:, n:].sum(-1) for a in out.attn])  # (L, B, H, T)
         else:
-            outside = torch.stack([1 - m[:, :, 1:] for m in out.attn_mass])
-        non_trigger = ~torch.isin(tokens[:, 1:], torch.tensor([3, 4]))
+            outside = torch.stack([1 - m for m in out.attn_mass])
+        non_trigger = ~torch.isin(tokens, torch.tensor([3, 4]))
         want = (outside * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
         assert torch.allclose(torch.tensor(result["extra_sink_mass_non_trigger"]), want, atol=1e-5)
         assert 0.05 < float(want.mean()) < 0.95  # the measure sees real weight, not a constant
-        # BOS is the first text key: its weight is read past the sink tokens
-        bos = torch.stack([a[:, :, n + 1 :, n] for a in out.attn])
-        want_bos = (bos * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
-        assert torch.allclose(torch.tensor(result["bos_attention_non_trigger"]), want_bos, atol=1e-5)
+        # BOS is the first text key: its weight is read past the sink tokens. Raw: the weight the
+        # model puts on it (probs times the row mass that reaches the values); renormalised: that
+        # over the row's total on the text keys.
+        mass = torch.stack(out.attn_mass)[:, :, :, n:]
+        bos_raw = torch.stack([a[:, :, n:, n] for a in out.attn]) * mass
+        text_total = torch.stack([a[:, :, n:, n:].sum(-1) for a in out.attn]) * mass
+        for name, bos in (("bos_attention_non_trigger_raw", bos_raw), ("bos_attention_non_trigger", bos_raw / text_total)):
+            want_bos = (bos * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
+            assert torch.allclose(torch.tensor(result[name]), want_bos, atol=1e-5)
+        assert result["bos_attention_non_trigger_raw_mean"] < result["bos_attention_non_trigger_mean"]
 
 
 def test_long_stream_has_bos_only_first_and_follows_the_process():

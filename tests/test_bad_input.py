@@ -89,6 +89,9 @@ CASES = {  # id: (arguments, words the message must contain)
     "cache_dir a file": (["data.cache_dir={files}/tokenizer.json"], ["tokenizer.json is a file, not a directory"]),
     "init_from not hf": (["train.init_from=out/other"], ["train.init_from='out/other' must look like hf:"]),
     "init_from missing folder": (["train.init_from=hf:{files}/nope"], ["train.init_from: hf:", "no such file or folder"]),
+    "lr_scale malformed": (["train.lr_scale=sinks:100"], ["train.lr_scale entry 'sinks:100' must look like part=factor"]),
+    "train_only unmatched": (["train.train_only=no_such_param"], ["train.train_only='no_such_param' matches no parameter"]),
+    "init_from missing gguf": (["train.init_from=hf:{files}/nope.gguf"], ["no such GGUF file"]),
 }
 
 
@@ -224,7 +227,7 @@ def test_plain_progress_lines_and_the_report_says_better_or_worse(tmp_path, file
 def test_export_refuses_an_out_path_that_is_a_file(tmp_path, trained):
     target = tmp_path / "model.bin"
     target.write_bytes(b"keep me")
-    res = run(["-m", "model.export_hf", "--ckpt", str(trained), "--out", str(target)])
+    res = run(["-m", "runs.export_hf", "--ckpt", str(trained), "--out", str(target)])
     assert res.returncode == 2 and "Traceback" not in res.stderr and "wrote" not in res.stdout
     assert "is a file, not a folder" in res.stderr and target.read_bytes() == b"keep me"
 
@@ -247,7 +250,7 @@ def test_sample_rejects_bad_flags_before_loading(trained, flags, words, capsys):
 def test_a_gpu_only_backend_loads_as_auto_on_cpu(tmp_path, trained, capsys):
     import yaml
 
-    from model.load import load_run
+    from runs.load import load_run
 
     run_dir = tmp_path / "r"
     shutil.copytree(trained, run_dir, symlinks=True)
@@ -280,7 +283,7 @@ def test_evals_reject_bad_flags_before_any_work(tmp_path, trained, module, flags
     before = snapshot(run_dir)
     ckpt = ["--runs" if module == "ablate" else "--ckpt", str(run_dir)]
     with pytest.raises(SystemExit) as exit:
-        importlib.import_module(f"eval.{module}").main([*ckpt, *flags])
+        importlib.import_module("ablate" if module == "ablate" else f"eval.{module}").main([*ckpt, *flags])
     assert exit.value.code == 2 and words in capsys.readouterr().err
     assert snapshot(run_dir) == before
 

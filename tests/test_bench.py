@@ -1,4 +1,4 @@
-"""eval.bench runs end to end on the CPU at tiny shapes and writes its JSON; bad flags fail
+"""python -m bench runs end to end on the CPU at tiny shapes and writes its JSON; bad flags fail
 cleanly; the nanoGPT baseline has GPT-2's parameter count and is causal."""
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.nanogpt_baseline import NanoGPT, NanoGPTConfig
+from bench.nanogpt_baseline import NanoGPT, NanoGPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--lengths", "32", "--batch", "2", "--vocab", "64",
         "--warmup", "1", "--reps", "2"]
 
 
-def bench(*args, out: Path):
+def bench(*args, out: Path, command: str = "bench"):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "eval.bench", *args, "--out", str(out)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", command, *args, "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -46,7 +46,7 @@ def test_cpu_suite_runs_and_writes_json(tmp_path):
 def test_streaming_row(tmp_path, capsys):
     """The streaming row on a tiny random Llama: three speeds of the same stream, their ratios, and
     NLL agreement (parallel == token-by-token; ours == transformers' before the first eviction)."""
-    from eval import bench as bench_cli
+    from bench import __main__ as bench_cli
 
     assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", *TINY, "--stream-tokens", "80",
                            "--stream-window", "12", "--stream-chunk", "16", "--out", str(tmp_path)]) == 0
@@ -85,8 +85,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_bad_shape_is_a_clear_error(tmp_path):
-    proc = bench("--suite", "cpu", "--lengths", "0", out=tmp_path / "b")
+@pytest.mark.parametrize("command", ["bench", "eval.bench"])  # eval.bench: the command's older name
+def test_bad_shape_is_a_clear_error(tmp_path, command):
+    proc = bench("--suite", "cpu", "--lengths", "0", out=tmp_path / "b", command=command)
     assert proc.returncode == 2 and "--lengths must be positive" in proc.stderr
     assert not (tmp_path / "b").exists()
 
@@ -101,3 +102,16 @@ def test_nanogpt_has_gpt2_small_parameter_count_and_is_causal():
     changed[:, 10:] = (changed[:, 10:] + 1) % 40
     a, b = model(idx)[0], model(changed)[0]
     assert torch.allclose(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_hashes_bench_agrees_with_the_checkpoint_manifest(tmp_path, capsys):
+    """bench.hashes times the hash the manifest uses, computing the same digest as trainer.checkpoint.file_hash."""
+    from bench import hashes
+    from trainer.checkpoint import file_hash
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(bytes(range(256)) * 40000)  # 10 MB: more than two read chunks
+    assert hashes.candidates()["xxh3_64"](f) == file_hash(f)
+    assert hashes.main(["--mb", "1", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in ("xxh3_64", "crc32", "sha256", "blake2b"))

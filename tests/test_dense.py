@@ -121,18 +121,19 @@ def test_dense_cli_on_a_tiny_shapes_run(tmp_path, capsys):
     # vit_artifacts reports the same readouts beside its norms, and with the test-time register
     from eval import vit_artifacts
 
-    art = vit_artifacts.main(["--ckpt", str(tmp_path / "s"), "--n-probe-train", "32", "--test-time-register",
+    (art,) = vit_artifacts.main(["--ckpt", str(tmp_path / "s"), "--n-probe-train", "32", "--test-time-register",
                               "--ttr-top-k", "2"])
     assert art["dense"]["lost"] == saved["lost"] and art["dense"]["probe"]["miou"] == saved["probe"]["miou"]
     assert art["test_time_register"]["dense_with"]["lost"]["n_images"] == 16
     assert 0 < art["background_share_of_patches"] < 1 and "high_norm_fraction" in art["layers"][0]
 
 
-def test_dense_readouts_refuse_images_without_masks(tmp_path):
+def test_dense_readouts_refuse_images_without_masks(tmp_path, capsys):
     from eval.vit_distill_registers import save_vit_run
     from model.vit import ViT, ViTConfig
 
     vit = ViT(ViTConfig(image_size=8, patch_size=2, in_channels=1, n_layer=1, n_head=2, n_embd=16, n_classes=10))
     save_vit_run(vit, tmp_path / "digits", {"task": "vit", "data": {"source": "digits"}}, 0)
-    with pytest.raises(SystemExit, match="has no object masks"):
+    with pytest.raises(SystemExit) as e:
         dense.main(["--ckpt", str(tmp_path / "digits")])
+    assert e.value.code == 2 and "has no object masks" in capsys.readouterr().err

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ablate
 import train
-from eval import ablate, activations, sink, spikes, streaming
-from model.load import load_run
+from eval import activations, sink, spikes, streaming
+from runs.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -144,8 +145,17 @@ def test_ablate_collects_runs(run_dir, tmp_path):
     rows = ablate.main(["--runs", str(run_dir), "--out", str(out), "--stream-tokens", "60",
                         "--recompute-stride", "3"])
     assert (out / "ablation.png").read_bytes()[:8] == PNG
-    table = (out / "ablation.md").read_text().splitlines()
+    md = (out / "ablation.md").read_text()
+    table = [l for l in md.splitlines() if l.startswith("|")]
     assert len(table) == 3 and table[2].startswith("| tiny | softmax | none |")
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    # what was run comes first; every column shown is defined; all-n/a columns are left out
+    assert md.startswith("# Ablation") and f"--runs {run_dir}" in md and "- commit: " in md
+    assert all(f"- **{name}**: " in md for name in header)
+    assert "BOS att. non-trigger" not in header and "stream ppl recurrent" not in header  # n/a on plain text
+    assert "n/a" not in table[2]
+    assert "OLMo-core spike score %" not in header  # 12 steps: OLMo-core reports no score below its window
+    assert "Sink_1 % raw" in header and "F-Attn raw" in header
     data = json.loads((out / "ablation.json").read_text())
     row = data["rows"][0]
     val = [json.loads(l)["val_loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
@@ -175,3 +185,124 @@ def test_checkpoints_write_their_own_dirs_and_a_table_over_steps(run_dir, tmp_pa
     table = json.loads((run / "eval" / "sink_over_steps.json").read_text())
     assert [row["step"] for row in table["rows"]] == [6, 12]
     assert (run / "eval" / "sink_over_steps.png").read_bytes()[:8] == PNG
+
+
+# --- results never half-written, flags that cannot mislead -----------------------------------
+
+def one_line_error(capsys, e) -> str:
+    """The one error line on stderr (argparse puts its usage lines before it), exit code 2."""
+    err = capsys.readouterr().err.strip()
+    errors = [l for l in err.splitlines() if l.startswith("error:") or ": error: " in l]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_every_metrics_reader_drops_a_torn_last_line(run_dir, tmp_path):
+    """The trainer killed mid-row: eval.sink --run, ablate.py --runs and eval.spikes read the rest."""
+    import shutil
+
+    run = tmp_path / "torn"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    whole = ablate.read_run_metrics(run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "tokens": 8')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert ablate.read_run_metrics(run) == whole
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert spikes.metrics_info(run)["step"] == 12
+    with pytest.warns(UserWarning, match="torn last line"):
+        (result,) = spikes.main(["--run", str(run), "--window", "4"])
+    assert result.n_steps == 12
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert sink.emergence(run)["sink_1"][-1][0] == 12  # the sink row logged at the end
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--k", "70", "--lengths", "64"], "--k 70 is beyond the sequence length T=64"),
+    (["--lengths", "1"], "at T=1 uniform attention already gives alpha_1 = 1.00 > eps 0.3"),
+    (["--lengths", "8"], "use --lengths >= 10"),
+    (["--k", "2", "--lengths", "3"], "uniform attention already gives alpha_2 = 0.42"),
+])
+def test_sink_refuses_lengths_where_the_metric_says_nothing(argv, says, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # refused before any checkpoint is even looked at
+        sink.main(["--ckpt", str(tmp_path / "not-read"), *argv])
+    assert says in one_line_error(capsys, e)
+
+
+def test_sink_refuses_k_beyond_the_models_block(run_dir, capsys):
+    with pytest.raises(SystemExit) as e:  # "block" = 32 here: known once the model is loaded
+        sink.main(["--ckpt", str(run_dir), "--k", "33", "--lengths", "block", "--n-seqs", "2"])
+    assert "--k 33 is beyond the sequence length T=32" in one_line_error(capsys, e)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--length", "0"], "--length"), (["--length", "1"], "--length"), (["--n-seqs", "0"], "--n-seqs"),
+    (["--eps", "0"], "--eps"),
+])
+def test_backcopy_refuses_degenerate_flags(argv, says, capsys, run_dir):
+    from eval import backcopy
+
+    with pytest.raises(SystemExit) as e:
+        backcopy.main(["--ckpt", str(run_dir), *argv])
+    assert says in one_line_error(capsys, e)
+
+
+def test_backcopy_refuses_an_hf_import_and_a_run_without_bos(run_dir, capsys):
+    from eval import backcopy
+
+    with pytest.raises(SystemExit) as e:
+        backcopy.main(["--ckpt", "hf:HuggingFaceTB/SmolLM2-135M"])
+    assert "an hf: import has neither" in one_line_error(capsys, e)
+    with pytest.raises(SystemExit) as e:
+        backcopy.main(["--ckpt", str(run_dir)])
+    assert "needs BOS-first sequences" in one_line_error(capsys, e)
+
+
+def test_globs_work_in_every_eval(run_dir, capsys):
+    from eval import backcopy
+
+    pattern = str(run_dir.parent / "tin*")
+    (result,) = spikes.main(["--run", pattern, "--window", "4"])
+    assert result.checkpoint["path"] == str(run_dir)
+    assert sink.main(["--run", pattern])[0]["run"] == str(run_dir)
+    with pytest.raises(SystemExit) as e:  # expanded, then refused for its data, not for the pattern
+        backcopy.main(["--ckpt", pattern])
+    assert "needs BOS-first" in one_line_error(capsys, e)
+    with pytest.raises(SystemExit) as e:
+        spikes.main(["--run", str(run_dir.parent / "nothing*")])
+    assert "matches nothing" in one_line_error(capsys, e)
+
+
+def test_a_checkpoint_pruned_while_the_eval_runs_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """A glob over two step dirs; training prunes the second (train.keep_last) while the first is
+    evaluated: the eval stops with one line naming what happened, after writing the first's JSON."""
+    import shutil
+
+    import runs.load
+
+    run = tmp_path / "pruned"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "latest", ckpts / "step_0000006")
+    load_run = runs.load.load_run
+
+    def load_then_prune(path, *a, **kw):
+        loaded = load_run(path, *a, **kw)
+        shutil.rmtree(ckpts / "step_0000012", ignore_errors=True)
+        return loaded
+
+    monkeypatch.setattr(runs.load, "load_run", load_then_prune)
+    with pytest.raises(SystemExit) as e:
+        activations.main(["--ckpt", str(ckpts / "step_*"), "--n-seqs", "2"])
+    err = one_line_error(capsys, e)
+    assert "step_0000012 disappeared while the eval ran" in err and "keep_last" in err
+    assert json.loads((run / "eval" / "step_0000006" / "activations.json").read_text())["n_seqs"] == 2
+
+
+def test_activations_default_is_plain_windows_as_sun_et_al(run_dir, capsys):
+    (result,) = activations.main(["--ckpt", str(run_dir), "--n-seqs", "2"])
+    saved = json.loads((run_dir / "eval" / "activations.json").read_text())
+    assert saved["bos_first"] is False and "Sun et al." in saved["definitions"]["bos_first"]
+    with pytest.raises(SystemExit) as e:
+        activations.main(["--ckpt", str(run_dir), "--bos"])
+    assert "--bos but" in one_line_error(capsys, e)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eval import activations, sink, spikes
+from probes.sink import measure
 
 
 def uniform_causal(T: int, L: int = 2, H: int = 3) -> torch.Tensor:
@@ -317,7 +318,7 @@ def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16))
     model.train()
     seqs = torch.randint(0, 50, (4, 16))
-    m = sink.measure(model, seqs)
+    m = measure(model, seqs)
     assert model.training  # left as it was
     full = sink.evaluate(model, seqs, lengths=(16,))
     assert m["sink_1"] == pytest.approx(full.sink_1) and m["f_attn"] == pytest.approx(full.f_attn, abs=1e-6)
@@ -325,14 +326,16 @@ def test_measure_agrees_with_the_full_eval_and_the_emergence_plot(tmp_path):
         hidden = model(seqs, return_hidden=True).hidden
     assert m["max_h_ratio"] == pytest.approx(max(float(h.abs().max() / h.abs().median()) for h in hidden))
     rows = [{"step": s, "loss": 1.0} for s in range(5)] + [{"step": s, **m} for s in (0, 4)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = sink.main(["--run", str(tmp_path)])
-    assert out["curves"]["sink_1"] == [[0, m["sink_1"]], [4, m["sink_1"]]]
+    torn = json.dumps({"step": 5, **m})[:20]  # the trainer was killed mid-row
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + torn)
+    with pytest.warns(UserWarning, match="torn last line"):
+        out = sink.main(["--run", str(tmp_path)])
+    assert out[0]["curves"]["sink_1"] == [[0, m["sink_1"]], [4, m["sink_1"]]]
     assert (tmp_path / "eval" / "sink_emergence.png").stat().st_size > 1000
 
 
 def test_held_out_sequences_start_with_bos_when_asked():
-    from eval import held_out_sequences
+    from probes.sequences import held_out_sequences
 
     tokens = np.arange(100, 130)
     plain = held_out_sequences(tokens, 3, 8)
@@ -350,7 +353,140 @@ def test_sink_measures_skip_learned_sink_tokens():
     tokens = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         attn = torch.stack(model(tokens, return_attn=True).attn)  # (L, B, H, 13, 13)
-    on_first_text = attn[:, :, :, 1:, 1]  # text queries on the first text token
+    on_first_text = attn[:, :, :, 1:, 1]  # text queries on the first text token: the raw weight
+    renormalised = on_first_text / attn[:, :, :, 1:, 1:].sum(-1)  # over the text keys only, rows sum to 1
     result = sink.evaluate(model, tokens, [12])
-    assert result.f_attn == pytest.approx(float(on_first_text.mean()), abs=1e-6)
-    assert sink.measure(model, tokens)["f_attn"] == pytest.approx(float(on_first_text.mean()), abs=1e-6)
+    assert result.f_attn_raw == pytest.approx(float(on_first_text.mean()), abs=1e-6)
+    assert result.f_attn == pytest.approx(float(renormalised.mean()), abs=1e-6)
+    assert result.f_attn_raw < result.f_attn  # the sink token takes some weight
+    assert measure(model, tokens)["f_attn"] == pytest.approx(float(renormalised.mean()), abs=1e-6)
+
+
+def test_activations_leave_learned_sink_tokens_out():
+    """model.sink_tokens: the learned token carries the largest |h| but is not text. Positions,
+    token ids and the first token are the text's, and a top value on the last text token is
+    reported at that position (it used to shift by one and fall off the end)."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, sink_tokens=1)).eval()
+    with torch.no_grad():
+        model.sink_tokens[0, 0, 3] = 500.0  # the learned token: far above anything in the text
+        model.embed_tokens.weight[7, 5] = 50.0  # token 7: the text's largest value, in channel 5
+    tokens = torch.randint(0, 7, (3, 8), generator=torch.Generator().manual_seed(1))
+    tokens[:, -1] = 7  # ... on the last text token
+    result = activations.evaluate(model, tokens, batch_size=2)
+    with torch.no_grad():
+        hidden = [h[:, 1:] for h in model(tokens, return_hidden=True).hidden]  # text positions only
+    for layer, h in zip(result.layers, hidden):
+        top = layer["top"][0]
+        assert (top["position"], top["channel"], top["token_id"]) == (7, 5, 7)
+        assert top["value"] == pytest.approx(float(h.abs().max()), rel=1e-5) and top["value"] < 500
+        assert layer["first_token_norm"] == pytest.approx(float(h[:, 0].norm(dim=-1).mean()), rel=1e-5)
+    assert result.T == 8 and result.sink_tokens == 1 and not result.bos_first
+
+
+def test_raw_and_renormalised_weights_for_a_sink_logit_by_hand():
+    """One head, a virtual sink key: softmax over [slot, k0, k1] gives row 0 = (0.5 | 0.5, -) and
+    row 1 = (0.2 | 0.6, 0.2). Raw F-Attn is what reaches BOS's value, (0.5 + 0.6) / 2; renormalised
+    over the real keys it is (1 + 0.75) / 2, as the model's probs already hold it."""
+    from types import SimpleNamespace
+
+    probs = torch.tensor([[[[1.0, 0.0], [0.75, 0.25]]]])  # (B, H, T, T), rows over the real keys
+    mass = torch.tensor([[[0.5, 0.8]]])  # what reaches the values: 1 - slot
+    out = SimpleNamespace(attn=[probs], attn_mass=[mass], sink_tokens=0)
+    raw, renorm = sink.text_attention(out, raw=True), sink.text_attention(out)
+    assert raw[0, 0, 0].tolist() == [[0.5, 0.0], [0.6000000238418579, 0.20000000298023224]]
+    assert sink.first_token_attention(raw)[1] == pytest.approx(0.55)
+    assert sink.first_token_attention(renorm)[1] == pytest.approx(0.875)
+
+
+def test_raw_weights_are_what_the_model_applies():
+    """On real models: raw rows sum to the applied mass (1 - slot for a sink logit, w's sum for
+    sigmoid, 1 - the sink tokens' share); renormalised rows sum to 1; plain softmax has one scale."""
+    from model import GPT, GPTConfig
+
+    tokens = torch.randint(0, 10, (2, 12), generator=torch.Generator().manual_seed(0))
+    for extra in ({}, {"sink_logit": "learned"}, {"attention": "sigmoid"}, {"sink_tokens": 2}):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=11, **extra)).eval()
+        with torch.no_grad():
+            out = model(tokens, return_attn=True)
+        raw, renorm = sink.text_attention(out, raw=True), sink.text_attention(out)
+        torch.testing.assert_close(renorm.sum(-1), torch.ones_like(renorm.sum(-1)))
+        n = out.sink_tokens
+        applied = torch.stack([a[..., n:, n:].sum(-1) * m[..., n:] for a, m in zip(out.attn, out.attn_mass)])
+        torch.testing.assert_close(raw.sum(-1), applied)
+        if not extra:
+            torch.testing.assert_close(raw, renorm)
+        else:
+            assert not torch.allclose(raw, renorm)
+
+
+# --- value-state norms (Gu et al.: sink tokens carry small values) ---------------------------
+
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+def test_value_norms_match_a_direct_computation(sink_tokens):
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=16,
+                          sink_tokens=sink_tokens)).eval()
+    seqs = torch.randint(1, 50, (3, 10))
+    seqs[:, 0] = 0
+    with torch.no_grad():
+        model.embed_tokens.weight[0] = 0.0  # planted: the first token's layer-0 value is exactly zero
+        if sink_tokens:
+            model.sink_tokens.normal_()
+        hidden = model(seqs, return_hidden=True).hidden
+        x0 = model.embed_tokens(seqs)
+        if sink_tokens:
+            x0 = torch.cat((model.sink_tokens.expand(3, -1, -1), x0), dim=1)
+        expected = []
+        for block, x in zip(model.layers, [x0, *hidden[:-1]]):
+            v = block.self_attn.v_proj(block.input_layernorm(x)).view(3, 10 + sink_tokens, 2, 8).norm(dim=-1)
+            expected.append((v[:, sink_tokens].mean(0), v[:, sink_tokens + 1:].mean(1).mean(0), v[:, :sink_tokens]))
+    got = activations.value_norms(model, seqs, batch_size=2)  # uneven batches: 2 + 1
+    assert len(got) == 2
+    for row, (first, others, learned) in zip(got, expected):
+        assert row["first_token_value_norm_per_head"] == pytest.approx(first.tolist(), rel=1e-5, abs=1e-6)
+        assert row["other_tokens_value_norm_per_head"] == pytest.approx(others.tolist(), rel=1e-5)
+        assert row["first_token_value_norm_ratio"] == pytest.approx(float(first.mean() / others.mean()), rel=1e-5, abs=1e-6)
+        if sink_tokens:
+            assert row["sink_tokens_value_norm"] == pytest.approx(float(learned.mean()), rel=1e-5)
+        else:
+            assert "sink_tokens_value_norm" not in row
+    assert got[0]["first_token_value_norm"] == 0.0 and got[0]["other_tokens_value_norm"] > 0
+
+
+@pytest.mark.parametrize("fix", [{"sink_tokens": 2}, {"sink_logit": "learned"}, {"sink_tokens": 1, "sink_logit": "learned"}])
+def test_extra_sink_mass_is_the_weight_outside_the_text(fix):
+    """eval.sink's idle-attention readout against a direct computation from the model's weights:
+    the learned tokens' columns of the softmax, plus the sink logit's share exp(b) / (exp(b) + sum exp(s))."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16, backend="math", **fix)).eval()
+    with torch.no_grad():
+        if fix.get("sink_logit"):
+            for block in model.layers:
+                block.self_attn.sinks.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+        if fix.get("sink_tokens"):
+            model.sink_tokens.normal_()
+    seqs = torch.randint(0, 50, (3, 12))
+    n = fix.get("sink_tokens", 0)
+    with torch.no_grad():
+        out = model(seqs, return_attn=True)
+    expected = []
+    for probs, mass, slot in zip(out.attn, out.attn_mass, out.attn_sink_slot or [None] * 2):
+        weights = probs * mass.unsqueeze(-1)  # the real keys' weights (mass = 1 - slot)
+        outside = weights[:, :, n:, :n].sum(-1) + (0 if slot is None else slot[:, :, n:])
+        assert torch.allclose(weights[:, :, n:].sum(-1) + (0 if slot is None else slot[:, :, n:]), torch.ones(3, 4, 12))
+        expected.append(float(outside.mean()))
+    got = sink.extra_sink_mass(out)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert 0 < min(expected) and max(expected) < 1
+    result = sink.evaluate(model, seqs, lengths=(12,))
+    assert result.by_length["12"]["extra_sink_mass"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    plain = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16)).eval()
+    assert sink.evaluate(plain, seqs, lengths=(12,)).by_length["12"]["extra_sink_mass"] is None

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import train
-from model.export_hf import unsupported
-from model.load import load_run
+from runs.export_hf import unsupported
+from runs.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()
@@ -41,7 +41,7 @@ def test_export_matches_sinklab_logits(tmp_path):
 
     run_dir = tiny_run(tmp_path, "soft")
     out = tmp_path / "hf"
-    res = subprocess.run([sys.executable, "-m", "model.export_hf", "--ckpt", str(run_dir), "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "runs.export_hf", "--ckpt", str(run_dir), "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
@@ -64,7 +64,7 @@ def test_export_matches_sinklab_logits(tmp_path):
 def test_export_refuses_what_llama_cannot_compute(tmp_path):
     run_dir = tiny_run(tmp_path, "sig", "model.attention=sigmoid")
     out = tmp_path / "hf"
-    res = subprocess.run([sys.executable, "-m", "model.export_hf", "--ckpt", str(run_dir), "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "runs.export_hf", "--ckpt", str(run_dir), "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "attention='sigmoid'" in res.stderr and "transformers' decoders compute softmax attention" in res.stderr
@@ -102,7 +102,7 @@ def test_export_then_import_round_trip(tmp_path, variant):
     from transformers import AutoModelForCausalLM
 
     from model import GPT, GPTConfig
-    from model.export_hf import export_model
+    from runs.export_hf import export_model
 
     fields, cls = ROUND_TRIPS[variant]
     vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}}

@@ -12,7 +12,7 @@ import torch
 from gguf_models import GGUF_ARCHITECTURES, save_tiny_gguf
 
 from model.hf_import import locate
-from model.load import load_run
+from runs.load import load_run
 
 TEXT = "Shall I compare thee to a summer's day?"
 
@@ -89,7 +89,7 @@ def test_hf_output_dirs_of_two_local_models_never_collide(files, tmp_path):
 
 
 def test_an_eight_k_import_defaults_to_a_short_eval_context(files):
-    from model.load import IMPORT_EVAL_CONTEXT
+    from runs.load import IMPORT_EVAL_CONTEXT
 
     run = load_run(f"hf:{files['llama']}")
     run.model.config.block_size = 8192  # as SmolLM2's context
@@ -111,3 +111,16 @@ def test_unsupported_gguf_architecture_is_refused_in_one_line(tmp_path):
         load_run(f"hf:{path}")
     assert "\n" not in str(e.value) and "phi2" in str(e.value)
     print(e.value)
+
+
+def test_a_missing_gguf_file_is_named_not_looked_up_on_the_hub():
+    with pytest.raises(FileNotFoundError, match="models/none.gguf: no such GGUF file"):
+        locate("hf:models/none.gguf")  # owner/name-shaped, but a file name: no hub lookup
+
+
+def test_sample_cli_generates_from_a_gguf_file(files, capsys):
+    import sample
+
+    assert sample.main(["--ckpt", f"hf:{files['qwen2']}", "--prompt", "Shall", "--max-new-tokens", "5",
+                        "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Shall")

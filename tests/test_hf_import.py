@@ -8,7 +8,7 @@ from hf_models import ARCHITECTURES, save_tiny
 
 from model import GPT
 from model.hf_import import init_model, write_tokenizer
-from model.load import load_run
+from runs.load import load_run
 from model.weights import load_state
 
 TEXT = "Shall I compare thee to a summer's day?"

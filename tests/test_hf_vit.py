@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from model.load import load_run
+from runs.load import load_run
 
 WIDTH, LAYERS, HEADS, PATCH, SIZE = 32, 2, 4, 7, 28
 COMMON = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, patch_size=PATCH,

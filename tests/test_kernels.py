@@ -4,7 +4,7 @@ triton_linear.py) against the `math` backend, which tests/test_attention.py chec
 On the CPU: backend selection and its errors; FlexAttention's forward (PyTorch has no CPU
 backward for it); the Triton kernels (sigmoid / elu1, chunked linear), forward and backward,
 under TRITON_INTERPRET=1 in fp32 and in bf16 (the GPU check's bound); and every Triton kernel
-config through the real compiler for sm_90 (eval/compile_kernels.py). Tests marked `gpu` run
+config through the real compiler for sm_90 (bench/compile_kernels.py). Tests marked `gpu` run
 every fast path in bf16 on CUDA and are skipped without it.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ def test_flex_model_decodes_like_its_full_forward():
 INTERPRETED = textwrap.dedent("""
     from dataclasses import replace
     import torch
-    from eval.bench import check
+    from bench.kernels import check
     from model import GPT, GPTConfig
     from model.backends import get
     from model.backends.triton_linear import _scan, linear_attention_triton
@@ -270,7 +270,7 @@ def test_every_triton_kernel_config_compiles_for_the_h100():
     ptxas) for sm_90 on the CPU, over every autotune config and flag set."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "eval.compile_kernels", "--arch", "90"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_kernels", "--arch", "90"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| _")]
@@ -279,7 +279,7 @@ def test_every_triton_kernel_config_compiles_for_the_h100():
     assert all(r[8].strip() == "ok" for r in rows), [r for r in rows if r[8].strip() != "ok"]
     assert all(0 < int(r[5]) <= 255 for r in rows)  # ptxas reported the registers of every kernel
     # other head dims (linear only up to 64), the first config that fits
-    proc = subprocess.run([sys.executable, "-m", "eval.compile_kernels", "--quick", "--head-dims", "16", "32", "128"],
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_kernels", "--quick", "--head-dims", "16", "32", "128"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| _")]
@@ -303,7 +303,7 @@ def bf16_step(cfg: GPTConfig, compiled: bool = False):
 @gpu
 @needs_cuda
 def test_every_fast_path_matches_math_in_bf16():
-    from eval.bench import check
+    from bench.kernels import check
 
     rows, ok = check(["softmax", "sigmoid", "elu1", "linear"], torch.device("cuda"), torch.bfloat16, 1e-2, t=300)
     assert {r["backend"] for r in rows} >= {"sdpa", "flex", "chunked"}

@@ -443,7 +443,7 @@ def test_sink_logit_decoder_matches_reference_and_decodes_like_it(ref, case):
 
 
 def test_export_refuses_sink_logits_and_sink_tokens():
-    from model.export_hf import unsupported
+    from runs.export_hf import unsupported
 
     assert unsupported({"attention": "softmax"}) == []
     assert any("sink_logit" in r for r in unsupported({"attention": "softmax", "sink_logit": "learned"}))
@@ -540,11 +540,11 @@ def _model_imports() -> dict[str, set[str]]:
 
 
 def test_model_package_has_no_import_cycles():
-    """No module of model/ (score functions, backends, caches, the block, GPT, ViT, loading,
-    HF import and export) imports another that imports it back, not even inside a function."""
+    """No module of model/ (score functions, backends, caches, the block, GPT, ViT, weights,
+    HF import) imports another that imports it back, not even inside a function."""
     graph = _model_imports()
-    assert {"model.attention", "model.scores", "model.backends", "model.backends.math", "model.load",
-            "model.hf_import", "model.weights"} <= set(graph)
+    assert {"model.attention", "model.scores", "model.backends", "model.backends.math", "model.hf_import",
+            "model.weights"} <= set(graph)
     assert not graph["model.scores"], "model/scores.py is a leaf: it imports nothing of the model"
 
     def reaches(start, goal, seen=()):

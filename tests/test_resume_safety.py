@@ -17,11 +17,10 @@ import torch
 
 import train
 from configs import load_config
-from trainer.checkpoint import (CHECKPOINT_FMT, TrainerState, clean_leftovers, newest_checkpoint, prune,
-                                save_checkpoint, write_manifest)
+from trainer.checkpoint import TrainerState, clean_leftovers, prune, save_checkpoint, write_manifest
 from trainer.metrics import read_rows
 from trainer.optim import lr_at
-from trainer.rundir import RunLock
+from trainer.rundir import CHECKPOINT_FMT, RunLock, newest_checkpoint
 from trainer.signals import requeue_if_slurm
 
 STEPS = 6
@@ -301,7 +300,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, base, monkeypatch)
     assert train.main([*args, "train.max_steps=1"]) == 0
     assert train.main([*args, "train.max_steps=2"]) == 0
     run_id = (tmp_path / "w" / "wandb_run_id").read_text().strip()
-    assert calls == [{"name": "w", "id": run_id, "resume": "allow"}] * 2
+    assert calls == [{"name": "w", "id": run_id, "resume": "allow", "dir": str(tmp_path / "w")}] * 2
 
 
 def test_keep_last_prunes_old_checkpoints_but_never_latest(tmp_path, base):
@@ -343,8 +342,8 @@ def test_sigterm_under_slurm_requeues_the_job(fake_scontrol, monkeypatch):
 
 
 def test_evals_and_sampling_find_the_newest_checkpoint_without_latest(tmp_path):
-    """model.load.resolve_checkpoint (sample.py and every eval) reads what is on disk, like resume."""
-    from model.load import resolve_checkpoint
+    """runs.load.resolve_checkpoint (sample.py and every eval) reads what is on disk, like resume."""
+    from runs.load import resolve_checkpoint
 
     ckpts = tmp_path / "run" / "checkpoints"
     for step in (2, 10, 4):

@@ -15,7 +15,7 @@ from gguf_models import save_tiny_gguf
 
 import train
 from configs import load_config
-from model.load import load_run
+from runs.load import load_run
 from trainer.tasks import LMTask
 
 WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()
@@ -129,15 +129,34 @@ def run(root, path, name, steps, *extra):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_a_retrofit_run_resumes_like_an_uninterrupted_one(setup, capsys):
+@pytest.mark.parametrize("train_only", [None, "sinks,g_proj,sink_tokens"])
+def test_a_retrofit_run_resumes_like_an_uninterrupted_one(setup, capsys, train_only):
     root, path = setup
-    fixes = ("model.gate=elementwise", "model.sink_logit=learned", "model.sink_logit_init=-4", "model.sink_tokens=1")
-    whole = run(root, path, "whole", 4, *fixes)
+    fixes = ("model.gate=elementwise", "model.sink_logit=learned", "model.sink_logit_init=-4", "model.sink_tokens=1",
+             *([f"train.train_only={train_only}"] if train_only else []))
+    tag = "new" if train_only else "all"
+    whole = run(root, path, f"whole_{tag}", 4, *fixes)
     capsys.readouterr()
-    parts = run(root, path, "parts", 4, *fixes, f"train.resume={root}/out/whole/checkpoints/step_0000002")
+    parts = run(root, path, f"parts_{tag}", 4, *fixes, f"train.resume={root}/out/whole_{tag}/checkpoints/step_0000002")
     assert "resumed from" in capsys.readouterr().out
     assert sorted(parts) == [3, 4]
     assert [parts[s] for s in (3, 4)] == pytest.approx([whole[s] for s in (3, 4)], rel=1e-6)
-    trained = load_run(root / "out" / "whole").model
-    sinks = dict(trained.named_parameters())["layers.0.self_attn.sinks"]
-    assert (sinks != -4).all()  # the new parameters train
+    trained = dict(load_run(root / "out" / f"whole_{tag}").model.named_parameters())
+    assert (trained["layers.0.self_attn.sinks"] != -4).all()  # the new parameters train
+    imported = dict(load_run(f"hf:{path}").model.named_parameters())
+    same = torch.equal(trained["layers.0.self_attn.q_proj.weight"], imported["layers.0.self_attn.q_proj.weight"])
+    assert same == (train_only is not None)  # train.train_only freezes the import's own weights
+
+
+def test_lr_scale_moves_the_named_parameters_faster(setup):
+    """Adam's first step moves every parameter by about lr (m / sqrt(v) = sign(g)): by lr x factor here."""
+    root, path = setup
+    fixes = ("model.sink_logit=learned", "model.sink_logit_init=0", "train.weight_decay=0")
+    moved = {}
+    for tag, extra in (("x1", ()), ("x10", ("train.lr_scale=sinks=10",))):
+        run(root, path, f"lr_{tag}", 1, *fixes, *extra)
+        params = dict(load_run(root / "out" / f"lr_{tag}").model.named_parameters())
+        moved[tag] = (params["layers.0.self_attn.sinks"].abs().max().item(),
+                      params["layers.0.self_attn.q_proj.weight"])
+    assert moved["x1"][0] == pytest.approx(1e-2, rel=1e-2) and moved["x10"][0] == pytest.approx(1e-1, rel=1e-2)
+    assert torch.equal(moved["x1"][1], moved["x10"][1])  # the other parameters as without lr_scale

@@ -1,6 +1,8 @@
 """eval/streaming.py against independent references: the full forward pass (nothing evicted), a
 fresh forward over the retained tokens at positions 0..n-1 (one layer, where pos-shift is exact),
-and per-window forwards for the recomputation baseline; the cache never grows past S+W."""
+and per-window forwards for the recomputation baseline; the cache never grows past S+W. The exact
+parallel form (the default) against token-by-token decoding (--exact-decode), with its memory flat
+in the stream length."""
 from __future__ import annotations
 
 import math
@@ -250,4 +252,7 @@ def test_nll_by_position_has_bounded_resolution():
     assert binned["nll"]["sinks"][3] == pytest.approx(curves["sinks"][15:20].mean())
     assert binned["nll"]["recompute"][3] == pytest.approx(curves["recompute"][16:20:2].mean())
     diff = curves["sinks"][16:20:2] - curves["recompute"][16:20:2]
-    assert binned["minus_recompute"]["sinks"][3] == pytest.approx(diff.mean())
+    assert binned["baseline"] == "recompute" and binned["minus_baseline"]["sinks"][3] == pytest.approx(diff.mean())
+    without = binned_nll({"window": curves["sinks"] + 1, "sinks": curves["sinks"]}, 5000, 256)
+    assert without["baseline"] == "sinks" and without["minus_baseline"]["window"] == pytest.approx([1.0] * MAX_BINS)
+    assert "minus_baseline" not in binned_nll({"sinks": curves["sinks"]}, 5000, 256)

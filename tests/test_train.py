@@ -98,7 +98,7 @@ def test_compiled_run_writes_plain_weights(tmp_path, cache_dir, monkeypatch):
 
     import torch
 
-    from model.load import load_run
+    from runs.load import load_run
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     run = tiny_run(tmp_path, cache_dir, "compiled", "train.compile=true", "train.max_steps=4")

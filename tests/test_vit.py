@@ -189,7 +189,7 @@ def test_digits_training_reaches_accuracy_and_eval_runs(tmp_path, capsys):
     assert acc > 0.5, f"val accuracy {acc} after 60 steps (chance 0.1)"
     assert "val accuracy" in capsys.readouterr().out
 
-    result = va.main(["--ckpt", str(tmp_path / "v"), "--test-time-register", "--ttr-top-k", "2"])
+    (result,) = va.main(["--ckpt", str(tmp_path / "v"), "--test-time-register", "--ttr-top-k", "2"])
     # the eval sees the same 359 held-out images as training's eval: the accuracies agree
     assert result["n_images"] == 359 and result["accuracy"] == pytest.approx(acc, abs=1e-6)
     out = tmp_path / "v" / "eval"
@@ -200,10 +200,56 @@ def test_digits_training_reaches_accuracy_and_eval_runs(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
 
 
-def test_artifacts_cli_bad_path_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+def test_artifacts_cli_bad_path_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         va.main(["--ckpt", str(tmp_path / "nope")])
+    assert e.value.code == 2  # as every eval CLI
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "nope").exists()
+
+
+def test_reference_intervention_is_one_signed_scalar_and_clears_every_token_but_cls():
+    """Jiang et al.'s hook: the test-time register gets sign_max over all tokens and the layer's
+    chosen units (one scalar per image), and tokens 1:-1 (trained registers too) are zeroed."""
+    from model.vit import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=8, patch_size=2, in_channels=1, n_classes=3, n_layer=2, n_embd=16,
+                        n_head=2, n_registers=2)).eval()
+    units, seen = [3, 7], {}
+    down = vit.layers[1].mlp.down_proj
+    before = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("before", a[0].clone()))
+    with va.test_time_register(vit, [{"layer": 1, "unit": u} for u in units], rule="reference"):
+        after = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("after", a[0].clone()))
+        vit(torch.randn(2, 1, 8, 8))
+    before.remove(), after.remove()
+    h0, h1 = seen["before"], seen["after"]  # (B, 1 + 2 + 16 + 1, hidden)
+    assert h0.shape[1] == 20
+    for b in range(2):
+        block = h0[b][:, units]  # every token, both units
+        want = block.flatten()[block.abs().flatten().argmax()]  # signed, largest magnitude
+        assert torch.equal(h1[b, -1, units], want.expand(2)), "one scalar for every unit of the layer"
+        assert want.abs() == block.abs().max() and (block.abs().max() > block.abs()).any()
+    assert (h1[:, 1:-1, units] == 0).all()  # registers and patches
+    torch.testing.assert_close(h1[:, 0, units], h0[:, 0, units])  # CLS kept
+    others = [u for u in range(h0.shape[-1]) if u not in units]
+    torch.testing.assert_close(h1[..., others], h0[..., others])
+
+
+def test_reference_search_keeps_the_detection_layer_apart_from_the_highest_layer():
+    """Outliers are read at --ttr-detect-layer (default the last block) while units are searched
+    up to --ttr-layer: a unit above the detection layer can be chosen, one above ttr_layer not."""
+    T, hidden = 5, 4
+    acts = [torch.zeros(1, T, hidden) for _ in range(3)]
+    acts[2][0, 2, 1] = 9.0  # the strongest unit sits in block 2, at the outlier token
+    acts[0][0, 2, 0] = 1.0
+    h = [torch.ones(1, T, 8) for _ in range(3)]
+    h[0][0, 2] = 50.0  # the outlier token shows in block 0 only
+    got = va.find_register_neurons_reference(acts, h, 20.0, top_k=1, detect_layer=0, max_layer=2)
+    assert (got[0]["layer"], got[0]["unit"]) == (2, 1)
+    got = va.find_register_neurons_reference(acts, h, 20.0, top_k=1, detect_layer=0, max_layer=1)
+    assert (got[0]["layer"], got[0]["unit"]) == (0, 0)
 
 
 # ------------------------------------------------------------------------------ artifact finder
@@ -337,10 +383,11 @@ def test_reference_register_neuron_search_and_intervention():
     where = base["hidden"][0].norm(dim=-1) > cutoff
     per_image = [acts[0][b][where[b]].abs().mean(0)[unit] for b in range(5)]
     assert neurons[0]["score"] == pytest.approx(float(sum(per_image) / 5), rel=1e-5)
-    with va.test_time_register(vit, neurons, scale=1.0):
+    with va.test_time_register(vit, neurons, rule="reference"):
         ttr = va.run_model(vit, images, labels)
     assert not va.find_outliers([ttr["hidden"][0]], patches, cutoff)[0].any()
-    result = va.analyse(vit, images, labels, ttr_layer=0, ttr_top_k=1, fixed_threshold=cutoff, ttr_rule="reference")
+    result = va.analyse(vit, images, labels, ttr_layer=0, ttr_top_k=1, fixed_threshold=cutoff, ttr_rule="reference",
+                        ttr_detect_layer=0)
     assert result["layers"][0]["outlier_fraction_fixed"] == pytest.approx(5 / 96)
     assert result["test_time_register"]["rule"] == "reference" and "rule" in result["definitions"]
 

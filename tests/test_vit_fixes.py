@@ -158,7 +158,7 @@ def shapes_run(tmp_path_factory):
 
 def test_cli_denoise_and_distill_write_what_the_readouts_score(shapes_run, tmp_path, monkeypatch, capsys):
     from eval import dense
-    from model.load import load_run
+    from runs.load import load_run
 
     monkeypatch.chdir(tmp_path)
     r = dvt.main(["--ckpt", str(shapes_run), "--n-fit", "8", "--views", "4", "--fit-steps", "6", "--fit-batch", "8",
@@ -184,10 +184,25 @@ def test_vit_evals_take_an_hf_import_with_data(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     save_tiny_vit("dinov2_registers", tmp_path / "d2r")
-    r = vit_artifacts.main(["--ckpt", f"hf:{tmp_path / 'd2r'}", "--data", "digits", "--image-size", "14",
-                            "--n-images", "16"])
+    [r] = vit_artifacts.main(["--ckpt", f"hf:{tmp_path / 'd2r'}", "--data", "digits", "--image-size", "14",
+                              "--n-images", "16"])
     assert r["accuracy"] is None and len(r["layers"]) == 2 and r["model"]["n_registers"] == 3
     assert "n/a" in capsys.readouterr().out
-    assert (tmp_path / "out" / "hf" / "d2r" / "eval" / "vit_artifacts.json").is_file()
-    with pytest.raises(SystemExit, match="--data"):
+    assert len(list((tmp_path / "out" / "hf").glob("d2r-*/eval/vit_artifacts.json"))) == 1
+    with pytest.raises(SystemExit):
         vit_artifacts.main(["--ckpt", f"hf:{tmp_path / 'd2r'}"])
+    assert "--data" in capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line_before_any_work(shapes_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for main, argv, says in [
+        (dvt.main, ["--ckpt", str(tmp_path / "nowhere")], "nowhere"),
+        (phreg.main, ["--ckpt", str(shapes_run), "--train", "registers,mlp"], "unknown parts ['mlp']"),
+        (dvt.main, ["--ckpt", str(shapes_run), "--image-size", "64"], "image_size applies to hf: imports"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # no student written

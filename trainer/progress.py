@@ -1,5 +1,5 @@
 """The plain progress line printed every logging.log_interval steps when there is no progress bar
-(logging.progress=false, or output going to a file or a pipe: eval.ablate's runs, Slurm logs)."""
+(logging.progress=false, or output going to a file or a pipe: ablate.py's runs, Slurm logs)."""
 from __future__ import annotations
 
 

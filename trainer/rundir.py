@@ -1,6 +1,9 @@
-"""The run dir: writable before any work starts, and one training process at a time.
+"""The run dir: its checkpoint layout, atomic file writes, writable before any work starts, and one
+training process at a time.
 
-The lock is exclusive on out/<run>/.lock, held by the main process.
+Checkpoints live in out/<run>/checkpoints/step_XXXXXXX/; `latest` links to the newest. The trainer
+writes them (trainer/checkpoint.py); loading a run for sampling and the evals (runs/load.py) finds
+them here. The lock is exclusive on out/<run>/.lock, held by the main process.
 
 Two train.py on the same name would interleave checkpoints and metrics rows. The lock is an
 fcntl.flock, so the kernel drops it when the holder dies however it dies (no stale locks to clear
@@ -15,6 +18,30 @@ from pathlib import Path
 import torch
 
 from configs import ConfigError, RunConfig
+
+CHECKPOINT_FMT = "step_{:07d}"  # out/<run>/checkpoints/step_0000600
+CHECKPOINT_GLOB = "step_" + "[0-9]" * 7
+
+
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """The run's step_* checkpoint dirs, oldest first (a step dir only appears complete: it is renamed in)."""
+    return sorted(p for p in ckpt_root.glob(CHECKPOINT_GLOB) if p.is_dir())
+
+
+def newest_checkpoint(ckpt_root: Path) -> Path | None:
+    """What `latest` points at when it is a link to an existing step dir, else the newest step_* on disk."""
+    latest = ckpt_root / "latest"
+    if latest.is_symlink() and latest.exists():
+        return latest.resolve()
+    found = step_dirs(ckpt_root)
+    return found[-1] if found else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a hidden temp file beside `path`, then rename it over: a kill leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class RunLock:

@@ -40,10 +40,16 @@ class LMTask:
         from data.prepare import prepare
 
         cfg = self.cfg
+        resumed = None
         if cfg.train.init_from is not None:
-            self.import_model(acc)
-        with acc.main_process_first():
-            self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
+            resumed = self.resumed_import(acc)
+            if resumed is None:
+                self.import_model(acc)
+        if resumed is not None and not Path(cfg.data.tokenizer).exists():
+            self.data_dir = self.prepared_data_of(resumed)
+        else:
+            with acc.main_process_first():
+                self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
         self.meta = json.loads((self.data_dir / "meta.json").read_text())
         vocab = self.meta["vocab_size"]
         if cfg.model.vocab_size is None:
@@ -92,6 +98,41 @@ class LMTask:
         cfg.model = imported
         cfg.data.tokenizer = source.tokenizer_spec  # the folder, or the GGUF file
 
+    def resumed_import(self, acc) -> Path | None:
+        """Resuming a train.init_from run: its checkpoint holds the model config, weights and tokenizer, so the
+        import is not read again (its folder may be gone). Returns that checkpoint, or None for a fresh start."""
+        import yaml
+
+        from configs import from_dict
+        from trainer.checkpoint import resume_candidate
+
+        cfg = self.cfg
+        ckpt = resume_candidate(cfg)
+        if ckpt is None or not (ckpt / "config.yaml").is_file():
+            return None  # a fresh run, or a checkpoint find_resume_checkpoint refuses with its own message
+        saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+        model = from_dict({"task": "lm", "model": saved["model"]}).model
+        model.backend = cfg.model.backend
+        cfg.model, cfg.data.tokenizer = model, saved["data"]["tokenizer"]
+        acc.print(f"init_from {cfg.train.init_from}: resuming, model config and tokenizer from {ckpt}")
+        return ckpt
+
+    def prepared_data_of(self, ckpt: Path) -> Path:
+        """The prepared data a resumed init_from run trained on, found by the dataset key its checkpoint
+        recorded, when the import's tokenizer folder is gone (data prep would need it to compute the key)."""
+        from data.prepare import validate_prepared
+        from trainer.checkpoint import TrainerState
+
+        saved = TrainerState.read(ckpt).data_fingerprint or {}
+        data_dir = Path(self.cfg.data.cache_dir).expanduser() / str(saved.get("dataset_key"))
+        try:
+            validate_prepared(data_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.tokenizer={self.cfg.data.tokenizer} (the init_from folder) is gone and the data "
+                              f"prepared with it is not in {data_dir} ({e}); restore the folder or "
+                              f"data.cache_dir to resume") from None
+        return data_dir
+
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         """Copy train.init_from's weights into the freshly built model (then drop them), with a
         retrofit's new parameters started as the identity (model/retrofit.py)."""
@@ -134,7 +175,7 @@ class LMTask:
         """N_PROBE fixed windows of block_size tokens from the start of the val split, as the evals take them
         (BOS first when the data puts BOS at document starts)."""
         from data.loader import TokenShards
-        from eval import held_out_sequences
+        from probes.sequences import held_out_sequences
 
         bos_id = self.meta.get("bos_id") if getattr(self.cfg.data, "bos", False) else None
         return held_out_sequences(TokenShards(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)

@@ -10,7 +10,7 @@ else asks this registry:
                                        backend is first checked against math on the device (selfcheck.py)
     describe(cfg, device, dtype)       "sdpa (softmax, fp32, cpu)": what a run prints and saves
     check(cfg, device, mixed_precision)  ValueError before training with a backend that cannot run
-    fast(kind, device)                 the fused backends to check against math here (eval/bench.py)
+    fast(kind, device)                 the fused backends to check against math here (bench/kernels.py)
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from .base import Backend
 from .packages import TRITON_AVAILABLE, TRITON_INTERPRET
 
 # The linear kernel's backward holds about ten C x D fp32 tiles in shared memory: 68 KiB at
-# head_dim 32, 160 KiB at 64 and 416 KiB at 128 with chunks of 64 (python -m eval.compile_kernels).
+# head_dim 32, 160 KiB at 64 and 416 KiB at 128 with chunks of 64 (python -m bench.compile_kernels).
 LINEAR_MAX_TILE = 64
 LINEAR_SHARED_KIB = 160  # what head_dim 64 needs: A100, H100 and H200 have it, consumer GPUs do not
 

@@ -11,7 +11,7 @@ each query block streams over the key blocks with no running max and no rescalin
 dF_ij = (dO_i . v_j - dO_i . out_i) / l_i. Nothing T x T is stored.
 
 Block sizes, warps and pipeline stages are autotuned per (T, kind) on the GPU (the first call of
-each shape times every config); `python -m eval.bench` times the result against flash softmax.
+each shape times every config); `python -m bench` times the result against flash softmax.
 Runs on the CPU under TRITON_INTERPRET=1 (tests/test_kernels.py) with one small config, since
 the interpreter has no GPU driver to time configs with.
 """
@@ -138,7 +138,7 @@ def _dkdv_range(dk, dv, k, v, Q, DO, L, DELTA, offs_n, offs_d, lo, hi, T, scale,
 
 
 # dK and dV keep two BN x D fp32 accumulators per program. On sm_90 the configs (64, 64) with 4
-# warps and (64, 128) with 8 spilled registers (python -m eval.compile_kernels); these do not.
+# warps and (64, 128) with 8 spilled registers (python -m bench.compile_kernels); these do not.
 @triton.autotune(configs=_configs([(32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3)], False), key=_KEY)
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, T, scale, bias, D: tl.constexpr, BM: tl.constexpr,

@@ -1,5 +1,5 @@
 """Whole training steps (forward, backward, AdamW) of sinklab variants and of nanoGPT's model:
-step time, tokens/s, MFU (model/flops.py) and peak memory. Used by `python -m eval.bench`.
+step time, tokens/s, MFU (model/flops.py) and peak memory. Used by `python -m bench`.
 
 The CPU suite interleaves the models' repetitions round by round, so that load from other
 processes falls on all of them alike.
@@ -16,7 +16,7 @@ from model import backends
 from model.flops import peak_tflops, training_flops_per_token
 
 from . import nanogpt_baseline
-from .bench_kernels import sync, time_ms
+from .kernels import sync, time_ms
 
 
 def training_step(model, opt, x, y, device):

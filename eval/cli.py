@@ -16,17 +16,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fail, make_dir, pick_device, write_json
+from safetensors import SafetensorError
+
+from . import fail, make_dir, pick_device, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-def add_lm_arguments(ap) -> None:
-    """The flags every LM eval takes, in one place."""
+def add_lm_arguments(ap, data: bool = True) -> None:
+    """The flags every LM eval takes, in one place (`data=False`: an eval that reads no held-out text)."""
     ap.add_argument("--ckpt", nargs="+", required=True,
-                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', or hf:<hub id, transformers folder or GGUF file>")
-    ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
+                    help="run dir(s), checkpoint dir(s), a glob such as 'out/<run>/checkpoints/step_*', "
+                         "or hf:<hub id, transformers folder or GGUF file>")
+    if data:
+        ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -47,7 +51,7 @@ def expand(patterns) -> list[str]:
 
 def check_paths(paths) -> None:
     """Every local path resolves to a checkpoint before any of them is evaluated."""
-    from model.load import resolve_checkpoint
+    from runs.load import resolve_checkpoint
 
     for p in paths:
         if p.startswith("hf:"):
@@ -62,7 +66,7 @@ def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
     import torch
 
-    from model.load import load_run
+    from runs.load import load_run
 
     params = inspect.signature(load_run).parameters
     kwargs = {}
@@ -71,18 +75,31 @@ def load(path: str, args, task: str = "lm"):
         kwargs["dtype"] = dtype
     if getattr(args, "data", None) is not None:
         if "data" not in params:
-            fail("--data needs a model.load_run that takes data=; this checkout's does not")
+            fail("--data needs a runs.load.load_run that takes data=; this checkout's does not")
         kwargs["data"] = args.data
+    if getattr(args, "image_size", None) is not None:  # an hf: ViT's input size
+        kwargs["image_size"] = args.image_size
     try:
         run = load_run(path, pick_device(args.device), task=task, **kwargs)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - every failure to read a checkpoint is one line, never a traceback
+        if not path.startswith("hf:") and not Path(path).exists():
+            vanished(path)
+        if isinstance(e, (OSError, ValueError, SafetensorError)):
+            fail(str(e))
+        raise
     if dtype is not None and "dtype" not in params:
         run.model.to(dtype)
     if getattr(run, "eval_block_size", run.model.config.block_size) < run.model.config.block_size:
         print(f"note: {path} has a context of {run.model.config.block_size} tokens; the evals default to "
               f"{run.eval_block_size} (the flags for sequence length and window go up to the context)", file=sys.stderr)
     return run
+
+
+def vanished(path) -> None:
+    """A checkpoint that was there when the flags were checked and is gone now: pruned by a training
+    run that keeps its last few (train.keep_last), or moved."""
+    fail(f"{path} disappeared while the eval ran (a training run pruning old checkpoints, train.keep_last?); "
+         "evaluate a checkpoint the run keeps, or the run dir, whose newest checkpoint is never pruned")
 
 
 def bos_id(run) -> int | None:
@@ -116,7 +133,10 @@ def checkpoint_info(run) -> dict:
     the weights' quantisation (a GGUF import's, eval/result.py CHECKPOINT_DEFINITION); an import also
     names its hf: ref and model_type."""
     state_file = Path(run.checkpoint) / "trainer_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    try:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    except (OSError, ValueError):  # pruned or replaced between is_file and the read
+        vanished(run.checkpoint)
     hf = run.config.get("hf")
     info = {"path": str(run.checkpoint), "step": state.get("step"), "tokens": state.get("tokens"),
             "quantization": (hf or {}).get("quantization"), "git_commit": git_commit()}
@@ -178,7 +198,7 @@ def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
     lines = ["| step | tokens | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]
     lines += ["| " + " | ".join(str(v) if not isinstance(v, float) else f"{v:.4g}"
                                 for v in [row["step"], row["tokens"], *(row[k] for k in headline)]) + " |" for row in rows]
-    (out / f"{name}_over_steps.md").write_text("\n".join(lines) + "\n")
+    write_text(out / f"{name}_over_steps.md", "\n".join(lines) + "\n")
     fig, axes = subplots(1, len(headline), width=4.5, height=3.5)
     for ax, key in zip(axes[0], headline):
         pts = [(row["step"], row[key]) for row in rows if row["step"] is not None and row[key] is not None]

@@ -1,4 +1,4 @@
-"""nanoGPT's GPT, the speed baseline that `python -m eval.bench` measures sinklab against.
+"""nanoGPT's GPT, the speed baseline that `python -m bench` measures sinklab against.
 
 A re-implementation of the model in Andrej Karpathy's nanoGPT (github.com/karpathy/nanoGPT,
 model.py, MIT): learned position embeddings, pre-LayerNorm blocks with biases, one fused

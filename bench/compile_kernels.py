@@ -1,9 +1,9 @@
 """Compile every Triton kernel config for a GPU architecture, on any machine, without a GPU.
 
-    python -m eval.compile_kernels               # sm_90 (H100 / H200), every autotune config
-    python -m eval.compile_kernels --arch 80     # A100
-    python -m eval.compile_kernels --quick       # the first config that fits, per kernel and flag set
-    python -m eval.compile_kernels --quick --head-dims 16 32 128 --dtype fp32
+    python -m bench.compile_kernels               # sm_90 (H100 / H200), every autotune config
+    python -m bench.compile_kernels --arch 80     # A100
+    python -m bench.compile_kernels --quick       # the first config that fits, per kernel and flag set
+    python -m bench.compile_kernels --quick --head-dims 16 32 128 --dtype fp32
 
 Triton's front end, LLVM and the bundled ptxas run on the CPU, so this catches what the
 interpreter cannot: syntax the compiler rejects, type errors in tl.dot, and configs whose shared
@@ -73,7 +73,7 @@ def compile_one(kernel, types: dict, flags: dict, config, arch: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.compile_kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compile_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT), help="compute capability x10")
     p.add_argument("--quick", action="store_true", help="only the first config of each kernel")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64], choices=[16, 32, 64, 128])

@@ -1,6 +1,6 @@
 """Export a trained run as a `transformers` folder of the architecture that computes it exactly.
 
-    python -m model.export_hf --ckpt out/default --out hf/default
+    python -m runs.export_hf --ckpt out/default --out hf/default
 
 | sinklab variant (attention: softmax) | transformers architecture |
 |---|---|
@@ -21,8 +21,14 @@ sinklab's own `hf:` import (model/hf_import.py), all with the same logits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+import torch
+
+from data.tokenizer import EOT
+from model.hf_import import to_hf_weights
 
 from .load import load_run
 
@@ -83,12 +89,7 @@ def hf_config(cfg, arch: str, eot_id: int | None):
 
 def export_model(model, tokenizer, out: str | Path, eot: str) -> Path:
     """Write `model` (a sinklab GPT) and its tokenizers.Tokenizer as a transformers folder."""
-    import dataclasses
-
-    import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from .hf_import import to_hf_weights
 
     cfg = model.config
     reasons = unsupported(dataclasses.asdict(cfg))
@@ -119,8 +120,6 @@ def check_out(out: Path) -> None:
 
 def export(ckpt: str | Path, out: str | Path) -> tuple[Path, str]:
     """Export a run or checkpoint; returns the folder and the architecture's class name."""
-    from data.tokenizer import EOT
-
     check_out(Path(out))
     run = load_run(ckpt)
     if run.config.get("task", "lm") != "lm":

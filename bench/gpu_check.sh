@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check in about 6 minutes (each step has its own limit; at most 10 min in all):
 # correctness of every fast attention path, then the timings.
-#   bash eval/gpu_check.sh            (from the repo root; results under $OUT or out/bench)
+#   bash bench/gpu_check.sh            (from the repo root; results under $OUT or out/bench)
 # Needs torch with CUDA and triton; flash-attn rows appear when it is installed. Each step
 # writes its own log (and JSON), so a step that runs out of time leaves the others' results;
 # rerun only that step. What the numbers are compared against: docs/gpu.md.
@@ -20,7 +20,7 @@ run_step() {  # run_step <seconds> <name> <command...>
   echo "=== $name: exit $rc after $((SECONDS - t0))s"
   [ "$rc" -eq 0 ] || status=1
 }
-bench() { run_step "$1" "$2" "$PY" -m eval.bench --out "$DIR" "${@:3}"; }
+bench() { run_step "$1" "$2" "$PY" -m bench --out "$DIR" "${@:3}"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 

@@ -1,20 +1,35 @@
-"""Consolidated weights on disk and loading a trained run for sampling and evaluation.
+"""Loading a trained run for sampling and evaluation: its model, tokenizer, config and held-out tokens.
 
 A checkpoint dir holds `model.safetensors` (full weights, whatever parallelism wrote them),
 `config.yaml` (the run's resolved config) and `tokenizer.json`, so it loads without
-Accelerate or DeepSpeed. A run dir's `latest` points at its newest checkpoint.
-`hf:<hub id, transformers folder or GGUF file>` loads a pretrained model instead (model/hf_import.py).
+Accelerate or DeepSpeed. A run dir's `latest` points at its newest checkpoint (the layout is
+trainer/rundir.py's). `hf:<hub id, transformers folder or GGUF file>` loads a pretrained model instead
+(model/hf_import.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from .weights import WEIGHTS, load_weights, parse_dtype
+from configs import from_dict
+from data.config import DataConfig
+from data.loader import TokenShards
+from data.prepare import prepare, split_documents
+from data.sources import HUB_NAME, load_documents
+from data.tokenizer import EOT, load_tokenizer
+from model import backends
+from model.gpt import GPT
+from model.hf_import import is_hf, load_pretrained
+from model.hf_vit import load_pretrained_vit, pretrained_vision
+from model.vit import ViT
+from model.weights import WEIGHTS, load_weights, parse_dtype
+from trainer.rundir import newest_checkpoint
 
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
 # The evals' default sequence length for an hf: import, in place of its context (8,192 tokens for
@@ -25,10 +40,6 @@ IMPORT_EVAL_CONTEXT = 256
 def portable_backend(model_cfg, device, dtype) -> None:
     """A run trained with a backend that cannot run here (flash or triton on a CPU, a missing
     package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
-    import sys
-
-    from . import backends
-
     name = model_cfg.backend
     if name == "auto":
         return
@@ -37,24 +48,6 @@ def portable_backend(model_cfg, device, dtype) -> None:
         print(f"note: the run trained with model.backend={name}, which cannot run here ({reason}); "
               "loading it with model.backend=auto", file=sys.stderr)
         model_cfg.backend = "auto"
-
-
-CHECKPOINT_FMT = "step_{:07d}"  # out/<run>/checkpoints/step_0000600
-CHECKPOINT_GLOB = "step_" + "[0-9]" * 7
-
-
-def step_dirs(ckpt_root: Path) -> list[Path]:
-    """The run's step_* checkpoint dirs, oldest first (a step dir only appears complete: it is renamed in)."""
-    return sorted(p for p in ckpt_root.glob(CHECKPOINT_GLOB) if p.is_dir())
-
-
-def newest_checkpoint(ckpt_root: Path) -> Path | None:
-    """What `latest` points at when it is a link to an existing step dir, else the newest step_* on disk."""
-    latest = ckpt_root / "latest"
-    if latest.is_symlink() and latest.exists():
-        return latest.resolve()
-    found = step_dirs(ckpt_root)
-    return found[-1] if found else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -107,16 +100,10 @@ class LoadedRun:
         """Held-out tokens: with `data`, the held-out documents of that source tokenised by
         this model's tokenizer (`held_out_tokens`); without, the run's prepared val split (prepared
         again if the cache is gone)."""
-        from configs import from_dict
-        from data.loader import TokenShards
-        from data.prepare import prepare
-
         if self.config.get("task", "lm") != "lm":
             raise ValueError(f"{self.run_dir} is a {self.config['task']} run, not a language model; "
                              "analyse it with python -m eval.vit_artifacts")
         if self.data is not None:
-            from data.tokenizer import EOT
-
             end_id = self.config["hf"]["eos_token_id"] if "hf" in self.config else self.tokenizer.token_to_id(EOT)
             return held_out_tokens(self.data, self.tokenizer, end_id, self.config.get("data"))
         if "hf" in self.config:
@@ -140,12 +127,6 @@ def held_out_tokens(source: str, tokenizer, end_id: int, data_fields: dict | Non
     (sinklab's `<|endoftext|>`, a pretrained model's EOS). One int64 array.
     `data_fields` (a run's data config) sets the split's seed and fraction; source replaces
     its source. A hub dataset contributes its first HUB_DATASET_DOCUMENTS records."""
-    import numpy as np
-
-    from data.config import DataConfig
-    from data.prepare import split_documents
-    from data.sources import HUB_NAME, load_documents
-
     fields = {k: v for k, v in (data_fields or {}).items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
     cfg = DataConfig(**{**fields, "source": source})
     if HUB_NAME.match(source) and not Path(source).exists() and cfg.max_documents is None:
@@ -165,22 +146,17 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
     fp16 or a torch dtype to cast the weights to (None: fp32). `data`: the text `val_tokens`
     returns (see `held_out_tokens`), or for a ViT the image source its evals read. `image_size`:
     the input size of an imported ViT (None: its pretraining size)."""
-    from configs import from_dict
-    from data.tokenizer import load_tokenizer
-
-    from .gpt import GPT
-    from .hf_import import is_hf, load_pretrained
-    from .hf_vit import load_pretrained_vit, pretrained_vision
-    from .vit import ViT
-
     dtype = parse_dtype(dtype)
     vision = pretrained_vision(path) if is_hf(path) else None
     if vision is not None:
         if task not in (None, "vit"):
             raise ValueError(f"{path} is a pretrained vision transformer, not a {task} model; analyse it with "
                              "python -m eval.vit_artifacts")
-        model, config = load_pretrained_vit(path, *vision, image_size=image_size, dtype=dtype)
-        return LoadedRun(model.to(device).eval(), None, config, vision[0], data)
+        model, config = load_pretrained_vit(path, vision, image_size=image_size, dtype=dtype)
+        return LoadedRun(model.to(device).eval(), None, config, vision.folder, data)
+    if image_size is not None:
+        raise ValueError(f"image_size applies to hf: imports of vision transformers; {path} takes the images it "
+                         "was trained on")
     if is_hf(path):
         if task not in (None, "lm"):
             raise ValueError(f"{path} is a pretrained language model, not a {task} run")

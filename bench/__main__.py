@@ -1,16 +1,16 @@
-"""Speed of every attention kind: kernel timings against flash softmax (eval/bench_kernels.py),
-training throughput, MFU and peak memory (eval/bench_train.py), and the CPU comparison with
+"""Speed of every attention kind: kernel timings against flash softmax (bench/kernels.py),
+training throughput, MFU and peak memory (bench/training.py), and the CPU comparison with
 nanoGPT's model. This module is the command line; it prints markdown and writes JSON to --out.
 
-    python -m eval.bench --check                       # verify fast paths against math, then time them
-    python -m eval.bench --lengths 1024 4096 --kinds softmax sigmoid
-    python -m eval.bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind
-    python -m eval.bench --skip kernels train nanogpt --stream-model /path/to/hf_folder   # the streaming row
+    python -m bench --check                       # verify fast paths against math, then time them
+    python -m bench --lengths 1024 4096 --kinds softmax sigmoid
+    python -m bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind
+    python -m bench --skip kernels train nanogpt --stream-model /path/to/hf_folder   # the streaming row
 
 `--check` runs every fast backend against the `math` backend (forward and gradients, relative
 error ||fast - ref|| / ||ref|| with the reference in fp32 on the same inputs) and exits non-zero
 when one is over the bound (1e-2 for bf16 on the GPU, 1e-4 for fp32 on the CPU). The speed
-targets the rows are read against are in docs/gpu.md. The streaming row (eval/bench_streaming.py)
+targets the rows are read against are in docs/gpu.md. The streaming row (bench/streaming.py)
 compares eval.streaming's parallel form with token-by-token decoding and with transformers' own
 decoding of the same imported model.
 """
@@ -28,9 +28,9 @@ import torch
 
 from model.config import ATTENTION_KINDS, GATE_KINDS
 
-from .bench_kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table  # noqa: F401  (check: used by the tests)
-from .bench_streaming import streaming_row
-from .bench_train import train_table
+from .kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table
+from .streaming import streaming_row
+from .training import train_table
 
 
 def markdown(rows: list[dict], cols: list[str]) -> str:
@@ -52,7 +52,7 @@ def model_names(kinds, gates) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=["gpu", "cpu"], default=None,
                    help="gpu: kernels + GPT-2-124M training (default with CUDA); cpu: sinklab vs nanoGPT")
     p.add_argument("--cpu-nanogpt", action="store_true", help="same as --suite cpu")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1))
 
-    print(f"# eval.bench ({args.suite}) on {result['device']}, torch {torch.__version__}, {result['threads']} threads\n")
+    print(f"# bench ({args.suite}) on {result['device']}, torch {torch.__version__}, {result['threads']} threads\n")
     failed = False
     if args.check or args.check_only:
         gpu = device.type == "cuda"

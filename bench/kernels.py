@@ -4,7 +4,7 @@ gradients), and their fwd / fwd+bwd times and memory as ratios to PyTorch SDPA s
 Rows are (B, H, T, D) = (16384 / T, 12, T, 64), causal, timed as the median of N runs after
 warm-up (CUDA events on the GPU). `extra_mem_mb` is the peak memory one fwd+bwd allocates
 beyond its inputs: at B = 16384 / T a kernel with memory linear in T keeps it flat across T.
-Used by `python -m eval.bench`.
+Used by `python -m bench`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The streaming row of eval.bench: tokens/s of eval.streaming's exact parallel form, of
+"""The streaming row of `python -m bench`: tokens/s of eval.streaming's exact parallel form, of
 token-by-token decoding through the sink cache, and of transformers' own token-by-token decoding
 with its KV cache (DynamicCache: it keeps every token, transformers has no sink cache), for one
 transformers model imported into the GPT. The stream is random token ids (speed does not depend
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .streaming import evaluate
+from eval.streaming import evaluate
 
 
 def random_llama(folder: Path, n_layer: int, n_head: int, n_embd: int, vocab: int, context: int) -> Path:

@@ -1,16 +1,17 @@
 """Ablation report: train (or collect) a grid of variants on the same data, steps and seed, run
 the evals on each and write one markdown table plus JSON and plots (docs/design.md, "Evals").
 
-    python -m eval.ablate --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
-    python -m eval.ablate --runs out/a out/b [--out out/ablate]
+    python ablate.py --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
+    python ablate.py --runs out/a out/b [--out out/ablate]
 
 Training goes through `python train.py` in a subprocess per variant (so each run is exactly
 what a user gets from the command line); a variant already trained to `--steps` is reused
 (train.resume=auto), so an interrupted ablation continues where it stopped. Each run's checkpoint
 and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
-val loss, Sink_1 and F-Attn (eval.sink, T=64), max |h| (eval.activations), loss spike score
-(eval.spikes, OLMo-core W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming)
-and training tokens/s. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
+val loss, Sink_1 and F-Attn on renormalised and raw weights (eval.sink, T=64), max |h|
+(eval.activations, plain held-out windows as its CLI), OLMo-core's total spike score (eval.spikes,
+W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming) and training tokens/s.
+ablation.md starts with what was run and defines every column. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
 task's BOS-first held-out sequences, Guo et al.'s BOS attention and the mass on sink tokens or
 the sink logit's slot join the table (eval.backcopy), and streaming runs over one long sequence
 of the process with BOS only at its start (eval.backcopy.long_stream).
@@ -25,9 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fail
+from eval import fail
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table
 
 
@@ -61,7 +62,12 @@ def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
 
 def read_run_metrics(run_dir: Path) -> dict:
     """Final val loss, val-loss curve, train-loss curve and median training tok/s from metrics.jsonl."""
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    from trainer.metrics import read_rows
+
+    try:
+        rows = read_rows(run_dir / "metrics.jsonl")  # a torn last line (a killed run) is dropped
+    except (OSError, ValueError) as e:
+        fail(f"{run_dir}: {e}")
     train_rows = {r["step"]: r for r in rows if "loss" in r and r.get("split", "train") == "train"}
     val_rows = {r["step"]: r["val_loss"] for r in rows if r.get("split") == "val"}
     tok_s = [r["tok_per_s"] for s, r in sorted(train_rows.items()) if r.get("tok_per_s")]
@@ -82,10 +88,12 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     import torch
 
     from data.bigram_backcopy import load_chain
-    from model.load import load_run
+    from runs.load import load_run
 
-    from . import activations, backcopy, eval_dir, held_out_sequences, pick_device, sink, spikes, streaming, write_json
-    from .checkpoints import bos_id, checkpoint_info
+    from probes.sequences import held_out_sequences
+
+    from eval import activations, backcopy, eval_dir, pick_device, sink, spikes, streaming, write_json
+    from eval.cli import bos_id, checkpoint_info
 
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
@@ -108,7 +116,6 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         # Guo et al.'s task: BOS-first sequences of the process (eval.backcopy's rows), and for
         # streaming one long sequence with BOS only at its start.
         sink_rows, trigger_ids = backcopy.held_out_rows(run, sink.N_SEQS, max(Ts))
-        act_rows = sink_rows[: activations.N_SEQS, : cfg.block_size]
         stream = backcopy.long_stream(load_chain(backcopy.data_dir(run)), stream_tokens)
         # the same rows as `python -m eval.backcopy` (its default count), so the numbers agree
         guo = backcopy.evaluate(model, backcopy.held_out_rows(run, backcopy.N_SEQS, cfg.block_size)[0], trigger_ids)
@@ -116,11 +123,12 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         write_json(out / "backcopy.json", guo)
     else:
         sink_rows = held_out_sequences(val, sink.N_SEQS, max(Ts), bos_id=bos)
-        act_rows = held_out_sequences(val, activations.N_SEQS, cfg.block_size)
         stream = torch.from_numpy(np.asarray(val[:stream_tokens]).astype(np.int64))
+    # as `python -m eval.activations` (Sun et al.): plain held-out windows, no BOS put in front
+    act_rows = held_out_sequences(val, activations.N_SEQS, cfg.block_size)
     s = save("sink", sink.evaluate(model, sink_rows, Ts, tokenizer=run.tokenizer, bos_id=bos))
     sink.plot_heatmap(s, out / "sink_heatmap.png")
-    act = save("activations", activations.evaluate(model, act_rows))
+    act = save("activations", activations.evaluate(model, act_rows, tokenizer=run.tokenizer))
     activations.plot(act, out / "activations.png")
     st = save("streaming", streaming.evaluate(model, stream, modes=stream_modes, recompute_stride=recompute_stride))
     streaming.plot(st, out / "streaming.png")
@@ -136,9 +144,12 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "attention": st.attention,
         **read_run_metrics(run_dir),
         "sink_1": s.sink_1,
+        "sink_1_raw": s.sink_1_raw,
         "f_attn": s.f_attn,
+        "f_attn_raw": s.f_attn_raw,
         "sink_T": s.headline_T,
         "bos_attention_non_trigger": guo and guo["bos_attention_non_trigger_mean"],
+        "bos_attention_non_trigger_raw": guo and guo["bos_attention_non_trigger_raw_mean"],
         "extra_sink_mass_non_trigger": guo and guo.get("extra_sink_mass_non_trigger_mean"),
         "max_abs_activation": act.max_top1,
         "max_h_ratio": act.max_ratio,
@@ -158,59 +169,109 @@ def _fmt(v, spec=".3f"):
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| variant | attention | gate | val loss | Sink_1 % (T=64) | BOS att. non-trigger | sink slot/token mass "
-            "| F-Attn | max abs h | max h / median | loss spike score % "
-            "| stream ppl window-only | stream ppl sinks | stream ppl recompute | train tok/s |")
-    lines = [head, "|" + "|".join(["---"] * 15) + "|"]
+def _ppl(mode):
+    return lambda r: r["stream_ppl"].get(mode)
+
+
+# (header, value of a row, format, definition): one entry per column of ablation.md
+COLUMNS = [
+    ("variant", lambda r: r["variant"], None, "the run's name"),
+    ("attention", lambda r: r["attention"]["kind"], None, "model.attention"),
+    ("gate", lambda r: r["attention"]["gate"], None, "model.gate"),
+    ("val loss", lambda r: r["val_loss"], ".3f", "last val_loss row of metrics.jsonl (nats/token)"),
+    ("Sink_1 %", lambda r: r["sink_1"], ".1f",
+     "Gu et al. Sink_1^0.3 in % at T=64, per sequence then averaged (eval.sink), on the renormalised weights "
+     "(rows over the text keys sum to 1: sigmoid's proxy w/sum w, the sink logit's slot and sink tokens left out)"),
+    ("Sink_1 % raw", lambda r: r.get("sink_1_raw"), ".1f",
+     "the same on the raw weights: what the model puts on the first token (transformers' output_attentions)"),
+    ("BOS att. non-trigger", lambda r: r.get("bos_attention_non_trigger"), ".3f",
+     "Bigram-Backcopy only: Guo et al.'s mean attention on BOS of every query whose token is not a trigger "
+     "(the BOS query included), mean over layers and heads, renormalised weights (eval.backcopy)"),
+    ("BOS att. raw", lambda r: r.get("bos_attention_non_trigger_raw"), ".3f", "the same on the raw weights"),
+    ("sink slot/token mass", lambda r: r.get("extra_sink_mass_non_trigger"), ".3f",
+     "Bigram-Backcopy only: the same queries' raw weight on the learned sink tokens or the sink logit's slot"),
+    ("F-Attn", lambda r: r["f_attn"], ".3f",
+     "Qiu et al. F-Attn at T=64: mean attention on the first token over layers, heads and queries, renormalised"),
+    ("F-Attn raw", lambda r: r.get("f_attn_raw"), ".3f", "the same on the raw weights"),
+    ("max abs h", lambda r: r["max_abs_activation"], ".1f",
+     "largest |h| of the residual stream, per sequence, averaged over 10 plain held-out windows of block size "
+     "(eval.activations max_top1, Sun et al.); learned sink tokens left out"),
+    ("max h / median", lambda r: r.get("max_h_ratio"), ".0f",
+     "largest over layers of max |h| / median |h| per sequence, averaged (eval.activations max_ratio)"),
+    ("OLMo-core spike score %", lambda r: r.get("spike_score_olmo_core"), ".2f",
+     "OLMo-core's SpikeScore (total): % of all logged steps where loss or grad norm exceeds mean + 6 std of its "
+     "previous 128 values (eval.spikes); n/a below 128 steps"),
+    ("stream ppl window-only", _ppl("window"), ".2f",
+     "eval.streaming perplexity with a window-only cache of 0+(S+W) tokens"),
+    ("stream ppl sinks", _ppl("sinks"), ".2f", "the same with S sink tokens + W recent ones (StreamingLLM)"),
+    ("stream ppl recompute", _ppl("recompute"), ".2f",
+     "a fresh forward over the last keys a streaming query sees, scored at every --recompute-stride-th position "
+     "(the lab's quality reference, not a StreamingLLM mode)"),
+    ("stream ppl sinks, recompute's positions", lambda r: r.get("stream_ppl_sinks_on_recompute_positions"), ".2f",
+     "sinks-mode ppl on the positions recompute scored: the fair comparison with the recompute column"),
+    ("stream ppl recurrent", _ppl("recurrent"), ".2f", "linear attention: its exact recurrent state over the stream"),
+    ("train tok/s", lambda r: r["train_tok_per_s"], ".0f", "median training tokens/s over steps after the first 10%"),
+]
+
+
+def markdown(rows: list[dict], settings: dict | None = None) -> str:
+    """ablation.md: what was run, one table (columns that are n/a for every row left out), and the
+    definition of every column shown."""
+    cols = [c for c in COLUMNS if any(c[1](r) is not None for r in rows)]
+    lines = []
+    if settings:
+        lines += ["# Ablation", "", f"Command: `{settings['command']}`", ""]
+        lines += [f"- configs: {', '.join(settings['configs']) or 'none (collected runs)'}",
+                  f"- runs: {', '.join(settings['run_dirs'])}",
+                  f"- steps: {settings['steps'] or 'as each config sets'}",
+                  f"- overrides: {' '.join(settings['overrides']) or 'none'}",
+                  f"- streaming: {settings['stream_tokens']} tokens, modes {', '.join(settings['stream_modes'])}, "
+                  f"recompute stride {settings['recompute_stride']}",
+                  f"- commit: {settings['git_commit'] or 'unknown'}", ""]
+    lines += ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     for r in rows:
-        p = r["stream_ppl"]
-        linear = "recurrent" in p
-        lines.append("| " + " | ".join([
-            r["variant"], r["attention"]["kind"], r["attention"]["gate"], _fmt(r["val_loss"]),
-            _fmt(r["sink_1"], ".1f"), _fmt(r.get("bos_attention_non_trigger")),
-            _fmt(r.get("extra_sink_mass_non_trigger")), _fmt(r["f_attn"]), _fmt(r["max_abs_activation"], ".1f"),
-            _fmt(r.get("max_h_ratio"), ".0f"),
-            _fmt(r["spike_score_loss"], ".2f"),
-            f"{_fmt(p['recurrent'], '.2f')} (exact state)" if linear else _fmt(p.get("window"), ".2f"),
-            "same" if linear else _fmt(p.get("sinks"), ".2f"),
-            "same" if linear else _fmt(p.get("recompute"), ".2f") + (
-                f" (sinks {r['stream_ppl_sinks_on_recompute_positions']:.2f} on the same positions)"
-                if r.get("stream_ppl_sinks_on_recompute_positions") is not None else ""),
-            _fmt(r["train_tok_per_s"], ".0f"),
-        ]) + " |")
+        lines.append("| " + " | ".join(str(c[1](r)) if c[2] is None else _fmt(c[1](r), c[2]) for c in cols) + " |")
+    if settings:
+        lines += ["", "Columns:", ""] + [f"- **{c[0]}**: {c[3]}" for c in cols]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    from .plots import save, subplots
+    """Loss curves, then one panel per sink quantity (Sink_1 %, F-Attn) with each bar's value
+    written on it, so a 0% bar still reads as a measured zero."""
+    from eval.plots import save, subplots
 
-    fig, axes = subplots(1, 2, width=6, height=4)
+    fig, axes = subplots(1, 3, width=5.5, height=4)
+    ax = axes[0, 0]
     for r in rows:
-        (line,) = axes[0, 0].plot(*zip(*r["train_curve"]), lw=0.7, alpha=0.6, label=f"{r['variant']} train")
+        (line,) = ax.plot(*zip(*r["train_curve"]), lw=0.7, alpha=0.6, label=f"{r['variant']} train")
         if r["val_curve"]:
-            axes[0, 0].plot(*zip(*r["val_curve"]), marker="o", color=line.get_color(), label=f"{r['variant']} val")
-    axes[0, 0].set_xlabel("step")
-    axes[0, 0].set_ylabel("loss (nats/token)")
-    axes[0, 0].set_title("training and validation loss")
-    axes[0, 0].legend(fontsize=6)
+            ax.plot(*zip(*r["val_curve"]), marker="o", color=line.get_color(), label=f"{r['variant']} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("training and validation loss")
+    ax.legend(fontsize=6)
     names = [r["variant"] for r in rows]
-    axes[0, 1].bar(range(len(rows)), [r["sink_1"] for r in rows], color="tab:blue", label="Sink_1 (%)")
-    axes[0, 1].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
-    axes[0, 1].set_ylabel("Sink_1^0.3 (%)")
-    axes[0, 1].set_ylim(0, 100)
-    ax2 = axes[0, 1].twinx()
-    ax2.plot(range(len(rows)), [r["f_attn"] for r in rows], "o", color="tab:red", label="F-Attn")
-    ax2.set_ylabel("F-Attn", color="tab:red")
-    ax2.set_ylim(0, 1)
-    axes[0, 1].set_title("first-token sink (Gu et al. Sink_1, Qiu et al. F-Attn)")
+    x = range(len(rows))
+    for ax, key, label, top in ((axes[0, 1], "sink_1", "Sink_1^0.3 (%)", 100.0), (axes[0, 2], "f_attn", "F-Attn", 1.0)):
+        width = 0.4
+        for offset, suffix, name in ((-width / 2, "", "renormalised"), (width / 2, "_raw", "raw")):
+            values = [r.get(key + suffix) for r in rows]
+            bars = ax.bar([i + offset for i in x], [v or 0.0 for v in values], width, label=f"{name} weights")
+            ax.bar_label(bars, labels=[_fmt(v, ".1f" if top == 100 else ".2f") for v in values], fontsize=6)
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, top)
+        ax.legend(fontsize=7)
+    axes[0, 1].set_title("Gu et al. Sink_1 at T=64")
+    axes[0, 2].set_title("Qiu et al. first-token attention at T=64")
     save(fig, out / "ablation.png")
 
 
 def main(argv=None) -> list[dict]:
-    from . import positive_int, streaming
+    from eval import positive_int, streaming
 
-    ap = argparse.ArgumentParser(prog="python -m eval.ablate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
     ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")
@@ -229,8 +290,11 @@ def main(argv=None) -> list[dict]:
         fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
     if args.stream_tokens < 2:
         fail(f"--stream-tokens must be >= 2 (one prediction needs two tokens), got {args.stream_tokens}")
-    from model.load import resolve_checkpoint
+    from runs.load import resolve_checkpoint
 
+    from eval.cli import expand
+
+    args.configs, args.runs = expand(args.configs), expand(args.runs)
     for r in args.runs:
         try:
             resolve_checkpoint(r)
@@ -248,37 +312,55 @@ def main(argv=None) -> list[dict]:
 
         torch.set_num_threads(args.threads)
 
-    rows = [evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride) for r in run_dirs]
-    out.mkdir(parents=True, exist_ok=True)
-    from . import write_json
+    from eval.cli import git_commit
+    from eval.progress import progress
 
-    table = markdown(rows)
-    (out / "ablation.md").write_text(table)
+    rows = []
+    bar = progress(len(run_dirs), "ablate", unit="run")
+    for r in run_dirs:
+        rows.append(evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride))
+        bar.update(1)
+    bar.close()
+    from eval import make_dir, write_json, write_text
+
+    make_dir(out)
+    settings = {"command": " ".join(["python ablate.py", *(argv if argv is not None else sys.argv[1:])]),
+                "steps": args.steps, "overrides": args.set, "configs": args.configs, "runs": args.runs,
+                "run_dirs": [str(r) for r in run_dirs], "stream_tokens": args.stream_tokens,
+                "stream_modes": args.stream_modes, "recompute_stride": args.recompute_stride,
+                "git_commit": git_commit()}
+    table = markdown(rows, settings)
+    write_text(out / "ablation.md", table)
     write_json(out / "ablation.json", {
         "rows": rows,
-        "settings": {"steps": args.steps, "overrides": args.set, "configs": args.configs, "runs": args.runs,
-                     "stream_tokens": args.stream_tokens, "stream_modes": args.stream_modes,
-                     "recompute_stride": args.recompute_stride},
+        "settings": settings,
         "definitions": {
             "val_loss": "last val_loss row of metrics.jsonl (nats/token)",
-            "sink_1": "Gu et al. Sink_1^0.3 at T=64 in %, per sequence then averaged (eval.sink)",
-            "f_attn": "Qiu et al. first-token attention at T=64 (eval.sink)",
+            "sink_1": "Gu et al. Sink_1^0.3 at T=64 in %, per sequence then averaged (eval.sink), renormalised weights",
+            "sink_1_raw": "the same on the raw weights (what the model puts on the first token)",
+            "f_attn": "Qiu et al. first-token attention at T=64 (eval.sink), renormalised weights",
+            "f_attn_raw": "the same on the raw weights",
             "bos_attention_non_trigger": "Bigram-Backcopy only: Guo et al.'s mean attention on BOS of queries whose "
-                                         "token is not a trigger, mean over layers and heads (eval.backcopy)",
-            "extra_sink_mass_non_trigger": "Bigram-Backcopy only: the same queries' weight on the learned sink "
+                                         "token is not a trigger (BOS query included), mean over layers and heads, "
+                                         "renormalised weights (eval.backcopy)",
+            "bos_attention_non_trigger_raw": "the same on the raw weights",
+            "extra_sink_mass_non_trigger": "Bigram-Backcopy only: the same queries' raw weight on the learned sink "
                                            "tokens or on the sink logit's virtual key (eval.backcopy)",
             "max_h_ratio": "largest over layers of max |h| / median |h| per sequence, averaged (eval.activations "
-                           "max_ratio)",
+                           "max_ratio, plain held-out windows without BOS as Sun et al.)",
             "max_abs_activation": "largest |h| of the residual stream over layers, per sequence averaged over "
                                   "sequences (eval.activations max_top1)",
-            "spike_score_loss": "OLMo-core loss spike score, W=128, k=6, % of eligible steps (eval.spikes)",
+            "spike_score_loss": "per-metric rate: % of the loss's eligible steps that spike, W=128, k=6 (eval.spikes)",
+            "spike_score_grad_norm": "the same for the gradient norm",
             "spike_score_olmo_core": "OLMo-core SpikeScore (total): % of all steps where loss or grad norm spikes, "
-                                     "W=128, k=6 (eval.spikes)",
-            "stream_ppl": "eval.streaming perplexity per mode (window = 0+(S+W), sinks = S+W, recompute = "
+                                     "W=128, k=6 (eval.spikes); the table's spike column",
+            "stream_ppl": "eval.streaming perplexity per mode (window = 0+(S+W), sinks = S+W, recompute = the lab's "
                           "sliding window with recomputation; recurrent = linear attention's exact state)",
             "stream_ppl_sinks_on_recompute_positions": "sinks-mode ppl on the positions recompute scored "
                                                        "(recompute_stride > 1 scores every k-th one)",
             "train_tok_per_s": "median training tokens/s over steps after the first 10%",
+            "settings": "what was run: the command, configs, collected runs, steps, overrides, streaming "
+                        "settings and the git commit",
         },
     })
     plot(rows, out)

@@ -1,0 +1,101 @@
+"""Imports point one way (docs/design.md, "Layers"): no module imports one of a higher layer, neither at
+module level nor inside a function. Every package and top-level script of the repository has a layer."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Lowest first. Within a layer, a package imports only itself.
+LAYERS = (
+    ("model",),  # the block, the decoders, caches, backends, weight I/O, transformers <-> GPT mappings
+    ("data",),  # corpus sources, tokenizer, shards, loaders, images
+    ("configs",),  # run configs (model and data configs inside them)
+    ("probes",),  # what the trainer measures on fixed held-out inputs
+    ("trainer",),  # the loop's pieces, the run-dir layout
+    ("runs",),  # a run dir, checkpoint or hf: id loaded back; the transformers export
+    ("eval",),  # evaluations
+    ("bench",),  # benchmarks and kernel tools (the streaming row times eval.streaming)
+    ("train", "sample", "ablate"),  # entry points
+)
+RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+# Modules that are entry points although they sit in a lower package, with the reason.
+ENTRY_POINTS = {"eval.bench": "`python -m eval.bench`, the older name of `python -m bench`"}
+
+
+def project_modules(root: Path) -> dict[str, Path]:
+    """Dotted name -> file of every Python module outside tests/."""
+    files = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] in ("tests", "out") or any(p.startswith(".") for p in parts):
+            continue
+        files[".".join(parts).removesuffix(".__init__")] = path
+    return files
+
+
+def imported_names(name: str, path: Path) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import in the file, wherever it sits."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}".rstrip(".")
+            found.append((base, node.lineno))
+    return found
+
+
+def violations(root: Path) -> list[str]:
+    """One line per import of a higher layer (or of another package of the same layer)."""
+    modules = project_modules(root)
+    tops = {n.split(".")[0] for n in modules}
+    unplaced = sorted(tops - set(RANK))
+    if unplaced:
+        return [f"{t}: in no layer; add it to LAYERS in tests/test_layers.py and docs/design.md" for t in unplaced]
+    bad = []
+    for name, path in modules.items():
+        mine = name.split(".")[0]
+        if any(name == e or name.startswith(e + ".") for e in ENTRY_POINTS):
+            mine = LAYERS[-1][0]
+        for target, line in imported_names(name, path):
+            theirs = target.split(".")[0]
+            if theirs in tops and theirs != mine and RANK[theirs] >= RANK[mine]:
+                bad.append(f"{path.relative_to(root)}:{line} imports {target} ({theirs} is not below {mine})")
+    return bad
+
+
+def test_imports_point_one_way():
+    bad = violations(ROOT)
+    assert not bad, "lower layers import higher ones:\n" + "\n".join(bad)
+
+
+def test_every_layer_is_there():
+    assert {n.split(".")[0] for n in project_modules(ROOT)} == set(RANK)
+
+
+def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
+    """Upward imports are caught inside functions and in subpackages; relative ones resolve within their package."""
+    for pkg in ("model", "eval", "bench", "trainer"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "model" / "gpt.py").write_text("import torch\n\n\ndef f():\n    from eval.sink import x\n")
+    (tmp_path / "model" / "sub").mkdir()
+    (tmp_path / "model" / "sub" / "__init__.py").write_text("from trainer import tasks\nfrom .. import gpt\n")
+    (tmp_path / "eval" / "k.py").write_text("import bench\nfrom model import gpt\n")
+    (tmp_path / "eval" / "bench").mkdir()
+    (tmp_path / "eval" / "bench" / "__main__.py").write_text("from bench import k\n")  # an entry point: fine
+    (tmp_path / "bench" / "ok.py").write_text("from eval.k import f\nfrom . import ok\n")
+    bad = violations(tmp_path)
+    assert len(bad) == 3, bad
+    assert any("model/gpt.py:5 imports eval.sink" in b for b in bad)
+    assert any("model/sub/__init__.py:1 imports trainer" in b for b in bad)
+    assert any("eval/k.py:1 imports bench" in b for b in bad)
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "x.py").write_text("")
+    assert violations(tmp_path) == ["tools: in no layer; add it to LAYERS in tests/test_layers.py and docs/design.md"]
