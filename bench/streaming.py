@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from eval.streaming import evaluate
+from model.gpt import GPT
+from model.hf_import import init_model
+from model.weights import load_state
 
 
 def random_llama(folder: Path, n_layer: int, n_head: int, n_embd: int, vocab: int, context: int) -> Path:
@@ -47,10 +50,6 @@ def streaming_row(folder: str | Path | None, n_tokens: int, n_sink: int, window:
     """One row: the model in `folder` (a transformers folder), or a random Llama of `shape`
     (n_layer, n_head, n_embd, vocab) when folder is None. Sinks mode, reference order (S+W+1 keys)."""
     from transformers import AutoModelForCausalLM
-
-    from model.gpt import GPT
-    from model.hf_import import init_model
-    from model.weights import load_state
 
     name = "random llama" if folder is None else Path(folder).name
     with tempfile.TemporaryDirectory() as tmp:

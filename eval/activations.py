@@ -9,6 +9,10 @@ the averaged median. Pooled over all sequences, as extras: the top-3 |h| with th
 (sequence, position, channel, token id), the median, their ratio, the count of "massive" values,
 and the first token's hidden-state norm over the mean norm of the other tokens.
 
+Value states (Gu et al. 2025, "When Attention Sink Emerges": the sink token's values are small,
+so the attention it absorbs adds little to the output): per layer the L2 norm of v = v_proj(x)
+per key/value head at the first text token, against the mean over the other text tokens.
+
 Sequences are plain windows of the held-out text, as Sun et al.'s (no BOS; `--bos` puts the
 run's BOS first); model.sink_tokens' learned tokens are left out of every statistic.
 
@@ -22,6 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from probes.sequences import held_out_sequences
+
+from . import positive_int
+from .cli import add_lm_arguments, bos_id, for_each_checkpoint
+from .progress import progress
 from .result import EvalResult
 
 # Sun et al.'s working definition: |h| > 100 and about 1000x the median of its hidden state.
@@ -69,6 +78,50 @@ def massive_activations(hidden, top: int = 3, tokens=None) -> list[dict]:
     return stats
 
 
+@torch.no_grad()
+def value_norms(model, sequences, batch_size: int = 8) -> list[dict]:
+    """Per layer, the L2 norm of the value state v = v_proj(normed block input), per key/value
+    head, at the first text token and averaged over the other text tokens of `sequences` (N, T),
+    then over sequences. With model.sink_tokens the learned tokens (which come first) are reported
+    apart, as `sink_tokens_value_norm`, and the first text token is the one after them."""
+    device = next(model.parameters()).device
+    layers = [block.self_attn for block in model.layers]
+    captured = [None] * len(layers)
+
+    def keep(i):
+        def hook(module, inputs, output):
+            captured[i] = output.detach().float()
+        return hook
+
+    handles = [attn.v_proj.register_forward_hook(keep(i)) for i, attn in enumerate(layers)]
+    n = model.config.sink_tokens
+    sums = None
+    count = 0
+    try:
+        for batch in torch.as_tensor(sequences).long().split(batch_size):
+            model(batch.to(device))
+            per_layer = []
+            for attn, v in zip(layers, captured):
+                norms = v.view(*v.shape[:2], attn.cfg.kv_heads, attn.cfg.head_dim).norm(dim=-1)  # (B, T', Hkv)
+                per_layer.append(torch.stack([norms[:, n:n + 1].mean(1).sum(0), norms[:, n + 1:].mean(1).sum(0),
+                                              norms[:, :n].mean(1).sum(0) if n else torch.zeros_like(norms[0, 0])]))
+            step = torch.stack(per_layer).cpu()  # (L, 3, Hkv): first, others, sink tokens; summed over the batch
+            sums = step if sums is None else sums + step
+            count += batch.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for first, others, learned in sums / count:
+        row = {"first_token_value_norm": float(first.mean()), "other_tokens_value_norm": float(others.mean()),
+               "first_token_value_norm_ratio": float(first.mean() / others.mean()),
+               "first_token_value_norm_per_head": first.tolist(), "other_tokens_value_norm_per_head": others.tolist()}
+        if n:
+            row["sink_tokens_value_norm"] = float(learned.mean())
+        out.append(row)
+    return out
+
+
 @dataclass
 class ActivationsResult(EvalResult):
     layers: list
@@ -81,6 +134,8 @@ class ActivationsResult(EvalResult):
     bos_first: bool
     sink_tokens: int
     attention: dict
+    value_norms: list
+    min_value_norm_ratio: float
 
     DEFINITIONS = {
         "layers": "one entry per block, hidden state (residual stream) after that block",
@@ -99,6 +154,12 @@ class ActivationsResult(EvalResult):
                      "(Sun et al.'s working definition)",
         "first_token_norm_ratio": "mean L2 norm of the first token's hidden state / mean L2 norm "
                                   "of the other tokens' hidden states",
+        "value_norms": "one entry per block: L2 norm of the value state v_proj(x) per key/value head "
+                       "(Gu et al. 2025: sink tokens carry small values), at the first text token and the "
+                       "mean over the other text tokens, averaged over heads and sequences; _per_head: per head",
+        "first_token_value_norm_ratio": "first token's value norm / mean value norm of the other tokens",
+        "sink_tokens_value_norm": "mean value norm of the learned sink tokens (model.sink_tokens only)",
+        "min_value_norm_ratio": "smallest first_token_value_norm_ratio over layers (headline)",
         "bos_first": "sequences start with BOS (--bos); the default, as Sun et al., is plain windows of the "
                      "held-out text without BOS",
         "sink_tokens": "model.sink_tokens' learned tokens in front of every sequence: left out of every number "
@@ -112,8 +173,6 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int 
     at the text tokens (model.sink_tokens' learned tokens are left out); with `tokenizer` the
     pooled top positions also carry their token's text. `bos_id` is recorded as `bos_first`
     when every sequence starts with it."""
-    from .progress import progress
-
     device = next(model.parameters()).device
     model.eval()
     sequences = torch.as_tensor(sequences).long()
@@ -131,6 +190,7 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int 
         for layer in layers:
             for entry in layer["top"]:
                 entry["text"] = tokenizer.decode([entry["token_id"]], skip_special_tokens=False)
+    values = value_norms(model, sequences, batch_size)
     cfg = model.config
     return ActivationsResult(
         layers=layers,
@@ -140,17 +200,18 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int 
         max_ratio_top1_median=max(l["ratio_top1_median"] for l in layers),
         n_seqs=int(per_layer[0].shape[0]), T=int(per_layer[0].shape[1]),
         bos_first=bos_id is not None and bool((sequences[:, 0] == bos_id).all()), sink_tokens=n_sink,
-        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate})
+        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
+        value_norms=values, min_value_norm_ratio=min(v["first_token_value_norm_ratio"] for v in values))
 
 
 def plot(result: ActivationsResult, path) -> None:
-    """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), and the first-token
-    norm ratio per layer."""
+    """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), the first-token
+    norm ratio per layer, and the first token's value norm next to the other tokens'."""
     from .plots import save, subplots
 
     layers = result.layers
     x = list(range(1, len(layers) + 1))
-    fig, axes = subplots(1, 2, width=5.5, height=3.8)
+    fig, axes = subplots(1, 3, width=5.5, height=3.8)
     ax = axes[0, 0]
     for r in range(len(layers[0]["top_per_seq"])):
         ax.plot(x, [l["top_per_seq"][r] for l in layers], marker="o", label=f"top {r + 1}")
@@ -167,15 +228,18 @@ def plot(result: ActivationsResult, path) -> None:
     ax.set_xticks(x)
     ax.set_xlabel("layer")
     ax.set_title("first-token norm / mean norm of other tokens")
+    ax = axes[0, 2]
+    ax.plot(x, [v["first_token_value_norm"] for v in result.value_norms], marker="o", label="first token")
+    ax.plot(x, [v["other_tokens_value_norm"] for v in result.value_norms], marker="o", label="other tokens (mean)")
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("|v| per head")
+    ax.set_title("value-state norm")
+    ax.legend(fontsize=8)
     save(fig, path)
 
 
 def main(argv=None) -> list[ActivationsResult]:
-    from probes.sequences import held_out_sequences
-
-    from . import positive_int
-    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
-
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
@@ -195,7 +259,8 @@ def main(argv=None) -> list[ActivationsResult]:
         seqs = held_out_sequences(run.val_tokens(), args.n_seqs, T, bos_id=bos)
         result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer, bos_id=bos)
         plot(result, out / "activations.png")
-        print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x")
+        print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x, "
+              f"first-token value norm / others: min over layers {result.min_value_norm_ratio:.2f}")
         return result
 
     return for_each_checkpoint(args, "activations", one, headline=("max_top1", "max_ratio"))

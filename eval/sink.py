@@ -32,8 +32,11 @@ from probes.sink import (MAX_K, TRACKED, first_token_attention, importance_per_s
                          text_attention)
 from trainer.metrics import read_rows
 
+from . import eval_dir, fail, positive_float, positive_int, write_json
+from .cli import add_lm_arguments, bos_id, expand, for_each_checkpoint
 from .progress import progress
 from .result import EvalResult
+from .sink_positions import PositionStats, classify_vocab
 
 PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
               "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
@@ -42,6 +45,27 @@ PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text k
 
 N_SEQS = 100  # held-out sequences per length, as Gu et al.
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
+
+
+def extra_sink_mass(out) -> torch.Tensor | None:
+    """Per layer, the mean weight that the text queries put outside the text (L,): on the learned
+    tokens of model.sink_tokens (summed) and on the virtual key of model.sink_logit. None for a
+    model with neither: then all of it is on the text."""
+    n, slots = out.sink_tokens, out.attn_sink_slot
+    if not n and slots is None:
+        return None
+    per_layer = []
+    for l, probs in enumerate(out.attn):
+        w = probs.detach().float()
+        extra = torch.zeros_like(w[:, :, n:, 0])  # (B, H, text queries)
+        if slots is not None:  # the slot's weight; the keys' weights are probs * (1 - slot)
+            slot = slots[l][:, :, n:].detach().float()
+            extra = extra + slot
+            w = w * (1 - slots[l].detach().float()).unsqueeze(-1)
+        if n:
+            extra = extra + w[:, :, n:, :n].sum(-1)
+        per_layer.append(extra.mean())
+    return torch.stack(per_layer)
 
 
 def importance(attn, k: int = 1) -> torch.Tensor:
@@ -146,6 +170,11 @@ class SinkResult(EvalResult):
             "weights": PROXY_NOTE,
             "f_attn_uniform": "F-Attn of uniform causal attention at the same T: H_T / T",
             "row_mass_per_layer": "mean raw row mass sum_j w_ij before normalisation (1 for softmax)",
+            "extra_sink_mass_per_layer": "mean weight of the text queries outside the text: on model.sink_tokens' "
+                                         "learned tokens (summed) plus model.sink_logit's virtual key; per layer "
+                                         "(null without either fix). Sink_1 and F-Attn are read on the text keys: "
+                                         "renormalised over them for a sink logit, the text's share for sink tokens",
+            "extra_sink_mass": "extra_sink_mass_per_layer averaged over layers",
             "bos_first": "every sequence starts with the BOS token: the default when the run's data starts "
                          "documents with BOS, so sequences look like training windows (Gu et al. evaluate on "
                          "windows of their training text, which has no BOS); --no-bos feeds plain windows",
@@ -164,8 +193,6 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
     holds Sink_k for the `k` asked for. `tokenizer` names the tokens (classes, texts); `bos_id`
     counts as end-of-text and is recorded as `bos_first` when every sequence starts with it.
     """
-    from .sink_positions import PositionStats, classify_vocab
-
     seqs = _as_sequences(token_batches)
     cfg = model.config
     device = next(model.parameters()).device
@@ -179,7 +206,7 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
     by_length = {}
     bar = progress(sum(seqs.shape[0] * T for T in Ts), "eval.sink")
     for T in Ts:
-        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, n = [], [], 0.0, 0.0, 0.0, 0
+        alphas, alphas_raw, f_sum, f_raw_sum, mass_sum, extra_sum, n = [], [], 0.0, 0.0, 0.0, None, 0
         positions = PositionStats(cfg.vocab_size, eps)
         for batch in seqs[:, :T].split(batch_size):
             out = model(batch.to(device), return_attn=True)
@@ -190,6 +217,9 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
             f_sum = f_sum + torch.tensor(first_token_attention(a)[0]) * b
             f_raw_sum = f_raw_sum + torch.tensor(first_token_attention(a_raw)[0]) * b
             mass_sum = mass_sum + torch.stack([m[:, :, out.sink_tokens :].float().mean() for m in out.attn_mass]).cpu() * b
+            extra = extra_sink_mass(out)
+            if extra is not None:
+                extra_sum = (0.0 if extra_sum is None else extra_sum) + extra.cpu() * b
             positions.add(a, batch)
             n += b
             bar.update(b * T)
@@ -214,6 +244,8 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
             "f_attn_raw": float(f_raw_layers.mean()),
             "f_attn_uniform": uniform_f_attn(T),
             "row_mass_per_layer": (mass_sum / n).tolist(),
+            "extra_sink_mass_per_layer": None if extra_sum is None else (extra_sum / n).tolist(),
+            "extra_sink_mass": None if extra_sum is None else float((extra_sum / n).mean()),
         }
     bar.close()
     head = by_length[str(Ts[0])]
@@ -302,15 +334,10 @@ def plot_heatmap(result: SinkResult, path) -> None:
 
 def length_arg(text: str) -> str:
     """A --lengths value: "block" or a positive integer (kept as text; resolved per model)."""
-    from . import positive_int
-
     return text if text == "block" else str(positive_int(text))
 
 
 def main(argv=None) -> list[SinkResult]:
-    from . import fail, positive_float, positive_int
-    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
-
     if argv is None:
         argv = sys.argv[1:]
     if any(a == "--run" or a.startswith("--run=") for a in argv):  # the emergence curve from the rows logged in training
@@ -343,7 +370,7 @@ def main(argv=None) -> list[SinkResult]:
             check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
         bos = None if args.no_bos else bos_id(run)
         if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
-            from .backcopy import held_out_rows  # whole sequences of the process, as ablate.py reads them
+            from .backcopy import held_out_rows  # here: eval.backcopy imports this module (PROXY_NOTE)
 
             seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
         else:
@@ -354,6 +381,9 @@ def main(argv=None) -> list[SinkResult]:
         print(f"Sink_{args.k}^{args.eps} at T={result.headline_T}: {result.sink_1:.2f}% (raw weights {result.sink_1_raw:.2f}%, "
               f"pooled {result.sink_1_pooled:.2f}%, any position {result.sink_any:.2f}%)  F-Attn: {result.f_attn:.3f} "
               f"(raw {result.f_attn_raw:.3f}, uniform {result.f_attn_uniform:.3f})")
+        extra = result.by_length[str(result.headline_T)]["extra_sink_mass"]
+        if extra is not None:
+            print(f"attention outside the text (sink tokens / sink logit): {extra:.3f} of every text query's weight")
         return result
 
     return for_each_checkpoint(args, "sink", one, headline=("sink_1", "sink_any", "f_attn"))
@@ -361,9 +391,6 @@ def main(argv=None) -> list[SinkResult]:
 
 def main_emergence(argv) -> list[dict]:
     from pathlib import Path
-
-    from . import eval_dir, fail, write_json
-    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
                                  "logged during training (metrics.jsonl), plotted over steps")

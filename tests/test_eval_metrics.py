@@ -421,3 +421,72 @@ def test_raw_weights_are_what_the_model_applies():
             torch.testing.assert_close(raw, renorm)
         else:
             assert not torch.allclose(raw, renorm)
+
+
+# --- value-state norms (Gu et al.: sink tokens carry small values) ---------------------------
+
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+def test_value_norms_match_a_direct_computation(sink_tokens):
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=16,
+                          sink_tokens=sink_tokens)).eval()
+    seqs = torch.randint(1, 50, (3, 10))
+    seqs[:, 0] = 0
+    with torch.no_grad():
+        model.embed_tokens.weight[0] = 0.0  # planted: the first token's layer-0 value is exactly zero
+        if sink_tokens:
+            model.sink_tokens.normal_()
+        hidden = model(seqs, return_hidden=True).hidden
+        x0 = model.embed_tokens(seqs)
+        if sink_tokens:
+            x0 = torch.cat((model.sink_tokens.expand(3, -1, -1), x0), dim=1)
+        expected = []
+        for block, x in zip(model.layers, [x0, *hidden[:-1]]):
+            v = block.self_attn.v_proj(block.input_layernorm(x)).view(3, 10 + sink_tokens, 2, 8).norm(dim=-1)
+            expected.append((v[:, sink_tokens].mean(0), v[:, sink_tokens + 1:].mean(1).mean(0), v[:, :sink_tokens]))
+    got = activations.value_norms(model, seqs, batch_size=2)  # uneven batches: 2 + 1
+    assert len(got) == 2
+    for row, (first, others, learned) in zip(got, expected):
+        assert row["first_token_value_norm_per_head"] == pytest.approx(first.tolist(), rel=1e-5, abs=1e-6)
+        assert row["other_tokens_value_norm_per_head"] == pytest.approx(others.tolist(), rel=1e-5)
+        assert row["first_token_value_norm_ratio"] == pytest.approx(float(first.mean() / others.mean()), rel=1e-5, abs=1e-6)
+        if sink_tokens:
+            assert row["sink_tokens_value_norm"] == pytest.approx(float(learned.mean()), rel=1e-5)
+        else:
+            assert "sink_tokens_value_norm" not in row
+    assert got[0]["first_token_value_norm"] == 0.0 and got[0]["other_tokens_value_norm"] > 0
+
+
+@pytest.mark.parametrize("fix", [{"sink_tokens": 2}, {"sink_logit": "learned"}, {"sink_tokens": 1, "sink_logit": "learned"}])
+def test_extra_sink_mass_is_the_weight_outside_the_text(fix):
+    """eval.sink's idle-attention readout against a direct computation from the model's weights:
+    the learned tokens' columns of the softmax, plus the sink logit's share exp(b) / (exp(b) + sum exp(s))."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16, backend="math", **fix)).eval()
+    with torch.no_grad():
+        if fix.get("sink_logit"):
+            for block in model.layers:
+                block.self_attn.sinks.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+        if fix.get("sink_tokens"):
+            model.sink_tokens.normal_()
+    seqs = torch.randint(0, 50, (3, 12))
+    n = fix.get("sink_tokens", 0)
+    with torch.no_grad():
+        out = model(seqs, return_attn=True)
+    expected = []
+    for probs, mass, slot in zip(out.attn, out.attn_mass, out.attn_sink_slot or [None] * 2):
+        weights = probs * mass.unsqueeze(-1)  # the real keys' weights (mass = 1 - slot)
+        outside = weights[:, :, n:, :n].sum(-1) + (0 if slot is None else slot[:, :, n:])
+        assert torch.allclose(weights[:, :, n:].sum(-1) + (0 if slot is None else slot[:, :, n:]), torch.ones(3, 4, 12))
+        expected.append(float(outside.mean()))
+    got = sink.extra_sink_mass(out)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert 0 < min(expected) and max(expected) < 1
+    result = sink.evaluate(model, seqs, lengths=(12,))
+    assert result.by_length["12"]["extra_sink_mass"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    plain = GPT(GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=16)).eval()
+    assert sink.evaluate(plain, seqs, lengths=(12,)).by_length["12"]["extra_sink_mass"] is None
