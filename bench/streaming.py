@@ -21,14 +21,18 @@ from model.weights import load_state
 
 
 def random_llama(folder: Path, n_layer: int, n_head: int, n_embd: int, vocab: int, context: int) -> Path:
-    """A randomly initialised LlamaForCausalLM saved to `folder` (no tokenizer: none is needed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised LlamaForCausalLM saved to `folder`, with a word-level tokenizer of its
+    `vocab` ids (the stream is random ids; an import reads a folder's tokenizer with its weights)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
                       num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=context,
                       tie_word_embeddings=True, initializer_range=0.2)  # not near-uniform: NLL diffs mean something
     LlamaForCausalLM(cfg).save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(folder)
     return folder
 
 
