@@ -98,7 +98,7 @@ class Trainer:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, make_optimizer(model, cfg.train, acc.device))
         self.train_loader, self.val_loader = task.loaders(acc, self.grad_accum)
-        self.probe = task.probe_inputs() if cfg.train.sink_every else None
+        self.probe = task.probe_inputs() if cfg.train.effective_sink_interval else None
         self.peak = peak_tflops(acc.device)
 
         self.log = MetricsLog(acc, cfg.run_dir, cfg.logging.tracker_name)
@@ -281,7 +281,8 @@ class Trainer:
                 self.log.write({"step": step, "split": "val", **metrics})
                 if acc.is_main_process:
                     bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
-            if tcfg.sink_every and (step % tcfg.sink_every == 0 or last):
+            sink_interval = tcfg.effective_sink_interval
+            if sink_interval and (step % sink_interval == 0 or last):
                 self.measure_sinks(step)
             if (step % tcfg.ckpt_interval == 0 or last or stopping) and bad_in_row == 0:
                 self.save()

@@ -128,8 +128,8 @@ class TrainConfig:
                               f"got {self.sink_interval}")
 
     @property
-    def sink_every(self) -> int:
-        """Steps between in-training sink measurements; 0 = never."""
+    def effective_sink_interval(self) -> int:
+        """train.sink_interval with null resolved: steps between in-training sink measurements; 0 = never."""
         return self.eval_interval if self.sink_interval is None else self.sink_interval
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .loader import seed_from_key
 from .prepare import split_documents
+from .shapes import BACKGROUNDS, LABELS, make_shapes, n_classes
 
 DIGITS = "digits"
 SHAPES = "shapes"
@@ -52,8 +53,6 @@ class ImageDataConfig:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"data.source must be 'digits', 'shapes' or an HF image dataset name, got {self.source!r}")
         if self.source == SHAPES:
-            from .shapes import BACKGROUNDS, LABELS
-
             if self.shapes_background not in BACKGROUNDS or self.shapes_label not in LABELS:
                 raise ValueError(f"data.shapes_background must be one of {list(BACKGROUNDS)} and data.shapes_label "
                                  f"one of {list(LABELS)}, got {self.shapes_background!r}, {self.shapes_label!r}")
@@ -140,8 +139,6 @@ def _hub(cfg: ImageDataConfig):
 
 
 def _shapes(cfg: ImageDataConfig) -> ImageSet:
-    from .shapes import make_shapes, n_classes
-
     kw = dict(seed=cfg.seed, size=cfg.shapes_size, max_objects=cfg.shapes_max_objects,
               background=cfg.shapes_background, label=cfg.shapes_label)
     train_x, train_y, train_m = make_shapes(cfg.shapes_train, "train", **kw)

@@ -65,8 +65,8 @@ class Block(nn.Module):
             self.layer_scale1 = nn.Parameter(torch.full((cfg.n_embd,), float(scale)))
             self.layer_scale2 = nn.Parameter(torch.full((cfg.n_embd,), float(scale)))
 
-    def forward(self, x, cache=None, return_attn: bool = False):
-        a, weights = self.self_attn(self.input_layernorm(x), cache=cache, return_attn=return_attn)
+    def forward(self, x, cache=None, return_attn: bool = False, rope=None):
+        a, weights = self.self_attn(self.input_layernorm(x), cache=cache, return_attn=return_attn, rope=rope)
         if hasattr(self, "layer_scale1"):
             a = a * self.layer_scale1
         x = x + a
@@ -129,10 +129,6 @@ class GPT(nn.Module):
         """What runs the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
         return describe_backend(self)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed_tokens.weight.numel() if non_embedding else n
-
     def forward(self, idx, targets=None, return_attn=False, return_hidden=False, cache: Cache | None = None):
         """idx (B, T) token ids; targets (B, T) with -100 = ignore. With `cache`, idx are the
         next tokens after what the cache has seen; without, T must fit in block_size.
@@ -143,20 +139,25 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              "use a cache (model.make_cache) to go further")
         x = self.embed_tokens(idx)
-        n_sink = self.config.sink_tokens if cache is None or cache.seen == 0 else 0
-        if n_sink:
+        n_sink_tokens = self.config.sink_tokens if cache is None or cache.seen == 0 else 0
+        if n_sink_tokens:
             x = torch.cat((self.sink_tokens.expand(len(x), -1, -1).to(x.dtype), x), dim=1)
+        # RoPE's cos / sin once per forward for every layer, over every position one rotates (cached keys
+        # too); the sink cache's band form rotates at its own relative positions.
+        rope = None
+        if self.config.rope and not (cache is not None and cache.is_band):
+            rope = self.layers[0].self_attn.rope_table(x.shape[1] + (len(cache) if cache is not None else 0), x.device)
         attn, mass, sink_slot, hidden = [], [], [], []
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers
         for block, layer_cache in zip(self.layers, layer_caches):
-            x, weights = block(x, cache=layer_cache, return_attn=return_attn)
+            x, weights = block(x, cache=layer_cache, return_attn=return_attn, rope=rope)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)
                 sink_slot.append(weights.sink_slot)
             if return_hidden:
                 hidden.append(x)
-        logits = self.lm_head(self.norm(x[:, n_sink:])).float()
+        logits = self.lm_head(self.norm(x[:, n_sink_tokens:])).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -167,7 +168,7 @@ class GPT(nn.Module):
             attn_mass=mass if return_attn else None,
             attn_sink_slot=sink_slot if return_attn and self.config.sink_logit != "none" else None,
             hidden=hidden if return_hidden else None,
-            sink_tokens=n_sink,
+            sink_tokens=n_sink_tokens,
         )
 
     def make_cache(self, n_sink: int | None = None, window: int | None = None, band: bool = False) -> Cache:

@@ -33,8 +33,10 @@ import torch
 
 from . import gguf_file
 from .config import GPTConfig
+from .gpt import GPT
 from .hf_folder import (CONFIG, HUB_METADATA, WEIGHT_NAMES, check_shapes, check_vocab, first_line, load_config,
                         load_tokenizer, read_json, read_weights, shard_names)
+from .weights import load_state
 
 PREFIX = "hf:"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
@@ -307,9 +309,6 @@ def load_pretrained(ref: str, dtype: torch.dtype | None = None):
     import never holds an fp32 copy. config["hf"] records where the model came from, its output
     name (`Pretrained.name`) and a GGUF file's quantisation."""
     import dataclasses
-
-    from .gpt import GPT
-    from .weights import load_state
 
     source, hf_cfg, cfg, tok, state = read_source(ref)
     default = torch.get_default_dtype()

@@ -188,9 +188,10 @@ class ViT(nn.Module):
     def forward(self, images, targets=None, return_attn=False, return_hidden=False) -> ModelOutput:
         """images (B, C, H, W); targets (B,) class ids. logits (B, n_classes); attn / hidden per layer."""
         x = self.embed(images)
+        rope = self.layers[0].self_attn.rope_table(x.shape[1], x.device) if self.config.rope else None  # once, as GPT
         attn, mass, sink_slot, hidden = [], [], [], []
         for block in self.layers:
-            x, weights = block(x, return_attn=return_attn)
+            x, weights = block(x, return_attn=return_attn, rope=rope)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)

@@ -19,7 +19,7 @@ import yaml
 
 from configs import from_dict
 from data.config import DataConfig
-from data.loader import TokenShards
+from data.loader import TokenSplit
 from data.prepare import prepare, split_documents
 from data.sources import HUB_NAME, load_documents
 from data.tokenizer import EOT, load_tokenizer
@@ -117,7 +117,7 @@ class LoadedRun:
         if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
             raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
                              "checkpoint (the source changed since training?); the held-out tokens would not match")
-        return TokenShards(data_dir, "val").tokens
+        return TokenSplit(data_dir, "val").tokens
 
 
 def held_out_tokens(source: str, tokenizer, end_id: int, data_fields: dict | None = None):

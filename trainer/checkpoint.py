@@ -20,10 +20,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from configs import ConfigError, to_dict
+from data.prepare import check_fingerprint
+from model import weights
 
+from .diskfull import WriteFailed, describe_failure, is_write_failure
 from .rundir import CHECKPOINT_FMT, newest_checkpoint, step_dirs
 
 LEFTOVER_GLOBS = (".tmp_step_*", ".old_step_*", ".latest.tmp", ".latest.old")  # from saves a kill interrupted
@@ -183,8 +187,6 @@ def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | 
                           + "; ".join(changed) + "). Use name=<new name> for a new run, or restore those values.")
     saved_fingerprint = TrainerState.read(ckpt).data_fingerprint
     if saved_fingerprint is not None and data_fingerprint is not None:  # checkpoints from before it lack one
-        from data.prepare import check_fingerprint
-
         try:
             check_fingerprint(saved_fingerprint, data_fingerprint)
         except ValueError as e:
@@ -258,12 +260,6 @@ def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool, 
     `latest` switched and old step dirs pruned to train.keep_last. Every process calls this (ZeRO-3
     gathers the weights collectively). A write that fails on any process (disk full) removes the temp dir
     and raises WriteFailed on every process; the previous checkpoints and `latest` stay as they were."""
-    import torch
-
-    from model.weights import save_weights
-
-    from .diskfull import WriteFailed, describe_failure, is_write_failure
-
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / CHECKPOINT_FMT.format(state.step)
     tmp = ckpt_root / f".tmp_{final.name}"
@@ -285,7 +281,7 @@ def save_checkpoint(acc, model, run_dir: Path, state: TrainerState, tied: bool, 
     state_dict = {k.removeprefix("_orig_mod."): v for k, v in (state_dict or {}).items()}
     if acc.is_main_process and failure is None:
         try:
-            save_weights(state_dict, tmp / "model.safetensors", tied)
+            weights.save_weights(state_dict, tmp / "model.safetensors", tied)
             for name in ("config.yaml", "tokenizer.json"):
                 if (run_dir / name).exists():
                     shutil.copyfile(run_dir / name, tmp / name)

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from configs import ConfigError
+
 
 def lr_at(step: int, cfg) -> float:
     """The learning rate of optimizer step `step` (0-based) under `cfg` (a TrainConfig).
@@ -60,8 +62,6 @@ def freeze_all_but(model: torch.nn.Module, train_only: str | None) -> None:
     the others are frozen (requires_grad False). None: all train."""
     if train_only is None:
         return
-    from configs import ConfigError
-
     parts = [p.strip() for p in train_only.split(",") if p.strip()]
     named = dict(model.named_parameters())
     keep = {n for n in named if any(p in n for p in parts)}

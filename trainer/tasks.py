@@ -22,6 +22,17 @@ from pathlib import Path
 import torch
 
 from configs import ConfigError
+from data.images import load_images
+from data.loader import TokenSplit, make_loader
+from data.prepare import fingerprint, prepare
+from model import GPT
+from model.flops import training_flops_per_token
+from model.hf_import import init_model, locate
+from model.retrofit import added_fields, complete_state
+from model.vit import ViT
+from model.vit import training_flops_per_token as vit_flops_per_token
+from model.weights import load_state
+from probes.sequences import held_out_sequences
 
 N_PROBE = 8  # held-out inputs for the in-training sink measurement
 
@@ -37,8 +48,6 @@ class LMTask:
         self.sink_token_ids = []  # a retrofit's model.sink_tokens start as these tokens' embeddings
 
     def prepare(self, acc) -> None:
-        from data.prepare import prepare
-
         cfg = self.cfg
         resumed = None
         if cfg.train.init_from is not None:
@@ -69,9 +78,6 @@ class LMTask:
         The run keeps its attention backend and may train on shorter windows than the import's context.
         data.tokenizer becomes the import's folder (or GGUF file), so data prep ends documents with the
         import's EOS."""
-        from model.hf_import import init_model, locate
-        from model.retrofit import added_fields
-
         cfg, ref = self.cfg, self.cfg.train.init_from
         try:
             imported, self.initial_state = init_model(ref)
@@ -136,9 +142,6 @@ class LMTask:
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         """Copy train.init_from's weights into the freshly built model (then drop them), with a
         retrofit's new parameters started as the identity (model/retrofit.py)."""
-        from model.retrofit import complete_state
-        from model.weights import load_state
-
         if self.initial_state is not None:
             state = complete_state(self.initial_state, self.cfg.model, self.sink_token_ids)
             load_state(model, state, self.cfg.train.init_from)
@@ -149,20 +152,13 @@ class LMTask:
 
     def data_fingerprint(self) -> dict:
         """What the training tokens depend on, stored with each checkpoint and compared on resume."""
-        from data.prepare import fingerprint
-
         return fingerprint(self.data_dir)
 
     def build_model(self) -> torch.nn.Module:
-        from model import GPT
-        from model.flops import training_flops_per_token
-
         self.flops_per_token = training_flops_per_token(self.cfg.model, self.cfg.model.block_size)
         return GPT(self.cfg.model)
 
     def loaders(self, acc, grad_accum: int):
-        from data.loader import make_loader
-
         cfg = self.cfg
         mb, T = cfg.train.micro_batch_size, cfg.model.block_size
         train = make_loader(self.data_dir, "train", mb, T, cfg.seed, acc.process_index, acc.num_processes, grad_accum)
@@ -174,11 +170,8 @@ class LMTask:
     def probe_inputs(self) -> torch.Tensor:
         """N_PROBE fixed windows of block_size tokens from the start of the val split, as the evals take them
         (BOS first when the data puts BOS at document starts)."""
-        from data.loader import TokenShards
-        from probes.sequences import held_out_sequences
-
         bos_id = self.meta.get("bos_id") if getattr(self.cfg.data, "bos", False) else None
-        return held_out_sequences(TokenShards(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
+        return held_out_sequences(TokenSplit(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
 
     def final_report(self, metrics: dict, run_dir: Path) -> str:
         val, uni = metrics["val_loss"], self.meta["unigram_val_nll"]
@@ -197,8 +190,6 @@ class ViTTask:
 
     def prepare(self, acc) -> None:
         """Load the image splits and check them against the model (n_classes null = from the data)."""
-        from data.images import load_images
-
         cfg = self.cfg
         self.images = load_images(cfg.data)
         want = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
@@ -221,9 +212,7 @@ class ViTTask:
         return None  # the images are loaded whole each run; nothing prepared to drift
 
     def build_model(self) -> torch.nn.Module:
-        from model.vit import ViT, training_flops_per_token
-
-        self.flops_per_token = training_flops_per_token(self.cfg.model)
+        self.flops_per_token = vit_flops_per_token(self.cfg.model)
         return ViT(self.cfg.model)
 
     def loaders(self, acc, grad_accum: int):
