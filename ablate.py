@@ -8,9 +8,10 @@ Training goes through `python train.py` in a subprocess per variant (so each run
 what a user gets from the command line); a variant already trained to `--steps` is reused
 (train.resume=auto), so an interrupted ablation continues where it stopped. Each run's checkpoint
 and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
-val loss, Sink_1 and F-Attn (eval.sink, T=64), max |h| (eval.activations), loss spike score
-(eval.spikes, OLMo-core W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming)
-and training tokens/s. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
+val loss, Sink_1 and F-Attn on renormalised and raw weights (eval.sink, T=64), max |h|
+(eval.activations, plain held-out windows as its CLI), OLMo-core's total spike score (eval.spikes,
+W=128, k=6), streaming perplexity window-only vs sinks (eval.streaming) and training tokens/s.
+ablation.md starts with what was run and defines every column. On Bigram-Backcopy (data.source=bigram_backcopy) the sink evals use the
 task's BOS-first held-out sequences, Guo et al.'s BOS attention and the mass on sink tokens or
 the sink logit's slot join the table (eval.backcopy), and streaming runs over one long sequence
 of the process with BOS only at its start (eval.backcopy.long_stream).
@@ -18,14 +19,25 @@ of the process with BOS only at its start (eval.backcopy.long_stream).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from eval import fail
+import numpy as np
+import torch
+
+from configs import ConfigError, load_config
+from data.bigram_backcopy import load_chain
+from eval import (activations, backcopy, eval_dir, fail, make_dir, pick_device, positive_int, sink, spikes, streaming,
+                  write_json, write_text)
+from eval.cli import bos_id, checkpoint_info, expand, git_commit
+from eval.plots import save, subplots
+from eval.progress import progress
+from probes.sequences import held_out_sequences
+from runs.load import load_run, resolve_checkpoint
+from trainer.metrics import read_rows
 
 ROOT = Path(__file__).resolve().parent
 BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table
@@ -33,8 +45,6 @@ BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.ba
 
 def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]]:
     """(run dir, train.py argv) per config; every config is validated before any training."""
-    from configs import ConfigError, load_config
-
     plans = []
     for c in configs:
         ov = [f"out_dir={out_dir}", *([f"train.max_steps={steps}"] if steps else []), *overrides]
@@ -61,8 +71,6 @@ def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
 
 def read_run_metrics(run_dir: Path) -> dict:
     """Final val loss, val-loss curve, train-loss curve and median training tok/s from metrics.jsonl."""
-    from trainer.metrics import read_rows
-
     try:
         rows = read_rows(run_dir / "metrics.jsonl")  # a torn last line (a killed run) is dropped
     except (OSError, ValueError) as e:
@@ -83,17 +91,6 @@ def read_run_metrics(run_dir: Path) -> dict:
 def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], recompute_stride: int) -> dict:
     """Every eval on one run, loading its checkpoint and held-out tokens once; each eval's JSON
     and plot go under <run>/eval/ as its CLI writes them."""
-    import numpy as np
-    import torch
-
-    from data.bigram_backcopy import load_chain
-    from runs.load import load_run
-
-    from probes.sequences import held_out_sequences
-
-    from eval import activations, backcopy, eval_dir, pick_device, sink, spikes, streaming, write_json
-    from eval.cli import bos_id, checkpoint_info
-
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
         run = load_run(run_dir, pick_device(), task="lm")
@@ -238,8 +235,6 @@ def markdown(rows: list[dict], settings: dict | None = None) -> str:
 def plot(rows: list[dict], out: Path) -> None:
     """Loss curves, then one panel per sink quantity (Sink_1 %, F-Attn) with each bar's value
     written on it, so a 0% bar still reads as a measured zero."""
-    from eval.plots import save, subplots
-
     fig, axes = subplots(1, 3, width=5.5, height=4)
     ax = axes[0, 0]
     for r in rows:
@@ -268,8 +263,6 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    from eval import positive_int, streaming
-
     ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
@@ -289,10 +282,6 @@ def main(argv=None) -> list[dict]:
         fail("nothing to do: pass --configs configs/ablate/*.yaml to train, or --runs out/a out/b to collect")
     if args.stream_tokens < 2:
         fail(f"--stream-tokens must be >= 2 (one prediction needs two tokens), got {args.stream_tokens}")
-    from runs.load import resolve_checkpoint
-
-    from eval.cli import expand
-
     args.configs, args.runs = expand(args.configs), expand(args.runs)
     for r in args.runs:
         try:
@@ -307,12 +296,7 @@ def main(argv=None) -> list[dict]:
         train(run_dir, train_argv, args.threads)
     run_dirs = [Path(r) for r in args.runs] + [p[0] for p in plans]
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
-
-    from eval.cli import git_commit
-    from eval.progress import progress
 
     rows = []
     bar = progress(len(run_dirs), "ablate", unit="run")
@@ -320,8 +304,6 @@ def main(argv=None) -> list[dict]:
         rows.append(evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride))
         bar.update(1)
     bar.close()
-    from eval import make_dir, write_json, write_text
-
     make_dir(out)
     settings = {"command": " ".join(["python ablate.py", *(argv if argv is not None else sys.argv[1:])]),
                 "steps": args.steps, "overrides": args.set, "configs": args.configs, "runs": args.runs,

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from eval import pick_device
+from runs.load import load_run
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,10 +102,6 @@ class TextStream:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from runs.load import load_run
-
-    from eval import pick_device
-
     try:
         check_flags(args)
         args.device = pick_device(args.device)

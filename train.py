@@ -16,7 +16,9 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 
@@ -24,18 +26,19 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from configs import ConfigError, RunConfig, load_config, to_dict
+from configs import ConfigError, RunConfig, load_config, saved_run_config, to_dict
 from model import backends
 from model.flops import peak_tflops
 from probes.sink import measure
 from trainer.checkpoint import (TrainerState, clean_leftovers, find_resume_checkpoint, load_checkpoint, save_checkpoint,
                                 settle_run_dir)
+from trainer.diskfull import WriteFailed, describe_failure
 from trainer.launch import check_backend, make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
-from trainer.optim import lr_at, make_optimizer
+from trainer.optim import lr_at, make_optimizer, schedule_notes
 from trainer.progress import progress_line
 from trainer.rundir import check_out_dir, newest_checkpoint, take_run_lock, write_atomic
-from trainer.signals import StopFlag, requeue_if_slurm
+from trainer.signals import StopFlag, exit_during_setup, requeue_if_slurm
 from trainer.tasks import make_task
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
@@ -95,10 +98,10 @@ class Trainer:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, make_optimizer(model, cfg.train, acc.device))
         self.train_loader, self.val_loader = task.loaders(acc, self.grad_accum)
-        self.probe = task.probe_inputs() if cfg.train.sink_every else None
+        self.probe = task.probe_inputs() if cfg.train.effective_sink_interval else None
         self.peak = peak_tflops(acc.device)
 
-        self.log = MetricsLog(acc, cfg.run_dir, cfg.logging.wandb)
+        self.log = MetricsLog(acc, cfg.run_dir, cfg.logging.tracker_name)
         self.state = TrainerState(lr_horizon=cfg.train.max_steps)
         self.last_good = resume_from  # the newest checkpoint written after a finite step
         if resume_from is not None:
@@ -110,11 +113,24 @@ class Trainer:
         # resume continues at min_lr past it (nanoGPT's lr_decay_iters < max_iters) instead of
         # re-stretching the cosine and jumping the lr back up.
         self.schedule = dataclasses.replace(cfg.train, max_steps=self.state.lr_horizon)
+        for note in schedule_notes(cfg.train, self.state.lr_horizon):
+            acc.print(note, flush=True)
         self.log.drop_after(self.state.step)  # rows a crashed or abandoned run logged after this checkpoint
-        if cfg.logging.wandb:
-            wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
-            acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg),
-                              init_kwargs={"wandb": {"name": cfg.name, "id": wandb_id, "resume": "allow"}})
+        if cfg.logging.tracker_name is not None:
+            acc.init_trackers(cfg.logging.wandb_project, config=to_dict(cfg), init_kwargs=self.tracker_kwargs())
+
+    def tracker_kwargs(self) -> dict:
+        """W&B: the run's name, its id kept in the run dir (a resumed or requeued run continues the same W&B run)
+        and its files under the run dir (unless WANDB_DIR says otherwise). Other trackers write under the run dir
+        through Accelerate's project_dir."""
+        cfg, acc = self.cfg, self.acc
+        if cfg.logging.tracker_name != "wandb":
+            return {}
+        wandb_id = wandb_run_id(cfg.run_dir) if acc.is_main_process else None
+        kwargs = {"name": cfg.name, "id": wandb_id, "resume": "allow"}
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = str(cfg.run_dir)
+        return {"wandb": kwargs}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -203,6 +219,14 @@ class Trainer:
         self.last_good = newest_checkpoint(self.cfg.run_dir / "checkpoints")
 
     def train_loop(self) -> int:
+        try:
+            return self.steps()
+        except WriteFailed as e:  # a checkpoint or metrics write did not reach the disk
+            self.acc.print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+
+    def steps(self) -> int:
+        """The training loop proper; returns the exit code."""
         cfg, tcfg, acc, state = self.cfg, self.cfg.train, self.acc, self.state
         stop = StopFlag()
         tokens_per_step = tcfg.batch_size * cfg.model.block_size
@@ -242,14 +266,23 @@ class Trainer:
                           f"(step {step}). Lower train.lr, raise train.warmup_steps or check the data; the last good "
                           f"checkpoint {good}.")
                 return 1
-            stopping = acc.reduce(torch.tensor(float(stop.signal_name is not None), device=acc.device),
-                                  reduction="sum").item() > 0
+            # One collective per step carries both reasons to stop: a signal, and a metrics append that failed.
+            stops = torch.tensor([float(stop.signal_name is not None), float(self.log.failure is not None)],
+                                 device=acc.device)
+            signalled, log_failed = (acc.reduce(stops, reduction="sum") > 0).tolist()
+            if log_failed:
+                bar.close()
+                raise WriteFailed(describe_failure("a row of metrics.jsonl", self.log.path, self.log.failure,
+                                                   self.last_good) if self.log.failure else
+                                  "the main process could not append to metrics.jsonl")
+            stopping = signalled
             if step % tcfg.eval_interval == 0 or last:
                 metrics = self.evaluate()
                 self.log.write({"step": step, "split": "val", **metrics})
                 if acc.is_main_process:
                     bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
-            if tcfg.sink_every and (step % tcfg.sink_every == 0 or last):
+            sink_interval = tcfg.effective_sink_interval
+            if sink_interval and (step % sink_interval == 0 or last):
                 self.measure_sinks(step)
             if (step % tcfg.ckpt_interval == 0 or last or stopping) and bad_in_row == 0:
                 self.save()
@@ -272,21 +305,41 @@ class Trainer:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML run config (default: configs/default.yaml)")
+    from configs.describe import config_help
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=config_help())
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/default.yaml, or the run's "
+                                                   "own config.yaml when out_dir/name already holds one)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR (e.g. out/default) with its saved config.yaml plus the overrides given")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML, as the run's config.yaml holds it) and exit without running")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.attention=sigmoid train.max_steps=200")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    handlers = exit_during_setup()  # a preemption before the first step requeues too; the loop's StopFlag takes over
     try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return trainer.fit()
+        try:
+            saved, overrides = saved_run_config(args.config, args.overrides, args.resume)
+            if saved is not None and not args.print_config:
+                print(f"continuing {saved.parent} with its config.yaml"
+                      + (f" and {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
+            cfg = load_config(saved or args.config, overrides)
+            if args.print_config:
+                print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+                return 0
+            trainer = Trainer(cfg)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return trainer.fit()
+    finally:
+        for sig, handler in handlers.items():  # in-process callers (tests, notebooks) get theirs back
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
                                       vs transformers' own decoding of one imported model
     nanogpt_baseline.py               nanoGPT's GPT, the speed baseline at the same shapes
     python -m bench.compile_kernels   every Triton kernel config compiled for a GPU architecture, no GPU needed
+    python -m bench.hashes            what the checkpoint manifest's content hashes cost per file size
     bash bench/gpu_check.sh           the GPU check: correctness tests, then the timings
 
 Above model/ and eval/ (the streaming row times eval.streaming). `python -m eval.bench` is the same

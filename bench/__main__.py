@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from model import backends
 from model.config import ATTENTION_KINDS, GATE_KINDS
 
 from .kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table
@@ -95,8 +96,6 @@ def parse_args(argv):
         p.error("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False); "
                 "use --suite cpu or run on a GPU machine")
     if args.train_backend == "triton":
-        from model import backends
-
         if reason := backends.get("triton").why_not():
             p.error(reason)
     if args.suite == "cpu" and args.device != "cpu":

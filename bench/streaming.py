@@ -15,17 +15,24 @@ import torch
 import torch.nn.functional as F
 
 from eval.streaming import evaluate
+from model.gpt import GPT
+from model.hf_import import init_model
+from model.weights import load_state
 
 
 def random_llama(folder: Path, n_layer: int, n_head: int, n_embd: int, vocab: int, context: int) -> Path:
-    """A randomly initialised LlamaForCausalLM saved to `folder` (no tokenizer: none is needed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised LlamaForCausalLM saved to `folder`, with a word-level tokenizer of its
+    `vocab` ids (the stream is random ids; an import reads a folder's tokenizer with its weights)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
                       num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=context,
                       tie_word_embeddings=True, initializer_range=0.2)  # not near-uniform: NLL diffs mean something
     LlamaForCausalLM(cfg).save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(folder)
     return folder
 
 
@@ -47,10 +54,6 @@ def streaming_row(folder: str | Path | None, n_tokens: int, n_sink: int, window:
     """One row: the model in `folder` (a transformers folder), or a random Llama of `shape`
     (n_layer, n_head, n_embd, vocab) when folder is None. Sinks mode, reference order (S+W+1 keys)."""
     from transformers import AutoModelForCausalLM
-
-    from model.gpt import GPT
-    from model.hf_import import init_model
-    from model.weights import load_state
 
     name = "random llama" if folder is None else Path(folder).name
     with tempfile.TemporaryDirectory() as tmp:

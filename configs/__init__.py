@@ -32,6 +32,10 @@ RECORDS = ("attention_backend",)
 LR_SCHEDULES = ("cosine", "constant", "wsd")  # train.lr_schedule; trainer/optim.py computes them
 
 
+# YAML 1.1's boolean words, which an override keeps as text until a boolean key takes them.
+YAML_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
 class ConfigError(ValueError):
     """A user error in a config file or override; the message says how to fix it."""
 
@@ -58,23 +62,23 @@ def parse_lr_scale(text: str | None) -> dict[str, float]:
 class TrainConfig:
     batch_size: int = 16  # global batch: sequences per optimizer step, over all processes
     micro_batch_size: int = 16  # sequences per forward pass per process; shrunk to fit batch_size / processes
-    max_steps: int = 600
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 50
+    max_steps: int = 600  # optimizer steps to train; the LR schedule ends here
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # cosine / wsd: the learning rate at max_steps
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps to lr
     lr_schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay), see trainer/optim.py
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to min_lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW's, on matrices and embeddings (never norms)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 100
+    eval_interval: int = 100  # steps between held-out loss measurements (and at the end)
     eval_windows: int = 256  # held-out sequences per eval, the same set whatever the micro batch and processes
     sink_interval: int | None = None  # steps between sink_1 / f_attn / max_h_ratio rows; null = eval_interval, 0 = off
     ckpt_interval: int = 200  # a checkpoint is also written at the end and on SIGTERM/SIGINT
     keep_last: int | None = None  # keep this many newest step_* checkpoints (and always `latest`); null = all
     resume: str = "auto"  # auto: continue from out/<name>/checkpoints/latest (or the newest step_* when latest is missing); none: fresh run; or a checkpoint dir
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     init_from: str | None = None  # hf:<hub id, transformers folder or GGUF file>: start from that model and its tokenizer
@@ -124,32 +128,47 @@ class TrainConfig:
                               f"got {self.sink_interval}")
 
     @property
-    def sink_every(self) -> int:
-        """Steps between in-training sink measurements; 0 = never."""
+    def effective_sink_interval(self) -> int:
+        """train.sink_interval with null resolved: steps between in-training sink measurements; 0 = never."""
         return self.eval_interval if self.sink_interval is None else self.sink_interval
 
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = False  # offline when no API key is configured
-    wandb_project: str = "sinklab"
+    # An Accelerate tracker the metrics rows also go to, namespaced train/ val/ sink/: wandb, tensorboard, trackio,
+    # aim, comet_ml, mlflow, clearml, dvclive or swanlab (its package installed); null = metrics.jsonl only.
+    tracker: str | None = None
+    wandb: bool = False  # shorthand for tracker=wandb (offline when no API key is configured)
+    wandb_project: str = "sinklab"  # the tracker's project name
     progress: bool = True  # progress bar with loss, tok/s, MFU and ETA (plain lines when off or not a terminal)
     log_interval: int = 10  # steps between the plain progress lines
 
     def validate(self):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
         if self.log_interval <= 0:
             raise ConfigError(f"logging.log_interval must be a positive integer, got {self.log_interval}")
+        if self.tracker is not None and self.tracker not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"logging.tracker={self.tracker!r} is not one of {sorted(LOGGER_TYPE_TO_CLASS)} "
+                              "(Accelerate's trackers) or null")
+        if self.wandb and self.tracker not in (None, "wandb"):
+            raise ConfigError(f"logging.wandb=true is logging.tracker=wandb, but logging.tracker={self.tracker!r}; "
+                              "set one of them")
 
+    @property
+    def tracker_name(self) -> str | None:
+        """The tracker the run logs to (logging.wandb=true is wandb), or None."""
+        return "wandb" if self.wandb else self.tracker
 
 
 @dataclass
 class RunConfig:
     name: str = "default"  # outputs go to <out_dir>/<name>/
-    out_dir: str = "out"
-    seed: int = 1337
+    out_dir: str = "out"  # parent folder of the run dirs
+    seed: int = 1337  # initial weights and the order of the training batches
     task: str = "lm"  # "lm": decoder on text; "vit": image classifier (model: ViTConfig, data: ImageDataConfig)
-    model: GPTConfig | ViTConfig = field(default_factory=GPTConfig)
-    data: DataConfig | ImageDataConfig = field(default_factory=DataConfig)
+    model: GPTConfig | ViTConfig = field(default_factory=GPTConfig)  # the task's model section
+    data: DataConfig | ImageDataConfig = field(default_factory=DataConfig)  # the task's data section
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -194,6 +213,8 @@ def _coerce(key: str, value, tp):
         if t is bool:
             if isinstance(value, bool):
                 return value
+            if isinstance(value, str) and value.lower() in YAML_BOOLS:  # an override's no / off / yes / on
+                return YAML_BOOLS[value.lower()]
         elif t is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
@@ -214,7 +235,9 @@ def _coerce(key: str, value, tp):
             if isinstance(value, str):
                 return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {names}")
+    hint = f" (YAML reads no/off/yes/on as booleans: quote the text, {key.rsplit('.', 1)[-1]}: 'no')" \
+        if isinstance(value, bool) and str in allowed else ""
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {names}{hint}")
 
 
 def _build(cls, values: dict, prefix: str):
@@ -291,7 +314,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def parse_override(text: str) -> dict:
-    """'model.attention=sigmoid' -> {'model': {'attention': 'sigmoid'}} (values parsed as YAML)."""
+    """'model.attention=sigmoid' -> {'model': {'attention': 'sigmoid'}} (values parsed as YAML, except that
+    no / off / yes / on stay the text typed: `model.gate=no` is refused listing the gates, not read as false;
+    a boolean key takes them as booleans)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. model.attention=sigmoid)")
     key, raw = text.split("=", 1)
@@ -299,6 +324,8 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -306,6 +333,28 @@ def parse_override(text: str) -> dict:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
+
+
+def saved_run_config(path: str | Path | None, overrides: list[str], resume: str | None = None):
+    """The config a command line continues from: (the run's own config.yaml or None, overrides to apply).
+
+    `--resume RUN_DIR` names the run; without --config, `name=X` (and `out_dir=`) name it when that run dir
+    holds a config.yaml: a run continues with its saved config plus only the new overrides, as nanoGPT's
+    `init_from=resume` does. With --config the file and the overrides are the whole config, as always."""
+    if resume is not None:
+        if path is not None:
+            raise ConfigError("--resume continues a run with its own config.yaml; leave out --config")
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; pass a run dir like out/default")
+        return run_dir / "config.yaml", [f"out_dir={run_dir.parent}", f"name={run_dir.name}", *overrides]
+    if path is not None:
+        return None, list(overrides)
+    values = _read_yaml(DEFAULT_CONFIG)
+    for o in overrides:
+        values = _merge(values, parse_override(o))
+    saved = Path(str(values.get("out_dir", "out"))).expanduser() / str(values.get("name", "default")) / "config.yaml"
+    return (saved if saved.is_file() else None), list(overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -75,7 +75,8 @@ def temp_dir(root: Path, key: str) -> Iterator[Path]:
 
 @contextmanager
 def _exit_on_signals(tmp: Path) -> Iterator[None]:
-    """On SIGTERM / SIGINT remove `tmp`, then exit with 128 + signal.
+    """On SIGTERM / SIGINT remove `tmp`, then hand the signal to the handler that was there before (train.py's
+    set-up handler requeues a preempted SLURM job), then exit with 128 + signal.
 
     SIGTERM's default action kills the process without running any Python cleanup. The handler
     removes the temp dir itself and leaves with os._exit: a SystemExit raised from a handler is
@@ -91,6 +92,9 @@ def _exit_on_signals(tmp: Path) -> Iterator[None]:
         print(f"data: {signal.Signals(signum).name} during data preparation; removing the partial dataset",
               file=sys.stderr, flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        handler = previous.get(signum)
+        if callable(handler) and handler is not signal.default_int_handler:  # that one raises KeyboardInterrupt
+            handler(signum, frame)
         os._exit(128 + signum)
 
     previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGINT)}

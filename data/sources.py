@@ -192,5 +192,11 @@ def _hub_documents(cfg: DataConfig) -> Iterator[str]:
     """Stream the first `max_documents` records of a hub dataset's train split."""
     if cfg.max_documents is None:
         raise ValueError(f"data.source={cfg.source!r} is a hub dataset: set data.max_documents to cap the download")
-    ds = datasets.load_dataset(cfg.source, cfg.hub_config, split="train", streaming=True)
-    yield from _text_field(ds, cfg.text_field, cfg.source)
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.hub_config, split="train", streaming=True)
+        yield from _text_field(ds, cfg.text_field, cfg.source)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        text = str(e).strip()
+        raise ValueError(f"data.source={cfg.source!r}: could not read it from the HF hub "
+                         f"({text.splitlines()[0] if text else type(e).__name__}); check the name and the network, "
+                         "or use a local file or folder") from None

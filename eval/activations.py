@@ -26,6 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from probes.sequences import held_out_sequences
+
+from . import positive_int
+from .cli import add_lm_arguments, bos_id, for_each_checkpoint
+from .progress import progress
 from .result import EvalResult
 
 # Sun et al.'s working definition: |h| > 100 and about 1000x the median of its hidden state.
@@ -168,8 +173,6 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int 
     at the text tokens (model.sink_tokens' learned tokens are left out); with `tokenizer` the
     pooled top positions also carry their token's text. `bos_id` is recorded as `bos_first`
     when every sequence starts with it."""
-    from .progress import progress
-
     device = next(model.parameters()).device
     model.eval()
     sequences = torch.as_tensor(sequences).long()
@@ -237,11 +240,6 @@ def plot(result: ActivationsResult, path) -> None:
 
 
 def main(argv=None) -> list[ActivationsResult]:
-    from probes.sequences import held_out_sequences
-
-    from . import positive_int
-    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
-
     ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)

@@ -23,9 +23,14 @@ import argparse
 
 import torch
 
+from configs import from_dict
+from data.bigram_backcopy import generate
+from data.loader import make_loader
+from data.prepare import prepare
 from probes.sink import importance_per_sequence, sink_rate, text_attention
 
-from . import fail, nonnegative_int
+from . import eval_dir, fail, nonnegative_int, positive_float, positive_int, write_json
+from .cli import check_paths, checkpoint_info, expand, load
 from .progress import progress
 from .sink import PROXY_NOTE
 
@@ -143,9 +148,6 @@ def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_s
 
 def data_dir(run):
     """The run's prepared data dir (prepared again if the cache is gone)."""
-    from configs import from_dict
-    from data.prepare import prepare
-
     return prepare(from_dict({"data": run.config["data"]}).data, progress=False)
 
 
@@ -153,8 +155,6 @@ def held_out_rows(run, n_seqs: int, T: int) -> tuple[torch.Tensor, list[int]]:
     """(n_seqs, T) BOS-first held-out rows of a run's data (the loader's fixed eval windows, the same
     for every checkpoint and every variant on that data) and the trigger ids ([] for text)."""
     import json
-
-    from data.loader import make_loader
 
     prepared = data_dir(run)
     meta = json.loads((prepared / "meta.json").read_text())
@@ -171,8 +171,6 @@ def long_stream(chain, n_tokens: int) -> torch.Tensor:
     """One Bigram-Backcopy sequence of `n_tokens` ids from `chain` (data.bigram_backcopy.Chain),
     BOS only at its start (the process continues past any block size): eval.streaming's
     held-out stream for this data. Deterministic: torch.Generator seeded with STREAM_SEED."""
-    from data.bigram_backcopy import generate
-
     return generate(chain, 1, n_tokens, torch.Generator().manual_seed(STREAM_SEED))[0]
 
 def length_arg(text: str) -> str:
@@ -186,9 +184,6 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    from . import eval_dir, positive_float, positive_int, write_json
-    from .cli import check_paths, checkpoint_info, expand, load
-
     ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="run dirs, checkpoint dirs or globs such as 'out/<run>/checkpoints/step_*' (for dynamics)")

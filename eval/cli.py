@@ -10,13 +10,16 @@ overwrite another's. With several checkpoints the CLI also writes `<run>/eval/<n
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
+
+from configs import from_dict
+from data.prepare import prepare
 
 from . import fail, make_dir, pick_device, write_json, write_text
 
@@ -64,30 +67,19 @@ def check_paths(paths) -> None:
 
 def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
-    import torch
-
     from runs.load import load_run
 
-    params = inspect.signature(load_run).parameters
-    kwargs = {}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "dtype", None))
-    if dtype is not None and "dtype" in params:
-        kwargs["dtype"] = dtype
-    if getattr(args, "data", None) is not None:
-        if "data" not in params:
-            fail("--data needs a runs.load.load_run that takes data=; this checkout's does not")
-        kwargs["data"] = args.data
     try:
-        run = load_run(path, pick_device(args.device), task=task, **kwargs)
+        run = load_run(path, pick_device(args.device), task=task, dtype=dtype, data=getattr(args, "data", None),
+                       image_size=getattr(args, "image_size", None))  # image_size: an hf: ViT's input size
     except Exception as e:  # noqa: BLE001 - every failure to read a checkpoint is one line, never a traceback
         if not path.startswith("hf:") and not Path(path).exists():
             vanished(path)
         if isinstance(e, (OSError, ValueError, SafetensorError)):
             fail(str(e))
         raise
-    if dtype is not None and "dtype" not in params:
-        run.model.to(dtype)
-    if getattr(run, "eval_block_size", run.model.config.block_size) < run.model.config.block_size:
+    if run.eval_block_size < run.model.config.block_size:
         print(f"note: {path} has a context of {run.model.config.block_size} tokens; the evals default to "
               f"{run.eval_block_size} (the flags for sequence length and window go up to the context)", file=sys.stderr)
     return run
@@ -109,9 +101,6 @@ def bos_id(run) -> int | None:
         return None
     if getattr(run, "bos_id", None) is not None:
         return run.bos_id
-    from configs import from_dict
-    from data.prepare import prepare
-
     meta = json.loads((prepare(from_dict({"data": data}).data, progress=False) / "meta.json").read_text())
     if meta.get("bos_id") is None:
         fail(f"{run.run_dir} trained with data.bos but its prepared data records no bos_id; prepare the data again")

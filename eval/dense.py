@@ -194,55 +194,55 @@ def dense_readouts(model, train_x, train_masks, val_x, val_masks, lost_k: int | 
             "definitions": DEFINITIONS}
 
 
-def load_dense_data(run_config: dict, n_probe_train: int):
-    """The run's image source, refused in one line when it has no masks; normalised splits."""
-    from data.images import ImageDataConfig, load_images
-
-    cfg = ImageDataConfig(**run_config["data"])
-    images = load_images(cfg)
-    if images.val_masks is None:
-        raise ValueError(f"data.source={cfg.source!r} has no object masks; dense readouts need source: shapes")
-    loader = images.loader("val", 128, 0)
-    n = min(n_probe_train, len(images.train_x))
-    return (loader.normalise(images.train_x[:n]), images.train_masks[:n],
-            loader.normalise(images.val_x), images.val_masks)
+def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, patch: int,
+                               lost_k: int | None = None) -> dict:
+    """The same readouts on given patch features (B, N, C), e.g. a denoiser's output: LOST then runs on
+    the features themselves (there are no keys after a denoiser)."""
+    return {"lost": lost_scores(val_feats.cpu(), val_masks, patch, lost_k),
+            "probe": linear_probe(train_feats.cpu(), train_masks, val_feats.cpu(), val_masks),
+            "lost_on": "features", "definitions": DEFINITIONS}
 
 
 def main(argv=None) -> dict:
-    from runs.load import load_run
-
-    from . import fail, pick_device, positive_int, write_json
-    from .cli import checkpoint_info, output_dir
+    from . import fail, write_json
+    from .cli import checkpoint_info
     from .result import CHECKPOINT_DEFINITION
+    from .vit_images import add_image_args, load_for_vit_eval
 
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="a ViT run directory trained on images with masks (source: shapes)")
-    ap.add_argument("--lost-k", type=positive_int, default=None, help="LOST's k lowest-degree patches "
-                    "(default: an eighth of the patches)")
-    ap.add_argument("--n-probe-train", type=positive_int, default=1024, help="train images for the linear probe")
-    ap.add_argument("--batch-size", type=positive_int, default=128)
-    ap.add_argument("--device", default=None)
+    add_image_args(ap)
+    ap.add_argument("--denoiser", default=None, help="a folder written by python -m eval.vit_denoise: score the "
+                    "denoised features (LOST then runs on the features, as a denoiser has no keys)")
     args = ap.parse_args(argv)
     try:
-        run = load_run(args.ckpt, task="vit")
-        if run.config.get("task", "lm") != "vit":
-            raise ValueError(f"{args.ckpt} is a language-model run; dense readouts need a ViT run (task: vit)")
-        train_x, train_m, val_x, val_m = load_dense_data(run.config, args.n_probe_train)
-        model = run.model.to(pick_device(args.device)).eval()
-        device = next(model.parameters()).device
-        result = dense_readouts(model, train_x.to(device), train_m, val_x.to(device), val_m, args.lost_k,
-                                args.batch_size)
+        ctx = load_for_vit_eval(args)
+        data = ctx.dense_data(args.n_probe_train)
+        if data is None:
+            raise ValueError(f"data.source={ctx.data_source!r} has no object masks; dense readouts need images "
+                             "with masks (--data shapes)")
+        train_x, train_m, val_x, val_m = data
+        if args.denoiser is None:
+            result = dense_readouts(ctx.model, train_x, train_m, val_x, val_m, args.lost_k, args.batch_size)
+        else:
+            from .vit_denoise import load_denoiser, patch_tokens
+
+            den = load_denoiser(args.denoiser).to(val_x.device)
+            with torch.no_grad():
+                feats = [den(patch_tokens(ctx.model, x, args.batch_size)) for x in (train_x, val_x)]
+            result = dense_readouts_on_features(feats[0], train_m, feats[1], val_m, ctx.model.config.patch_size,
+                                                args.lost_k)
+            result["denoiser"] = args.denoiser
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))  # one line, exit code 2, as every eval
+    run, out = ctx.run, ctx.out
     result["checkpoint"] = checkpoint_info(run)
     result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
-    out = output_dir(run, args.ckpt)
-    write_json(out / "dense.json", result)
+    write_json(out / ("dense_denoised.json" if args.denoiser else "dense.json"), result)
     lo, pr = result["lost"], result["probe"]
     print(f"LOST: CorLoc {100 * lo['corloc']:.1f}% (grid ceiling {100 * lo['corloc_ceiling']:.1f}%), mask IoU "
           f"{lo['mask_iou']:.3f}, seed on an object {100 * lo['seed_on_object']:.1f}% | linear probe mIoU "
           f"{pr['miou']:.3f} (object {pr['iou_object']:.3f}) on {lo['n_images']} held-out images")
-    print(f"-> {out / 'dense.json'}")
+    print(f"-> {out / ('dense_denoised.json' if args.denoiser else 'dense.json')}")
     return result
 
 

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from . import fail
+from data.tokenizer import EOT
+
+from . import fail, make_dir, nonnegative_int, positive_int, write_json
+from .cli import add_lm_arguments, bos_id, check_paths, checkpoint_info, expand, load, output_dir
 from .progress import progress
 from .result import CHECKPOINT_DEFINITION
 
@@ -36,8 +39,6 @@ class SinklabLM(TemplateLM):
 
     def __init__(self, run, batch_size: int = 8, max_gen_toks: int = 256):
         super().__init__()
-        from data.tokenizer import EOT
-
         self.model, self.tokenizer = run.model.eval(), run.tokenizer
         self._device = next(self.model.parameters()).device  # lm-eval reads it as .device
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
@@ -48,8 +49,6 @@ class SinklabLM(TemplateLM):
             bos = hf["bos_token_id"]
             bos = bos if bos is not None and self.tokenizer.encode("a").ids[:1] == [bos] else None
         else:  # a run trained with data.bos: documents start with its BOS
-            from .cli import bos_id
-
             bos = bos_id(run)
         self._prefix = self._eot if bos is None else bos
 
@@ -217,9 +216,6 @@ def task_manager(tasks: list[str], include_path: str | None):
 def output_path(requested: str | None, run, path: str, several: bool) -> Path:
     """harness.json where every eval writes, or under --output-path: a .json file (one checkpoint)
     or a folder (harness.json, or harness_<run>_<checkpoint>.json with several checkpoints)."""
-    from . import make_dir
-    from .cli import output_dir
-
     if requested is None:
         return output_dir(run, path) / "harness.json"
     req = Path(requested)
@@ -230,9 +226,6 @@ def output_path(requested: str | None, run, path: str, several: bool) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    from . import nonnegative_int, positive_int, write_json
-    from .cli import add_lm_arguments, check_paths, checkpoint_info, expand, load
-
     ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap, data=False)  # the tasks bring their own data
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")

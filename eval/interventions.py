@@ -30,8 +30,11 @@ import torch.nn.functional as F
 
 from probes.sequences import held_out_sequences
 
+from . import fail, positive_int, streaming
 from .activations import MASSIVE_ABS, MASSIVE_REL
+from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 from .result import EvalResult
+from .streaming import ORDERS, default_window
 
 INTERVENTIONS = ("sink_content", "massive", "knockout")
 
@@ -56,8 +59,6 @@ def sink_content(model, tokens: torch.Tensor, replacement: list[int], window: in
                  order: str = "reference") -> dict:
     """Sinks-mode streaming perplexity with the S = len(replacement) first tokens of `tokens` replaced
     by `replacement`, next to the original stream (the same cache S+W) and to window-only."""
-    from . import streaming
-
     S = len(replacement)
     replaced = torch.cat([torch.tensor(replacement, dtype=tokens.dtype), tokens[S:]])
     original = streaming.evaluate(model, tokens, S, window, modes=("window", "sinks"), order=order)
@@ -254,10 +255,6 @@ class InterventionsResult(EvalResult):
 
 
 def main(argv=None) -> list[InterventionsResult]:
-    from . import fail, positive_int
-    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
-    from .streaming import ORDERS, default_window
-
     ap = argparse.ArgumentParser(prog="python -m eval.interventions", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--run", nargs="+", choices=INTERVENTIONS, default=list(INTERVENTIONS), help="which interventions")

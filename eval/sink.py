@@ -32,8 +32,11 @@ from probes.sink import (MAX_K, TRACKED, first_token_attention, importance_per_s
                          text_attention)
 from trainer.metrics import read_rows
 
+from . import eval_dir, fail, positive_float, positive_int, write_json
+from .cli import add_lm_arguments, bos_id, expand, for_each_checkpoint
 from .progress import progress
 from .result import EvalResult
+from .sink_positions import PositionStats, classify_vocab
 
 PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
               "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
@@ -190,8 +193,6 @@ def evaluate(model, token_batches, lengths=LENGTHS, eps: float = 0.3, k: int = 1
     holds Sink_k for the `k` asked for. `tokenizer` names the tokens (classes, texts); `bos_id`
     counts as end-of-text and is recorded as `bos_first` when every sequence starts with it.
     """
-    from .sink_positions import PositionStats, classify_vocab
-
     seqs = _as_sequences(token_batches)
     cfg = model.config
     device = next(model.parameters()).device
@@ -333,15 +334,10 @@ def plot_heatmap(result: SinkResult, path) -> None:
 
 def length_arg(text: str) -> str:
     """A --lengths value: "block" or a positive integer (kept as text; resolved per model)."""
-    from . import positive_int
-
     return text if text == "block" else str(positive_int(text))
 
 
 def main(argv=None) -> list[SinkResult]:
-    from . import fail, positive_float, positive_int
-    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
-
     if argv is None:
         argv = sys.argv[1:]
     if any(a == "--run" or a.startswith("--run=") for a in argv):  # the emergence curve from the rows logged in training
@@ -374,7 +370,7 @@ def main(argv=None) -> list[SinkResult]:
             check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
         bos = None if args.no_bos else bos_id(run)
         if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
-            from .backcopy import held_out_rows  # whole sequences of the process, as ablate.py reads them
+            from .backcopy import held_out_rows  # here: eval.backcopy imports this module (PROXY_NOTE)
 
             seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
         else:
@@ -395,9 +391,6 @@ def main(argv=None) -> list[SinkResult]:
 
 def main_emergence(argv) -> list[dict]:
     from pathlib import Path
-
-    from . import eval_dir, fail, write_json
-    from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
                                  "logged during training (metrics.jsonl), plotted over steps")

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from . import fail
+from . import eval_dir, fail, positive_float, positive_int, write_json
 from .result import EvalResult
 
 METRICS = ("loss", "grad_norm")
@@ -45,8 +46,6 @@ def detect_spikes(values, window: int = 128, k: float = 6.0, two_sided: bool = F
     statistics and are never spikes (they are divergence, see `divergence`). A window with
     std < 1e-10 flags nothing (OLMo-core's guard against a flat history).
     """
-    from numpy.lib.stride_tricks import sliding_window_view
-
     f, idx = _finite(values)
     if len(f) <= window:
         return []
@@ -218,7 +217,6 @@ def metrics_info(run_dir) -> dict:
 
 
 def main(argv=None) -> list[SpikesResult]:
-    from . import eval_dir, positive_float, positive_int, write_json
     from .cli import expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])

@@ -39,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fail, nonnegative_int, positive_int
+from .cli import add_lm_arguments, bos_id, for_each_checkpoint
+from .progress import progress
 from .result import EvalResult
 
 MODES = ("window", "sinks", "recompute")
@@ -59,8 +62,6 @@ def stream_nll(model, tokens: torch.Tensor, cache, chunk: int = 1, desc: str = "
 
     Returns {"nll": np.ndarray, "seconds", "cache_tokens_peak", "cache_bytes_peak"}.
     """
-    from .progress import progress
-
     if chunk > 1 and cache.capacity is not None and not cache.is_band:
         raise ValueError("a sink cache fed chunk > 1 tokens per call is not token-by-token streaming; "
                          "use make_cache(n_sink, window, band=True)")
@@ -92,8 +93,6 @@ def recompute_nll(model, tokens: torch.Tensor, context: int, stride: int = 1, ba
 
     The first `context` predictions share one prefix forward; later ones are batched windows.
     """
-    from .progress import progress
-
     device = next(model.parameters()).device
     tokens = tokens.to(device).long()
     n = tokens.shape[0] - 1
@@ -344,9 +343,6 @@ def long_stream(val, n_tokens: int, keys_per_query: int) -> tuple[torch.Tensor, 
 
 
 def main(argv=None) -> list[StreamingResult]:
-    from . import fail, nonnegative_int, positive_int
-    from .cli import add_lm_arguments, bos_id, for_each_checkpoint
-
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
     add_lm_arguments(ap)
     ap.add_argument("--n-sink", type=nonnegative_int, default=4, help="S: first tokens kept (sinks mode)")

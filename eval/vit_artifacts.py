@@ -230,21 +230,25 @@ def test_time_register(model, neurons: list[dict], rule: str = "ours", scale: fl
 
 @torch.no_grad()
 def run_model(model, images, labels, batch_size: int = 128, attn: bool = True) -> dict:
-    """Hidden states per layer, last-layer attention and accuracy over `images`, batched."""
+    """Hidden states per layer, last-layer attention and accuracy over `images`, batched. `labels`
+    None: the model's head does not predict these images' labels (an import), accuracy None."""
     from .progress import progress
 
     hidden, last_attn, correct = None, [], 0
-    bar = progress(len(labels), "eval.vit_artifacts", unit="img")
-    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+    bar = progress(len(images), "eval.vit_artifacts", unit="img")
+    label_batches = [None] * len(images.split(batch_size)) if labels is None else labels.split(batch_size)
+    for x, y in zip(images.split(batch_size), label_batches):
         out = model(x, return_hidden=True, return_attn=attn)
         hs = [h.cpu() for h in out.hidden]
         hidden = hs if hidden is None else [torch.cat(p) for p in zip(hidden, hs)]
         if attn:
             last_attn.append(out.attn[-1].cpu())
-        correct += int((out.logits.argmax(-1).cpu() == y).sum())
-        bar.update(len(y))
+        if y is not None:
+            correct += int((out.logits.argmax(-1).cpu() == y).sum())
+        bar.update(len(x))
     bar.close()
-    return {"hidden": hidden, "attn": torch.cat(last_attn) if attn else None, "accuracy": correct / len(labels)}
+    accuracy = None if labels is None else correct / len(labels)
+    return {"hidden": hidden, "attn": torch.cat(last_attn) if attn else None, "accuracy": accuracy}
 
 
 def cls_attention_split(attn: torch.Tensor, n_registers: int, n_patches: int) -> dict:
@@ -342,7 +346,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
         for layer, mask in zip(layers, find_outliers(base["hidden"], sl["patches"], fixed_threshold)):
             layer["outlier_fraction_fixed"] = float(mask.float().mean())
     result = {
-        "n_images": len(labels),
+        "n_images": len(images),
         "accuracy": base["accuracy"],
         "threshold_rule": f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
         "border_share_of_patches": float(border_mask(c.grid).float().mean()),
@@ -361,7 +365,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
             raise ValueError(f"--ttr-detect-layer {ttr_detect_layer} is not a block index in [-{c.n_layer}, {c.n_layer - 1}]")
         detect = ttr_detect_layer % c.n_layer
         masks = find_outliers(base["hidden"], sl["patches"], thresholds)
-        positions = torch.zeros(len(labels), 1 + c.n_registers + c.n_patches, dtype=torch.bool)
+        positions = torch.zeros(len(images), 1 + c.n_registers + c.n_patches, dtype=torch.bool)
         positions[:, sl["patches"]] = torch.stack(masks).any(0)  # flagged in any layer
         acts = [torch.cat(p) for p in zip(*(mlp_inputs(model, x) for x in images.split(batch_size)))]
         if ttr_rule == "reference":
@@ -408,7 +412,12 @@ def main(argv=None) -> list[dict]:
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True,
-                    help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*'")
+                    help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*', or hf:<id or "
+                    "folder> of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")
+    ap.add_argument("--data", default=None, help="image source: digits, shapes or an HF image dataset "
+                    "(required for hf:; default: the run's own)")
+    ap.add_argument("--image-size", type=positive_int, default=None,
+                    help="input size of an hf: import (a multiple of its patch size; default: its pretraining size)")
     ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
                     f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
     ap.add_argument("--n-images", type=positive_int, default=None, help="held-out images to use (default: all)")
@@ -442,27 +451,22 @@ def main(argv=None) -> list[dict]:
 
 def evaluate_checkpoint(path: str, args) -> dict:
     """The CLI's work on one ViT checkpoint: analyse, plot, write vit_artifacts.json."""
-    from data.images import ImageDataConfig, load_images
-
     from . import write_json
     from .cli import checkpoint_info, load, output_dir
     from .result import CHECKPOINT_DEFINITION
+    from .vit_images import model_images
 
     run = load(path, args, task="vit")
     if run.config.get("task", "lm") != "vit":
         raise ValueError(f"{path} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
-    images = load_images(ImageDataConfig(**run.config["data"]))
     model = run.model.eval()
-    device = next(model.parameters()).device
-    loader = images.loader("val", args.batch_size, 0)
-    n = len(loader) if args.n_images is None else min(args.n_images, len(loader))
-    x = loader.normalise(images.val_x[:n]).to(device)
-    y = images.val_y[:n]
+    images, _, classifies = model_images(run, model, args.data, args.n_images)
+    x, n = images.val_x, len(images.val_x)
+    y = images.val_y if classifies else None  # an import's head does not predict these labels
     dense_data = None
     if images.val_masks is not None:  # images with object masks: the dense readouts too
         m = min(args.n_probe_train, len(images.train_x))
-        dense_data = (loader.normalise(images.train_x[:m]).to(device), images.train_masks[:m], x,
-                      images.val_masks[:n])
+        dense_data = (images.train_x[:m], images.train_masks[:m], x, images.val_masks)
     result = analyse(model, x, y, args.threshold, args.ttr_layer,
                      args.ttr_top_k if args.test_time_register else None, args.batch_size,
                      args.fixed_threshold, args.ttr_rule, args.ttr_detect_layer, dense_data)
@@ -472,16 +476,20 @@ def evaluate_checkpoint(path: str, args) -> dict:
     result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
     hidden, attn = result.pop("_hidden"), result.pop("_attn")
     plot_norms(hidden, c.n_registers, c.grid, result["layers"], out / "vit_norms.png")
-    plot_attention_maps(images.val_x[:n], attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
+    shown = x.cpu().flatten(1)  # normalised images back to [0, 1] per image, for the plot
+    shown = (shown - shown.amin(1, keepdim=True)) / (shown.amax(1, keepdim=True) - shown.amin(1, keepdim=True)).clamp_min(1e-6)
+    plot_attention_maps(shown.view_as(x), attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
     if "test_time_register" in result:
         plot_ttr(result["layers"], result["test_time_register"]["layers_with"], out / "vit_ttr.png")
     write_json(out / "vit_artifacts.json", result)
     fr = ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in result["layers"])
-    print(f"accuracy {result['accuracy']:.4f} on {n} held-out images; outlier % per block: {fr}")
+    acc = "n/a (no class head for these labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
+    print(f"accuracy {acc} on {n} held-out images; outlier % per block: {fr}")
     if "test_time_register" in result:
         t = result["test_time_register"]
         fr = ", ".join(f"{100 * f:.1f}" for f in t["outlier_fraction_with"])
-        print(f"test-time register ({len(t['neurons'])} units): accuracy {t['accuracy_with']:.4f}; "
+        acc = "n/a" if t["accuracy_with"] is None else f"{t['accuracy_with']:.4f}"
+        print(f"test-time register ({len(t['neurons'])} units): accuracy {acc}; "
               f"outlier % per block: {fr}")
     for name, d in (("dense", result["dense"]), ("dense with test-time register",
                                                  result.get("test_time_register", {}).get("dense_with"))):

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from . import backends
-from .config import AttentionConfig
+from .backends.base import needs_backward
+from .config import AttentionConfig, block_option
 from .rope import apply_rope, rope_cos_sin, scaled_rope_frequencies
 from .scores import expand_kv, linear_attention_chunked, math_attention, weights_from_scores
 
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.n_embd, H * D, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * D, cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(H * D, cfg.n_embd, bias=block_option(cfg, "o_proj_bias"))  # ViT imports only
         if cfg.gate != "none":
             self.g_proj = nn.Linear(cfg.n_embd, H if cfg.gate == "headwise" else H * D, bias=False)
         if cfg.qk_norm:
@@ -76,6 +77,8 @@ class Attention(nn.Module):
         weight = self.q_proj.weight
         device, dtype = device or weight.device, self.compute_dtype or weight.dtype
         self.backend = backends.resolve(self.cfg, device, dtype)
+        self.kernel = backends.get(self.backend)
+        self.refusals = {}  # (device, dtype, needs backward) -> why_not's answer (None: it runs), asked once each
         self.backend_description = backends.describe(self.cfg, device, dtype)
         return self.backend_description
 
@@ -86,9 +89,23 @@ class Attention(nn.Module):
         return out
 
     # ---------------------------------------------------------------- forward
-    def rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x (B,H,T,D) as if it sat at positions start .. start+T-1."""
-        return self.rope_at(x, torch.arange(start, start + x.shape[-2], device=x.device))
+    def rope_table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and signed sin (model/rope.py) of positions 0..n-1. The decoder computes it once per
+        forward and hands it to every layer, which slices the positions it rotates."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return rope_cos_sin(torch.arange(n, device=device), self.inv_freq, torch.float32)
+
+    def rope(self, x: torch.Tensor, start: int, table=None) -> torch.Tensor:
+        """Rotate x (B,H,T,D) as if it sat at positions start .. start+T-1: rows of `table` (a
+        rope_table covering them), or computed here without one."""
+        if table is None:
+            return self.rope_at(x, torch.arange(start, start + x.shape[-2], device=x.device))
+        if not self.cfg.rope:
+            return x
+        cos, sin = table
+        T = x.shape[-2]
+        return apply_rope(x, cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype))
 
     def rope_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B,H,T,D) at integer positions (T,)."""
@@ -99,13 +116,17 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         return apply_rope(x, cos, sin)
 
-    def forward(self, x: torch.Tensor, cache=None, return_attn: bool = False):
+    def forward(self, x: torch.Tensor, cache=None, return_attn: bool = False, rope=None):
         """x: (B, T, n_embd) normed input. cache: this layer's store (model/cache.py) or None.
+        rope: a rope_table covering every position this call rotates (the cached keys' too); None:
+        made here, as when the block is used on its own.
 
         Returns (y, AttentionWeights or None); with a cache, no weights.
         """
         cfg = self.cfg
         B, T, _ = x.shape
+        if cfg.rope and rope is None and not (cache is not None and cache.is_band):  # the band form rotates its own
+            rope = self.rope_table(T + (len(cache) if cache is not None else 0), x.device)
         H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
         k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
@@ -115,14 +136,14 @@ class Attention(nn.Module):
 
         weights = None
         if cache is None:
-            y, weights = self.attend(self.rope(q, 0), self.rope(k, 0), v, return_attn)
+            y, weights = self.attend(self.rope(q, 0, rope), self.rope(k, 0, rope), v, return_attn)
         elif cache.is_recurrent:
-            y = self.attend_recurrent(q, k, v, cache)
+            y = self.attend_recurrent(q, k, v, cache, rope)
         elif cache.is_band:
             y = self.attend_band(q, k, v, cache)
         else:
             k, v, start = cache.update(k, v)
-            y, _ = self.attend(self.rope(q, start), self.rope(k, 0), v)
+            y, _ = self.attend(self.rope(q, start, rope), self.rope(k, 0, rope), v)
 
         y = y.transpose(1, 2)  # (B, T, H, D)
         if cfg.gate == "headwise":
@@ -144,10 +165,9 @@ class Attention(nn.Module):
         The weights (return_attn) and the decoding steps a fused kernel does not take go to math."""
         cfg, sink = self.cfg, self.sink_logits()
         k, v = expand_kv(k, v, cfg.n_head)
-        backend = backends.get(self.backend)
         decoding = self.causal and q.shape[-2] != k.shape[-2]
-        if not (return_attn or (decoding and not backend.decodes)):
-            return backend(q, k, v, cfg, self.causal, sink), None
+        if not (return_attn or (decoding and not self.kernel.decodes)):
+            return self.run_kernel(q, k, v, sink), None
         y, w = math_attention(q, k, v, cfg, self.causal, sink)
         if not return_attn:
             return y, None
@@ -179,10 +199,22 @@ class Attention(nn.Module):
         scores = torch.cat((sinks, band), dim=-1) * q.shape[-1] ** -0.5
         return weights_from_scores(scores, visible, cfg, self.sink_logits()) @ values
 
-    def attend_recurrent(self, q, k, v, state):
+    def run_kernel(self, q, k, v, sink):
+        """The resolved backend's kernel. Whether it can run these tensors (device, dtype, forward or
+        training) is asked once per combination, not on every call; a refusal names the fix."""
+        kernel = self.kernel
+        q, k, v = kernel.inputs(q, k, v)
+        key = (q.device, q.dtype, needs_backward(q, k, v))
+        if key not in self.refusals:
+            self.refusals[key] = kernel.why_not(self.cfg, *key)
+        if self.refusals[key]:
+            raise ValueError(self.refusals[key])
+        return kernel.run(q, k, v, self.cfg, self.causal, sink)
+
+    def attend_recurrent(self, q, k, v, state, rope=None):
         """Linear attention from its recurrent state (model/cache.py's LinearState), exactly."""
         k, v = expand_kv(k, v, self.cfg.n_head)
-        q, k = self.rope(q, state.seen), self.rope(k, state.seen)
+        q, k = self.rope(q, state.seen, rope), self.rope(k, state.seen, rope)
         y, new_state = linear_attention_chunked(q, k, v, self.cfg.linear_chunk_size, state.state)
         state.update(new_state, q.shape[-2])
         return y

@@ -17,38 +17,56 @@ def swiglu_hidden(n_embd: int, intermediate_size: int | None) -> int:
     return intermediate_size or 64 * math.ceil(8 * n_embd / 3 / 64)
 
 
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu", "gelu_tanh", "quick_gelu")  # swiglu is gated; the others are fc -> act -> fc
+# Block options that only ViTConfig has (what pretrained ViTs need); a decoder config has none of
+# them and builds the Llama block with these values.
+BLOCK_DEFAULTS = {"norm": "rmsnorm", "mlp": "swiglu", "mlp_bias": False, "o_proj_bias": False, "layer_scale": None}
+
+
+def block_option(cfg, name: str):
+    return getattr(cfg, name, BLOCK_DEFAULTS[name])
+
+
+def mlp_hidden(cfg) -> int:
+    """The MLP width of a block: intermediate_size, or by default 8/3 n_embd (SwiGLU) / 4 n_embd (GELU)."""
+    if block_option(cfg, "mlp") == "swiglu":
+        return swiglu_hidden(cfg.n_embd, cfg.intermediate_size)
+    return cfg.intermediate_size or 4 * cfg.n_embd
+
+
 @dataclass
 class AttentionConfig:
     """Fields of the attention block (see docs/design.md, "The attention block")."""
 
-    n_embd: int = 256
-    n_head: int = 4
+    n_embd: int = 256  # residual stream width
+    n_head: int = 4  # query heads
     n_kv_head: int | None = None  # grouped-query attention; None = n_head
     head_size: int | None = None  # width of one head; None = n_embd // n_head (Qwen3 sets it apart)
     attention_bias: bool = False  # biases on q_proj, k_proj, v_proj (Qwen2's layout; o_proj never has one)
-    attention: str = "softmax"
+    attention: str = "softmax"  # softmax | sigmoid | elu1 | linear (docs/design.md, "The attention block")
     attn_normalize: bool = False  # sigmoid / elu1: divide each row by its sum
     sigmoid_bias: float | None = None  # None = -log(block_size)
-    gate: str = "none"
+    gate: str = "none"  # none | headwise | elementwise: sigmoid output gate per head (Qiu et al. 2025, G1)
     # softmax only: a per-head logit b_h in the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)).
     # zero: b_h = 0 (softmax + 1); learned: gpt-oss's per-head sinks, a parameter initialised at 0.0.
-    sink_logit: str = "none"
+    sink_logit: str = "none"  # none | zero | learned
     sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/retrofit.py)
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMSNorm on q and k per head (recommended for sigmoid)
     backend: str = "auto"  # model/backends/: auto resolves once, when the model is built or moved
-    linear_chunk_size: int = 64
+    linear_chunk_size: int = 64  # attention=linear: tokens per chunk of the chunked (linear-time) kernel
     rope: bool = True  # RoPE over the sequence index; the ViT turns it off (absolute 2-D position embeddings)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base frequency
     # RoPE frequency scaling for contexts past the pretraining one, as transformers computes it:
     # linear divides every frequency by the factor; llama3 (Llama 3.1+) divides the low
     # frequencies, keeps the high ones and blends between, with the fields below.
-    rope_scaling: str = "none"
-    rope_scaling_factor: float = 1.0
+    rope_scaling: str = "none"  # none | linear | llama3
+    rope_scaling_factor: float = 1.0  # linear / llama3: how much longer the new context is
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_context: int = 8192  # llama3 only: the pretraining context
-    norm_eps: float = 1e-5
-    block_size: int = 256
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    block_size: int = 256  # context length (training window)
 
     @property
     def head_dim(self) -> int:
@@ -126,11 +144,11 @@ def check_mlp_and_init(cfg) -> None:
 class GPTConfig(AttentionConfig):
     """Llama-style decoder. vocab_size None = take it from the tokenizer."""
 
-    vocab_size: int | None = None
-    n_layer: int = 4
+    vocab_size: int | None = None  # None = the tokenizer's vocabulary
+    n_layer: int = 4  # transformer blocks
     intermediate_size: int | None = None  # SwiGLU hidden width; None = 8/3 * n_embd rounded to 64
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the LM head shares the token embedding matrix
+    init_std: float = 0.02  # std of the normal init of the weight matrices
     sink_tokens: int = 0  # learned embeddings prepended to every sequence (StreamingLLM 3.3), never predicted
 
     @property

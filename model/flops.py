@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import block_option, mlp_hidden
+
 # Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), from the vendors' data sheets.
 # Matched by substring of torch.cuda.get_device_name(); the first match wins.
 GPU_PEAK_TFLOPS = [
@@ -30,11 +32,13 @@ GPU_PEAK_TFLOPS = [
 
 
 def block_matmul_params(cfg) -> int:
-    """Weights multiplied per token in one block: q/k/v/o, the gate, and the SwiGLU MLP."""
+    """Weights multiplied per token in one block: q/k/v/o, the gate, and the MLP (SwiGLU: 3
+    matrices; the GELU kinds of imported ViTs: 2)."""
+
     H, D, C = cfg.n_head, cfg.head_dim, cfg.n_embd
     attn = C * H * D + 2 * C * cfg.kv_heads * D + H * D * C
     attn += {"none": 0, "headwise": C * H, "elementwise": C * H * D}[cfg.gate]
-    return attn + 3 * C * cfg.mlp_hidden
+    return attn + (3 if block_option(cfg, "mlp") == "swiglu" else 2) * C * mlp_hidden(cfg)
 
 
 def training_flops_per_token(cfg, seq_len: int) -> float:

@@ -14,35 +14,66 @@ import torch.nn.functional as F
 
 from .attention import Attention, AttentionWeights, describe_backend, set_backend
 from .cache import Cache, make_cache
-from .config import GPTConfig
+from .config import GPTConfig, block_option, mlp_hidden
+
+
+ACTIVATIONS = {  # transformers' hidden_act names: gelu (erf), gelu_pytorch_tanh / gelu_new, quick_gelu
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). The pretrained ViTs' kinds (`mlp`: gelu, gelu_tanh,
+    quick_gelu) are down(act(up(x))): fc1 is up_proj and fc2 down_proj, so down_proj's input is the
+    hidden activation for every kind."""
 
-    def __init__(self, n_embd: int, hidden: int):
+    def __init__(self, n_embd: int, hidden: int, kind: str = "swiglu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+        self.kind = kind
+        if kind == "swiglu":
+            self.gate_proj = nn.Linear(n_embd, hidden, bias=bias)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ACTIVATIONS[self.kind](self.up_proj(x)))
+
+
+def make_norm(cfg) -> nn.Module:
+    """RMSNorm (the decoder's), or LayerNorm with a bias (`norm: layernorm`, pretrained ViTs)."""
+    if block_option(cfg, "norm") == "layernorm":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):
+    """x += ls1 * attn(norm(x)); x += ls2 * mlp(norm(x)). The layer scales ls (DINOv2's, CaiT's) exist
+    only with `layer_scale` set."""
+
     def __init__(self, cfg, causal: bool = True):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, causal=causal)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg.n_embd, mlp_hidden(cfg), block_option(cfg, "mlp"), block_option(cfg, "mlp_bias"))
+        scale = block_option(cfg, "layer_scale")
+        if scale is not None:
+            self.layer_scale1 = nn.Parameter(torch.full((cfg.n_embd,), float(scale)))
+            self.layer_scale2 = nn.Parameter(torch.full((cfg.n_embd,), float(scale)))
 
-    def forward(self, x, cache=None, return_attn: bool = False):
-        a, weights = self.self_attn(self.input_layernorm(x), cache=cache, return_attn=return_attn)
+    def forward(self, x, cache=None, return_attn: bool = False, rope=None):
+        a, weights = self.self_attn(self.input_layernorm(x), cache=cache, return_attn=return_attn, rope=rope)
+        if hasattr(self, "layer_scale1"):
+            a = a * self.layer_scale1
         x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, weights
+        m = self.mlp(self.post_attention_layernorm(x))
+        if hasattr(self, "layer_scale2"):
+            m = m * self.layer_scale2
+        return x + m, weights
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float) -> None:
@@ -98,10 +129,6 @@ class GPT(nn.Module):
         """What runs the attention, e.g. 'sdpa (softmax, fp32, cpu)'."""
         return describe_backend(self)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed_tokens.weight.numel() if non_embedding else n
-
     def forward(self, idx, targets=None, return_attn=False, return_hidden=False, cache: Cache | None = None):
         """idx (B, T) token ids; targets (B, T) with -100 = ignore. With `cache`, idx are the
         next tokens after what the cache has seen; without, T must fit in block_size.
@@ -112,20 +139,25 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              "use a cache (model.make_cache) to go further")
         x = self.embed_tokens(idx)
-        n_sink = self.config.sink_tokens if cache is None or cache.seen == 0 else 0
-        if n_sink:
+        n_sink_tokens = self.config.sink_tokens if cache is None or cache.seen == 0 else 0
+        if n_sink_tokens:
             x = torch.cat((self.sink_tokens.expand(len(x), -1, -1).to(x.dtype), x), dim=1)
+        # RoPE's cos / sin once per forward for every layer, over every position one rotates (cached keys
+        # too); the sink cache's band form rotates at its own relative positions.
+        rope = None
+        if self.config.rope and not (cache is not None and cache.is_band):
+            rope = self.layers[0].self_attn.rope_table(x.shape[1] + (len(cache) if cache is not None else 0), x.device)
         attn, mass, sink_slot, hidden = [], [], [], []
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers
         for block, layer_cache in zip(self.layers, layer_caches):
-            x, weights = block(x, cache=layer_cache, return_attn=return_attn)
+            x, weights = block(x, cache=layer_cache, return_attn=return_attn, rope=rope)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)
                 sink_slot.append(weights.sink_slot)
             if return_hidden:
                 hidden.append(x)
-        logits = self.lm_head(self.norm(x[:, n_sink:])).float()
+        logits = self.lm_head(self.norm(x[:, n_sink_tokens:])).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -136,7 +168,7 @@ class GPT(nn.Module):
             attn_mass=mass if return_attn else None,
             attn_sink_slot=sink_slot if return_attn and self.config.sink_logit != "none" else None,
             hidden=hidden if return_hidden else None,
-            sink_tokens=n_sink,
+            sink_tokens=n_sink_tokens,
         )
 
     def make_cache(self, n_sink: int | None = None, window: int | None = None, band: bool = False) -> Cache:

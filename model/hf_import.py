@@ -33,11 +33,12 @@ import torch
 
 from . import gguf_file
 from .config import GPTConfig
+from .gpt import GPT
+from .hf_folder import (CONFIG, HUB_METADATA, WEIGHT_NAMES, check_shapes, check_vocab, first_line, load_config,
+                        load_tokenizer, read_json, read_weights, shard_names)
+from .weights import load_state
 
 PREFIX = "hf:"
-# What a hub download fetches: config, transformers' weight files (not a repo's other formats,
-# such as Mistral's consolidated.safetensors) and the tokenizer in either format.
-HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*", "*.model", "*.txt"]
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
 # What the decoder lacks for some common architectures it cannot represent (the one-line refusal).
 GAPS = {
@@ -86,25 +87,25 @@ class Pretrained:
         return self.gguf or self.folder
 
     @property
+    def config_file(self) -> Path:
+        """Where the model's sizes are written: config.json, or the GGUF file's metadata."""
+        return self.gguf or self.folder / CONFIG
+
+    @property
     def tokenizer_spec(self) -> str:
         """What data.tokenizer takes to tokenise a run's data as this model does."""
         return str(self.path)
 
     def config(self):
-        from transformers import AutoConfig
-
         if self.gguf is not None:
             return gguf_file.read_config(self.gguf)
-        return AutoConfig.from_pretrained(str(self.folder))
+        return load_config(self.folder)  # a missing or damaged config.json named in one line
 
     def tokenizer(self):
         """The tokenizer as transformers loads it (BOS added when the model's tokenizer adds one)."""
-        if self.gguf is not None:
-            tok = gguf_file.read_tokenizer(self.gguf)
-        else:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(self.folder))
+        if self.gguf is None:
+            return load_tokenizer(self.folder)  # a missing or damaged tokenizer file named in one line
+        tok = gguf_file.read_tokenizer(self.gguf)
         if not getattr(tok, "is_fast", False):
             raise ValueError(f"{self.path}: the tokenizer has no fast (tokenizers) version; save a tokenizer.json with it")
         return tok
@@ -142,16 +143,27 @@ def hf_folder(ref: str) -> Path:
         raise FileNotFoundError(f"{ref}: no such GGUF file")
     if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
         raise FileNotFoundError(f"{ref}: no such file or folder, and not a hub id like hf:HuggingFaceTB/SmolLM2-135M")
+    try:
+        return download(name)
+    except Exception as e:  # offline, no such repo, gated, network: all one message
+        raise FileNotFoundError(f"{ref}: could not get it from the hub ({first_line(e)}); check the id, "
+                                "your login (huggingface-cli login) and network, or pass a local folder") from None
+
+
+def download(name: str) -> Path:
+    """The hub repo's config, tokenizer and exactly the weight files transformers loads (a single
+    file, or the shards its index lists), cached by huggingface_hub."""
     from huggingface_hub import snapshot_download
 
-    try:
-        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES))
-        if not weight_files(folder):  # an older repo with PyTorch pickles only
-            folder = Path(snapshot_download(name, allow_patterns=HUB_FILES + ["pytorch_model*.bin"]))
-    except Exception as e:  # offline, no such repo, gated, network: all one message
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{ref}: could not get it from the hub ({first_line}); check the id, "
-                                "your login (huggingface-cli login) and network, or pass a local folder") from None
+    folder = Path(snapshot_download(name, allow_patterns=HUB_METADATA + [WEIGHT_NAMES[0][0]]))
+    for single, index in WEIGHT_NAMES:
+        if (folder / single).is_file():
+            break
+        if (folder / index).is_file():
+            folder = Path(snapshot_download(name, allow_patterns=HUB_METADATA + shard_names(read_json(folder / index))))
+            break
+        if single == WEIGHT_NAMES[0][0]:  # no safetensors at all: an older repo with PyTorch pickles
+            folder = Path(snapshot_download(name, allow_patterns=HUB_METADATA + [WEIGHT_NAMES[1][0]]))
     return folder
 
 
@@ -219,28 +231,6 @@ def gpt_config(hf_cfg) -> GPTConfig:
     )
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """transformers' weight files in a folder: model.safetensors or its shards, else the
-    pytorch_model*.bin of older checkpoints."""
-    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's weight files."""
-    from safetensors.torch import load_file
-
-    files = weight_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no model*.safetensors or pytorch_model*.bin weights")
-    if files[0].suffix == ".safetensors":
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
-    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
-
-
 def to_sinklab_weights(hf_state: dict, cfg: GPTConfig, arch: str) -> dict[str, torch.Tensor]:
     """transformers names -> sinklab names (they differ by the `model.` prefix, and for Qwen3-Next
     by its (1 + w) norms and its gate stored interleaved with the queries in q_proj)."""
@@ -285,15 +275,32 @@ def write_tokenizer(ref: str, path: str | Path) -> Path:
     return path
 
 
+def read_source(ref: str):
+    """(Pretrained, transformers config, GPTConfig, tokenizer, state dict in sinklab's names) of an import,
+    with the checks every path shares: a damaged folder is one ValueError naming the file (model/hf_folder.py),
+    and the vocabulary must cover the tokenizer's, for a folder and a GGUF file alike."""
+    source = locate(ref)
+    hf_cfg = source.config()
+    try:
+        cfg = gpt_config(hf_cfg)
+    except (AttributeError, TypeError) as e:  # a field the architecture needs is missing or of the wrong type
+        raise ValueError(f"{source.config_file} is incomplete for a {hf_cfg.model_type} model ({first_line(e)})") from None
+    tok = source.tokenizer()  # before the weights: a missing tokenizer fails fast
+    check_vocab(tok, cfg.vocab_size, source.config_file)
+    return source, hf_cfg, cfg, tok, to_sinklab_weights(source.weights(), cfg, hf_cfg.model_type)
+
+
 def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a pretrained model in sinklab's names: what `train.init_from: hf:...`
     builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/weights.py); train on text
     tokenised by the same model's tokenizer (`Pretrained.tokenizer_spec`). The state dict is in the
-    checkpoint's dtype (fp32 for a dequantised GGUF)."""
-    source = locate(ref)
-    hf_cfg = source.config()
-    cfg = gpt_config(hf_cfg)
-    return cfg, to_sinklab_weights(source.weights(), cfg, hf_cfg.model_type)
+    checkpoint's dtype (fp32 for a dequantised GGUF); its shapes are checked against the config."""
+    from .gpt import GPT
+
+    source, _, cfg, _, state = read_source(ref)
+    with torch.device("meta"):  # shapes only, no memory
+        check_shapes(GPT(cfg), state, source.config_file)
+    return cfg, state
 
 
 def load_pretrained(ref: str, dtype: torch.dtype | None = None):
@@ -303,20 +310,15 @@ def load_pretrained(ref: str, dtype: torch.dtype | None = None):
     name (`Pretrained.name`) and a GGUF file's quantisation."""
     import dataclasses
 
-    from .gpt import GPT
-    from .weights import load_state
-
-    source = locate(ref)
-    hf_cfg = source.config()
-    cfg = gpt_config(hf_cfg)
-    tok = source.tokenizer()  # before the weights: a missing tokenizer fails fast
+    source, hf_cfg, cfg, tok, state = read_source(ref)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
     try:
         model = GPT(cfg)
     finally:
         torch.set_default_dtype(default)
-    load_state(model, to_sinklab_weights(source.weights(), cfg, hf_cfg.model_type), str(source.path))
+    check_shapes(model, state, source.config_file)
+    load_state(model, state, str(source.path))
     info = {"ref": ref, "name": source.name, "folder": str(source.folder), "path": str(source.path),
             "format": "gguf" if source.gguf else "transformers", "quantization": source.quantization(),
             "model_type": hf_cfg.model_type, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}

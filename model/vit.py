@@ -4,6 +4,12 @@ Tokens in DINOv2 order [CLS, registers, patches]. CLS and patches get an absolut
 embedding (learned, or fixed 2-D sin-cos); registers get none (Darcet et al. 2024), and RoPE is
 off by default (`rope: false`), so a register is the same vector wherever it sits. The head
 reads the final CLS token (or the mean of the patch tokens), never the registers.
+
+The fields after `block_size` exist for pretrained ViTs (model/hf_vit.py: DINOv2, DINOv2 with
+registers, ViT / DeiT, CLIP vision): LayerNorm with biases, GELU MLPs with biases, an o_proj
+bias, DINOv2's layer scale, CLIP's norm before the first block, a patch projection without bias,
+a learned position table stored at another grid (bicubic-resampled to this one at every forward,
+as DINOv2 does), and their heads. Their defaults build the lab's own ViT.
 """
 from __future__ import annotations
 
@@ -14,30 +20,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import AttentionWeights, describe_backend, set_backend
-from .config import AttentionConfig, check_mlp_and_init, swiglu_hidden
+from .config import MLPS, NORMS, AttentionConfig, check_mlp_and_init, mlp_hidden
 from .flops import block_matmul_params
-from .gpt import Block, ModelOutput, init_weights
+from .gpt import Block, ModelOutput, init_weights, make_norm
 
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos")
+# linear: logits = head(norm(pooled)); tanh: tanh of that (ViT's pooler); none: norm(pooled) itself,
+# the pooled feature of an imported backbone
+HEADS = ("linear", "tanh", "none")
 
 
 @dataclass
 class ViTConfig(AttentionConfig):
     """`block_size` 0 = the token count 1 + n_registers + n_patches (it only sets the sigmoid bias)."""
 
-    image_size: int = 8
-    patch_size: int = 2
-    in_channels: int = 1
-    n_layer: int = 4
-    n_registers: int = 0
+    image_size: int = 8  # input height and width in pixels
+    patch_size: int = 2  # square patch side in pixels
+    in_channels: int = 1  # image channels (1 digits, 3 RGB)
+    n_layer: int = 4  # transformer blocks
+    n_registers: int = 0  # learned register tokens after CLS (Darcet et al. 2024)
     n_classes: int | None = None  # None = take it from the data
-    pool: str = "cls"
-    pos_embed: str = "learned"
+    pool: str = "cls"  # cls | mean: what the classifier reads, the CLS token or the mean of the patches
+    pos_embed: str = "learned"  # learned | sincos: position embedding of the patches
     intermediate_size: int | None = None  # SwiGLU hidden width; None = 8/3 * n_embd rounded to 64
-    init_std: float = 0.02
-    rope: bool = False
-    block_size: int = 0
+    init_std: float = 0.02  # std of the normal init of the weight matrices
+    rope: bool = False  # off: the patches carry absolute position embeddings
+    block_size: int = 0  # 0 = the token count (it only sets the sigmoid bias)
+    # pretrained-ViT options (module docstring); the defaults are the lab's ViT
+    norm: str = "rmsnorm"  # or layernorm (with a bias), also for the final norm
+    mlp: str = "swiglu"  # gelu, gelu_tanh, quick_gelu: up -> act -> down, width intermediate_size or 4 n_embd
+    mlp_bias: bool = False  # biases on the MLP projections
+    o_proj_bias: bool = False  # a bias on the attention output projection
+    layer_scale: float | None = None  # per-channel scales on both residual branches, initialised at this value
+    pre_norm: bool = False  # a norm on the tokens before the first block (CLIP's pre_layrnorm)
+    patch_bias: bool = True  # the patch projection's bias (CLIP has none)
+    pos_embed_grid: int | None = None  # learned table's grid when it differs from image_size / patch_size
+    pos_embed_antialias: bool = False  # resample that table with antialiasing (DINOv2 with registers)
+    head: str = "linear"  # linear | tanh | none (HEADS): what turns the pooled token into the output
 
     def __post_init__(self):
         if self.block_size == 0:
@@ -57,7 +77,7 @@ class ViTConfig(AttentionConfig):
 
     @property
     def mlp_hidden(self) -> int:
-        return swiglu_hidden(self.n_embd, self.intermediate_size)
+        return mlp_hidden(self)
 
     def validate(self) -> None:
         super().validate()
@@ -76,6 +96,14 @@ class ViTConfig(AttentionConfig):
             raise ValueError(f"model.pool={self.pool!r} is not one of {list(POOLS)}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"model.pos_embed={self.pos_embed!r} is not one of {list(POS_EMBEDS)}")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("head", HEADS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.layer_scale is not None and self.layer_scale <= 0:
+            raise ValueError(f"model.layer_scale must be null (none) or > 0, got {self.layer_scale}")
+        if self.pos_embed_grid is not None and (self.pos_embed_grid <= 0 or self.pos_embed != "learned"):
+            raise ValueError(f"model.pos_embed_grid={self.pos_embed_grid} needs pos_embed=learned and a positive "
+                             "grid (null = image_size / patch_size)")
         if self.block_size < self.n_tokens:
             raise ValueError(f"model.block_size={self.block_size} is below the token count {self.n_tokens} "
                              "(1 CLS + registers + patches); set it to 0 to use the token count")
@@ -99,23 +127,24 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         config.validate()
-        if config.n_classes is None:
+        if config.n_classes is None and config.head != "none":
             raise ValueError("ViTConfig.n_classes is None: set it, or let train.py take it from the data")
         self.config = c = config
-        self.patch_embed = nn.Conv2d(c.in_channels, c.n_embd, c.patch_size, stride=c.patch_size)
+        self.patch_embed = nn.Conv2d(c.in_channels, c.n_embd, c.patch_size, stride=c.patch_size, bias=c.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.n_embd))
         self.registers = nn.Parameter(torch.zeros(1, c.n_registers, c.n_embd)) if c.n_registers else None
         if c.pos_embed == "learned":  # CLS + patches only: registers carry no position
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + c.n_patches, c.n_embd))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (c.pos_embed_grid or c.grid) ** 2, c.n_embd))
         else:
             pe = torch.cat((torch.zeros(1, c.n_embd), sincos_2d(c.grid, c.n_embd)))[None]
             self.register_buffer("pos_embed", pe, persistent=False)
+        if c.pre_norm:
+            self.pre_norm = make_norm(c)
         self.layers = nn.ModuleList(Block(c, causal=False) for _ in range(c.n_layer))
-        self.norm = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
-        self.head = nn.Linear(c.n_embd, c.n_classes)
-        init_weights(self, c.n_layer, c.init_std)
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.zeros_(self.head.bias)
+        self.norm = make_norm(c)
+        if c.head != "none":
+            self.head = nn.Linear(c.n_embd, c.n_classes)
+        init_weights(self, c.n_layer, c.init_std)  # biases at 0; norms and layer scales keep their values
 
     def set_backend(self, device=None, dtype: torch.dtype | None = None) -> str:
         """As GPT.set_backend: resolve the attention backend for a device and compute dtype."""
@@ -138,17 +167,31 @@ class ViT(nn.Module):
             raise ValueError(f"images have shape {tuple(images.shape[1:])}, the model takes "
                              f"{(c.in_channels, c.image_size, c.image_size)} (C, H, W)")
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C), row-major grid
-        x = torch.cat((self.cls_token.expand(len(images), -1, -1), patches), dim=1) + self.pos_embed
+        x = torch.cat((self.cls_token.expand(len(images), -1, -1), patches), dim=1) + self.position_embedding()
         if self.registers is not None:
             x = torch.cat((x[:, :1], self.registers.expand(len(images), -1, -1), x[:, 1:]), dim=1)
-        return x
+        return self.pre_norm(x) if self.config.pre_norm else x
+
+    def position_embedding(self) -> torch.Tensor:
+        """(1, 1 + n_patches, C) for CLS and the patches. A learned table stored at another grid
+        (`pos_embed_grid`) is resampled to this one as DINOv2 / transformers do: bicubic,
+        align_corners=False, in fp32 (antialiased with `pos_embed_antialias`); CLS's row is kept."""
+        c, pe = self.config, self.pos_embed
+        stored = c.pos_embed_grid or c.grid
+        if stored == c.grid:
+            return pe
+        table = pe[:, 1:].reshape(1, stored, stored, -1).permute(0, 3, 1, 2).float()
+        table = F.interpolate(table, size=(c.grid, c.grid), mode="bicubic", align_corners=False,
+                              antialias=c.pos_embed_antialias).to(pe.dtype)
+        return torch.cat((pe[:, :1], table.permute(0, 2, 3, 1).reshape(1, c.n_patches, -1)), dim=1)
 
     def forward(self, images, targets=None, return_attn=False, return_hidden=False) -> ModelOutput:
         """images (B, C, H, W); targets (B,) class ids. logits (B, n_classes); attn / hidden per layer."""
         x = self.embed(images)
+        rope = self.layers[0].self_attn.rope_table(x.shape[1], x.device) if self.config.rope else None  # once, as GPT
         attn, mass, sink_slot, hidden = [], [], [], []
         for block in self.layers:
-            x, weights = block(x, return_attn=return_attn)
+            x, weights = block(x, return_attn=return_attn, rope=rope)
             if isinstance(weights, AttentionWeights):
                 attn.append(weights.probs)
                 mass.append(weights.mass)
@@ -157,7 +200,10 @@ class ViT(nn.Module):
                 hidden.append(x)
         start = self.patch_start  # (a test-time register appended after the patches is not pooled)
         pooled = x[:, 0] if self.config.pool == "cls" else x[:, start : start + self.config.n_patches].mean(1)
-        logits = self.head(self.norm(pooled)).float()
+        logits = self.norm(pooled)
+        if self.config.head != "none":
+            logits = self.head(logits)
+        logits = (torch.tanh(logits) if self.config.head == "tanh" else logits).float()
         loss = None if targets is None else F.cross_entropy(logits, targets)
         sinks = return_attn and self.config.sink_logit != "none"
         return ModelOutput(logits=logits, loss=loss, attn=attn if return_attn else None,

@@ -19,13 +19,14 @@ import yaml
 
 from configs import from_dict
 from data.config import DataConfig
-from data.loader import TokenShards
+from data.loader import TokenSplit
 from data.prepare import prepare, split_documents
 from data.sources import HUB_NAME, load_documents
 from data.tokenizer import EOT, load_tokenizer
 from model import backends
 from model.gpt import GPT
 from model.hf_import import is_hf, load_pretrained
+from model.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
 from trainer.rundir import newest_checkpoint
@@ -116,7 +117,7 @@ class LoadedRun:
         if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
             raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
                              "checkpoint (the source changed since training?); the held-out tokens would not match")
-        return TokenShards(data_dir, "val").tokens
+        return TokenSplit(data_dir, "val").tokens
 
 
 def held_out_tokens(source: str, tokenizer, end_id: int, data_fields: dict | None = None):
@@ -137,13 +138,25 @@ def held_out_tokens(source: str, tokenizer, end_id: int, data_fields: dict | Non
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | None = None, *,
-             dtype=None, data: str | None = None) -> LoadedRun:
+             dtype=None, data: str | None = None, image_size: int | None = None) -> LoadedRun:
     """Model (eval mode), tokenizer and config of a run or checkpoint, or of a pretrained
-    model with path `hf:<hub id, transformers folder, GGUF file or folder holding one>`. `task` ("lm" or "vit"): refuse, with a
+    model with path `hf:<hub id, transformers folder, GGUF file or folder holding one>` (a decoder,
+    model/hf_import.py, or a ViT, model/hf_vit.py). `task` ("lm" or "vit"): refuse, with a
     message, a run of the other kind (an LM eval pointed at a ViT run). `dtype`: fp32 / bf16 /
     fp16 or a torch dtype to cast the weights to (None: fp32). `data`: the text `val_tokens`
-    returns (see `held_out_tokens`)."""
+    returns (see `held_out_tokens`), or for a ViT the image source its evals read. `image_size`:
+    the input size of an imported ViT (None: its pretraining size)."""
     dtype = parse_dtype(dtype)
+    vision = pretrained_vision(path) if is_hf(path) else None
+    if vision is not None:
+        if task not in (None, "vit"):
+            raise ValueError(f"{path} is a pretrained vision transformer, not a {task} model; analyse it with "
+                             "python -m eval.vit_artifacts")
+        model, config = load_pretrained_vit(path, vision, image_size=image_size, dtype=dtype)
+        return LoadedRun(model.to(device).eval(), None, config, vision.folder, data)
+    if image_size is not None:
+        raise ValueError(f"image_size applies to hf: imports of vision transformers; {path} takes the images it "
+                         "was trained on")
     if is_hf(path):
         if task not in (None, "lm"):
             raise ValueError(f"{path} is a pretrained language model, not a {task} run")

@@ -102,3 +102,16 @@ def test_nanogpt_has_gpt2_small_parameter_count_and_is_causal():
     changed[:, 10:] = (changed[:, 10:] + 1) % 40
     a, b = model(idx)[0], model(changed)[0]
     assert torch.allclose(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_hashes_bench_agrees_with_the_checkpoint_manifest(tmp_path, capsys):
+    """bench.hashes times the hash the manifest uses, computing the same digest as trainer.checkpoint.file_hash."""
+    from bench import hashes
+    from trainer.checkpoint import file_hash
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(bytes(range(256)) * 40000)  # 10 MB: more than two read chunks
+    assert hashes.candidates()["xxh3_64"](f) == file_hash(f)
+    assert hashes.main(["--mb", "1", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in ("xxh3_64", "crc32", "sha256", "blake2b"))

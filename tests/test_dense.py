@@ -128,6 +128,12 @@ def test_dense_cli_on_a_tiny_shapes_run(tmp_path, capsys):
     assert 0 < art["background_share_of_patches"] < 1 and "high_norm_fraction" in art["layers"][0]
 
 
-def test_dense_readouts_refuse_images_without_masks():
-    with pytest.raises(ValueError, match="has no object masks"):
-        dense.load_dense_data({"data": {"source": "digits"}}, 10)
+def test_dense_readouts_refuse_images_without_masks(tmp_path, capsys):
+    from eval.vit_distill_registers import save_vit_run
+    from model.vit import ViT, ViTConfig
+
+    vit = ViT(ViTConfig(image_size=8, patch_size=2, in_channels=1, n_layer=1, n_head=2, n_embd=16, n_classes=10))
+    save_vit_run(vit, tmp_path / "digits", {"task": "vit", "data": {"source": "digits"}}, 0)
+    with pytest.raises(SystemExit) as e:
+        dense.main(["--ckpt", str(tmp_path / "digits")])
+    assert e.value.code == 2 and "has no object masks" in capsys.readouterr().err

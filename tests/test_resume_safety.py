@@ -300,7 +300,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, base, monkeypatch)
     assert train.main([*args, "train.max_steps=1"]) == 0
     assert train.main([*args, "train.max_steps=2"]) == 0
     run_id = (tmp_path / "w" / "wandb_run_id").read_text().strip()
-    assert calls == [{"name": "w", "id": run_id, "resume": "allow"}] * 2
+    assert calls == [{"name": "w", "id": run_id, "resume": "allow", "dir": str(tmp_path / "w")}] * 2
 
 
 def test_keep_last_prunes_old_checkpoints_but_never_latest(tmp_path, base):

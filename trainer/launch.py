@@ -20,7 +20,10 @@ def make_accelerator(cfg):
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if mp == "fp16" and not torch.cuda.is_available():  # Accelerate would silently train in fp32
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use train.mixed_precision=bf16 or no")
-    if cfg.logging.wandb and not os.environ.get("WANDB_API_KEY") and not Path.home().joinpath(".netrc").exists():
+    tracker = cfg.logging.tracker_name
+    if tracker is not None:
+        check_tracker(tracker)
+    if tracker == "wandb" and not os.environ.get("WANDB_API_KEY") and not Path.home().joinpath(".netrc").exists():
         os.environ.setdefault("WANDB_MODE", "offline")
     # gloo works for CPU processes (tests, laptops); NCCL is Accelerate's default on GPUs.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -29,7 +32,8 @@ def make_accelerator(cfg):
     # Plain torchrun on CPU: without cpu=True Accelerate sees no device and does not sync
     # the processes at all. DeepSpeed runs on CPU by itself (cpu=True would switch it off).
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    acc = Accelerator(mixed_precision=mp, log_with="wandb" if cfg.logging.wandb else None,
+    # project_dir: trackers that write files (tensorboard, ...) write them under the run dir.
+    acc = Accelerator(mixed_precision=mp, log_with=tracker, project_dir=str(cfg.run_dir),
                       kwargs_handlers=handlers, cpu=cpu_procs and not use_deepspeed)
     tcfg = cfg.train
     tcfg.micro_batch_size = fit_micro_batch(tcfg.batch_size, tcfg.micro_batch_size, acc.num_processes, acc.print)
@@ -38,6 +42,16 @@ def make_accelerator(cfg):
     if acc.state.deepspeed_plugin is not None:
         fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, tcfg, grad_accum)
     return acc, grad_accum
+
+
+def check_tracker(name: str) -> None:
+    """Accelerate drops a tracker whose package is missing without a word; refuse it before any work instead."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if name in LoggerType.list() and name not in {str(t) for t in get_available_trackers()}:
+        raise ConfigError(f"logging.tracker={name} needs its package, which is not installed here; "
+                          f"pip install {name} (or choose another logging.tracker, or null)")
 
 
 def fit_micro_batch(batch_size: int, micro: int, world: int, say=print) -> int:

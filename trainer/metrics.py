@@ -1,8 +1,10 @@
-"""metrics.jsonl: one JSON row per training step, plus eval and sink rows; mirrored to wandb when on."""
+"""metrics.jsonl: one JSON row per training step, plus eval and sink rows; mirrored to the tracker when on
+(logging.tracker, through Accelerate), namespaced train/, val/ and sink/ as the trackers' dashboards group them."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import warnings
 from pathlib import Path
@@ -26,19 +28,42 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def tracker_row(row: dict) -> dict:
+    """A metrics.jsonl row as a tracker logs it: numbers only, under train/, val/ or sink/ by the row's split
+    (loss -> train/loss, val_loss -> val/loss, sink_1 -> sink/sink_1); step is the tracker's step."""
+    split = row.get("split", "train")
+    return {f"{split}/{k.removeprefix('val_') if split == 'val' else k}": v for k, v in row.items()
+            if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class MetricsLog:
     """Rows go to <run>/metrics.jsonl (main process only) and to Accelerate's trackers (wandb)."""
 
-    def __init__(self, acc, run_dir: Path, wandb: bool):
-        self.acc, self.path, self.wandb = acc, run_dir / "metrics.jsonl", wandb
+    def __init__(self, acc, run_dir: Path, tracker: str | None):
+        self.acc, self.path, self.tracker = acc, run_dir / "metrics.jsonl", tracker
+        self.failure = None  # the OSError of a failed append (disk full): the loop stops at the end of the step
 
     def write(self, row: dict) -> None:
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and self.failure is None:
             finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            with open(self.path, "a") as f:  # non-finite floats as null: the file stays valid JSON
-                f.write(json.dumps(finite) + "\n")
-        if self.wandb:
-            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            line = json.dumps(finite) + "\n"  # non-finite floats as null: the file stays valid JSON
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line)
+            except OSError as e:
+                self.failure = e
+                self.cut_torn_line()
+        if self.tracker:
+            self.acc.log(tracker_row(row), step=row["step"])
+
+    def cut_torn_line(self) -> None:
+        """After a failed append, cut the file back to its last complete row (a no-op when the write left nothing)."""
+        try:
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                os.truncate(self.path, data.rfind(b"\n") + 1)
+        except OSError:
+            pass  # the torn line is dropped with a warning when the file is next read
 
     def drop_after(self, step: int) -> None:
         """Drop rows logged after `step` (and a torn last line): a resumed run redoes them (0 = a fresh start)."""

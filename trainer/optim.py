@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from configs import ConfigError
+
 
 def lr_at(step: int, cfg) -> float:
     """The learning rate of optimizer step `step` (0-based) under `cfg` (a TrainConfig).
@@ -27,13 +29,39 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
+def schedule_notes(cfg, horizon: int) -> list[str]:
+    """What the run's lr will do that a user may not expect, in the lr values `lr_at` gives: a warmup that
+    does not end before the last step, and a train.max_steps (cfg) other than the schedule's horizon (a
+    resumed run keeps the horizon it started with). Metrics rows count steps from 1: row s has lr_at(s - 1)."""
+    import dataclasses
+
+    schedule = dataclasses.replace(cfg, max_steps=horizon)
+    last = cfg.max_steps
+    notes = []
+    if cfg.warmup_steps >= last:
+        peak = max(lr_at(s, schedule) for s in range(last))
+        notes.append(f"warning: train.warmup_steps={cfg.warmup_steps} >= train.max_steps={last}: the lr is still "
+                     f"warming up at the last step and peaks at {peak:.3g} (train.lr={cfg.lr:.3g}); lower "
+                     "train.warmup_steps to reach train.lr")
+    if last > horizon:
+        extra = [lr_at(s - 1, schedule) for s in range(horizon + 1, last + 1)]
+        steps = f"step {last}" if len(extra) == 1 else f"steps {horizon + 1}-{last}"
+        values = f"at lr {extra[0]:.2e}" if max(extra) == min(extra) else f"from lr {extra[0]:.2e} to {extra[-1]:.2e}"
+        floor = " (train.min_lr)" if cfg.lr_schedule != "constant" and extra[0] == cfg.min_lr else ""
+        notes.append(f"train.max_steps={last} is past the {horizon} steps the LR schedule was set up for; it keeps "
+                     f"that horizon, so {steps} run {values}{floor}. Start a new run for a new schedule.")
+    elif last < horizon:
+        notes.append(f"train.max_steps={last} stops before the end of the {horizon}-step LR schedule: the last step "
+                     f"runs at lr {lr_at(last - 1, schedule):.2e}, not the schedule's end "
+                     f"{lr_at(horizon - 1, schedule):.2e}. Start a new run for a shorter schedule.")
+    return notes
+
+
 def freeze_all_but(model: torch.nn.Module, train_only: str | None) -> None:
     """train.train_only: only parameters whose name contains one of the comma-separated parts train;
     the others are frozen (requires_grad False). None: all train."""
     if train_only is None:
         return
-    from configs import ConfigError
-
     parts = [p.strip() for p in train_only.split(",") if p.strip()]
     named = dict(model.named_parameters())
     keep = {n for n in named if any(p in n for p in parts)}

@@ -1,5 +1,10 @@
 """Stop signals: SIGTERM / SIGINT finish the step, save and exit; under SLURM a SIGTERM also requeues.
 
+During set-up (data prep, model build, loading a checkpoint) there is nothing trained to save:
+`exit_during_setup` leaves at once with 128 + signal, after requeueing a SIGTERM under SLURM, so a
+job preempted in any phase goes back in the queue. Data prep's own handler removes its partial
+dataset first and then calls this one.
+
 Under SLURM the main process runs `scontrol requeue $SLURM_JOB_ID` after the save, so a job stopped by
 SIGTERM (time limit, preemption) goes back in the queue.
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 
 def requeue_if_slurm(signal_name: str | None) -> str | None:
@@ -29,6 +35,20 @@ def requeue_if_slurm(signal_name: str | None) -> str | None:
     if done.returncode != 0:
         return f"could not requeue SLURM job {job} (scontrol: {done.stderr.strip()}); resubmit it to continue"
     return f"requeued SLURM job {job}"
+
+
+def exit_during_setup() -> dict:
+    """Until StopFlag takes over: SIGTERM / SIGINT exit at once (nothing trained to save yet); a SIGTERM under
+    SLURM requeues the job first (the main process, RANK 0, only). Returns the handlers it replaced."""
+
+    def leave(signum, frame):
+        name = signal.Signals(signum).name
+        print(f"received {name} during set-up, before any step: nothing to save", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0" and (requeued := requeue_if_slurm(name)):
+            print(requeued, file=sys.stderr, flush=True)
+        os._exit(128 + signum)  # a SystemExit raised here can be swallowed (a handler inside a weakref callback)
+
+    return {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 class StopFlag:

@@ -22,6 +22,17 @@ from pathlib import Path
 import torch
 
 from configs import ConfigError
+from data.images import load_images
+from data.loader import TokenSplit, make_loader
+from data.prepare import fingerprint, prepare
+from model import GPT
+from model.flops import training_flops_per_token
+from model.hf_import import init_model, locate
+from model.retrofit import added_fields, complete_state
+from model.vit import ViT
+from model.vit import training_flops_per_token as vit_flops_per_token
+from model.weights import load_state
+from probes.sequences import held_out_sequences
 
 N_PROBE = 8  # held-out inputs for the in-training sink measurement
 
@@ -37,13 +48,17 @@ class LMTask:
         self.sink_token_ids = []  # a retrofit's model.sink_tokens start as these tokens' embeddings
 
     def prepare(self, acc) -> None:
-        from data.prepare import prepare
-
         cfg = self.cfg
+        resumed = None
         if cfg.train.init_from is not None:
-            self.import_model(acc)
-        with acc.main_process_first():
-            self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
+            resumed = self.resumed_import(acc)
+            if resumed is None:
+                self.import_model(acc)
+        if resumed is not None and not Path(cfg.data.tokenizer).exists():
+            self.data_dir = self.prepared_data_of(resumed)
+        else:
+            with acc.main_process_first():
+                self.data_dir = prepare(cfg.data, progress=acc.is_main_process and cfg.logging.progress)
         self.meta = json.loads((self.data_dir / "meta.json").read_text())
         vocab = self.meta["vocab_size"]
         if cfg.model.vocab_size is None:
@@ -63,9 +78,6 @@ class LMTask:
         The run keeps its attention backend and may train on shorter windows than the import's context.
         data.tokenizer becomes the import's folder (or GGUF file), so data prep ends documents with the
         import's EOS."""
-        from model.hf_import import init_model, locate
-        from model.retrofit import added_fields
-
         cfg, ref = self.cfg, self.cfg.train.init_from
         try:
             imported, self.initial_state = init_model(ref)
@@ -92,12 +104,44 @@ class LMTask:
         cfg.model = imported
         cfg.data.tokenizer = source.tokenizer_spec  # the folder, or the GGUF file
 
+    def resumed_import(self, acc) -> Path | None:
+        """Resuming a train.init_from run: its checkpoint holds the model config, weights and tokenizer, so the
+        import is not read again (its folder may be gone). Returns that checkpoint, or None for a fresh start."""
+        import yaml
+
+        from configs import from_dict
+        from trainer.checkpoint import resume_candidate
+
+        cfg = self.cfg
+        ckpt = resume_candidate(cfg)
+        if ckpt is None or not (ckpt / "config.yaml").is_file():
+            return None  # a fresh run, or a checkpoint find_resume_checkpoint refuses with its own message
+        saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+        model = from_dict({"task": "lm", "model": saved["model"]}).model
+        model.backend = cfg.model.backend
+        cfg.model, cfg.data.tokenizer = model, saved["data"]["tokenizer"]
+        acc.print(f"init_from {cfg.train.init_from}: resuming, model config and tokenizer from {ckpt}")
+        return ckpt
+
+    def prepared_data_of(self, ckpt: Path) -> Path:
+        """The prepared data a resumed init_from run trained on, found by the dataset key its checkpoint
+        recorded, when the import's tokenizer folder is gone (data prep would need it to compute the key)."""
+        from data.prepare import validate_prepared
+        from trainer.checkpoint import TrainerState
+
+        saved = TrainerState.read(ckpt).data_fingerprint or {}
+        data_dir = Path(self.cfg.data.cache_dir).expanduser() / str(saved.get("dataset_key"))
+        try:
+            validate_prepared(data_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.tokenizer={self.cfg.data.tokenizer} (the init_from folder) is gone and the data "
+                              f"prepared with it is not in {data_dir} ({e}); restore the folder or "
+                              f"data.cache_dir to resume") from None
+        return data_dir
+
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         """Copy train.init_from's weights into the freshly built model (then drop them), with a
         retrofit's new parameters started as the identity (model/retrofit.py)."""
-        from model.retrofit import complete_state
-        from model.weights import load_state
-
         if self.initial_state is not None:
             state = complete_state(self.initial_state, self.cfg.model, self.sink_token_ids)
             load_state(model, state, self.cfg.train.init_from)
@@ -108,20 +152,13 @@ class LMTask:
 
     def data_fingerprint(self) -> dict:
         """What the training tokens depend on, stored with each checkpoint and compared on resume."""
-        from data.prepare import fingerprint
-
         return fingerprint(self.data_dir)
 
     def build_model(self) -> torch.nn.Module:
-        from model import GPT
-        from model.flops import training_flops_per_token
-
         self.flops_per_token = training_flops_per_token(self.cfg.model, self.cfg.model.block_size)
         return GPT(self.cfg.model)
 
     def loaders(self, acc, grad_accum: int):
-        from data.loader import make_loader
-
         cfg = self.cfg
         mb, T = cfg.train.micro_batch_size, cfg.model.block_size
         train = make_loader(self.data_dir, "train", mb, T, cfg.seed, acc.process_index, acc.num_processes, grad_accum)
@@ -133,11 +170,8 @@ class LMTask:
     def probe_inputs(self) -> torch.Tensor:
         """N_PROBE fixed windows of block_size tokens from the start of the val split, as the evals take them
         (BOS first when the data puts BOS at document starts)."""
-        from data.loader import TokenShards
-        from probes.sequences import held_out_sequences
-
         bos_id = self.meta.get("bos_id") if getattr(self.cfg.data, "bos", False) else None
-        return held_out_sequences(TokenShards(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
+        return held_out_sequences(TokenSplit(self.data_dir, "val").tokens, N_PROBE, self.cfg.model.block_size, bos_id)
 
     def final_report(self, metrics: dict, run_dir: Path) -> str:
         val, uni = metrics["val_loss"], self.meta["unigram_val_nll"]
@@ -156,8 +190,6 @@ class ViTTask:
 
     def prepare(self, acc) -> None:
         """Load the image splits and check them against the model (n_classes null = from the data)."""
-        from data.images import load_images
-
         cfg = self.cfg
         self.images = load_images(cfg.data)
         want = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
@@ -180,9 +212,7 @@ class ViTTask:
         return None  # the images are loaded whole each run; nothing prepared to drift
 
     def build_model(self) -> torch.nn.Module:
-        from model.vit import ViT, training_flops_per_token
-
-        self.flops_per_token = training_flops_per_token(self.cfg.model)
+        self.flops_per_token = vit_flops_per_token(self.cfg.model)
         return ViT(self.cfg.model)
 
     def loaders(self, acc, grad_accum: int):

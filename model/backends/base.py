@@ -73,14 +73,26 @@ class Backend:
                     f"train.mixed_precision=bf16 on a GPU, or use model.backend={self.fix}")
         return None
 
-    def __call__(self, q, k, v, cfg, causal: bool, sink=None):
-        """Run it, refusing with its reason what it cannot run (a GPU backend on CPU tensors...)."""
-        if self.one_dtype:
-            q, k, v = same_dtype(q, k, v)
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if reason := self.why_not(cfg, q.device, q.dtype, training):
-            raise ValueError(reason)
+    def inputs(self, q, k, v):
+        """q, k, v as the kernel takes them (one dtype for the fused ones)."""
+        return same_dtype(q, k, v) if self.one_dtype else (q, k, v)
+
+    def run(self, q, k, v, cfg, causal: bool, sink=None):
+        """The kernel on `inputs` already checked with why_not (the attention block checks once per device,
+        dtype and mode, not per call)."""
         return self.attend(q, k, v, cfg, causal, sink=sink) if sink is not None else self.attend(q, k, v, cfg, causal)
+
+    def __call__(self, q, k, v, cfg, causal: bool, sink=None):
+        """Check, then run: refuses with its reason what it cannot run (a GPU backend on CPU tensors...)."""
+        q, k, v = self.inputs(q, k, v)
+        if reason := self.why_not(cfg, q.device, q.dtype, needs_backward(q, k, v)):
+            raise ValueError(reason)
+        return self.run(q, k, v, cfg, causal, sink)
+
+
+def needs_backward(q, k, v) -> bool:
+    """Whether autograd will differentiate through this attention call."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def same_dtype(q, k, v):
