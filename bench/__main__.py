@@ -77,6 +77,8 @@ def parse_args(argv):
     p.add_argument("--train-backend", choices=["auto", "math", "flex", "chunked", "triton"], default="auto",
                    help="backend of the sigmoid / elu1 / linear training rows where the kind allows it "
                         "(e.g. triton: both Triton kernels); other rows use auto")
+    p.add_argument("--sink-logit", choices=["none", "zero", "learned"], default="none",
+                   help="training rows: model.sink_logit of the softmax rows (the retrofit's step)")
     p.add_argument("--n-layer", type=int, default=None)
     p.add_argument("--n-head", type=int, default=None)
     p.add_argument("--n-embd", type=int, default=None)
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
         if "train" not in args.skip:
             names += [n for n in model_names(args.kinds, args.gates) if n not in names]
         rows = train_table(names, shape_for, args.lengths, device, args.warmup, args.reps, args.compile,
-                           interleave=args.suite == "cpu", kernel_backend=args.train_backend)
+                           interleave=args.suite == "cpu", kernel_backend=args.train_backend,
+                           sink_logit=args.sink_logit)
         result["train"] = rows
         save()
         s = shape_for(args.lengths[0])

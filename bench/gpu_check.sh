@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check in about 6 minutes (each step has its own limit; at most 10 min in all):
+# GPU check in about 8 minutes (each step has its own limit; the limits add up to about 15 min):
 # correctness of every fast attention path, then the timings.
 #   bash bench/gpu_check.sh            (from the repo root; results under $OUT or out/bench)
+#   ONLY="selfcheck streaming retrofit_gate retrofit_sink_logit" bash bench/gpu_check.sh   (some steps,
+#   by name: check kernels nanogpt train selfcheck streaming retrofit_gate retrofit_sink_logit)
 # Needs torch with CUDA and triton; flash-attn rows appear when it is installed. Each step
 # writes its own log (and JSON), so a step that runs out of time leaves the others' results;
 # rerun only that step. What the numbers are compared against: docs/gpu.md.
@@ -13,6 +15,7 @@ mkdir -p "$DIR"
 status=0
 run_step() {  # run_step <seconds> <name> <command...>
   local limit=$1 name=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
@@ -35,4 +38,21 @@ bench 140 kernels --skip train nanogpt --backends sdpa flash triton chunked math
 bench 120 nanogpt --skip kernels --kinds softmax --gates none --lengths 1024 --compile
 # 4. training step of every kind and gate at every T (sigmoid / elu1 / linear through Triton)
 bench 120 train --skip kernels nanogpt --gates none elementwise --train-backend triton
+# 5. the backend self-check's cost on this GPU: every kind in bf16, once per process (its lines)
+run_step 60 selfcheck "$PY" -c "
+import torch
+from model import GPT, GPTConfig
+for kind in ('softmax', 'sigmoid', 'elu1', 'linear'):
+    GPT(GPTConfig(n_layer=1, n_embd=768, n_head=12, vocab_size=256, block_size=1024, attention=kind)).to('cuda', torch.bfloat16)
+"
+# 6. streaming at SmolLM2-135M widths (random Llama: 30 layers, 576 wide, 9 heads): the exact parallel
+#    form vs token-by-token vs transformers' own KV-cache decoding, 4 sinks + 252 window
+bench 150 streaming --skip kernels train nanogpt --n-layer 30 --n-head 9 --n-embd 576 --vocab 49152 \
+  --stream-tokens 2048 --stream-window 252
+# 7. a retrofit step at the same widths, T=1024: the import's step (control), + elementwise gate,
+#    + learned sink logit (sdpa: flash has no sink logit)
+bench 90 retrofit_gate --skip kernels nanogpt streaming --kinds softmax --gates none elementwise --lengths 1024 \
+  --n-layer 30 --n-head 9 --n-embd 576 --vocab 49152 --reps 5
+bench 60 retrofit_sink_logit --skip kernels nanogpt streaming --kinds softmax --gates none --lengths 1024 \
+  --n-layer 30 --n-head 9 --n-embd 576 --vocab 49152 --reps 5 --sink-logit learned
 exit $status

@@ -29,9 +29,9 @@ def training_step(model, opt, x, y, device):
     opt.zero_grad(set_to_none=True)
 
 
-def make_model(name: str, shape: dict, device, compile_: bool, kernel_backend: str = "auto"):
+def make_model(name: str, shape: dict, device, compile_: bool, kernel_backend: str = "auto", sink_logit: str = "none"):
     """'nanogpt' or '<kind>/<gate>' (sinklab; `kernel_backend` for the kinds other than softmax that
-    allow it, else auto)."""
+    allow it, else auto; `sink_logit` for the softmax rows, as a retrofitted sink logit trains)."""
     if name == "nanogpt":
         cfg = nanogpt_baseline.NanoGPTConfig(block_size=shape["T"], vocab_size=shape["vocab"], n_layer=shape["n_layer"],
                                              n_head=shape["n_head"], n_embd=shape["n_embd"])
@@ -42,6 +42,7 @@ def make_model(name: str, shape: dict, device, compile_: bool, kernel_backend: s
         kind, gate = name.split("/")
         cfg = GPTConfig(vocab_size=shape["vocab"], n_layer=shape["n_layer"], n_head=shape["n_head"],
                         n_embd=shape["n_embd"], block_size=shape["T"], attention=kind, gate=gate,
+                        sink_logit=sink_logit if kind == "softmax" else "none",
                         backend=kernel_backend if kind != "softmax" and kernel_backend in backends.allowed(kind) else "auto")
         model, flops = GPT(cfg), training_flops_per_token(cfg, shape["T"])
     model = model.to(device)
@@ -50,7 +51,7 @@ def make_model(name: str, shape: dict, device, compile_: bool, kernel_backend: s
 
 
 def train_table(names, shape_for, lengths, device, warmup: int, reps: int, compile_: bool,
-                interleave: bool = False, kernel_backend: str = "auto") -> list[dict]:
+                interleave: bool = False, kernel_backend: str = "auto", sink_logit: str = "none") -> list[dict]:
     """Step time, tokens/s, MFU and peak memory per model name and T.
 
     interleave=True (the CPU suite): build every model first, then time them in turns, one
@@ -69,9 +70,10 @@ def train_table(names, shape_for, lengths, device, warmup: int, reps: int, compi
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            model, opt, flops = make_model(name, shape, device, compile_, kernel_backend)
+            model, opt, flops = make_model(name, shape, device, compile_, kernel_backend, sink_logit)
             step = (lambda m=model, o=opt: training_step(m, o, x, y, device))
-            row = {"T": t, "B": shape["B"], "model": name, "compiled": compile_, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab")}}
+            label = f"{name}+sink_logit_{sink_logit}" if sink_logit != "none" and name.startswith("softmax/") else name
+            row = {"T": t, "B": shape["B"], "model": label, "compiled": compile_, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab")}}
             try:
                 for _ in range(warmup):
                     step()
