@@ -24,13 +24,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 KINDS = ("softmax", "sigmoid", "elu1", "linear")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models here run faster on one thread, and the CI machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(**kw) -> ViTConfig:

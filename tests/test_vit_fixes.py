@@ -19,12 +19,7 @@ GRID, PATCH, WIDTH = 8, 4, 16
 ARTIFACT_AT = (1 * GRID + 6, 5 * GRID + 2)  # two fixed patch positions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------ Denoising ViTs
