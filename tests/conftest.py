@@ -232,3 +232,14 @@ def word_corpus(tmp_path_factory) -> Path:
     for d in range(6):
         (corpus / f"doc{d}.txt").write_text(" ".join(rng.choice(words.split()) for _ in range(600)) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run_args(word_corpus):
+    """steps -> train.py overrides for a 1-layer model on word_corpus, a checkpoint at every step."""
+    def args(steps: int) -> list[str]:
+        return [f"data.cache_dir={word_corpus / 'cache'}", f"data.source={word_corpus / 'corpus'}", "data.vocab_size=300",
+                "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+                "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1", f"train.max_steps={steps}",
+                "train.ckpt_interval=1", "train.eval_interval=100", "train.eval_windows=2", "logging.progress=false"]
+    return args

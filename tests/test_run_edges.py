@@ -29,11 +29,8 @@ def _no_wandb():
 
 
 @pytest.fixture(scope="module")
-def base(word_corpus) -> list[str]:
-    return [f"data.cache_dir={word_corpus / 'cache'}", f"data.source={word_corpus / 'corpus'}", "data.vocab_size=300",
-            "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-            "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1", f"train.max_steps={STEPS}",
-            "train.ckpt_interval=1", "train.eval_interval=100", "train.eval_windows=2", "logging.progress=false"]
+def base(tiny_run_args) -> list[str]:
+    return tiny_run_args(STEPS)
 
 
 @pytest.fixture(scope="module")
