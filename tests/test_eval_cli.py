@@ -16,6 +16,7 @@ import ablate
 import train
 from eval import activations, sink, spikes, streaming
 from runs.load import load_run
+from eval.progress import progress
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -306,3 +307,14 @@ def test_activations_default_is_plain_windows_as_sun_et_al(run_dir, capsys):
     with pytest.raises(SystemExit) as e:
         activations.main(["--ckpt", str(run_dir), "--bos"])
     assert "--bos but" in one_line_error(capsys, e)
+
+
+def test_progress_off_a_terminal_is_whole_lines(capsys):
+    """In a log (stderr not a terminal) each redraw of the bar is its own line, with the rate."""
+    bar = progress(total=3, desc="sinks")
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("sinks:") and "\r" not in line for line in lines)
+    assert "3.00/3.00" in lines[-1] and "tok/s" in lines[-1]
