@@ -15,8 +15,8 @@ import pytest
 import ablate
 import train
 from eval import activations, sink, spikes, streaming
-from runs.load import load_run
 from eval.progress import progress
+from runs.load import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
