@@ -3,7 +3,9 @@
 Projections, optional QK-norm, RoPE, the attention itself (score functions: model/scores.py; the
 kernel that runs them: model/backends/, resolved once when the block is built or moved), and the
 optional output gate (Qiu et al. 2025, position G1), which multiplies each head's output by
-sigmoid(x W_g) before o_proj. `sink_logit: learned` adds `sinks`, one logit per head (gpt-oss). With a cache (model/cache.py) the block stores its new keys and
+sigmoid(x W_g) before o_proj. `sink_logit: learned` adds `sinks`, one logit per head (gpt-oss), and
+`sink_value` adds `sink_values`, the slot's value per KV head: a key-value slot with no position that
+every query attends to and no cache evicts. With a cache (model/cache.py) the block stores its new keys and
 values there and attends over what the cache returns.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from . import backends
 from .backends.base import needs_backward
 from .config import AttentionConfig, block_option
 from .rope import apply_rope, rope_cos_sin, scaled_rope_frequencies
-from .scores import expand_kv, linear_attention_chunked, math_attention, weights_from_scores
+from .scores import add_slot_value, expand_kv, linear_attention_chunked, math_attention, weights_from_scores
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         if cfg.sink_logit == "learned":  # initialised at sink_logit_init (0.0: softmax + 1 until training moves it)
             self.sinks = nn.Parameter(torch.full((H,), float(cfg.sink_logit_init)))
+        if cfg.sink_value:  # zero: the slot adds nothing but its share of the denominator until fitted or trained
+            self.sink_values = nn.Parameter(torch.zeros(Hkv, D))
         # A plain attribute, not a buffer: module casts (bf16 under DeepSpeed) must not round it.
         self.inv_freq = scaled_rope_frequencies(cfg)
         self.compute_dtype = None  # None: the weights' dtype
@@ -160,15 +164,22 @@ class Attention(nn.Module):
             return self.q_proj.weight.new_zeros(self.cfg.n_head)
         return None
 
+    def sink_slot_values(self) -> torch.Tensor | None:
+        """v_h (n_head, head_dim) of model.sink_value, each KV head's value repeated for its query heads
+        (as expand_kv repeats values), or None without one."""
+        if not self.cfg.sink_value:
+            return None
+        return self.sink_values.repeat_interleave(self.cfg.n_head // self.cfg.kv_heads, dim=0)
+
     def attend(self, q, k, v, return_attn: bool = False):
         """Rotated q (B,H,Tq,D) against rotated k, v (B,Hkv,Tk,D); queries are the last Tq keys.
         The weights (return_attn) and the decoding steps a fused kernel does not take go to math."""
-        cfg, sink = self.cfg, self.sink_logits()
+        cfg, sink, value = self.cfg, self.sink_logits(), self.sink_slot_values()
         k, v = expand_kv(k, v, cfg.n_head)
         decoding = self.causal and q.shape[-2] != k.shape[-2]
         if not (return_attn or (decoding and not self.kernel.decodes)):
-            return self.run_kernel(q, k, v, sink), None
-        y, w = math_attention(q, k, v, cfg, self.causal, sink)
+            return self.run_kernel(q, k, v, sink, value), None
+        y, w = math_attention(q, k, v, cfg, self.causal, sink, value)
         if not return_attn:
             return y, None
         mass = w.sum(-1)
@@ -197,9 +208,13 @@ class Attention(nn.Module):
         distance = q_index[:, None] - key_index[None, :]
         visible = (distance >= 0) & ((key_index < n_sink)[None, :] | (distance < window))
         scores = torch.cat((sinks, band), dim=-1) * q.shape[-1] ** -0.5
-        return weights_from_scores(scores, visible, cfg, self.sink_logits()) @ values
+        value = self.sink_slot_values()
+        if value is None:
+            return weights_from_scores(scores, visible, cfg, self.sink_logits()) @ values
+        w, slot = weights_from_scores(scores, visible, cfg, self.sink_logits(), with_slot=True)
+        return add_slot_value(w @ values, slot, value)
 
-    def run_kernel(self, q, k, v, sink):
+    def run_kernel(self, q, k, v, sink, sink_value=None):
         """The resolved backend's kernel. Whether it can run these tensors (device, dtype, forward or
         training) is asked once per combination, not on every call; a refusal names the fix."""
         kernel = self.kernel
@@ -209,7 +224,7 @@ class Attention(nn.Module):
             self.refusals[key] = kernel.why_not(self.cfg, *key)
         if self.refusals[key]:
             raise ValueError(self.refusals[key])
-        return kernel.run(q, k, v, self.cfg, self.causal, sink)
+        return kernel.run(q, k, v, self.cfg, self.causal, sink, sink_value)
 
     def attend_recurrent(self, q, k, v, state, rope=None):
         """Linear attention from its recurrent state (model/cache.py's LinearState), exactly."""

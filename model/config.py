@@ -52,6 +52,10 @@ class AttentionConfig:
     # zero: b_h = 0 (softmax + 1); learned: gpt-oss's per-head sinks, a parameter initialised at 0.0.
     sink_logit: str = "none"  # none | zero | learned
     sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/retrofit.py)
+    # learned logit only: the slot also carries a value v_h (head_dim) per KV head, shared by its query heads,
+    # y_i = (sum_j exp(s_ij) v_j + exp(b_h) v_h) / (exp(b_h) + sum_j exp(s_ij)): a KV sink with no position that is
+    # never evicted. Starts at 0 (then it is sink_logit alone); fixes/calibrate_sink.py fits it with no training.
+    sink_value: bool = False
     qk_norm: bool = False  # RMSNorm on q and k per head (recommended for sigmoid)
     backend: str = "auto"  # model/backends/: auto resolves once, when the model is built or moved
     linear_chunk_size: int = 64  # attention=linear: tokens per chunk of the chunked (linear-time) kernel
@@ -91,6 +95,9 @@ class AttentionConfig:
         if self.sink_logit != "none" and self.attention != "softmax":
             raise ValueError(f"model.sink_logit={self.sink_logit} adds a logit to softmax's denominator and applies "
                              f"to attention=softmax only, got attention={self.attention!r}; set model.sink_logit=none")
+        if self.sink_value and self.sink_logit != "learned":
+            raise ValueError(f"model.sink_value=true gives the learned sink slot a value and needs model.sink_logit=learned, "
+                             f"got model.sink_logit={self.sink_logit!r}")
         allowed = backends.allowed(self.attention)  # the kernels that run this kind, plus auto and math
         if self.backend not in allowed:
             raise ValueError(

@@ -18,13 +18,16 @@ started so that the model computes the import's function at step 0.
                                    (RoPE is relative: the text's scores do not depend on the shift).
                                    On the text alone this differs from the import, which had no
                                    such first tokens.
+    sink_value: true               v_h = 0 per KV head: with sink_logit: learned, the slot adds its logit's
+                                   share of the denominator and nothing to the numerator until trained
+                                   (fixes/calibrate_sink.py fits b_h and v_h instead, with no training).
     sink_logit: zero               no parameter: softmax + 1 from step 0 (rows keep 1 - sigmoid(-lse_i)).
 """
 from __future__ import annotations
 
 import torch
 
-FIXES = ("sink_logit", "sink_tokens", "gate")  # the model fields a retrofit may add to an import
+FIXES = ("sink_logit", "sink_value", "sink_tokens", "gate")  # the model fields a retrofit may add to an import
 
 
 def added_fields(run_model, imported) -> dict:
@@ -34,9 +37,9 @@ def added_fields(run_model, imported) -> dict:
     out = {}
     for name in FIXES:
         wanted, has = getattr(run_model, name), getattr(imported, name)
-        if wanted in ("none", 0) or wanted == has:
+        if wanted in ("none", 0, False) or wanted == has:
             continue
-        if has not in ("none", 0):
+        if has not in ("none", 0, False):
             raise ValueError(f"the import already has model.{name}={has!r}; drop model.{name}={wanted!r} "
                              f"or set it to {has!r}")
         out[name] = wanted
@@ -57,6 +60,8 @@ def complete_state(state: dict[str, torch.Tensor], cfg, token_ids: list[int]) ->
             state[prefix + "o_proj.weight"] = o_proj * 2
         if cfg.sink_logit == "learned" and prefix + "sinks" not in state:
             state[prefix + "sinks"] = torch.full((cfg.n_head,), float(cfg.sink_logit_init), dtype=torch.float32)
+        if cfg.sink_value and prefix + "sink_values" not in state:
+            state[prefix + "sink_values"] = o_proj.new_zeros(cfg.kv_heads, cfg.head_dim)
     if cfg.sink_tokens and "sink_tokens" not in state:
         if len(token_ids) != cfg.sink_tokens:
             raise ValueError(f"model.sink_tokens={cfg.sink_tokens} needs {cfg.sink_tokens} token ids to start from, "

@@ -29,11 +29,21 @@ def row_normalised(cfg) -> bool:
     return (cfg.attention == "softmax" and cfg.sink_logit == "none") or cfg.attention == "linear" or cfg.attn_normalize
 
 
-def sink_rescale(y, lse, sink):
+def sink_rescale(y, lse, sink, value=None):
     """Softmax output y (B,H,Tq,Dv) with row log-sum-exp lse (B,H,Tq) -> the output with sink logits
-    sink (H,) in the denominator: y * sum_j exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)) = y * sigmoid(lse - b_h)."""
-    scale = torch.sigmoid(at_least_fp32(lse) - sink.to(at_least_fp32(lse).dtype)[:, None])
-    return (y * scale.unsqueeze(-1).to(y.dtype)).to(y.dtype)
+    sink (H,) in the denominator: y * sum_j exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)) = y * sigmoid(lse - b_h).
+    With the slot's value (H,Dv) (model.sink_value), plus value * sigmoid(b_h - lse), the slot's weight."""
+    lse = at_least_fp32(lse)
+    logit = sink.to(lse.dtype)[:, None]
+    out = y * torch.sigmoid(lse - logit).unsqueeze(-1).to(y.dtype)
+    if value is not None:
+        out = out + torch.sigmoid(logit - lse).unsqueeze(-1).to(y.dtype) * value.to(y.dtype)[:, None, :]
+    return out.to(y.dtype)
+
+
+def add_slot_value(y, slot, value):
+    """y (B,H,Tq,Dv) plus the sink slot's value (H,Dv) at its weight slot (B,H,Tq)."""
+    return y + slot.unsqueeze(-1).to(y.dtype) * value.to(y.dtype)[:, None, :]
 
 
 def masked_scores(q, k, causal: bool):
@@ -76,29 +86,36 @@ def unnormalised_weights(scores: torch.Tensor, kind: str, sigmoid_bias: float) -
     raise ValueError(f"no elementwise weight function for attention kind {kind!r}")
 
 
-def math_attention(q, k, v, cfg, causal: bool, sink=None):
+def math_attention(q, k, v, cfg, causal: bool, sink=None, sink_value=None):
     """Reference: materialise the weights. q: (B,H,Tq,D), k, v: (B,H,Tk,D); sink: the sink logits
-    b_h (H,) or None. Returns (y, w); with sink logits the rows of w sum to less than 1."""
+    b_h (H,) or None; sink_value: the slot's value (H,D) or None. Returns (y, w); with sink logits the
+    rows of w sum to less than 1 (the slot takes the rest)."""
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
     if cfg.attention == "linear":
         w = feature_map(q) @ feature_map(k).transpose(-2, -1)
     else:
         w = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    w = weights_from_scores(w, mask, cfg, sink)
-    return w @ v, w
+    if sink_value is None:
+        w = weights_from_scores(w, mask, cfg, sink)
+        return w @ v, w
+    w, slot = weights_from_scores(w, mask, cfg, sink, with_slot=True)
+    return add_slot_value(w @ v, slot, sink_value), w
 
 
-def weights_from_scores(s, mask, cfg, sink=None):
+def weights_from_scores(s, mask, cfg, sink=None, with_slot: bool = False):
     """The attention weights from raw scores s (B,H,Tq,Tk): s_ij = q_i.k_j / sqrt(d), or
     phi(q_i).phi(k_j) for linear. mask: bool (Tq,Tk) or (B,H,Tq,Tk), True = visible; None = all.
-    The one place each kind's score function, normalisation and sink logit is applied."""
+    The one place each kind's score function, normalisation and sink logit is applied.
+    with_slot (sink logits only): also return the slot's weight (B,H,Tq)."""
     if cfg.attention == "softmax":
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         if sink is not None:  # the virtual key: one more column in the softmax, then dropped
             s = torch.cat((s, sink.to(s.dtype)[:, None, None].expand(*s.shape[:-1], 1)), dim=-1)
         w = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(s.dtype)
-        return w[..., :-1] if sink is not None else w
+        if sink is None:
+            return w
+        return (w[..., :-1], w[..., -1]) if with_slot else w[..., :-1]
     w = s if cfg.attention == "linear" else unnormalised_weights(s, cfg.attention, cfg.resolved_sigmoid_bias)
     if mask is not None:
         w = w.masked_fill(~mask, 0.0)

@@ -47,6 +47,8 @@ def unsupported(model_cfg: dict) -> list[str]:
         reasons.append("rope=false (every exported architecture applies RoPE)")
     if model_cfg.get("sink_logit", "none") != "none":
         reasons.append(f"sink_logit={model_cfg['sink_logit']!r} (no dense transformers decoder has a sink logit)")
+    if model_cfg.get("sink_value", False):
+        reasons.append("sink_value (no transformers decoder has a key-value sink slot)")
     if model_cfg.get("sink_tokens", 0):
         reasons.append("sink_tokens (no transformers decoder prepends learned embeddings)")
     return reasons

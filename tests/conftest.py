@@ -65,7 +65,8 @@ def attn_params(module_or_sd, prefix: str = "") -> dict:
     else:
         sd = module_or_sd
     names = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
-             "g": "g_proj.weight", "qn": "q_norm.weight", "kn": "k_norm.weight", "sink": "sinks"}
+             "g": "g_proj.weight", "qn": "q_norm.weight", "kn": "k_norm.weight", "sink": "sinks",
+             "sink_v": "sink_values"}
     return {key: sd[prefix + name] for key, name in names.items() if prefix + name in sd}
 
 
@@ -119,6 +120,8 @@ def ref_attention(x, P, cfg, causal: bool = True, drop_key0: bool = False):
             e = torch.exp(s - m)
             denominator = e.sum(-1, keepdim=True) + (0.0 if b is None else torch.exp(b - m))
             w = e / denominator
+            if "sink_v" in P:  # sink_value: the slot's value v_h of query head h's kv head, at weight exp(b) / denominator
+                slot_value = (torch.exp(b - m) / denominator) * P["sink_v"][kv_of].view(1, H, 1, D)  # (B,H,T,D)
         elif cfg.attention == "sigmoid":
             b = -math.log(cfg.block_size) if cfg.sigmoid_bias is None else cfg.sigmoid_bias
             w = ref_sigmoid(s + b) * allowed
@@ -130,6 +133,8 @@ def ref_attention(x, P, cfg, causal: bool = True, drop_key0: bool = False):
     if cfg.attention == "linear" or cfg.attn_normalize:
         applied = w / w.sum(-1, keepdim=True)
     y = torch.einsum("bhij,bjhd->bihd", applied, v)  # (B, T, H, D)
+    if "sink_v" in P and cfg.attention == "softmax":
+        y = y + slot_value.transpose(1, 2)
     if cfg.gate == "headwise":
         y = y * ref_sigmoid(x @ P["g"].T)[..., None]
     elif cfg.gate == "elementwise":

@@ -112,10 +112,10 @@ def test_a_retrofit_the_import_already_has_differently_is_refused(setup):
     from model.retrofit import added_fields
 
     class Imported:
-        sink_logit, sink_tokens, gate = "none", 0, "elementwise"
+        sink_logit, sink_value, sink_tokens, gate = "none", False, 0, "elementwise"
 
     class Run:
-        sink_logit, sink_tokens, gate = "none", 0, "headwise"
+        sink_logit, sink_value, sink_tokens, gate = "none", False, 0, "headwise"
 
     with pytest.raises(ValueError, match="already has model.gate='elementwise'"):
         added_fields(Run, Imported)

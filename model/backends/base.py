@@ -14,7 +14,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 class Backend:
     """One way to compute attention. `attend(q, k, v, cfg, causal)` takes rotated q (B,H,Tq,D) and
     k, v (B,H,Tk,D) with the heads already repeated for GQA, and returns y (B,H,Tq,D); backends with
-    `sinks` also take `sink=` the sink logits b_h (H,) (model.sink_logit).
+    `sinks` also take `sink=` the sink logits b_h (H,) (model.sink_logit) and `sink_value=` the slot's
+    value (H,D) (model.sink_value), y * sigmoid(lse - b_h) + v_h * sigmoid(b_h - lse).
 
     kinds:      the attention kinds it computes.
     devices:    device types it runs on (None = any).
@@ -25,7 +26,7 @@ class Backend:
     decodes:    takes queries appended after cached keys (Tq != Tk); if not, `math` does those steps
                 (the weights are only Tq x Tk there, and fixed shapes keep compiled kernels from recompiling).
     one_dtype:  cast q, k, v to one dtype first (fused kernels; see `same_dtype`).
-    sinks:      computes model.sink_logit's extra softmax denominator term.
+    sinks:      computes model.sink_logit's extra softmax denominator term (and model.sink_value's value).
     auto_ok:    (cfg, device) -> whether `auto` may pick it where it runs (None = yes).
     fix:        the backend to suggest instead when it cannot run.
     device_note: said after the device when it runs elsewhere.
@@ -77,17 +78,21 @@ class Backend:
         """q, k, v as the kernel takes them (one dtype for the fused ones)."""
         return same_dtype(q, k, v) if self.one_dtype else (q, k, v)
 
-    def run(self, q, k, v, cfg, causal: bool, sink=None):
+    def run(self, q, k, v, cfg, causal: bool, sink=None, sink_value=None):
         """The kernel on `inputs` already checked with why_not (the attention block checks once per device,
         dtype and mode, not per call)."""
-        return self.attend(q, k, v, cfg, causal, sink=sink) if sink is not None else self.attend(q, k, v, cfg, causal)
+        if sink is None:
+            return self.attend(q, k, v, cfg, causal)
+        if sink_value is None:
+            return self.attend(q, k, v, cfg, causal, sink=sink)
+        return self.attend(q, k, v, cfg, causal, sink=sink, sink_value=sink_value)
 
-    def __call__(self, q, k, v, cfg, causal: bool, sink=None):
+    def __call__(self, q, k, v, cfg, causal: bool, sink=None, sink_value=None):
         """Check, then run: refuses with its reason what it cannot run (a GPU backend on CPU tensors...)."""
         q, k, v = self.inputs(q, k, v)
         if reason := self.why_not(cfg, q.device, q.dtype, needs_backward(q, k, v)):
             raise ValueError(reason)
-        return self.run(q, k, v, cfg, causal, sink)
+        return self.run(q, k, v, cfg, causal, sink, sink_value)
 
 
 def needs_backward(q, k, v) -> bool:

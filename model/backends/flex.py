@@ -59,12 +59,12 @@ def _with_lse(flex, q, k, v, mod, mask):
     return out, aux.lse
 
 
-def flex_attention(q, k, v, cfg, causal: bool, sink=None):
+def flex_attention(q, k, v, cfg, causal: bool, sink=None, sink_value=None):
     mod = _score_mod(cfg.attention, float(cfg.resolved_sigmoid_bias))
     mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
     flex = _flex_fn(q.device.type)
     if sink is not None:
-        return sink_rescale(*_with_lse(flex, q, k, v, mod, mask), sink)
+        return sink_rescale(*_with_lse(flex, q, k, v, mod, mask), sink, sink_value)
     if mod is None or cfg.attn_normalize:
         return flex(q, k, v, score_mod=mod, block_mask=mask)
     out, lse = _with_lse(flex, q, k, v, mod, mask)

@@ -5,5 +5,5 @@ from __future__ import annotations
 from ..scores import ATTENTION_KINDS, math_attention
 from .base import Backend
 
-BACKEND = Backend("math", ATTENTION_KINDS, lambda q, k, v, cfg, causal, sink=None: math_attention(q, k, v, cfg, causal, sink)[0],
+BACKEND = Backend("math", ATTENTION_KINDS, lambda q, k, v, cfg, causal, sink=None, sink_value=None: math_attention(q, k, v, cfg, causal, sink, sink_value)[0],
                   sinks=True)

@@ -1,6 +1,6 @@
 """`sdpa`: softmax through PyTorch's fused kernels (flash / memory-efficient / cuDNN / math), any device.
 
-With sink logits the output is rescaled by sigmoid(lse - b_h), which is exact; SDPA does not
+With sink logits the output is rescaled by sigmoid(lse - b_h) (plus the slot's value at sigmoid(b_h - lse)), which is exact; SDPA does not
 return lse, so it is taken from the masked scores (a Tq x Tk fp32 tensor, as `math` holds; the
 flex backend gets lse from its kernel)."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ from ..scores import causal_mask, masked_scores, sink_rescale
 from .base import Backend
 
 
-def sdpa_attention(q, k, v, cfg, causal: bool, sink=None):
+def sdpa_attention(q, k, v, cfg, causal: bool, sink=None, sink_value=None):
     y = softmax_attention(q, k, v, causal)
-    return y if sink is None else sink_rescale(y, masked_scores(q, k, causal).logsumexp(-1), sink)
+    return y if sink is None else sink_rescale(y, masked_scores(q, k, causal).logsumexp(-1), sink, sink_value)
 
 
 def softmax_attention(q, k, v, causal: bool):

@@ -49,7 +49,7 @@ def can_run_on(device: torch.device) -> bool:
 
 def key(backend: Backend, cfg, device: torch.device, dtype: torch.dtype) -> tuple:
     return (backend.name, cfg.attention, cfg.attn_normalize, float(cfg.resolved_sigmoid_bias), cfg.sink_logit != "none",
-            cfg.head_dim, cfg.linear_chunk_size if cfg.attention == "linear" else None, dtype, str(device))
+            cfg.sink_value, cfg.head_dim, cfg.linear_chunk_size if cfg.attention == "linear" else None, dtype, str(device))
 
 
 def verdict(backend: Backend, cfg, device: torch.device, dtype: torch.dtype) -> tuple[Verdict, bool]:
@@ -92,12 +92,14 @@ def _error(reference: Backend, backend: Backend, cfg, device, dtype, causal: boo
     inputs = [torch.randn(shape, generator=g) for _ in range(3)]
     if cfg.sink_logit != "none":
         inputs.append(torch.randn(HEADS, generator=g))
+    if cfg.sink_value:
+        inputs.append(torch.randn(HEADS, cfg.head_dim, generator=g))
     grad_out = torch.randn(shape, generator=g).to(device)
 
     def run(b: Backend, dt: torch.dtype):
         xs = [x.to(device, dt).detach().requires_grad_(train) for x in inputs]
         q, k, v, *sink = xs
-        y = b(q, k, v, cfg, causal, sink[0] if sink else None)
+        y = b(q, k, v, cfg, causal, *sink)
         if not train:
             return [y.double()]
         y.backward(grad_out.to(y.dtype))
