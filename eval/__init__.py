@@ -33,6 +33,25 @@ def make_dir(path) -> Path:
     return path
 
 
+def check_writable(path, flag: str = "--out") -> Path:
+    """Fail in one line, before any work, when `path` (a folder, made later) cannot be written: a file is
+    there, or the nearest existing folder refuses a new entry (tried with a temp folder, removed at once:
+    permission bits alone say nothing to root or on /proc)."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        fail(f"{flag} {path} is a file, not a folder; pass a folder")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        fail(f"{flag} {path}: {parent} is a file, not a folder; pass a writable folder")
+    try:
+        Path(tempfile.mkdtemp(dir=parent, prefix=".write_check_")).rmdir()
+    except OSError as e:
+        fail(f"{flag} {path} cannot be written ({e.strerror or e} in {parent}); pass a writable folder")
+    return path
+
+
 def eval_dir(run_dir) -> Path:
     """`<run>/eval/`, created on demand: every eval writes its outputs there."""
     return make_dir(Path(run_dir) / "eval")
@@ -61,6 +80,14 @@ def nonnegative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     return _number(float, text, lambda v: v > 0, "a positive finite number")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def unit_float(text: str) -> float:
+    return _number(float, text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _json_safe(obj):
