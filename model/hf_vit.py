@@ -265,11 +265,11 @@ def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=N
 
     hf_cfg = source.config()
     arch = hf_cfg.model_type
-    pixels = normalisation(source.folder, arch, vision_config(hf_cfg).num_channels)
     try:
         vit_config(hf_cfg, image_size)  # refuses before the weights are read
     except ValueError as e:
         raise ValueError(f"{source.folder}: {e}") from None
+    pixels = normalisation(source.folder, arch, vision_config(hf_cfg).num_channels)
     hf_state = source.weights()  # model/hf_folder.py's checked read
     cfg = vit_config(hf_cfg, image_size, head_of(hf_state, arch))
     default = torch.get_default_dtype()
