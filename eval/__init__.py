@@ -23,6 +23,16 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
+def run_main(main, *args) -> None:
+    """What `python -m eval.<name>` runs: main(*args), with Ctrl-C as one line and exit code 130 (128 + SIGINT,
+    the shell's code for it) instead of a traceback from wherever the eval was."""
+    try:
+        main(*args)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the eval stopped; the outputs it finished before are kept", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def make_dir(path) -> Path:
     """Create an output folder, or fail with one line when the run dir cannot be written."""
     path = Path(path)

@@ -501,4 +501,6 @@ def evaluate_checkpoint(path: str, args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)
