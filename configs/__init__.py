@@ -372,10 +372,17 @@ def saved_run_config(path: str | Path | None, overrides: list[str], resume: str 
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of a YAML file (default: configs/default.yaml) and dotted overrides. It also records
+    `model_fields_given`: the model.* fields the file (when one is named) or an override sets, which
+    `train.init_from` must apply or refuse (trainer/tasks.py), never drop."""
     values = _read_yaml(Path(path)) if path else _read_yaml(DEFAULT_CONFIG)
+    given = set(values.get("model") or {}) if path and isinstance(values.get("model"), dict) else set()
     for o in overrides:
-        values = _merge(values, parse_override(o))
+        over = parse_override(o)
+        values = _merge(values, over)
+        given |= set(over["model"]) if isinstance(over.get("model"), dict) else set()
     cfg = _build(RunConfig, values, "")
+    cfg.model_fields_given = frozenset(given)
     cfg.validate()
     return cfg
 
