@@ -37,7 +37,7 @@ HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streame
 # SmolLM2, 128k for Llama 3.1): what a CPU evaluates in minutes. Their length flags go further.
 IMPORT_EVAL_CONTEXT = 256
 # The files of a checkpoint that loading reads, checked against its manifest.json first: hashing the
-# weights costs about a tenth of reading them (trainer/checkpoint.py file_hash; docs/design.md).
+# weights costs about a sixth of reading and copying them (docs/design.md, "Training").
 READ_FILES = {WEIGHTS, "config.yaml", "tokenizer.json", "trainer_state.json"}
 
 
