@@ -20,7 +20,6 @@ size works: the learned position table is resampled as transformers resamples it
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -67,9 +66,12 @@ def pretrained_vision(ref: str):
         source = locate(ref)
         if source.gguf is not None:
             return None
-        model_type = json.loads((source.folder / "config.json").read_text()).get("model_type")
+        config = source.folder / "config.json"
+        if not config.is_file():
+            return None
     except (FileNotFoundError, ValueError, OSError):
         return None
+    model_type = read_json(config).get("model_type")  # a damaged config.json: ValueError naming it
     return source if is_vision(model_type) else None
 
 

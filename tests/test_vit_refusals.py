@@ -112,7 +112,7 @@ def dinov2(tmp_path_factory):
     return folder
 
 
-def copy_with(src, dst, config=None, preprocessor=None, raw_preprocessor=None):
+def copy_with(src, dst, config=None, preprocessor=None, raw_preprocessor=None, raw_config=None):
     import shutil
 
     shutil.copytree(src, dst)
@@ -123,6 +123,8 @@ def copy_with(src, dst, config=None, preprocessor=None, raw_preprocessor=None):
         (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     if raw_preprocessor is not None:
         (dst / "preprocessor_config.json").write_text(raw_preprocessor)
+    if raw_config is not None:
+        (dst / "config.json").write_text(raw_config)
     return dst
 
 
@@ -138,6 +140,7 @@ GOOD = [0.5, 0.5, 0.5]
     ({"preprocessor": {"image_mean": [0.5, 0.5], "image_std": GOOD}}, "image_mean"),
     ({"preprocessor": {"image_mean": [None] * 3, "image_std": GOOD}}, "image_mean"),
     ({"raw_preprocessor": '{"image_mean": [0.5, 0.5'}, "not valid JSON"),
+    ({"raw_config": '{"model_type": "dinov2", "hidden_size": 3'}, "config.json is damaged, not valid JSON"),
 ])
 def test_a_damaged_vit_folder_is_one_line_naming_the_file(dinov2, tmp_path, monkeypatch, change, says, capsys):
     monkeypatch.chdir(tmp_path)
