@@ -220,7 +220,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=positive_float, default=1e-4)
     ap.add_argument("--end-lr", type=positive_float, default=5e-6)
     ap.add_argument("--counts", type=positive_int, default=10, help="test-time augmentation views of the teacher")
-    ap.add_argument("--shift-frac", type=nonnegative_float, default=0.15, help="largest shift, as a fraction of the patch grid")
+    ap.add_argument("--shift-frac", type=nonnegative_float, default=0.15,
+                    help="largest shift, as a fraction of the patch grid")
     ap.add_argument("--fill", type=unit_float, default=1.0, help="pixel value (in [0, 1]) of out-of-image pixels")
     ap.add_argument("--train", default=",".join(TRAINABLE), help="unlocked parts, comma separated")
     ap.add_argument("--name", default=None, help="the student's run dir under out/ (default: <teacher>_phreg)")

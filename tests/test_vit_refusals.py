@@ -41,7 +41,8 @@ def refused(main, argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if line.startswith("error:") or ": error: " in line]  # argparse: usage first
+    # argparse prints its usage lines before its error line
+    errors = [line for line in err.splitlines() if line.startswith("error:") or ": error: " in line]
     assert e.value.code == 2 and len(errors) == 1 and err.splitlines()[-1] == errors[0], err
     return errors[0]
 
@@ -74,7 +75,8 @@ def test_distill_refuses_an_existing_run_and_a_name_outside_out(shapes_run, tmp_
     assert (ckpt / "manifest.json").is_file() and load_run(tmp_path / "out" / "fresh", task="vit").checkpoint == ckpt
     assert not list((tmp_path / "out").glob(".tmp_*"))
     with pytest.raises(FileExistsError):  # the library call refuses too, leaving the run as it was
-        phreg.save_vit_run(ViT(ViTConfig(image_size=8, patch_size=4, n_layer=1, n_head=1, n_embd=8, n_classes=2)), victim, {}, 0)
+        tiny = ViT(ViTConfig(image_size=8, patch_size=4, n_layer=1, n_head=1, n_embd=8, n_classes=2))
+        phreg.save_vit_run(tiny, victim, {}, 0)
     assert snapshot(victim) == before
 
 

@@ -45,7 +45,7 @@ N_PROBE = 8  # held-out inputs for the in-training sink measurement
 INIT_FROM_APPLIES = ("backend", "linear_chunk_size", "sink_logit_init", "block_size", *FIXES)
 
 
-def check_given_fields(cfg, imported, fixes: dict) -> None:
+def check_given_fields(cfg, imported) -> None:
     """Refuse, naming each one, the model.* fields the run sets (its config file or overrides) that the import
     fixes to another value, and a block_size past the import's context."""
     given = getattr(cfg, "model_fields_given", frozenset())
@@ -114,7 +114,7 @@ class LMTask:
             raise ConfigError(f"train.init_from: {e}") from None
         except ValueError as e:
             raise ConfigError(f"train.init_from={ref!r}: {e}") from None
-        check_given_fields(cfg, imported, fixes)
+        check_given_fields(cfg, imported)
         imported.backend = cfg.model.backend
         if cfg.model.block_size < imported.block_size:
             imported.block_size = cfg.model.block_size
