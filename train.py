@@ -316,7 +316,7 @@ def parse_args(argv=None):
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML, as the run's config.yaml holds it) and exit without running")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.attention=sigmoid train.max_steps=200")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
 
 def main(argv=None) -> int:

@@ -340,28 +340,49 @@ def saved_run_config(path: str | Path | None, overrides: list[str], resume: str 
 
     `--resume RUN_DIR` names the run; without --config, `name=X` (and `out_dir=`) name it when that run dir
     holds a config.yaml: a run continues with its saved config plus only the new overrides, as nanoGPT's
-    `init_from=resume` does. With --config the file and the overrides are the whole config, as always."""
+    `init_from=resume` does. Either way the run continues where it lies: out_dir and name are the run dir's
+    own, not the ones its config.yaml saved (a run copied or moved there keeps training there). With
+    --config the file and the overrides are the whole config, as always."""
     if resume is not None:
         if path is not None:
             raise ConfigError("--resume continues a run with its own config.yaml; leave out --config")
         run_dir = Path(resume).expanduser()
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; pass a run dir like out/default")
-        return run_dir / "config.yaml", [f"out_dir={run_dir.parent}", f"name={run_dir.name}", *overrides]
+        here = [f"out_dir={run_dir.parent}", f"name={run_dir.name}"]
+        values = {"out_dir": str(run_dir.parent), "name": run_dir.name}
+        for o in overrides:
+            values = _merge(values, parse_override(o))
+        named = Path(str(values["out_dir"])).expanduser() / str(values["name"])
+        if named.resolve() != run_dir.resolve():
+            raise ConfigError(f"--resume {resume} continues that run in place, but the overrides name {named}; leave "
+                              "out name= and out_dir=, or branch it into a new run with python train.py --config "
+                              f"{run_dir / 'config.yaml'} train.resume={run_dir / 'checkpoints'}/step_<N> "
+                              f"name=<new name>")
+        return run_dir / "config.yaml", [*here, *overrides]
     if path is not None:
         return None, list(overrides)
     values = _read_yaml(DEFAULT_CONFIG)
     for o in overrides:
         values = _merge(values, parse_override(o))
-    saved = Path(str(values.get("out_dir", "out"))).expanduser() / str(values.get("name", "default")) / "config.yaml"
-    return (saved if saved.is_file() else None), list(overrides)
+    run_dir = Path(str(values.get("out_dir", "out"))).expanduser() / str(values.get("name", "default"))
+    if not (run_dir / "config.yaml").is_file():
+        return None, list(overrides)
+    return run_dir / "config.yaml", [f"out_dir={run_dir.parent}", f"name={run_dir.name}", *overrides]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of a YAML file (default: configs/default.yaml) and dotted overrides. It also records
+    `model_fields_given`: the model.* fields the file (when one is named) or an override sets, which
+    `train.init_from` must apply or refuse (trainer/tasks.py), never drop."""
     values = _read_yaml(Path(path)) if path else _read_yaml(DEFAULT_CONFIG)
+    given = set(values.get("model") or {}) if path and isinstance(values.get("model"), dict) else set()
     for o in overrides:
-        values = _merge(values, parse_override(o))
+        over = parse_override(o)
+        values = _merge(values, over)
+        given |= set(over["model"]) if isinstance(over.get("model"), dict) else set()
     cfg = _build(RunConfig, values, "")
+    cfg.model_fields_given = frozenset(given)
     cfg.validate()
     return cfg
 

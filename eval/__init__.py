@@ -23,6 +23,16 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
+def run_main(main, *args) -> None:
+    """What `python -m eval.<name>` runs: main(*args), with Ctrl-C as one line and exit code 130 (128 + SIGINT,
+    the shell's code for it) instead of a traceback from wherever the eval was."""
+    try:
+        main(*args)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the eval stopped; the outputs it finished before are kept", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def make_dir(path) -> Path:
     """Create an output folder, or fail with one line when the run dir cannot be written."""
     path = Path(path)
@@ -30,6 +40,25 @@ def make_dir(path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); copy the run to a writable place and evaluate the copy")
+    return path
+
+
+def check_writable(path, flag: str = "--out") -> Path:
+    """Fail in one line, before any work, when `path` (a folder, made later) cannot be written: a file is
+    there, or the nearest existing folder refuses a new entry (tried with a temp folder, removed at once:
+    permission bits alone say nothing to root or on /proc)."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        fail(f"{flag} {path} is a file, not a folder; pass a folder")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        fail(f"{flag} {path}: {parent} is a file, not a folder; pass a writable folder")
+    try:
+        Path(tempfile.mkdtemp(dir=parent, prefix=".write_check_")).rmdir()
+    except OSError as e:
+        fail(f"{flag} {path} cannot be written ({e.strerror or e} in {parent}); pass a writable folder")
     return path
 
 
@@ -61,6 +90,14 @@ def nonnegative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     return _number(float, text, lambda v: v > 0, "a positive finite number")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def unit_float(text: str) -> float:
+    return _number(float, text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _json_safe(obj):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import run_main
+
 EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense")
 
 
@@ -14,7 +16,7 @@ def main(argv=None) -> int:
         print(f"usage: sinklab-eval {{{','.join(EVALS)}}} ARGS... (each NAME's --help lists its ARGS)",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    importlib.import_module(f"eval.{argv[0]}").main(argv[1:])
+    run_main(importlib.import_module(f"eval.{argv[0]}").main, argv[1:])  # Ctrl-C: one line, exit 130
     return 0
 
 

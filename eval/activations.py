@@ -267,4 +267,6 @@ def main(argv=None) -> list[ActivationsResult]:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)

@@ -423,4 +423,6 @@ def main_emergence(argv) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)

@@ -403,4 +403,6 @@ def main(argv=None) -> list[StreamingResult]:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)

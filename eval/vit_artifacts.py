@@ -407,7 +407,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
 
 
 def main(argv=None) -> list[dict]:
-    from . import fail, positive_int
+    from . import fail, nonnegative_float, positive_int
     from .cli import check_paths, expand
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
@@ -418,7 +418,7 @@ def main(argv=None) -> list[dict]:
                     "(required for hf:; default: the run's own)")
     ap.add_argument("--image-size", type=positive_int, default=None,
                     help="input size of an hf: import (a multiple of its patch size; default: its pretraining size)")
-    ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
+    ap.add_argument("--threshold", type=nonnegative_float, default=None, help="fixed norm threshold for outliers "
                     f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
     ap.add_argument("--n-images", type=positive_int, default=None, help="held-out images to use (default: all)")
     ap.add_argument("--n-maps", type=positive_int, default=4, help="images to draw attention maps for")
@@ -427,7 +427,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--ttr-detect-layer", type=int, default=-1,
                     help="--ttr-rule reference: the block whose output norms mark the outliers (default -1: the last)")
     ap.add_argument("--ttr-top-k", type=positive_int, default=4, help="number of register neurons to move")
-    ap.add_argument("--fixed-threshold", type=float, default=None,
+    ap.add_argument("--fixed-threshold", type=nonnegative_float, default=None,
                     help="also report the outlier fraction against this absolute norm (Jiang et al. use 30 on CLIP)")
     ap.add_argument("--ttr-rule", choices=["ours", "reference"], default="ours",
                     help="reference: Jiang et al.'s neuron search and intervention (needs --fixed-threshold)")
@@ -501,4 +501,6 @@ def evaluate_checkpoint(path: str, args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)

@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
     from eval.dense import dense_readouts_on_features
     from eval.vit_images import add_image_args, load_for_vit_eval
 
-    from . import fail, positive_int, write_json
+    from . import check_writable, fail, nonnegative_float, positive_float, positive_int, write_json
     from .cli import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
@@ -372,13 +372,15 @@ def main(argv=None) -> dict:
     add_image_args(ap)
     ap.add_argument("--n-fit", type=positive_int, default=256, help="train images decomposed in stage 1")
     ap.add_argument("--views", type=positive_int, default=16)
-    ap.add_argument("--max-shift", type=float, default=2.0, help="largest view shift, in patches")
+    ap.add_argument("--max-shift", type=nonnegative_float, default=2.0, help="largest view shift, in patches")
     ap.add_argument("--fit-steps", type=positive_int, default=400)
     ap.add_argument("--fit-batch", type=positive_int, default=64, help="images fitted together in stage 1")
     ap.add_argument("--denoiser-steps", type=positive_int, default=600)
-    ap.add_argument("--denoiser-lr", type=float, default=1e-3)
+    ap.add_argument("--denoiser-lr", type=positive_float, default=1e-3)
     ap.add_argument("--out", default=None, help="where the denoiser goes (default: <run>/eval/vit_denoise/)")
     args = ap.parse_args(argv)
+    if args.out:
+        check_writable(args.out)  # before the minutes of stages 1 and 2
     try:
         ctx = load_for_vit_eval(args)
     except (FileNotFoundError, ValueError) as e:
@@ -452,4 +454,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)

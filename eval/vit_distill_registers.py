@@ -27,6 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -157,35 +160,46 @@ def distill(teacher, student, images: torch.Tensor, steps: int = 300, batch_size
     return history
 
 
-def save_vit_run(student, run_dir: Path, config: dict, step: int) -> Path:
-    """A ViT (the student) as a checkpoint every ViT eval loads: run_dir/checkpoints/step_X/{model.safetensors,
-    config.yaml}, renamed into place, then `latest` pointed at it."""
-    import os
-    import shutil
+def student_dir(name: str, out: Path = Path("out")) -> Path:
+    """out/<name> for a new student, or ValueError: a name that leaves out/, or a folder that exists
+    (another run: this command writes only what it creates, never into an existing run)."""
+    run_dir = out / name
+    root = out.resolve()
+    if not name or run_dir.resolve() == root or root not in run_dir.resolve().parents:
+        raise ValueError(f"--name {name!r} leaves out/; give a plain name such as mymodel_phreg")
+    if run_dir.exists() or run_dir.is_symlink():
+        raise ValueError(f"--name {name}: {run_dir} already exists (another run); pick a new --name, this command "
+                         "never writes into an existing run")
+    return run_dir
 
+
+def save_vit_run(student, run_dir: Path, config: dict, step: int) -> Path:
+    """A ViT (the student) as a new run every ViT eval loads: run_dir/checkpoints/step_X/{model.safetensors,
+    config.yaml, manifest.json} and `latest`, built in a hidden folder beside run_dir and renamed into
+    place; an existing run_dir is refused (FileExistsError), never replaced."""
     import yaml
 
     from model.weights import WEIGHTS, save_weights
+    from trainer.checkpoint import write_manifest
     from trainer.rundir import CHECKPOINT_FMT
 
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / CHECKPOINT_FMT.format(step)
-    tmp = root / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(student.state_dict(), tmp / WEIGHTS, tied=False)
-    (tmp / "config.yaml").write_text(yaml.safe_dump({**config, "model": dataclasses.asdict(student.config)},
-                                                    sort_keys=False))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    link = root / ".latest_tmp"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(final.name)
-    os.replace(link, root / "latest")
-    return final
+    if run_dir.exists() or run_dir.is_symlink():
+        raise FileExistsError(f"{run_dir} already exists; a student is written only as a new run")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{run_dir.name}_", dir=run_dir.parent))
+    try:
+        final = tmp / "checkpoints" / CHECKPOINT_FMT.format(step)
+        final.mkdir(parents=True)
+        save_weights(student.state_dict(), final / WEIGHTS, tied=False)
+        (final / "config.yaml").write_text(yaml.safe_dump({**config, "model": dataclasses.asdict(student.config)},
+                                                          sort_keys=False))
+        write_manifest(final)  # sizes and content hashes, checked whenever the student is loaded
+        (final.parent / "latest").symlink_to(final.name)
+        os.rename(tmp, run_dir)  # fails when run_dir appeared meanwhile (a non-empty folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the hidden folder this call made
+        raise
+    return run_dir / "checkpoints" / final.name
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -193,7 +207,7 @@ def main(argv=None) -> dict:
     from eval.vit_artifacts import analyse
     from eval.vit_images import add_image_args, load_for_vit_eval, pixel_fill
 
-    from . import fail, positive_int, write_json
+    from . import fail, nonnegative_float, positive_float, positive_int, unit_float, write_json
     from .cli import checkpoint_info
     from .progress import progress
     from .result import CHECKPOINT_DEFINITION
@@ -203,16 +217,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-registers", type=positive_int, default=4, help="registers to add (PH-Reg: 16 on DINOv2)")
     ap.add_argument("--steps", type=positive_int, default=300)
     ap.add_argument("--train-batch", type=positive_int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--end-lr", type=float, default=5e-6)
+    ap.add_argument("--lr", type=positive_float, default=1e-4)
+    ap.add_argument("--end-lr", type=positive_float, default=5e-6)
     ap.add_argument("--counts", type=positive_int, default=10, help="test-time augmentation views of the teacher")
-    ap.add_argument("--shift-frac", type=float, default=0.15, help="largest shift, as a fraction of the patch grid")
-    ap.add_argument("--fill", type=float, default=1.0, help="pixel value (in [0, 1]) of out-of-image pixels")
+    ap.add_argument("--shift-frac", type=nonnegative_float, default=0.15,
+                    help="largest shift, as a fraction of the patch grid")
+    ap.add_argument("--fill", type=unit_float, default=1.0, help="pixel value (in [0, 1]) of out-of-image pixels")
     ap.add_argument("--train", default=",".join(TRAINABLE), help="unlocked parts, comma separated")
     ap.add_argument("--name", default=None, help="the student's run dir under out/ (default: <teacher>_phreg)")
     args = ap.parse_args(argv)
     try:
+        if args.name is not None:
+            student_dir(args.name)  # a name that leaves out/ or an existing run: refused before loading
         ctx = load_for_vit_eval(args)
+        run_dir = student_dir(args.name or f"{Path(ctx.run.run_dir).name}_phreg")
         parts = tuple(p.strip() for p in args.train.split(",") if p.strip())
         trainable_parameters(make_student(ctx.model, 1), parts)  # a bad --train fails before any work
     except (FileNotFoundError, ValueError) as e:
@@ -226,14 +244,15 @@ def main(argv=None) -> dict:
                           counts=args.counts, shift_frac=args.shift_frac, fill=fill, parts=parts, seed=args.seed,
                           on_step=bar.update)
     seconds = time.perf_counter() - t0
-    name = args.name or f"{Path(ctx.run.run_dir).name}_phreg"
-    run_dir = Path("out") / name
     config = {"task": "vit", "data": ctx.data_config, "distilled_from": args.ckpt,
               "distillation": {"n_registers": args.n_registers, "steps": args.steps, "lr": args.lr,
                                "train": list(parts), "counts": args.counts, "shift_frac": args.shift_frac}}
     if ctx.normalisation is not None:
         config["image_normalisation"] = ctx.normalisation
-    ckpt = save_vit_run(student, run_dir, config, args.steps)
+    try:
+        ckpt = save_vit_run(student, run_dir, config, args.steps)
+    except FileExistsError as e:  # created by someone else while this one distilled
+        fail(f"{e}; nothing was written, run again with another --name")
 
     dense = ctx.dense_data(args.n_probe_train)
     x, y = data.val_x, data.val_y
@@ -269,4 +288,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from eval import run_main  # Ctrl-C: one line, exit 130
+
+    run_main(main)

@@ -38,9 +38,11 @@ def architecture(path: Path) -> str:
 
     try:
         field = GGUFReader(str(path)).fields["general.architecture"]
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({e or type(e).__name__})") from None
-    return field.contents()
+        return field.contents()
+    except Exception as e:  # noqa: BLE001 - a cut or damaged header fails anywhere in numpy's reads (IndexError, ...)
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); download or "
+                         "convert it again") from None
 
 
 def quantization(path: Path) -> dict:
@@ -85,8 +87,27 @@ def read_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(**_where(path))
 
 
+def gguf_name(hf_name: str, arch: str, n_layer: int) -> str:
+    """llama.cpp's name of a transformers tensor name (model.layers.1.self_attn.q_proj.weight ->
+    blk.1.attn_q.weight), or the name itself when gguf's table lacks it."""
+    import gguf
+
+    kind = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    base, _, suffix = hf_name.rpartition(".")
+    found = gguf.get_tensor_name_map(kind, n_layer).get_name(base) if kind is not None else None
+    return f"{found}.{suffix}" if found else hf_name
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor, dequantised to fp32, in transformers' names (what the folder import reads)."""
+    """Every tensor, dequantised to fp32, in transformers' names (what the folder import reads). A tensor the
+    architecture needs and the file lacks is a ValueError naming it: transformers would start it at random."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(**_where(path), dtype=torch.float32).state_dict()
+    model, info = AutoModelForCausalLM.from_pretrained(**_where(path), dtype=torch.float32, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        names = [gguf_name(k, architecture(path), model.config.num_hidden_layers) for k in missing]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"{path} lacks the tensor {names[0]} ({missing[0]}){more} that its "
+                         f"{model.config.model_type} architecture needs; convert the model to GGUF again")
+    return model.state_dict()

@@ -20,12 +20,13 @@ size works: the learned position table is resampled as transformers resamples it
 """
 from __future__ import annotations
 
-import json
+import math
 import re
 from pathlib import Path
 
 import torch
 
+from .hf_folder import check_shapes, read_json
 from .vit import ViTConfig
 
 TYPES = ("dinov2", "dinov2_with_registers", "vit", "clip_vision_model", "clip")
@@ -65,9 +66,12 @@ def pretrained_vision(ref: str):
         source = locate(ref)
         if source.gguf is not None:
             return None
-        model_type = json.loads((source.folder / "config.json").read_text()).get("model_type")
+        config = source.folder / "config.json"
+        if not config.is_file():
+            return None
     except (FileNotFoundError, ValueError, OSError):
         return None
+    model_type = read_json(config).get("model_type")  # a damaged config.json: ValueError naming it
     return source if is_vision(model_type) else None
 
 
@@ -96,6 +100,11 @@ def vit_config(hf_cfg, image_size: int | None = None, head: tuple[str, int | Non
     patch = _square(v.patch_size, "patch")
     trained = _square(v.image_size, "image")
     size = trained if image_size is None else int(image_size)
+    for key, value in (("patch_size", patch), ("image_size", trained), ("hidden_size", v.hidden_size),
+                       ("num_hidden_layers", v.num_hidden_layers), ("num_attention_heads", v.num_attention_heads)):
+        if value <= 0:
+            raise ValueError(f"cannot import this {arch} model: its config.json has {key}={value}; a positive "
+                             "integer is needed (the config is damaged)")
     act = HF_ACTIVATIONS.get(v.hidden_act)
     dinov2 = arch.startswith("dinov2")
     swiglu = dinov2 and v.use_swiglu_ffn
@@ -222,14 +231,28 @@ def to_sinklab_vit_weights(hf_state: dict, arch: str) -> dict[str, torch.Tensor]
     return state
 
 
-def normalisation(folder: Path, arch: str) -> dict:
+def _pixel_stats(value, key: str, channels: int, path: Path) -> list[float]:
+    """image_mean / image_std as `channels` finite floats (one number stands for every channel), else
+    ValueError naming the file; a std must be > 0 (it divides every pixel)."""
+    values = value if isinstance(value, list) else [value]
+    ok = (len(values) in (1, channels) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+          and all(math.isfinite(v) for v in values) and (key != "image_std" or all(v > 0 for v in values)))
+    if not ok:
+        want = "positive finite numbers" if key == "image_std" else "finite numbers"
+        raise ValueError(f"{path}: {key}={value!r} is not {channels} {want} (one per channel); fix {key} in the file")
+    return [float(v) for v in values] * (channels // len(values))
+
+
+def normalisation(folder: Path, arch: str, channels: int = 3) -> dict:
     """The pixel mean / std the model was trained with: preprocessor_config.json's, else transformers'
-    default for the family. Images in [0, 1] are fed as (x - mean) / std."""
+    default for the family. Images in [0, 1] are fed as (x - mean) / std. A damaged file, or a std of 0
+    or a non-finite or ill-sized mean / std (every metric would be NaN), is a ValueError naming the file."""
     path = folder / "preprocessor_config.json"
     if path.is_file():
-        p = json.loads(path.read_text())
+        p = read_json(path)
         if "image_mean" in p and "image_std" in p:
-            return {"image_mean": p["image_mean"], "image_std": p["image_std"], "from": path.name}
+            return {"image_mean": _pixel_stats(p["image_mean"], "image_mean", channels, path),
+                    "image_std": _pixel_stats(p["image_std"], "image_std", channels, path), "from": path.name}
     mean, std = DEFAULT_NORMALISATION[arch]
     return {"image_mean": mean, "image_std": std, "from": f"transformers' default for {arch}"}
 
@@ -244,7 +267,11 @@ def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=N
 
     hf_cfg = source.config()
     arch = hf_cfg.model_type
-    vit_config(hf_cfg, image_size)  # refuses before the weights are read
+    try:
+        vit_config(hf_cfg, image_size)  # refuses before the weights are read
+    except ValueError as e:
+        raise ValueError(f"{source.folder}: {e}") from None
+    pixels = normalisation(source.folder, arch, vision_config(hf_cfg).num_channels)
     hf_state = source.weights()  # model/hf_folder.py's checked read
     cfg = vit_config(hf_cfg, image_size, head_of(hf_state, arch))
     default = torch.get_default_dtype()
@@ -253,7 +280,9 @@ def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=N
         model = ViT(cfg)
     finally:
         torch.set_default_dtype(default)
-    load_state(model, to_sinklab_vit_weights(hf_state, arch), str(source.folder))
+    state = to_sinklab_vit_weights(hf_state, arch)
+    check_shapes(model, state, source.config_file)  # a config.json that disagrees with the weights, named
+    load_state(model, state, str(source.folder))
     info = {"ref": ref, "name": source.name, "folder": str(source.folder), "path": str(source.folder),
-            "format": "transformers", "model_type": arch, **normalisation(source.folder, arch)}
+            "format": "transformers", "model_type": arch, **pixels}
     return model, {"task": "vit", "model": dataclasses.asdict(cfg), "hf": info}

@@ -29,12 +29,16 @@ from model.hf_import import is_hf, load_pretrained
 from model.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
+from trainer.checkpoint import manifest_mismatch
 from trainer.rundir import newest_checkpoint
 
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
 # The evals' default sequence length for an hf: import, in place of its context (8,192 tokens for
 # SmolLM2, 128k for Llama 3.1): what a CPU evaluates in minutes. Their length flags go further.
 IMPORT_EVAL_CONTEXT = 256
+# The files of a checkpoint that loading reads, checked against its manifest.json first: hashing the
+# weights costs about a sixth of reading and copying them (docs/design.md, "Training").
+READ_FILES = {WEIGHTS, "config.yaml", "tokenizer.json", "trainer_state.json"}
 
 
 def portable_backend(model_cfg, device, dtype) -> None:
@@ -174,6 +178,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
         model, tokenizer, config, folder = load_pretrained(path, dtype)
         return LoadedRun(model.to(device).eval(), tokenizer, config, folder, data)
     ckpt = resolve_checkpoint(path)
+    mismatch = manifest_mismatch(ckpt, READ_FILES)  # what sampling, the evals and export read: size, then xxh3-64
+    if mismatch:
+        raise ValueError(f"{ckpt / mismatch[0]} is damaged ({mismatch[1]}); load another checkpoint of the run (a "
+                         "step dir under its checkpoints/)")
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
     kind = config.get("task", "lm")
     if task is not None and kind != task:

@@ -19,8 +19,9 @@ def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def save_tiny_gguf(name: str, path: Path, seed: int = 0) -> Path:
-    """The tiny `name` model of tests/hf_models.py (default RoPE), written to `path` as GGUF."""
+def save_tiny_gguf(name: str, path: Path, seed: int = 0, drop: tuple[str, ...] | bool = ()) -> Path:
+    """The tiny `name` model of tests/hf_models.py (default RoPE), written to `path` as GGUF; `drop`: GGUF
+    tensor names left out (True: every tensor), a damaged file."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,6 +66,8 @@ def save_tiny_gguf(name: str, path: Path, seed: int = 0) -> Path:
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: GGUF stores the embedding once, and transformers ties when output.weight is absent
         base, suffix = hf_name.rsplit(".", 1)
+        if drop is True or f"{names.get_name(base)}.{suffix}" in drop:
+            continue
         data = t.numpy()
         if gguf_arch == "llama" and base.endswith(("q_proj", "k_proj")):
             heads = cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import train
+from trainer.checkpoint import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog and cat sat on mat while bird sings of night day sun moon".split()
@@ -258,6 +259,7 @@ def test_a_gpu_only_backend_loads_as_auto_on_cpu(tmp_path, trained, capsys):
     values = yaml.safe_load(config.read_text())
     values["model"]["backend"] = "flash"
     config.write_text(yaml.safe_dump(values, sort_keys=False))
+    write_manifest(config.parent)  # as a save on a GPU machine wrote it
     run = load_run(run_dir)
     assert run.model.config.backend == "auto" and "model.backend=flash, which cannot run here" in capsys.readouterr().err
 
@@ -317,6 +319,7 @@ def test_evals_on_an_unwritable_run_dir_or_moved_data_say_so(tmp_path, trained, 
     values = yaml.safe_load(config.read_text())
     values["data"].update(source=str(tmp_path / "moved"), cache_dir=str(tmp_path / "empty_cache"))
     config.write_text(yaml.safe_dump(values, sort_keys=False))
+    write_manifest(config.parent)  # a run whose data was elsewhere when it saved
     before = snapshot(run_dir)
     with pytest.raises(SystemExit) as exit:
         activations.main(["--ckpt", str(run_dir)])

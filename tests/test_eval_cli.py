@@ -172,6 +172,8 @@ def test_checkpoints_write_their_own_dirs_and_a_table_over_steps(run_dir, tmp_pa
     """Two checkpoints of one run: each writes under <run>/eval/<step>/, plus one table over steps."""
     import shutil
 
+    from trainer.checkpoint import write_manifest
+
     run = tmp_path / "two"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
     ckpts = run / "checkpoints"
@@ -179,6 +181,7 @@ def test_checkpoints_write_their_own_dirs_and_a_table_over_steps(run_dir, tmp_pa
     shutil.copytree(ckpts / "latest", first)
     (first / "trainer_state.json").write_text(json.dumps(
         {**json.loads((first / "trainer_state.json").read_text()), "step": 6, "tokens": 6 * 128}))
+    write_manifest(first)  # as a save writes it: loading checks every file it reads against the manifest
     results = sink.main(["--ckpt", str(ckpts / "step_*"), "--n-seqs", "2", "--lengths", "16"])
     assert [r.checkpoint["step"] for r in results] == [6, 12]
     for name in ("step_0000006", "step_0000012"):

@@ -83,27 +83,54 @@ def write_manifest(ckpt: Path) -> None:
     (ckpt / "manifest.json").write_text(json.dumps(files, indent=1))
 
 
+def manifest_mismatch(ckpt: Path, only=None) -> tuple[str, str] | None:
+    """(file name, what differs) for the first file (of `only`, default all) whose size or content hash
+    differs from manifest.json; None when they match or the checkpoint has no manifest (older ones; sizes
+    only in some). Sizes first: a cut file costs no hashing."""
+    manifest = ckpt / "manifest.json"
+    if not manifest.exists():
+        return None
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        return "manifest.json", f"unreadable: {e}"
+    if not isinstance(sizes, dict):
+        return "manifest.json", "not a JSON object"
+    entries = [(name, saved) for name, saved in sizes.items() if only is None or name in only]
+    for name, saved in entries:
+        f = ckpt / name
+        size = saved if isinstance(saved, int) else saved.get("size")
+        if not f.is_file():
+            return name, "no such file"
+        if f.stat().st_size != size:
+            return name, f"{f.stat().st_size} bytes, {size} when it was saved"
+    for name, saved in entries:
+        digest = None if isinstance(saved, int) else saved.get("xxh3_64")
+        if digest is not None and (now := file_hash(ckpt / name)) != digest:
+            return name, f"its bytes changed since it was saved: xxh3_64 {now}, manifest.json {digest}"
+    return None
+
+
+def manifest_problem(ckpt: Path) -> str | None:
+    """manifest_mismatch as a sentence naming the file."""
+    found = manifest_mismatch(ckpt)
+    if found is None:
+        return None
+    name, detail = found
+    if name == "manifest.json":
+        return f"manifest.json is {detail}"
+    return f"{name} is {'damaged' if detail.startswith('its bytes') else 'missing or damaged'} ({detail})"
+
+
 def _damaged_file(ckpt: Path) -> str | None:
     """The first problem with the checkpoint's files: sizes and content hashes against manifest.json (when it
     has one; older checkpoints have none, or sizes only), then the safetensors headers and torch.save zip
     directories."""
     from safetensors import SafetensorError, safe_open
 
-    manifest = ckpt / "manifest.json"
-    if manifest.exists():
-        try:
-            sizes = json.loads(manifest.read_text())
-        except ValueError as e:
-            return f"manifest.json is unreadable ({e})"
-        for name, saved in sizes.items():
-            f = ckpt / name
-            size, digest = (saved, None) if isinstance(saved, int) else (saved.get("size"), saved.get("xxh3_64"))
-            if not f.is_file():
-                return f"{name} is missing or damaged (no such file)"
-            if f.stat().st_size != size:
-                return f"{name} is missing or damaged ({f.stat().st_size} bytes, {size} when it was saved)"
-            if digest is not None and (now := file_hash(f)) != digest:
-                return f"{name} is damaged (its bytes changed since it was saved: xxh3_64 {now}, manifest.json {digest})"
+    problem = manifest_problem(ckpt)
+    if problem:
+        return problem
     if not (ckpt / "model.safetensors").is_file():
         return "model.safetensors is missing or damaged (no such file)"
     for f in sorted(ckpt.rglob("*")):

@@ -28,11 +28,13 @@ from data.prepare import fingerprint, prepare
 from model import GPT
 from model.flops import training_flops_per_token
 from model.hf_import import init_model, locate
-from model.retrofit import added_fields, complete_state
+from model.retrofit import FIXES, added_fields, complete_state
 from model.vit import ViT
 from model.vit import training_flops_per_token as vit_flops_per_token
 from model.weights import load_state
 from probes.sequences import held_out_sequences
+
+from .checkpoint import RESUME_MAY_CHANGE
 
 N_PROBE = 8  # held-out inputs for the in-training sink measurement
 
@@ -60,6 +62,27 @@ def run_model(path: str) -> tuple:
     named = (saved.get("data") or {}).get("tokenizer")
     spec = named if named and Path(str(named)).expanduser().exists() else str(ckpt / "tokenizer.json")
     return model, load_file(str(ckpt / WEIGHTS)), spec
+
+
+# What train.init_from takes from the run's model section besides a retrofit's FIXES: how kernels run, the
+# sink logit's start, and a training window up to the import's context. Every other model.* field is the
+# import's; a run that sets one to another value is refused (check_given_fields), never silently dropped.
+INIT_FROM_APPLIES = ("backend", "linear_chunk_size", "sink_logit_init", "block_size", *FIXES)
+
+
+def check_given_fields(cfg, imported) -> None:
+    """Refuse, naming each one, the model.* fields the run sets (its config file or overrides) that the import
+    fixes to another value, and a block_size past the import's context."""
+    given = getattr(cfg, "model_fields_given", frozenset())
+    conflicts = [f"model.{k}={getattr(cfg.model, k)!r} (the import has {getattr(imported, k)!r})"
+                 for k in sorted(given) if k not in INIT_FROM_APPLIES and getattr(cfg.model, k) != getattr(imported, k)]
+    if "block_size" in given and cfg.model.block_size > imported.block_size:
+        conflicts.append(f"model.block_size={cfg.model.block_size} (past the import's context of "
+                         f"{imported.block_size} tokens)")
+    if conflicts:
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: the import fixes the model, but the run sets "
+                          + "; ".join(conflicts) + ". Drop those settings; a run from an import may set only "
+                          + ", ".join(f"model.{k}" for k in INIT_FROM_APPLIES) + " (block_size up to its context)")
 
 
 class LMTask:
@@ -123,6 +146,7 @@ class LMTask:
             raise ConfigError(f"train.init_from: {e}") from None
         except ValueError as e:
             raise ConfigError(f"train.init_from={ref!r}: {e}") from None
+        check_given_fields(cfg, imported)
         imported.backend = cfg.model.backend
         if cfg.model.block_size < imported.block_size:
             imported.block_size = cfg.model.block_size
@@ -150,7 +174,15 @@ class LMTask:
             return None  # a fresh run, or a checkpoint find_resume_checkpoint refuses with its own message
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
         model = from_dict({"task": "lm", "model": saved["model"]}).model
-        model.backend = cfg.model.backend
+        changed = [f"model.{k}: {getattr(model, k)!r} -> {getattr(cfg.model, k)!r}"
+                   for k in sorted(getattr(cfg, "model_fields_given", ())) if k not in RESUME_MAY_CHANGE
+                   and getattr(cfg.model, k) != getattr(model, k)]
+        if changed:  # what a plain run's resume refuses too (trainer/checkpoint.py)
+            raise ConfigError(f"cannot resume {cfg.run_dir} (train.init_from) with a different model config ("
+                              + "; ".join(changed) + "). Use name=<new name> for a new run, or drop those overrides.")
+        for k in RESUME_MAY_CHANGE:  # same math, other kernels
+            if hasattr(model, k):
+                setattr(model, k, getattr(cfg.model, k))
         cfg.model, cfg.data.tokenizer = model, saved["data"]["tokenizer"]
         acc.print(f"init_from {cfg.train.init_from}: resuming, model config and tokenizer from {ckpt}")
         return ckpt
