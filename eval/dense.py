@@ -19,7 +19,19 @@
 Both are reported with the oracle ceiling that the patch grid allows: CorLoc of the box of the
 patches each object touches (a patch-level method cannot do better than that alignment).
 
+**Real images with boxes** (`--data` a Pascal VOC folder or a COCO json, data/boxes.py): LOST
+only (boxes, no masks), scored as valeoai/LOST scores it: its box is the seed's component's
+patches, (x0, y0) = first patch x patch size, (x1, y1) = (last patch + 1) x patch size, clipped
+to the image (LOST's padding); a hit is an IoU >= 0.5 with any ground-truth box (continuous
+coordinates, LOST's `bbox_iou`); CorLoc = hits / images, images without a box counting as
+misses; k = 100 (LOST's default) or the patch count when smaller. Images of any size and mode
+are fitted to the model's square input: `--fit pad` (default) scales the longer side to the
+input size and pads the rest with zeros after normalisation (LOST pads with zeros, at the
+image's own resolution, to the next multiple of the patch size), `--fit resize` stretches. The
+predicted box is mapped back to the image's pixels, where the ground truth lives.
+
     python -m eval.dense --ckpt out/<run> [--lost-k K] [--n-probe-train N]
+    python -m eval.dense --ckpt hf:facebook/dinov2-large --data VOCdevkit/VOC2007 [--split trainval] [--fit pad]
 """
 from __future__ import annotations
 
@@ -31,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 CORLOC_IOU = 0.5
+LOST_K = 100  # valeoai/LOST's k_patches
+FITS = ("pad", "resize")
 PROBE_STEPS = 300
 PROBE_LR = 0.05
 
@@ -136,6 +150,104 @@ def lost_scores(keys: torch.Tensor, masks: torch.Tensor, patch: int, k: int | No
             "seed_on_object": seeds_on_object / B, "k": k, "n_images": B}
 
 
+# ------------------------------------------------------------------------------ LOST on images with boxes
+def fit_image(img: np.ndarray, size: int, mean, std, fit: str = "pad"):
+    """(H, W, C) uint8 -> ((C, size, size) normalised, (x, y) scale from image to model pixels, (w, h) of
+    the image inside the model's input). pad: longer side -> size, zeros (after normalisation) right
+    and below; resize: both sides -> size."""
+    if fit not in FITS:
+        raise ValueError(f"--fit must be one of {list(FITS)}, got {fit!r}")
+    H, W = img.shape[:2]
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None] / 255.0  # a writable copy
+    if fit == "pad":
+        s = size / max(H, W)
+        h, w = max(1, round(H * s)), max(1, round(W * s))
+    else:
+        h, w = size, size
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    mean = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    out = torch.zeros(x.shape[0], size, size)
+    out[:, :h, :w] = (x - mean) / std
+    return out, (w / W, h / H), (w, h)
+
+
+def lost_box_to_image(box, patch: int, scale, extent):
+    """LOST's box (patch rows / cols, inclusive: y0, x0, y1, x1) -> (x0, y0, x1, y1) in the image's
+    pixels: LOST's detect_box (max + 1, times the patch, clipped to the image), then unscaled."""
+    y0, x0, y1, x1 = box
+    x1p, y1p = min((x1 + 1) * patch, extent[0]), min((y1 + 1) * patch, extent[1])
+    return (x0 * patch / scale[0], y0 * patch / scale[1], x1p / scale[0], y1p / scale[1])
+
+
+def bbox_iou(box, gts: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """IoU of one (x0, y0, x1, y1) box with each row of gts (K, 4), as LOST's bbox_iou computes it."""
+    gts = np.asarray(gts, dtype=np.float64).reshape(-1, 4)
+    iw = (np.minimum(box[2], gts[:, 2]) - np.maximum(box[0], gts[:, 0])).clip(0)
+    ih = (np.minimum(box[3], gts[:, 3]) - np.maximum(box[1], gts[:, 1])).clip(0)
+    inter = iw * ih
+    w1, h1 = box[2] - box[0], box[3] - box[1] + eps
+    w2, h2 = gts[:, 2] - gts[:, 0], gts[:, 3] - gts[:, 1] + eps
+    return inter / (w1 * h1 + w2 * h2 - inter + eps)
+
+
+def box_batches(model, items, mean, std, fit: str = "pad", batch_size: int = 8):
+    """Yield (items, normalised images (B, C, S, S), scales, extents) for BoxedImage `items`."""
+    from data.image_folder import read_image
+
+    c = model.config
+    device = next(model.parameters()).device
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        fitted = [fit_image(read_image(b.path, c.in_channels), c.image_size, mean, std, fit) for b in chunk]
+        x = torch.stack([f[0] for f in fitted]).to(device=device, dtype=next(model.parameters()).dtype)
+        yield chunk, x, [f[1] for f in fitted], [f[2] for f in fitted]
+
+
+def lost_on_batch(keys, chunk, scales, extents, patch: int, k: int) -> list[dict]:
+    """LOST on a batch's last-block keys (B, N, D); per image its box in image pixels and the hit."""
+    grid = int(round(keys.shape[1] ** 0.5))
+    out = []
+    for b, item in enumerate(chunk):
+        res = lost(keys[b], grid, min(k, keys.shape[1]))
+        box = lost_box_to_image(res["box"], patch, scales[b], extents[b])
+        ious = bbox_iou(box, item.boxes)
+        out.append({"name": item.name, "box": [round(v, 1) for v in box], "n_gt": len(item.boxes),
+                    "best_iou": float(ious.max()) if len(ious) else 0.0,
+                    "hit": bool(len(ious) and (ious >= CORLOC_IOU).any())})
+    return out
+
+
+def corloc_summary(per_image: list[dict], k: int) -> dict:
+    hits = sum(p["hit"] for p in per_image)
+    return {"corloc": hits / len(per_image), "hits": hits, "n_images": len(per_image), "k": k,
+            "n_without_boxes": sum(p["n_gt"] == 0 for p in per_image), "per_image": per_image}
+
+
+def lost_on_boxed(model, items, mean, std, k: int = LOST_K, fit: str = "pad", batch_size: int = 8) -> dict:
+    """LOST CorLoc over BoxedImage `items` (data/boxes.py) as valeoai/LOST computes it (module docstring)."""
+    per_image = []
+    for chunk, x, scales, extents in box_batches(model, items, mean, std, fit, batch_size):
+        keys = patch_features(model, x, batch_size)["keys"]
+        per_image += lost_on_batch(keys, chunk, scales, extents, model.config.patch_size, k)
+    return corloc_summary(per_image, k)
+
+
+def box_normalisation(run_config: dict, model, items, fit: str, n: int = 64) -> dict:
+    """The model's pixel mean / std (an import's), else the channel statistics of the first `n` images."""
+    from data.image_folder import read_image
+
+    from .vit_images import model_normalisation
+
+    norm = model_normalisation(run_config)
+    if norm is not None:
+        return norm
+    c = model.config
+    x = torch.stack([fit_image(read_image(b.path, c.in_channels), c.image_size, 0.0, 1.0, "resize")[0]
+                     for b in items[:n]])
+    return {"image_mean": x.mean((0, 2, 3)).tolist(), "image_std": x.std((0, 2, 3)).clamp_min(1e-6).tolist()}
+
+
 # ------------------------------------------------------------------------------ linear probe
 def _pixel_logits(linear, feats: torch.Tensor, size: int) -> torch.Tensor:
     B, N, _ = feats.shape
@@ -203,7 +315,63 @@ def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, p
             "lost_on": "features", "definitions": DEFINITIONS}
 
 
+def add_box_args(ap) -> None:
+    """The flags of LOST on images with boxes (a VOC folder or a COCO json as --data)."""
+    ap.add_argument("--split", default=None, help="VOC folder: ImageSets/Main/<split>.txt (default trainval, else "
+                    "every annotation)")
+    ap.add_argument("--image-root", default=None, help="COCO json: the folder of its images (default: found beside it)")
+    ap.add_argument("--fit", choices=FITS, default="pad", help="how an image meets the model's square input: pad "
+                    "(keep the aspect, zeros after normalisation, as LOST pads) or resize (stretch)")
+    ap.add_argument("--no-hard", action="store_true", help="VOC: leave out difficult / truncated objects and the "
+                    "images left without any (LOST's --no_hard)")
+
+
+def load_boxed_items(args) -> list:
+    """The BoxedImages that --data names, capped at --n-images."""
+    from data.boxes import read_boxed
+
+    items = read_boxed(args.data, args.split, args.image_root, args.no_hard)
+    if not items:
+        raise ValueError(f"{args.data} holds no images{' with boxes that are not hard' if args.no_hard else ''}")
+    return items[: args.n_images] if args.n_images else items
+
+
+def main_boxed(args) -> dict:
+    """eval.dense on a VOC folder or a COCO json: LOST CorLoc."""
+    from . import fail, write_json
+    from .cli import checkpoint_info, load, output_dir
+    from .result import CHECKPOINT_DEFINITION
+
+    try:
+        items = load_boxed_items(args)
+        run = load(args.ckpt, args, task="vit")
+        if run.config.get("task", "lm") != "vit":
+            raise ValueError(f"{args.ckpt} is a language-model run; a ViT eval needs a ViT (task: vit or hf: ViT)")
+        model = run.model.eval()
+        norm = box_normalisation(run.config, model, items, args.fit)
+        k = args.lost_k or LOST_K
+        result = lost_on_boxed(model, items, norm["image_mean"], norm["image_std"], k, args.fit, args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    out = output_dir(run, args.ckpt)
+    result = {"lost": result, "data": str(args.data), "split": args.split, "fit": args.fit,
+              "image_size": model.config.image_size, "patch_size": model.config.patch_size,
+              "checkpoint": checkpoint_info(run),
+              "definitions": {"corloc": "share of images whose LOST box (last-block patch keys, valeoai/LOST's "
+                              "box and bbox_iou) has IoU >= 0.5 with some ground-truth box; images without a box "
+                              "count as misses", "checkpoint": CHECKPOINT_DEFINITION}}
+    write_json(out / "dense_boxes.json", result)
+    lo = result["lost"]
+    print(f"LOST: CorLoc {100 * lo['corloc']:.1f}% ({lo['hits']}/{lo['n_images']}) on {args.data}, "
+          f"{model.config.image_size}px ({model.config.grid}x{model.config.grid} patches of {model.config.patch_size}), "
+          f"fit {args.fit}, k {lo['k']}")
+    print(f"-> {out / 'dense_boxes.json'}")
+    return result
+
+
 def main(argv=None) -> dict:
+    from data.boxes import is_boxed
+
     from . import fail, write_json
     from .cli import checkpoint_info
     from .result import CHECKPOINT_DEFINITION
@@ -211,9 +379,14 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
     add_image_args(ap)
+    add_box_args(ap)
     ap.add_argument("--denoiser", default=None, help="a folder written by python -m eval.vit_denoise: score the "
                     "denoised features (LOST then runs on the features, as a denoiser has no keys)")
     args = ap.parse_args(argv)
+    if is_boxed(args.data):
+        if args.denoiser:
+            fail("--denoiser scores images with masks (--data shapes); with a VOC folder or COCO json leave it out")
+        return main_boxed(args)
     try:
         ctx = load_for_vit_eval(args)
         data = ctx.dense_data(args.n_probe_train)
