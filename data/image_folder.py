@@ -66,7 +66,7 @@ def read_image(path, channels: int = 3) -> np.ndarray:
                 rgba = im.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(white, rgba)
-            arr = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+            arr = np.array(im.convert("RGB" if channels == 3 else "L"))
     except OSError as e:
         raise ValueError(f"{path} cannot be read as an image ({e}); remove it or convert it") from None
     return arr if arr.ndim == 3 else arr[..., None]

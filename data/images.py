@@ -149,7 +149,7 @@ def _hub(cfg: ImageDataConfig):
 
 def stack_images(arrays: list[np.ndarray], size: int) -> torch.Tensor:
     """(H, W[, C]) uint8 images -> (N, C, H, W) floats in [0, 1]; mixed sizes resized to size x size."""
-    xs = [torch.from_numpy(np.ascontiguousarray(a if a.ndim == 3 else a[..., None])).permute(2, 0, 1).float() / 255.0
+    xs = [torch.from_numpy(np.array(a if a.ndim == 3 else a[..., None])).permute(2, 0, 1).float() / 255.0
           for a in arrays]
     if len({tuple(x.shape) for x in xs}) > 1:
         xs = [F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
