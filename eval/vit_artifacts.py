@@ -428,8 +428,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*', or hf:<id or "
                     "folder> of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")
-    ap.add_argument("--data", default=None, help="image source: digits, shapes or an HF image dataset "
-                    "(required for hf:; default: the run's own)")
+    ap.add_argument("--data", default=None, help="image source: digits, shapes, an image folder (class subfolders "
+                    "or none, any sizes), a Pascal VOC folder, a COCO json or an HF image dataset (required for hf:; "
+                    "default: the run's own)")
     ap.add_argument("--image-size", type=positive_int, default=None,
                     help="input size of an hf: import (a multiple of its patch size; default: its pretraining size)")
     ap.add_argument("--threshold", type=float, default=None, help="fixed norm threshold for outliers "
