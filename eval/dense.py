@@ -94,7 +94,8 @@ def lost(keys: torch.Tensor, grid: int, k: int) -> dict:
         component.flat[seed] = True
     ys, xs = np.nonzero(component)
     return {"seed": seed, "similars": similars.tolist(), "mask": torch.from_numpy(component),
-            "box": (int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max()))}
+            "box": (int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())),
+            "positive_share": float((A > 0).double().mean())}
 
 
 def box_iou(a, b) -> float:
@@ -213,14 +214,16 @@ def lost_on_batch(keys, chunk, scales, extents, patch: int, k: int) -> list[dict
         box = lost_box_to_image(res["box"], patch, scales[b], extents[b])
         ious = bbox_iou(box, item.boxes)
         out.append({"name": item.name, "box": [round(v, 1) for v in box], "n_gt": len(item.boxes),
-                    "best_iou": float(ious.max()) if len(ious) else 0.0,
+                    "best_iou": float(ious.max()) if len(ious) else 0.0, "positive_share": res["positive_share"],
                     "hit": bool(len(ious) and (ious >= CORLOC_IOU).any())})
     return out
 
 
 def corloc_summary(per_image: list[dict], k: int) -> dict:
     hits = sum(p["hit"] for p in per_image)
+    # when (nearly) every pair of patch keys correlates positively, LOST's expansion is the whole image
     return {"corloc": hits / len(per_image), "hits": hits, "n_images": len(per_image), "k": k,
+            "positive_share": float(np.mean([p["positive_share"] for p in per_image])),
             "n_without_boxes": sum(p["n_gt"] == 0 for p in per_image), "per_image": per_image}
 
 
@@ -364,7 +367,7 @@ def main_boxed(args) -> dict:
     lo = result["lost"]
     print(f"LOST: CorLoc {100 * lo['corloc']:.1f}% ({lo['hits']}/{lo['n_images']}) on {args.data}, "
           f"{model.config.image_size}px ({model.config.grid}x{model.config.grid} patches of {model.config.patch_size}), "
-          f"fit {args.fit}, k {lo['k']}")
+          f"fit {args.fit}, k {lo['k']}; {100 * lo['positive_share']:.0f}% of patch-key pairs correlate positively")
     print(f"-> {out / 'dense_boxes.json'}")
     return result
 

@@ -121,7 +121,7 @@ def norm_summary(norms: torch.Tensor, medians: torch.Tensor, threshold: float | 
 
 def vit_row(model, items, norm: dict, fit: str = "pad", batch_size: int = 8, k: int = LOST_K,
             threshold: float | None = None, detect_layer: int = -1, highest_layer: int | None = None,
-            top_k: int = 50, n_search: int = 100, n_norm: int = 256) -> dict:
+            top_k: int = 50, n_search: int = 100, n_norm: int = 256, threshold_factor: float = HIGH_NORM_FACTOR) -> dict:
     """Everything the CLI prints (module docstring) for a ViT on BoxedImage `items`."""
     c = model.config
     mean, std = norm["image_mean"], norm["image_std"]
@@ -131,9 +131,9 @@ def vit_row(model, items, norm: dict, fit: str = "pad", batch_size: int = 8, k: 
         raise ValueError(f"--highest-layer {highest} is not a block index in [0, {c.n_layer - 1}]")
     base = measure(model, items, mean, std, fit, batch_size, k, n_norm)
     medians = base["norms"].flatten(1).median(1).values
-    if threshold is None:  # scale-free default: the high-norm cut-off at the detection block
-        threshold = float(HIGH_NORM_FACTOR * medians[detect])
-        rule = f"{HIGH_NORM_FACTOR:g} x the median patch norm after block {detect} ({threshold:.1f})"
+    if threshold is None:  # scale-free: a multiple of the detection block's median patch norm
+        threshold = float(threshold_factor * medians[detect])
+        rule = f"{threshold_factor:g} x the median patch norm after block {detect} ({threshold:.1f})"
     else:
         rule = f"fixed {threshold:g}"
     search = search_neurons(model, items[:n_search], mean, std, fit, batch_size, threshold, detect, highest, top_k)
@@ -151,6 +151,7 @@ def vit_row(model, items, norm: dict, fit: str = "pad", batch_size: int = 8, k: 
               "variants": {}}
     for name, v in variants.items():
         result["variants"][name] = {"corloc": v["lost"]["corloc"], "hits": v["lost"]["hits"],
+                                    "positive_share": v["lost"]["positive_share"],
                                     "ms_per_image": 1000 * v["seconds_per_image"],
                                     **norm_summary(v["norms"], medians, threshold), "per_image": v["lost"]["per_image"]}
     if "test_time_register" in variants:
@@ -176,6 +177,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threshold", type=float, default=None, help="the norm above which a token is an outlier "
                     f"(Jiang et al.: 150 on DINOv2 ViT-L/14; default {HIGH_NORM_FACTOR:g}x the median patch norm "
                     "after the detection block)")
+    ap.add_argument("--threshold-factor", type=float, default=HIGH_NORM_FACTOR, help="without --threshold: "
+                    "the threshold is this x the detection block's median patch norm")
     ap.add_argument("--detect-layer", type=int, default=-1, help="the block whose output norms mark the outliers")
     ap.add_argument("--highest-layer", type=int, default=None, help="search units of blocks 0..L (default: the "
                     "detection block)")
@@ -183,6 +186,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-search", type=positive_int, default=100, help="images for the neuron search (the first ones)")
     ap.add_argument("--n-norm-images", type=positive_int, default=256, help="images whose norms are summarised")
     args = ap.parse_args(argv)
+    if args.threshold_factor <= 0:
+        fail(f"--threshold-factor must be > 0, got {args.threshold_factor}")
     if args.data is None:
         fail("--data must name a Pascal VOC folder or a COCO json (the images LOST is scored on)")
     try:
@@ -196,7 +201,8 @@ def main(argv=None) -> dict:
                              f"{model.config.n_layer}-block model")
         norm = box_normalisation(run.config, model, items, args.fit)
         result = vit_row(model, items, norm, args.fit, args.batch_size, args.lost_k or LOST_K, args.threshold,
-                         args.detect_layer, args.highest_layer, args.top_k, args.n_search, args.n_norm_images)
+                         args.detect_layer, args.highest_layer, args.top_k, args.n_search, args.n_norm_images,
+                         args.threshold_factor)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     result.update({"data": str(args.data), "split": args.split, "checkpoint": checkpoint_info(run),
@@ -212,7 +218,7 @@ def main(argv=None) -> dict:
           f"({t['images_with_outliers']}/{t['n_search']} search images had outliers)")
     for name, r in v.items():
         print(f"  {cols[name]:<22} CorLoc {100 * r['corloc']:5.1f}% ({r['hits']}/{result['n_images']})  "
-              f"{r['ms_per_image']:.1f} ms/image")
+              f"{r['ms_per_image']:.1f} ms/image; positive patch-key pairs {100 * r['positive_share']:.0f}%")
         print(f"    high-norm % per block (> {HIGH_NORM_FACTOR:g}x median): {_layers(r['high_norm_share'])}")
         print(f"    above {t['threshold']:.1f} % per block:            {_layers(r['above_threshold_share'])}")
     if not t["neurons"]:

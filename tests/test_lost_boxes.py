@@ -110,6 +110,7 @@ def test_corloc_on_a_voc_folder_matches_a_hand_computation(voc):
     inter = (62 - 25) * (12 / sy - 4 / sy)
     want = inter / ((20 / 0.32 - 8 / 0.32) * (12 / sy - 4 / sy) + 37 * 26 - inter)
     assert out[0]["best_iou"] == pytest.approx(want, rel=1e-5) and out[0]["hit"]
+    assert out[0]["positive_share"] == (6 * 6 + 58 * 58) / 64**2  # object-object and background-background pairs
     # b: scale 16/40 = 0.4 in x, 32/80 in y; model box 0..8 x 0..8 -> image 0..20 x 0..20: IoU with the
     # whole image (0, 0, 40, 80) is 400 / 3200, with the difficult (4, 4, 10, 10) 36 / 400: a miss
     assert out[1]["box"] == [0.0, 0.0, 20.0, 20.0]
