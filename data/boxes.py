@@ -11,7 +11,8 @@ Boxes are read as LOST's code reads them (valeoai/LOST, datasets.py), in continu
 coordinates (x0, y0, x1, y1): VOC's 1-based inclusive corners become (xmin - 1, ymin - 1, xmax,
 ymax); COCO's [x, y, w, h] becomes (x, y, x + w, y + h) rounded to integers, crowd boxes
 left out. Every object counts, difficult and truncated ones too (LOST's default); `no_hard`
-drops them and the images left without any (LOST's `--no_hard`).
+drops them and the images left without any (LOST's `--no_hard`). A VOC folder's
+SegmentationObject/<id>.png, where present, is the image's instance mask (VOC's 255 border: -1).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class BoxedImage:
     name: str
     path: Path
     boxes: np.ndarray  # (K, 4) float (x0, y0, x1, y1), continuous pixel coordinates; K may be 0
+    mask_path: Path | None = None  # VOC SegmentationObject/<id>.png when the folder has it
 
 
 def is_voc(path) -> bool:
@@ -78,7 +80,9 @@ def read_voc(root, split: str | None = None, no_hard: bool = False) -> list[Boxe
             boxes.append((x0 - 1, y0 - 1, x1, y1))  # 1-based inclusive -> continuous
         if no_hard and not boxes:
             continue
-        out.append(BoxedImage(i, path, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)))
+        mask = root / "SegmentationObject" / f"{i}.png"
+        out.append(BoxedImage(i, path, np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                              mask if mask.is_file() else None))
     return out
 
 
@@ -110,6 +114,16 @@ def read_coco(json_path, image_root=None) -> list[BoxedImage]:
         boxes[a["image_id"]].append([int(round(v)) for v in (x, y, x + w, y + h)])
     return [BoxedImage(str(im["id"]), root / im["file_name"],
                        np.asarray(boxes[im["id"]], dtype=np.float64).reshape(-1, 4)) for im in images]
+
+
+def read_mask(path) -> np.ndarray:
+    """A VOC SegmentationObject PNG -> (H, W) int: 0 background, 1.. instances, -1 the void border (255)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        m = np.array(im).astype(np.int64)  # palette indices are the instance ids
+    m[m == 255] = -1
+    return m
 
 
 def read_boxed(source, split: str | None = None, image_root=None, no_hard: bool = False) -> list[BoxedImage]:

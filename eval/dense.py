@@ -19,8 +19,10 @@
 Both are reported with the oracle ceiling that the patch grid allows: CorLoc of the box of the
 patches each object touches (a patch-level method cannot do better than that alignment).
 
-**Real images with boxes** (`--data` a Pascal VOC folder or a COCO json, data/boxes.py): LOST
-only (boxes, no masks), scored as valeoai/LOST scores it: its box is the seed's component's
+**Real images with boxes** (`--data` a Pascal VOC folder or a COCO json, data/boxes.py): LOST,
+scored as valeoai/LOST scores it, and the linear probe where the VOC folder has instance masks
+(SegmentationObject/<id>.png: the first `--n-probe-train` of those images, at most half, train it,
+the rest score it; the void border and the padding are not scored). LOST: its box is the seed's component's
 patches, (x0, y0) = first patch x patch size, (x1, y1) = (last patch + 1) x patch size, clipped
 to the image (LOST's padding); a hit is an IoU >= 0.5 with any ground-truth box (continuous
 coordinates, LOST's `bbox_iou`); CorLoc = hits / images, images without a box counting as
@@ -236,6 +238,37 @@ def lost_on_boxed(model, items, mean, std, k: int = LOST_K, fit: str = "pad", ba
     return corloc_summary(per_image, k)
 
 
+def fit_mask(mask: np.ndarray, size: int, fit: str = "pad") -> torch.Tensor:
+    """An (H, W) instance mask fitted as `fit_image` fits its image (nearest); padding = -1 (not scored)."""
+    H, W = mask.shape
+    m = torch.from_numpy(mask.astype(np.int64))[None, None].float()
+    if fit == "pad":
+        s = size / max(H, W)
+        h, w = max(1, round(H * s)), max(1, round(W * s))
+    else:
+        h, w = size, size
+    out = torch.full((size, size), -1, dtype=torch.long)
+    out[:h, :w] = F.interpolate(m, size=(h, w), mode="nearest")[0, 0].long()
+    return out
+
+
+def probe_on_boxed(model, items, mean, std, n_train: int, fit: str = "pad", batch_size: int = 8) -> dict | None:
+    """The linear probe on the items that have a segmentation mask (VOC's SegmentationObject): the first
+    `n_train` (at most half) train it, the rest score it. None when fewer than two have one."""
+    from data.boxes import read_mask
+
+    masked = [b for b in items if b.mask_path is not None]
+    if len(masked) < 2:
+        return None
+    n = min(n_train, len(masked) // 2)
+    feats, masks = [], []
+    for chunk, x, _, _ in box_batches(model, masked, mean, std, fit, batch_size):
+        feats.append(patch_features(model, x, batch_size)["tokens"])
+        masks += [fit_mask(read_mask(b.mask_path), model.config.image_size, fit) for b in chunk]
+    feats, masks = torch.cat(feats), torch.stack(masks)
+    return linear_probe(feats[:n], masks[:n], feats[n:], masks[n:])
+
+
 def box_normalisation(run_config: dict, model, items, fit: str, n: int = 64) -> dict:
     """The model's pixel mean / std (an import's), else the channel statistics of the first `n` images."""
     from data.image_folder import read_image
@@ -260,11 +293,13 @@ def _pixel_logits(linear, feats: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def linear_probe(train_feats, train_masks, val_feats, val_masks, steps: int = PROBE_STEPS) -> dict:
-    """Object/background linear probe on frozen patch features (B, N, C); masks (B, H, W), 0 = background."""
+    """Object/background linear probe on frozen patch features (B, N, C); masks (B, H, W), 0 = background,
+    negative = not scored (VOC's void border, padding): left out of the loss and of the IoUs."""
     mean, std = train_feats.mean((0, 1)), train_feats.std((0, 1)).clamp_min(1e-6)
     tr, va = (train_feats - mean) / std, (val_feats - mean) / std
     size = train_masks.shape[-1]
     target = (train_masks > 0).long()
+    target[train_masks < 0] = -100  # cross_entropy's ignore_index
     linear = torch.nn.Linear(tr.shape[-1], 2)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
@@ -277,10 +312,10 @@ def linear_probe(train_feats, train_masks, val_feats, val_masks, steps: int = PR
             opt.step()
     with torch.no_grad():
         pred = _pixel_logits(linear, va, size).argmax(1)
-    truth = val_masks > 0
+    truth, scored = val_masks > 0, val_masks >= 0
     iou = {}
     for name, cls in (("background", False), ("object", True)):
-        p, t = pred.bool() == cls, truth == cls
+        p, t = (pred.bool() == cls) & scored, (truth == cls) & scored
         iou[name] = float((p & t).sum()) / max(float((p | t).sum()), 1.0)
     return {"miou": (iou["object"] + iou["background"]) / 2, "iou_object": iou["object"],
             "iou_background": iou["background"], "train_loss": loss.item(), "n_train": len(train_feats),
@@ -354,20 +389,28 @@ def main_boxed(args) -> dict:
         norm = box_normalisation(run.config, model, items, args.fit)
         k = args.lost_k or LOST_K
         result = lost_on_boxed(model, items, norm["image_mean"], norm["image_std"], k, args.fit, args.batch_size)
+        probe = probe_on_boxed(model, items, norm["image_mean"], norm["image_std"], args.n_probe_train, args.fit,
+                               args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     out = output_dir(run, args.ckpt)
-    result = {"lost": result, "data": str(args.data), "split": args.split, "fit": args.fit,
+    result = {"lost": result, "probe": probe, "data": str(args.data), "split": args.split, "fit": args.fit,
               "image_size": model.config.image_size, "patch_size": model.config.patch_size,
               "checkpoint": checkpoint_info(run),
               "definitions": {"corloc": "share of images whose LOST box (last-block patch keys, valeoai/LOST's "
                               "box and bbox_iou) has IoU >= 0.5 with some ground-truth box; images without a box "
-                              "count as misses", "checkpoint": CHECKPOINT_DEFINITION}}
+                              "count as misses", "checkpoint": CHECKPOINT_DEFINITION,
+                              "miou": "linear probe on the frozen final patch tokens, object (any instance of "
+                              "SegmentationObject) / background, mean of the two IoUs over held-out masked images; "
+                              "VOC's void border and the padding not scored; null without masks"}}
     write_json(out / "dense_boxes.json", result)
     lo = result["lost"]
     print(f"LOST: CorLoc {100 * lo['corloc']:.1f}% ({lo['hits']}/{lo['n_images']}) on {args.data}, "
           f"{model.config.image_size}px ({model.config.grid}x{model.config.grid} patches of {model.config.patch_size}), "
           f"fit {args.fit}, k {lo['k']}; {100 * lo['positive_share']:.0f}% of patch-key pairs correlate positively")
+    if probe is not None:
+        print(f"linear probe mIoU {probe['miou']:.3f} (object {probe['iou_object']:.3f}), trained on {probe['n_train']} "
+              f"and scored on {probe['n_val']} images with segmentation masks")
     print(f"-> {out / 'dense_boxes.json'}")
     return result
 

@@ -231,3 +231,39 @@ def test_a_voc_folder_that_is_not_one_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         dense.main(["--ckpt", "hf:/nonexistent", "--data", str(tmp_path)])
     assert e.value.code == 2 and "holds no images" in capsys.readouterr().err
+
+
+def test_probe_leaves_out_unscored_pixels():
+    """Val patches all look like the object; half the pixels are void (-1): counted as background they
+    would halve the object IoU."""
+    g = torch.Generator().manual_seed(0)
+    grid, patch = 4, 2
+    train = torch.randn(8, grid * grid, 3, generator=g)
+    train_masks = (train[:, :, 0] > 0).long().view(8, grid, grid).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+    train_masks[:, :, :2] = -1  # unscored pixels in training too
+    val = train[:1].clone()
+    val[..., 0] = 3.0
+    val_masks = torch.ones(1, grid * patch, grid * patch, dtype=torch.long)
+    val_masks[:, :, 4:] = -1
+    out = dense.linear_probe(train, train_masks, val, val_masks)
+    assert out["iou_object"] == 1.0 and out["iou_background"] == 0.0
+
+
+def test_dense_cli_probes_voc_instance_masks(tmp_path, capsys):
+    tiny_dinov2(tmp_path / "dino")
+    images = {f"i{k}": (rgb(36 + 4 * k, 32, k), f"i{k}.jpg", [(3, 3, 20, 20, 0)]) for k in range(4)}
+    voc = write_voc(tmp_path / "voc", images)
+    (voc / "SegmentationObject").mkdir()
+    for k in range(4):
+        m = np.zeros((32, 36 + 4 * k), np.uint8)
+        m[2:20, 2:20], m[1, :] = 1, 255  # one object, a void line
+        Image.fromarray(m, mode="L").convert("P").save(voc / "SegmentationObject" / f"i{k}.png")
+    from data.boxes import read_mask
+
+    mask = read_mask(voc / "SegmentationObject" / "i0.png")
+    assert mask[5, 5] == 1 and mask[1, 30] == -1 and mask[25, 30] == 0
+    r = dense.main(["--ckpt", f"hf:{tmp_path / 'dino'}", "--data", str(voc), "--n-probe-train", "8"])
+    assert r["probe"]["n_train"] == 2 and r["probe"]["n_val"] == 2 and 0.0 <= r["probe"]["miou"] <= 1.0
+    assert "linear probe mIoU" in capsys.readouterr().out
+    fitted = dense.fit_mask(mask, 32, "pad")  # 36 x 32 -> 32 x 28 inside 32 x 32, the rest -1
+    assert (fitted[28:] == -1).all() and fitted[5, 5] == 1
