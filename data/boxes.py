@@ -3,6 +3,10 @@
 - **Pascal VOC layout**: a folder with JPEGImages/<id>.jpg, Annotations/<id>.xml and
   ImageSets/Main/<split>.txt (one id a line; VOC2007's and VOC2012's `trainval` are what LOST
   is scored on). Without ImageSets/Main/<split>.txt every Annotations/*.xml is used.
+- **An HF dataset with boxes** (`datasets.load_dataset(name)`, the hub's object-detection layout:
+  an `image` column and an `objects` column with a `bbox` list per record, in `box_format`
+  xywh (COCO's) or xyxy pixels; a local folder of images with a metadata.jsonl in that layout
+  loads the same way).
 - **COCO**: an instances json (`images`, `annotations` with `bbox` = [x, y, w, h]); the image
   files are found by `file_name` under the json's folder, its `images/` or its parent
   (or `image_root`). LOST's COCO20k is train2014 restricted to its 19,817 file names.
@@ -30,6 +34,11 @@ class BoxedImage:
     path: Path
     boxes: np.ndarray  # (K, 4) float (x0, y0, x1, y1), continuous pixel coordinates; K may be 0
     mask_path: Path | None = None  # VOC SegmentationObject/<id>.png when the folder has it
+    image: object = None  # a callable giving the PIL image (an HF dataset's record) instead of `path`
+
+    def source(self):
+        """What data/image_folder.read_image reads: the file, or the dataset's PIL image."""
+        return self.path if self.image is None else self.image()
 
 
 def is_voc(path) -> bool:
@@ -124,6 +133,32 @@ def read_mask(path) -> np.ndarray:
         m = np.array(im).astype(np.int64)  # palette indices are the instance ids
     m[m == 255] = -1
     return m
+
+
+BOX_FORMATS = ("xywh", "xyxy")
+
+
+def read_hf_boxes(name: str, split: str | None = None, box_format: str = "xywh", hub_config: str | None = None,
+                  image_field: str = "image", objects_field: str = "objects") -> list[BoxedImage]:
+    """The images and boxes of an HF dataset in the hub's object-detection layout (module docstring)."""
+    from datasets import load_dataset
+
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"--box-format must be one of {list(BOX_FORMATS)}, got {box_format!r}")
+    try:
+        ds = load_dataset(name, hub_config, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; the user needs the name and the cause
+        raise ValueError(f"{name!r} could not be loaded as an HF dataset with boxes ({e})") from None
+    if image_field not in ds.column_names or objects_field not in ds.column_names:
+        raise ValueError(f"{name} has columns {ds.column_names}; a dataset with boxes needs {image_field!r} and "
+                         f"{objects_field!r} (with a 'bbox' list)")
+    out = []
+    for i, objects in enumerate(ds[objects_field]):
+        b = np.asarray(objects["bbox"] if objects else [], dtype=np.float64).reshape(-1, 4)
+        if box_format == "xywh":
+            b[:, 2:] += b[:, :2]
+        out.append(BoxedImage(str(i), Path(f"{name}[{i}]"), np.round(b), image=lambda i=i: ds[i][image_field]))
+    return out
 
 
 def read_boxed(source, split: str | None = None, image_root=None, no_hard: bool = False) -> list[BoxedImage]:

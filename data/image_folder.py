@@ -51,11 +51,12 @@ def image_mode(path) -> str:
 
 
 def read_image(path, channels: int = 3) -> np.ndarray:
-    """(H, W, channels) uint8: RGB for 3 channels, luminance for 1, whatever the file's mode."""
+    """(H, W, channels) uint8: RGB for 3 channels, luminance for 1, whatever the file's mode (`path`
+    may also be a PIL image)."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with (path if isinstance(path, Image.Image) else Image.open(path)) as im:
             im = ImageOps.exif_transpose(im)  # the orientation a viewer shows
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale: scale to 8 bits
                 a = np.asarray(im, dtype=np.float64)

@@ -19,7 +19,8 @@
 Both are reported with the oracle ceiling that the patch grid allows: CorLoc of the box of the
 patches each object touches (a patch-level method cannot do better than that alignment).
 
-**Real images with boxes** (`--data` a Pascal VOC folder or a COCO json, data/boxes.py): LOST,
+**Real images with boxes** (`--data` a Pascal VOC folder, a COCO json, or an HF dataset with boxes
+and `--box-format`; data/boxes.py): LOST,
 scored as valeoai/LOST scores it, and the linear probe where the VOC folder has instance masks
 (SegmentationObject/<id>.png: the first `--n-probe-train` of those images, at most half, train it,
 the rest score it; the void border and the padding are not scored). LOST: its box is the seed's component's
@@ -43,6 +44,8 @@ import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
+
+from data.boxes import BOX_FORMATS
 
 CORLOC_IOU = 0.5
 LOST_K = 100  # valeoai/LOST's k_patches
@@ -202,7 +205,7 @@ def box_batches(model, items, mean, std, fit: str = "pad", batch_size: int = 8):
     device = next(model.parameters()).device
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        fitted = [fit_image(read_image(b.path, c.in_channels), c.image_size, mean, std, fit) for b in chunk]
+        fitted = [fit_image(read_image(b.source(), c.in_channels), c.image_size, mean, std, fit) for b in chunk]
         x = torch.stack([f[0] for f in fitted]).to(device=device, dtype=next(model.parameters()).dtype)
         yield chunk, x, [f[1] for f in fitted], [f[2] for f in fitted]
 
@@ -279,7 +282,7 @@ def box_normalisation(run_config: dict, model, items, fit: str, n: int = 64) -> 
     if norm is not None:
         return norm
     c = model.config
-    x = torch.stack([fit_image(read_image(b.path, c.in_channels), c.image_size, 0.0, 1.0, "resize")[0]
+    x = torch.stack([fit_image(read_image(b.source(), c.in_channels), c.image_size, 0.0, 1.0, "resize")[0]
                      for b in items[:n]])
     return {"image_mean": x.mean((0, 2, 3)).tolist(), "image_std": x.std((0, 2, 3)).clamp_min(1e-6).tolist()}
 
@@ -360,15 +363,23 @@ def add_box_args(ap) -> None:
     ap.add_argument("--image-root", default=None, help="COCO json: the folder of its images (default: found beside it)")
     ap.add_argument("--fit", choices=FITS, default="pad", help="how an image meets the model's square input: pad "
                     "(keep the aspect, zeros after normalisation, as LOST pads) or resize (stretch)")
+    ap.add_argument("--box-format", choices=BOX_FORMATS, default=None, help="--data is an HF dataset with boxes "
+                    "(an objects column with bbox lists) in this format: xywh (COCO's) or xyxy")
     ap.add_argument("--no-hard", action="store_true", help="VOC: leave out difficult / truncated objects and the "
                     "images left without any (LOST's --no_hard)")
 
 
 def load_boxed_items(args) -> list:
     """The BoxedImages that --data names, capped at --n-images."""
-    from data.boxes import read_boxed
+    from data.boxes import is_boxed, read_boxed, read_hf_boxes
 
-    items = read_boxed(args.data, args.split, args.image_root, args.no_hard)
+    if args.box_format is not None:
+        if is_boxed(args.data):
+            raise ValueError(f"--box-format is for an HF dataset with boxes; {args.data} is a VOC folder or a COCO "
+                             "json, whose box format is fixed: leave it out")
+        items = read_hf_boxes(args.data, args.split, args.box_format)
+    else:
+        items = read_boxed(args.data, args.split, args.image_root, args.no_hard)
     if not items:
         raise ValueError(f"{args.data} holds no images{' with boxes that are not hard' if args.no_hard else ''}")
     return items[: args.n_images] if args.n_images else items
@@ -429,7 +440,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--denoiser", default=None, help="a folder written by python -m eval.vit_denoise: score the "
                     "denoised features (LOST then runs on the features, as a denoiser has no keys)")
     args = ap.parse_args(argv)
-    if is_boxed(args.data):
+    if is_boxed(args.data) or args.box_format is not None:
         if args.denoiser:
             fail("--denoiser scores images with masks (--data shapes); with a VOC folder or COCO json leave it out")
         return main_boxed(args)

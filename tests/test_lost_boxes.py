@@ -267,3 +267,32 @@ def test_dense_cli_probes_voc_instance_masks(tmp_path, capsys):
     assert "linear probe mIoU" in capsys.readouterr().out
     fitted = dense.fit_mask(mask, 32, "pad")  # 36 x 32 -> 32 x 28 inside 32 x 32, the rest -1
     assert (fitted[28:] == -1).all() and fitted[5, 5] == 1
+
+
+def test_an_hf_dataset_with_boxes(tmp_path, capsys):
+    """The hub's object-detection layout (imagefolder + metadata.jsonl with objects.bbox), boxes in COCO's xywh."""
+    folder = tmp_path / "det"
+    folder.mkdir()
+    rgb(40, 30).save(folder / "a.png")
+    rgb(20, 50, 1).convert("L").save(folder / "b.png")
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "objects": {"bbox": [[2.0, 3.0, 10.0, 5.0]], "category": [0]}}) + "\n"
+        + json.dumps({"file_name": "b.png", "objects": {"bbox": [[0.0, 0.0, 20.0, 50.0]], "category": [1]}}) + "\n")
+    from data.boxes import read_hf_boxes
+
+    items = read_hf_boxes(str(folder), box_format="xywh")
+    assert [i.boxes.tolist() for i in items] == [[[2, 3, 12, 8]], [[0, 0, 20, 50]]]
+    assert read_hf_boxes(str(folder), box_format="xyxy")[0].boxes.tolist() == [[2, 3, 10, 5]]
+    tiny_dinov2(tmp_path / "dino")
+    r = dense.main(["--ckpt", f"hf:{tmp_path / 'dino'}", "--data", str(folder), "--box-format", "xywh"])
+    assert r["lost"]["n_images"] == 2 and r["probe"] is None
+    # b's box is the whole image: LOST's box, clipped to the image, is inside it -> IoU = its area share
+    b = r["lost"]["per_image"][1]
+    x0, y0, x1, y1 = b["box"]
+    assert b["best_iou"] == pytest.approx((x1 - x0) * (y1 - y0) / 1000, rel=1e-3)
+
+
+def test_box_format_with_a_voc_folder_is_refused(voc, capsys):
+    with pytest.raises(SystemExit) as e:
+        dense.main(["--ckpt", "hf:/nonexistent", "--data", str(voc), "--box-format", "xyxy"])
+    assert e.value.code == 2 and "--box-format is for an HF dataset" in capsys.readouterr().err
