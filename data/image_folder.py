@@ -21,6 +21,17 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def is_image_folder(path) -> bool:
+    """Whether `path` is a folder of images or of class subfolders of images (anything else, e.g. a clone
+    of a hub dataset of parquet files, is left to `datasets.load_dataset`)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return False
+    if (p / "JPEGImages").is_dir() and (p / "Annotations").is_dir():
+        return True
+    return bool(image_files(p)) or any(d.is_dir() and image_files(d) for d in p.iterdir())
+
+
 def list_folder(folder) -> tuple[list[Path], list[int], list[str]]:
     """(image paths, labels, class names) of an image folder (module docstring)."""
     folder = Path(folder).expanduser()

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .boxes import is_boxed, read_boxed
-from .image_folder import GREY_MODES, folder_channels, list_folder, read_image
+from .image_folder import GREY_MODES, folder_channels, is_image_folder, list_folder, read_image
 from .loader import seed_from_key
 from .prepare import split_documents
 from .shapes import BACKGROUNDS, LABELS, make_shapes, n_classes
@@ -176,7 +175,7 @@ def _folder(cfg: ImageDataConfig):
 
 
 def is_local(source: str) -> bool:
-    return Path(source).expanduser().is_dir() or is_boxed(source)
+    return is_image_folder(source) or is_boxed(source)
 
 
 def _shapes(cfg: ImageDataConfig) -> ImageSet:

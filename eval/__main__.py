@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense")
+EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense",
+         "vit_row")
 
 
 def main(argv=None) -> int:

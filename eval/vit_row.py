@@ -2,8 +2,9 @@
 Jiang et al.'s test-time register, and (a model with registers) without its registers; the share of
 high-norm patch tokens per block for each; the latency the test-time register adds.
 
-`--data` is a Pascal VOC folder or a COCO json (data/boxes.py); images are fitted to the model's
-input and LOST is scored as in eval/dense.py (valeoai/LOST's box and IoU). The test-time register
+`--data` is a Pascal VOC folder, a COCO json or an HF dataset with boxes (data/boxes.py); images
+are fitted to the model's input and LOST is scored as in eval/dense.py (valeoai/LOST's box and
+IoU). The test-time register
 follows Jiang et al.'s code (eval/vit_artifacts.py, rule `reference`): on the first `--n-search`
 images, outliers = tokens whose norm after block `--detect-layer` exceeds `--threshold`; per image
 the mean |activation| of each MLP unit over them, averaged over the images that have any; the
@@ -189,7 +190,8 @@ def main(argv=None) -> dict:
     if args.threshold_factor <= 0:
         fail(f"--threshold-factor must be > 0, got {args.threshold_factor}")
     if args.data is None:
-        fail("--data must name a Pascal VOC folder or a COCO json (the images LOST is scored on)")
+        fail("--data must name a Pascal VOC folder, a COCO json or an HF dataset with boxes (--box-format): the "
+             "images LOST is scored on")
     try:
         items = load_boxed_items(args)
         run = load(args.ckpt, args, task="vit")

@@ -56,9 +56,12 @@ def test_flat_folder_of_greyscale_is_one_class_one_channel(tmp_path):
     assert s.train_x.shape[1:] == (1, 8, 8) and set(torch.cat([s.train_y, s.val_y]).tolist()) == {0}
 
 
-def test_empty_folder_is_one_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no images"):
+def test_a_folder_without_images_is_left_to_datasets_and_refused_in_one_line(tmp_path):
+    (tmp_path / "data.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="has columns \\[.text.\\]; set data.image_field"):
         load_images(ImageDataConfig(source=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        list_folder(tmp_path)
 
 
 def test_vit_artifacts_on_a_voc_folder_of_mixed_sizes(tmp_path, capsys):

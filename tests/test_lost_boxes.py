@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.boxes import read_boxed, read_coco, read_voc
+from data.boxes import read_coco, read_voc
 from eval import dense
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -98,7 +98,8 @@ def planted_keys(rows, cols, grid=8, dim=4):
 
 def test_corloc_on_a_voc_folder_matches_a_hand_computation(voc):
     items = read_voc(voc)  # a: 100 x 60 RGB, b: 40 x 80 greyscale
-    fits = [dense.fit_image(np.zeros((60, 100, 3), np.uint8), 32, 0, 1), dense.fit_image(np.zeros((80, 40, 1), np.uint8), 32, 0, 1)]
+    fits = [dense.fit_image(np.zeros((60, 100, 3), np.uint8), 32, 0, 1),
+            dense.fit_image(np.zeros((80, 40, 1), np.uint8), 32, 0, 1)]
     # image a: object planted at patch rows 1-2, cols 2-4 (patch 4); image b: at rows 0-1, cols 0-1
     keys = torch.stack([planted_keys([1, 2], [2, 3, 4]), planted_keys([0, 1], [0, 1])])
     out = dense.lost_on_batch(keys, items, [f[1] for f in fits], [f[2] for f in fits], patch=4, k=100)
