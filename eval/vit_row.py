@@ -77,7 +77,7 @@ def measure(model, items, mean, std, fit: str, batch_size: int, k: int, n_norm: 
                 keys = attn.k_norm(keys.view(B, T, -1, c.head_dim)).view(B, T, -1)
             keys = keys[:, start_tok : start_tok + c.n_patches].float().cpu()
             per_image += lost_on_batch(keys, chunk, scales, extents, c.patch_size, k)
-            if len(norms) < n_norm:
+            if sum(n.shape[1] for n in norms) < n_norm:
                 norms.append(torch.stack([h[:, start_tok : start_tok + c.n_patches].float().norm(dim=-1).cpu()
                                           for h in out.hidden]))  # (L, B, N)
     norms = torch.cat(norms, dim=1)[:, :n_norm] if norms else None
@@ -145,7 +145,7 @@ def vit_row(model, items, norm: dict, fit: str = "pad", batch_size: int = 8, k: 
     if c.n_registers:
         variants["without_registers"] = measure(model, items, mean, std, fit, batch_size, k, n_norm,
                                                 lambda: without_registers(model))
-    result = {"n_images": len(items), "image_size": c.image_size, "patch_size": c.patch_size,
+    result = {"n_images": len(items), "n_norm_images": int(base["norms"].shape[1]), "image_size": c.image_size, "patch_size": c.patch_size,
               "n_registers": c.n_registers, "fit": fit, "k": k,
               "ttr": {"threshold_rule": rule, "threshold": threshold, "detect_layer": detect, "highest_layer": highest,
                       "top_k": top_k, **search},

@@ -185,7 +185,8 @@ def test_vit_row_with_registers_and_a_forced_search(tmp_path, voc, capsys):
 
     tiny_dinov2(tmp_path / "dino_reg", registers=2)
     r = vit_row.main(["--ckpt", f"hf:{tmp_path / 'dino_reg'}", "--data", str(voc), "--threshold", "0",
-                      "--top-k", "3", "--batch-size", "2"])
+                      "--top-k", "3", "--batch-size", "1", "--n-norm-images", "1"])
+    assert r["n_norm_images"] == 1 and r["n_images"] == 2
     out = capsys.readouterr().out
     assert set(r["variants"]) == {"as_is", "test_time_register", "without_registers"}
     assert len(r["ttr"]["neurons"]) == 3 and r["ttr"]["images_with_outliers"] == 2  # threshold 0: every token
