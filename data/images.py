@@ -2,10 +2,14 @@
 
 `source: digits` is scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes,
 read from the installed package, no download); `source: shapes` draws objects on a flat or
-noisy background with per-pixel object masks (data/shapes.py, no download); any other source is
-an HF hub image dataset (e.g. `uoft-cs/cifar10`) loaded with `datasets.load_dataset`. The
-held-out split is the dataset's `test` split when it has one, else a seeded `val_fraction` of
-the images (shapes draws its two splits separately).
+noisy background with per-pixel object masks (data/shapes.py, no download); a local folder is
+read by data/image_folder.py (class subfolders or none, any size and mode; a Pascal VOC folder
+or a COCO json gives its images, label 0); any other source is an HF hub image dataset (e.g.
+`uoft-cs/cifar10`) loaded with `datasets.load_dataset`. Images of mixed sizes (a folder, or a
+hub dataset such as VOC's) are resized to `folder_size` x `folder_size` (bilinear, antialiased)
+so that they stack; a ViT eval then fits them to the model's input. The held-out split is the
+dataset's `test` split when it has one, else a seeded `val_fraction` of the images (shapes draws
+its two splits separately).
 
 ImageBatchLoader has BatchLoader's interface and determinism: the global batch of a step is
 drawn from a generator seeded by (seed, split, step), augmentation included, and micro-step m
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .boxes import is_boxed, read_boxed
+from .image_folder import GREY_MODES, folder_channels, is_image_folder, list_folder, read_image
 from .loader import seed_from_key
 from .prepare import split_documents
 from .shapes import BACKGROUNDS, LABELS, make_shapes, n_classes
@@ -38,6 +44,7 @@ class ImageDataConfig:
     label_field: str = "label"  # the record field holding the class index
     val_fraction: float = 0.2  # used when the source has no test split
     max_images: int | None = None  # cap on training images (hub datasets); None = all
+    folder_size: int = 224  # side that images of mixed sizes (folders, some hub datasets) are resized to
     augment_shift: int = 1  # random translation by up to this many pixels (training only)
     augment_flip: bool = False  # random horizontal flips (natural images; not digits)
     seed: int = 1337  # the train / val split and the augmentations
@@ -66,6 +73,8 @@ class ImageDataConfig:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.max_images is not None and self.max_images < 2:
             raise ValueError(f"data.max_images must be null or an integer >= 2, got {self.max_images!r}")
+        if self.folder_size < 1:
+            raise ValueError(f"data.folder_size must be a positive number of pixels, got {self.folder_size}")
         if self.augment_shift < 0:
             raise ValueError(f"data.augment_shift must be >= 0 pixels, got {self.augment_shift}")
 
@@ -125,17 +134,48 @@ def _hub(cfg: ImageDataConfig):
     def arrays(split):
         if cfg.max_images is not None:
             split = split.select(range(min(cfg.max_images, len(split))))
-        imgs = np.stack([np.asarray(im) for im in split[field]])
-        if imgs.ndim == 3:
-            imgs = imgs[..., None]
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
-        return x, torch.tensor(split[cfg.label_field]).long()
+        pil = split[field]
+        grey = all(im.mode in GREY_MODES for im in pil)  # one channel only when every image has one
+        imgs = [np.asarray(im.convert("L" if grey else "RGB")) for im in pil]
+        return stack_images(imgs, cfg.folder_size), torch.tensor(split[cfg.label_field]).long()
 
     if "test" in ds:
         return (*arrays(train), *arrays(ds["test"]))
     x, y = arrays(train)
     tr, va = split_documents(len(y), cfg.val_fraction, cfg.seed)
     return x[tr], y[tr], x[va], y[va]
+
+
+def stack_images(arrays: list[np.ndarray], size: int) -> torch.Tensor:
+    """(H, W[, C]) uint8 images -> (N, C, H, W) floats in [0, 1]; mixed sizes resized to size x size."""
+    xs = [torch.from_numpy(np.array(a if a.ndim == 3 else a[..., None])).permute(2, 0, 1).float() / 255.0
+          for a in arrays]
+    if len({tuple(x.shape) for x in xs}) > 1:
+        xs = [F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+              .clamp(0, 1) for x in xs]
+    return torch.stack(xs)
+
+
+def _folder(cfg: ImageDataConfig):
+    """A local image folder, or the images of a VOC folder / COCO json (data/image_folder.py, data/boxes.py)."""
+    if is_boxed(cfg.source):
+        paths = [b.path for b in read_boxed(cfg.source)]
+        labels = [0] * len(paths)
+    else:
+        paths, labels, _ = list_folder(cfg.source)
+    if cfg.max_images is not None:
+        paths, labels = paths[: cfg.max_images], labels[: cfg.max_images]
+    channels = folder_channels(paths)
+    x = stack_images([read_image(p, channels) for p in paths], cfg.folder_size)
+    y = torch.tensor(labels).long()
+    if len(y) < 2:
+        raise ValueError(f"data.source={cfg.source!r} holds {len(y)} image; a train and a held-out split need 2")
+    tr, va = split_documents(len(y), cfg.val_fraction, cfg.seed)
+    return x[tr], y[tr], x[va], y[va]
+
+
+def is_local(source: str) -> bool:
+    return is_image_folder(source) or is_boxed(source)
 
 
 def _shapes(cfg: ImageDataConfig) -> ImageSet:
@@ -156,7 +196,8 @@ def load_images(cfg: ImageDataConfig) -> ImageSet:
     cfg.validate()
     if cfg.source == SHAPES:
         return _shapes(cfg)
-    train_x, train_y, val_x, val_y = _digits(cfg) if cfg.source == DIGITS else _hub(cfg)
+    read = _digits if cfg.source == DIGITS else _folder if is_local(cfg.source) else _hub
+    train_x, train_y, val_x, val_y = read(cfg)
     n_classes = int(max(train_y.max(), val_y.max())) + 1
     return ImageSet(train_x, train_y, val_x, val_y, n_classes, *_channel_stats(train_x))
 

@@ -7,7 +7,8 @@ import sys
 
 from . import run_main
 
-EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense")
+EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense",
+         "vit_row")
 
 
 def main(argv=None) -> int:

@@ -153,25 +153,39 @@ def find_register_neurons_reference(acts, hidden, norm_threshold: float, top_k: 
     at least `sparsity_frac` of the image's tokens); scores averaged over the images with
     outliers; the top_k (layer, unit) among layers <= max_layer (default: the detect layer,
     the highest layer where the outliers are seen)."""
-    n_layers = len(acts)
     detect = detect_layer % len(hidden)
     cap = detect if max_layer is None else max_layer
-    scores, used = torch.zeros(n_layers, acts[0].shape[-1]), 0
-    norms = hidden[detect].float().norm(dim=-1)  # (B, T)
+    scores, used = register_neuron_scores(acts, hidden[detect], norm_threshold, sparsity_filter, sparsity_frac,
+                                          sparsity_activation)
+    return top_register_neurons(scores, used, cap, top_k)
+
+
+def register_neuron_scores(acts, detect_hidden, norm_threshold: float, sparsity_filter: bool = False,
+                           sparsity_frac: float = 0.5, sparsity_activation: float = 0.5) -> tuple[torch.Tensor, int]:
+    """The sums behind `find_register_neurons_reference`: per (layer, unit) the per-image mean |activation|
+    over the image's outliers (norm of `detect_hidden` (B, T, C) > norm_threshold) summed over images, and
+    the number of images with outliers. Sums of batches add up to the sums of all the images."""
+    scores, used = torch.zeros(len(acts), acts[0].shape[-1]), 0
+    norms = detect_hidden.float().norm(dim=-1)  # (B, T)
     for b in range(norms.shape[0]):
         where = norms[b] > norm_threshold
         if not where.any():
             continue
-        for layer in range(n_layers):
+        for layer in range(len(acts)):
             a = acts[layer][b].float()  # (T, units)
             score = a[where].abs().mean(0)
             if sparsity_filter:
                 score = score * ((a < sparsity_activation).sum(0) >= sparsity_frac * a.shape[0]).float()
-            scores[layer] += score
+            scores[layer] += score.cpu()
         used += 1
+    return scores, used
+
+
+def top_register_neurons(scores: torch.Tensor, used: int, max_layer: int, top_k: int) -> list[dict]:
+    """The top_k (layer <= max_layer, unit) of `register_neuron_scores`' sums averaged over the `used` images."""
     if not used:
         return []
-    scores = scores[: cap + 1] / used
+    scores = scores[: max_layer + 1] / used
     vals, flat = scores.flatten().topk(min(top_k, scores.numel()))
     return [{"layer": f // scores.shape[1], "unit": f % scores.shape[1], "score": v}
             for v, f in zip(vals.tolist(), flat.tolist())]
@@ -414,8 +428,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*', or hf:<id or "
                     "folder> of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")
-    ap.add_argument("--data", default=None, help="image source: digits, shapes or an HF image dataset "
-                    "(required for hf:; default: the run's own)")
+    ap.add_argument("--data", default=None, help="image source: digits, shapes, an image folder (class subfolders "
+                    "or none, any sizes), a Pascal VOC folder, a COCO json or an HF image dataset (required for hf:; "
+                    "default: the run's own)")
     ap.add_argument("--image-size", type=positive_int, default=None,
                     help="input size of an hf: import (a multiple of its patch size; default: its pretraining size)")
     ap.add_argument("--threshold", type=nonnegative_float, default=None, help="fixed norm threshold for outliers "

@@ -2,8 +2,9 @@
 
 A lab run is evaluated on its own data source (its held-out split, normalised with the train
 split's channel statistics), unless `--data` names another. A pretrained import (`hf:...`) has no
-data of its own: `--data` names the images (digits, shapes or an HF image dataset), which are
-resized to the model's input size (`--image-size`, default its pretraining size; bilinear with
+data of its own: `--data` names the images (digits, shapes, a local image folder with or without
+class subfolders, a Pascal VOC folder or a COCO json, or an HF image dataset; data/images.py), which
+are resized to the model's input size (`--image-size`, default its pretraining size; bilinear with
 antialiasing, masks nearest), given three channels when the model takes three and the images have
 one, and normalised with the model's pixel mean / std (its preprocessor_config.json). A student
 distilled from an import keeps that normalisation (`image_normalisation` in its config).
@@ -24,8 +25,9 @@ def add_image_args(ap) -> None:
 
     ap.add_argument("--ckpt", required=True, help="a ViT run or checkpoint dir, or hf:<hub id or folder> "
                     "(Dinov2, Dinov2 with registers, ViT / DeiT, CLIP vision)")
-    ap.add_argument("--data", default=None, help="image source: digits, shapes or an HF image dataset "
-                    "(required for hf:; default: the run's own)")
+    ap.add_argument("--data", default=None, help="image source: digits, shapes, an image folder (class subfolders "
+                    "or none, any sizes), a Pascal VOC folder, a COCO json or an HF image dataset (required for hf:; "
+                    "default: the run's own)")
     ap.add_argument("--image-size", type=positive_int, default=None,
                     help="input size of an hf: import (a multiple of its patch size; default: its pretraining size)")
     ap.add_argument("--n-images", type=positive_int, default=None, help="held-out images to use (default: all)")
@@ -116,7 +118,7 @@ def model_images(run, model, data: str | None = None, n_val: int | None = None):
     imported = "hf" in run.config
     if data is None and "data" not in run.config:
         raise ValueError(f"{run.checkpoint} is a pretrained model with no data of its own; name the images with "
-                         "--data (digits, shapes or an HF image dataset)")
+                         "--data (digits, shapes, an image folder, a VOC folder, a COCO json or an HF image dataset)")
     fields = {k: v for k, v in (run.config.get("data") or {}).items()
               if k in {f.name for f in dataclasses.fields(ImageDataConfig)}}
     if data is not None:
