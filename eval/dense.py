@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
     add_image_args(ap)
-    ap.add_argument("--denoiser", default=None, help="a folder written by python -m eval.vit_denoise: score the "
+    ap.add_argument("--denoiser", default=None, help="a folder written by python -m fixes.vit_denoise: score the "
                     "denoised features (LOST then runs on the features, as a denoiser has no keys)")
     args = ap.parse_args(argv)
     try:
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
         if args.denoiser is None:
             result = dense_readouts(ctx.model, train_x, train_m, val_x, val_m, args.lost_k, args.batch_size)
         else:
-            from .vit_denoise import load_denoiser, patch_tokens
+            from fixes.vit_denoise import load_denoiser, patch_tokens
 
             den = load_denoiser(args.denoiser).to(val_x.device)
             with torch.no_grad():

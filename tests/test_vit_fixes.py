@@ -1,5 +1,5 @@
-"""The post-hoc ViT fixes: Denoising ViTs (eval/vit_denoise.py) and self-distilled registers
-(eval/vit_distill_registers.py), on planted artifacts whose removal can be measured, and their CLIs
+"""The post-hoc ViT fixes: Denoising ViTs (fixes/vit_denoise.py) and self-distilled registers
+(fixes/vit_distill_registers.py), on planted artifacts whose removal can be measured, and their CLIs
 on a tiny shapes ViT and an hf: import."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import vit_denoise as dvt
-from eval import vit_distill_registers as phreg
+from fixes import vit_denoise as dvt
+from fixes import vit_distill_registers as phreg
 from model.vit import ViT, ViTConfig
 
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -29,7 +29,7 @@ steps are hundreds, not 20,000 per image, so the learning rate is 0.1 instead of
 divided by their standard deviation. The optimiser and its schedule are theirs (Adam, betas
 0.9/0.99, 10% linear warmup, x0.33 at 1/4, 1/2, 3/4, 9/10; stage 2 AdamW with cosine decay).
 
-    python -m eval.vit_denoise --ckpt out/<run> [--n-fit 256] [--fit-steps 400] [--denoiser-steps 600]
+    python -m fixes.vit_denoise --ckpt out/<run> [--n-fit 256] [--fit-steps 400] [--denoiser-steps 600]
 """
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ def load_denoiser(folder) -> Denoiser:
     folder = Path(folder)
     if not (folder / DENOISER_CONFIG).is_file() or not (folder / DENOISER_FILE).is_file():
         raise FileNotFoundError(f"{folder} holds no {DENOISER_CONFIG} + {DENOISER_FILE}; write one with "
-                                "python -m eval.vit_denoise --ckpt RUN")
+                                "python -m fixes.vit_denoise --ckpt RUN")
     meta = json.loads((folder / DENOISER_CONFIG).read_text())
     den = Denoiser(meta["width"], meta["grid"], meta["n_blocks"])
     den.load_state_dict(load_file(str(folder / DENOISER_FILE)))
@@ -363,12 +363,12 @@ def main(argv=None) -> dict:
     from eval.dense import dense_readouts_on_features
     from eval.vit_images import add_image_args, load_for_vit_eval
 
-    from . import fail, positive_int, write_json
-    from .cli import checkpoint_info
-    from .progress import progress
-    from .result import CHECKPOINT_DEFINITION
+    from eval import fail, positive_int, write_json
+    from eval.cli import checkpoint_info
+    from eval.progress import progress
+    from eval.result import CHECKPOINT_DEFINITION
 
-    ap = argparse.ArgumentParser(prog="python -m eval.vit_denoise", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fixes.vit_denoise", description=__doc__.split("\n\n")[0])
     add_image_args(ap)
     ap.add_argument("--n-fit", type=positive_int, default=256, help="train images decomposed in stage 1")
     ap.add_argument("--views", type=positive_int, default=16)
