@@ -5,7 +5,6 @@ The evaluations are sink, backcopy, spikes, streaming, activations, vit_artifact
 result dataclass (eval/result.py; `evaluate(...)` for most) and a thin `main(argv=None)` CLI that
 writes its JSON + PNG under `<run>/eval/`. What the CLIs share: cli.py (flags, loading each
 checkpoint, output dirs, the over-steps summary) and plots.py; sink_positions.py is a part of sink.
-eval/bench/ only keeps `python -m eval.bench` working (the benchmarks are the package bench/).
 This file holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes`
 stays light.
 """

@@ -30,6 +30,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+from model.denoiser import load_denoiser
+
 CORLOC_IOU = 0.5
 PROBE_STEPS = 300
 PROBE_LR = 0.05
@@ -61,6 +63,17 @@ def patch_features(model, images: torch.Tensor, batch_size: int = 128) -> dict[s
     finally:
         handle.remove()
     return {"keys": torch.cat(grabbed), "tokens": torch.cat(tokens)}
+
+
+@torch.no_grad()
+def patch_tokens(model, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """(B, N, C) patch tokens after the final norm: what a denoiser (model/denoiser.py) reads."""
+    start, n = model.patch_start, model.config.n_patches
+    out = []
+    for x in images.split(batch_size):
+        h = model(x, return_hidden=True).hidden[-1]
+        out.append(model.norm(h[:, start : start + n]).float())
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------ LOST
@@ -224,8 +237,6 @@ def main(argv=None) -> dict:
         if args.denoiser is None:
             result = dense_readouts(ctx.model, train_x, train_m, val_x, val_m, args.lost_k, args.batch_size)
         else:
-            from fixes.vit_denoise import load_denoiser, patch_tokens
-
             den = load_denoiser(args.denoiser).to(val_x.device)
             with torch.no_grad():
                 feats = [den(patch_tokens(ctx.model, x, args.batch_size)) for x in (train_x, val_x)]
