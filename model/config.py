@@ -51,7 +51,7 @@ class AttentionConfig:
     # softmax only: a per-head logit b_h in the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)).
     # zero: b_h = 0 (softmax + 1); learned: gpt-oss's per-head sinks, a parameter initialised at 0.0.
     sink_logit: str = "none"  # none | zero | learned
-    sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/retrofit.py)
+    sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/interop/retrofit.py)
     qk_norm: bool = False  # RMSNorm on q and k per head (recommended for sigmoid)
     backend: str = "auto"  # model/backends/: auto resolves once, when the model is built or moved
     linear_chunk_size: int = 64  # attention=linear: tokens per chunk of the chunked (linear-time) kernel

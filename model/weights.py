@@ -1,7 +1,7 @@
 """Full model weights on disk as one safetensors file, whatever parallelism trained them.
 
 A leaf of the model package: checkpoints (trainer/), run loading (runs/load.py) and HF import
-(model/hf_import.py) all read and write weights through these functions.
+(model/interop/hf_import.py) all read and write weights through these functions.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A checkpoint dir holds `model.safetensors` (full weights, whatever parallelism w
 `config.yaml` (the run's resolved config) and `tokenizer.json`, so it loads without
 Accelerate or DeepSpeed. A run dir's `latest` points at its newest checkpoint (the layout is
 trainer/rundir.py's). `hf:<hub id, transformers folder or GGUF file>` loads a pretrained model instead
-(model/hf_import.py).
+(model/interop/hf_import.py).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from data.sources import HUB_NAME, load_documents
 from data.tokenizer import EOT, load_tokenizer
 from model import backends
 from model.gpt import GPT
-from model.hf_import import is_hf, load_pretrained
-from model.hf_vit import load_pretrained_vit, pretrained_vision
+from model.interop.hf_import import is_hf, load_pretrained
+from model.interop.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
 from trainer.rundir import newest_checkpoint
@@ -69,7 +69,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class LoadedRun:
     model: torch.nn.Module
     tokenizer: object  # tokenizers.Tokenizer (None for a ViT run)
-    config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/hf_import.py)
+    config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/interop/hf_import.py)
     checkpoint: Path  # the checkpoint dir, or the transformers folder of an import
     data: str | None = None  # text source for val_tokens; None = the run's own held-out split
     _val: object = dataclasses.field(default=None, repr=False)  # val_tokens, once read
@@ -141,7 +141,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
              dtype=None, data: str | None = None, image_size: int | None = None) -> LoadedRun:
     """Model (eval mode), tokenizer and config of a run or checkpoint, or of a pretrained
     model with path `hf:<hub id, transformers folder, GGUF file or folder holding one>` (a decoder,
-    model/hf_import.py, or a ViT, model/hf_vit.py). `task` ("lm" or "vit"): refuse, with a
+    model/interop/hf_import.py, or a ViT, model/interop/hf_vit.py). `task` ("lm" or "vit"): refuse, with a
     message, a run of the other kind (an LM eval pointed at a ViT run). `dtype`: fp32 / bf16 /
     fp16 or a torch dtype to cast the weights to (None: fp32). `data`: the text `val_tokens`
     returns (see `held_out_tokens`), or for a ViT the image source its evals read. `image_size`:

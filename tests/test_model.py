@@ -543,7 +543,7 @@ def test_model_package_has_no_import_cycles():
     """No module of model/ (score functions, backends, caches, the block, GPT, ViT, weights,
     HF import) imports another that imports it back, not even inside a function."""
     graph = _model_imports()
-    assert {"model.attention", "model.scores", "model.backends", "model.backends.math", "model.hf_import",
+    assert {"model.attention", "model.scores", "model.backends", "model.backends.math", "model.interop.hf_import",
             "model.weights"} <= set(graph)
     assert not graph["model.scores"], "model/scores.py is a leaf: it imports nothing of the model"
 

@@ -27,8 +27,8 @@ from data.loader import TokenSplit, make_loader
 from data.prepare import fingerprint, prepare
 from model import GPT
 from model.flops import training_flops_per_token
-from model.hf_import import init_model, locate
-from model.retrofit import added_fields, complete_state
+from model.interop.hf_import import init_model, locate
+from model.interop.retrofit import added_fields, complete_state
 from model.vit import ViT
 from model.vit import training_flops_per_token as vit_flops_per_token
 from model.weights import load_state
@@ -94,7 +94,7 @@ class LMTask:
         imported.backend = cfg.model.backend
         if cfg.model.block_size < imported.block_size:
             imported.block_size = cfg.model.block_size
-        for name, value in fixes.items():  # a retrofit: model/retrofit.py starts them as the identity
+        for name, value in fixes.items():  # a retrofit: model/interop/retrofit.py starts them as the identity
             setattr(imported, name, value)
         imported.sink_logit_init = cfg.model.sink_logit_init
         imported.validate()
@@ -141,7 +141,7 @@ class LMTask:
 
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         """Copy train.init_from's weights into the freshly built model (then drop them), with a
-        retrofit's new parameters started as the identity (model/retrofit.py)."""
+        retrofit's new parameters started as the identity (model/interop/retrofit.py)."""
         if self.initial_state is not None:
             state = complete_state(self.initial_state, self.cfg.model, self.sink_token_ids)
             load_state(model, state, self.cfg.train.init_from)
