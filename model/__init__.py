@@ -11,6 +11,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 from .attention import Attention
 from .cache import make_cache
 from .config import AttentionConfig, GPTConfig
-from .gpt import GPT, ModelOutput
+from .block import ModelOutput
+from .gpt import GPT
 
 __all__ = ["Attention", "AttentionConfig", "GPT", "GPTConfig", "ModelOutput", "make_cache"]

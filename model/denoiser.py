@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .gpt import Block, init_weights
+from .block import Block, init_weights
 from .vit import ViTConfig
 
 DENOISER_FILE, DENOISER_CONFIG = "denoiser.safetensors", "denoiser.json"
