@@ -37,9 +37,10 @@ from trainer.launch import check_backend, make_accelerator
 from trainer.metrics import MetricsLog, wandb_run_id
 from trainer.optim import lr_at, make_optimizer, schedule_notes
 from trainer.progress import progress_line
-from trainer.rundir import check_out_dir, newest_checkpoint, take_run_lock, write_atomic
+from trainer.rundir import check_out_dir, newest_checkpoint, take_run_lock
 from trainer.signals import StopFlag, exit_during_setup, requeue_if_slurm
 from trainer.tasks import make_task
+from util import write_atomic
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)

@@ -76,7 +76,7 @@ def _json_safe(obj):
 def write_text(path, text: str) -> Path:
     """Write a whole file atomically (temp file, then rename): a kill or a full disk mid-write
     leaves the previous file, never a truncated one."""
-    from trainer.rundir import write_atomic
+    from util import write_atomic
 
     path = Path(path)
     write_atomic(path, text)
@@ -85,20 +85,3 @@ def write_text(path, text: str) -> Path:
 
 def write_json(path, data: dict) -> Path:
     return write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
-
-
-def pick_device(name: str | None = None):
-    """`name` (cuda, cuda:1, cpu, mps), refused with the fix when this machine lacks it; default cuda if present."""
-    import torch
-
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name!r} is not a device name; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name} but this machine has no CUDA GPU; use --device cpu")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name} but MPS is not available here; use --device cpu")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from util import DTYPES
+
 WEIGHTS = "model.safetensors"
 TIED_KEY = "lm_head.weight"  # shares storage with embed_tokens.weight when tied
 
@@ -20,7 +22,6 @@ def save_weights(state_dict: dict, path: Path, tied: bool) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

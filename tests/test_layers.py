@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. Within a layer, a package imports only itself.
 LAYERS = (
+    ("util",),  # a leaf: dtype names, the device, the atomic write
     ("model",),  # the block, the decoders, caches, backends, weight I/O, transformers <-> GPT mappings
     ("data",),  # corpus sources, tokenizer, shards, loaders, images
     ("configs",),  # run configs (model and data configs inside them)

@@ -9,6 +9,11 @@ import torch
 from configs import ConfigError
 from model import backends
 
+# DeepSpeed (imported by accelerate and transformers when they need it) warns "Setting accelerator to CPU" in
+# every process of a machine without a GPU; naming the accelerator it would fall back to keeps logs quiet.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
 
 def make_accelerator(cfg):
     """Returns (accelerator, gradient accumulation steps); the global batch is fixed by the config."""

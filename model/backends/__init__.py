@@ -18,8 +18,10 @@ import sys
 
 import torch
 
+from util import DTYPE_NAMES, DTYPES
+
 from . import selfcheck
-from .base import DTYPE_NAMES, Backend
+from .base import Backend
 from .chunked import BACKEND as _chunked
 from .flash import BACKEND as _flash
 from .flex import BACKEND as _flex
@@ -34,7 +36,7 @@ from .triton import BACKEND as _triton
 # (measured at about 5x flash softmax: docs/design.md). Elsewhere: materialised weights (flex has
 # no CPU backward) and chunked linear attention.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (_flash, _triton, _sdpa, _chunked, _flex, _math)}
-MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}
 
 
 def allowed(kind: str) -> tuple[str, ...]:
