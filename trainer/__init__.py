@@ -1,5 +1,6 @@
-"""The pieces of train.py's loop, one concern per module.
+"""The training loop and its pieces, one concern per module.
 
+    loop.py        the Trainer: set-up, then one loop (steps, evals, sink probe, checkpoints, stop signals)
     launch.py      the Accelerator: mixed precision, process group, DeepSpeed batch fields
     tasks.py       what differs between the LM and the ViT: data, model, eval metrics, report
     optim.py       AdamW and the learning-rate schedules
