@@ -161,3 +161,12 @@ def test_the_circle_check_finds_one(tmp_path):
     (tmp_path / "eval" / "b.py").write_text("def f():\n    from eval import a\n")
     (tmp_path / "eval" / "c.py").write_text("from . import a\n")
     assert import_cycles(tmp_path) == [["eval.a", "eval.b"]]
+
+
+def test_the_model_core_does_not_import_interop():
+    """model/interop/ (transformers / GGUF mappings, the retrofit) builds on the core, never the other way."""
+    modules = project_modules(ROOT)
+    bad = [f"{name} imports {target}" for name, path in modules.items()
+           if name.startswith("model.") and not name.startswith("model.interop")
+           for target, _ in imported_names(name, path) if target.startswith("model.interop")]
+    assert not bad, bad
