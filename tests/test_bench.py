@@ -26,7 +26,7 @@ def bench(*args, out: Path):
 
 def test_cpu_suite_runs_and_writes_json(tmp_path):
     proc = bench("--suite", "cpu", "--check", "--kinds", "softmax", "sigmoid", "linear", "--gates", "none",
-                 "elementwise", "--skip", "streaming", *TINY, out=tmp_path)
+                 "elementwise", *TINY, out=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(tmp_path.glob("bench-cpu-*.json"))
     assert len(files) == 1
@@ -41,6 +41,7 @@ def test_cpu_suite_runs_and_writes_json(tmp_path):
         assert r["tok_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
     assert rows["softmax/none"]["vs_softmax"] == 1.0
     assert "| nanogpt |" in proc.stdout
+    assert "streaming" not in result  # the slow token-by-token row only with --streaming
 
 
 def test_streaming_row(tmp_path, capsys):
@@ -48,7 +49,7 @@ def test_streaming_row(tmp_path, capsys):
     NLL agreement (parallel == token-by-token; ours == transformers' before the first eviction)."""
     from bench import __main__ as bench_cli
 
-    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", *TINY, "--stream-tokens", "80",
+    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", "--streaming", *TINY, "--stream-tokens", "80",
                            "--stream-window", "12", "--stream-chunk", "16", "--out", str(tmp_path)]) == 0
     row, = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())["streaming"]
     assert row["model"] == "random llama" and row["tokens"] == 80 and row["cache"] == "4+12"
