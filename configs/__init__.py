@@ -20,6 +20,7 @@ import yaml
 
 from data.config import DataConfig
 from data.images import ImageDataConfig
+from model import backends
 from model.config import GPTConfig
 from model.vit import ViTConfig
 
@@ -190,6 +191,10 @@ class RunConfig:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        try:
+            backends.check_name(self.model)  # model/ validates fields; the backend registry is checked here
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg) -> dict:

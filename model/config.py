@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import backends
 from .scores import ATTENTION_KINDS
 
 GATE_KINDS = ("none", "headwise", "elementwise")
@@ -91,12 +90,6 @@ class AttentionConfig:
         if self.sink_logit != "none" and self.attention != "softmax":
             raise ValueError(f"model.sink_logit={self.sink_logit} adds a logit to softmax's denominator and applies "
                              f"to attention=softmax only, got attention={self.attention!r}; set model.sink_logit=none")
-        allowed = backends.allowed(self.attention)  # the kernels that run this kind, plus auto and math
-        if self.backend not in allowed:
-            raise ValueError(
-                f"model.backend={self.backend!r} cannot run attention={self.attention!r}; "
-                f"allowed: {list(allowed)}"
-            )
         if self.attn_normalize and self.attention not in ("sigmoid", "elu1"):
             raise ValueError(
                 "model.attn_normalize=true only applies to attention=sigmoid or elu1 "

@@ -105,8 +105,17 @@ def fast(kind: str, device) -> list[str]:
     return [n for n, b in REGISTRY.items() if n != "math" and b.why_not(kind=kind, device=device) is None]
 
 
+def check_name(cfg) -> None:
+    """model.backend is a backend that runs model.attention (or auto / math); the config loader asks
+    this, and every model asks it when it is built."""
+    names = allowed(cfg.attention)  # the kernels that run this kind, plus auto and math
+    if cfg.backend not in names:
+        raise ValueError(f"model.backend={cfg.backend!r} cannot run attention={cfg.attention!r}; allowed: {list(names)}")
+
+
 def check_construction(cfg) -> None:
-    """At model construction: a named backend whose package is missing or that cannot take the
-    shapes fails here, not at the first step (the device is not known yet)."""
+    """At model construction: a named backend that cannot run the kind, whose package is missing or that
+    cannot take the shapes fails here, not at the first step (the device is not known yet)."""
+    check_name(cfg)
     if cfg.backend != "auto" and (reason := get(cfg.backend).why_not(cfg)):
         raise ValueError(reason)
