@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from configs import from_dict
+from configs import from_dict, upgrade_saved
 from data.config import DataConfig
 from data.loader import TokenSplit
 from data.prepare import prepare, split_documents
@@ -37,17 +37,18 @@ HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streame
 IMPORT_EVAL_CONTEXT = 256
 
 
-def portable_backend(model_cfg, device, dtype) -> None:
-    """A run trained with a backend that cannot run here (flash or triton on a CPU, a missing
-    package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
+def portable_backend(model_cfg, device, dtype):
+    """The model config to build: a run trained with a backend that cannot run here (flash or triton on
+    a CPU, a missing package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
     name = model_cfg.backend
     if name == "auto":
-        return
+        return model_cfg
     reason = backends.get(name).why_not(model_cfg, torch.device(device), dtype)
     if reason:
         print(f"note: the run trained with model.backend={name}, which cannot run here ({reason}); "
               "loading it with model.backend=auto", file=sys.stderr)
-        model_cfg.backend = "auto"
+        return dataclasses.replace(model_cfg, backend="auto")
+    return model_cfg
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -163,14 +164,14 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
         model, tokenizer, config, folder = load_pretrained(path, dtype)
         return LoadedRun(model.to(device).eval(), tokenizer, config, folder, data)
     ckpt = resolve_checkpoint(path)
-    config = yaml.safe_load((ckpt / "config.yaml").read_text())
-    kind = config.get("task", "lm")
+    config = upgrade_saved(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    kind = config["task"]
     if task is not None and kind != task:
         tool = "python -m eval.vit_artifacts" if kind == "vit" else "sample.py and the LM evals"
         raise ValueError(f"{ckpt} holds a {kind} run, not a {task} run; analyse it with {tool}")
     task = kind
     model_cfg = from_dict({"task": task, "model": config["model"]}).model
-    portable_backend(model_cfg, device, dtype)
+    model_cfg = portable_backend(model_cfg, device, dtype)
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device=device, dtype=dtype).eval()

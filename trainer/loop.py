@@ -44,12 +44,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         """Everything that can refuse the config does so before the run dir is written (the run lock
         creates it and its .lock first; a run dir this run created is removed again if set-up fails)."""
-        self.cfg = cfg
-        self.acc, self.grad_accum = make_accelerator(cfg)
+        self.acc, micro, self.grad_accum = make_accelerator(cfg)
+        # The run config as this run resolves it, built beside the validated one: the micro batch that fits
+        # the processes, then what the data decides (trainer/tasks.py). config.yaml records this one.
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro))
         self.task = make_task(cfg)
         acc, task = self.acc, self.task
         check_out_dir(cfg)
-        task.prepare(acc)
+        self.cfg = cfg = task.prepare(acc)
         self.attention_backend = check_backend(cfg, acc)
         acc.print(f"attention backend: {self.attention_backend}")
         # Folders this run creates (the lock makes the run dir): removed again if writing it fails.
