@@ -66,3 +66,16 @@ def test_evals_registry_names_every_eval_cli():
     with_main = {p.stem for p in (ROOT / "eval").glob("*.py")
                  if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)}
     assert set(EVALS) == with_main - {"__main__"}, "eval/__main__.py's EVALS must name every eval module with a main()"
+
+
+def test_the_files_to_read_first_say_their_length():
+    """README's "Read these files first": each `path` (N) is N lines long, and the total it states adds up."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Read these files first", 1)[1].split("\n## ", 1)[0]
+    listed = [(path, int(n)) for path, n in re.findall(r"`([\w/]+\.py)` \((\d+)\)", section)]
+    assert len(listed) >= 3, section
+    for path, n in listed:
+        assert len((ROOT / path).read_text().splitlines()) == n, f"{path} is not {n} lines; update the README"
+    total, files = map(int, re.search(r"\((\d+) lines in (\d+) files\)", section).groups())
+    assert (total, files) == (sum(n for _, n in listed), len(listed))
+    assert len((ROOT / "train.py").read_text().splitlines()) <= 120  # the command line stays thin
