@@ -6,8 +6,8 @@
     optim.py       AdamW and the learning-rate schedules
     checkpoint.py  writing, checking, finding and loading checkpoints (TrainerState)
     metrics.py     metrics.jsonl (and wandb) rows
-    rundir.py      the run dir: checkpoint layout (step dirs, latest), atomic writes, writable before any
-                   work, one training process at a time (lock)
+    rundir.py      the run dir: checkpoint layout (step dirs, latest), writable before any work, one
+                   training process at a time (lock)
     signals.py     SIGTERM / SIGINT: save and exit; requeue under SLURM
     progress.py    plain progress lines when there is no progress bar
 """
