@@ -30,7 +30,7 @@ import torch
 
 from configs import ConfigError, load_config
 from data.bigram_backcopy import load_chain
-from eval import (activations, backcopy, eval_dir, fail, make_dir, pick_device, positive_int, sink, spikes, streaming,
+from eval import (activations, backcopy, eval_dir, fail, make_dir, positive_int, sink, spikes, streaming,
                   write_json, write_text)
 from eval.cli import bos_id, checkpoint_info, expand, git_commit
 from eval.plots import save, subplots
@@ -38,6 +38,7 @@ from eval.progress import progress
 from probes.sequences import held_out_sequences
 from runs.load import load_run, resolve_checkpoint
 from trainer.metrics import read_rows
+from util import pick_device
 
 ROOT = Path(__file__).resolve().parent
 BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table

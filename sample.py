@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from eval import pick_device
 from runs.load import load_run
+from util import DTYPES, pick_device
 
 
 def parse_args(argv=None):
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    help="keep S first tokens + --window recent ones (StreamingLLM): generate past the context")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept with --sink-cache")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast the weights (default fp32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast the weights (default fp32)")
     return p.parse_args(argv)
 
 

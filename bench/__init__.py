@@ -11,6 +11,5 @@
     python -m bench.hashes            what the checkpoint manifest's content hashes cost per file size
     bash bench/gpu_check.sh           the GPU check: correctness tests, then the timings
 
-Above model/ and eval/ (the streaming row times eval.streaming). `python -m eval.bench` is the same
-command under its older name.
+Above model/ and eval/ (the streaming row times eval.streaming).
 """

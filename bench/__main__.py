@@ -4,8 +4,8 @@ nanoGPT's model. This module is the command line; it prints markdown and writes 
 
     python -m bench --check                       # verify fast paths against math, then time them
     python -m bench --lengths 1024 4096 --kinds softmax sigmoid
-    python -m bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind
-    python -m bench --skip kernels train nanogpt --stream-model /path/to/hf_folder   # the streaming row
+    python -m bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind (no streaming row)
+    python -m bench --skip kernels train nanogpt --streaming   # the streaming row (a random Llama, or --stream-model)
 
 `--check` runs every fast backend against the `math` backend (forward and gradients, relative
 error ||fast - ref|| / ||ref|| with the reference in fp32 on the same inputs) and exits non-zero
@@ -66,6 +66,9 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--skip", nargs="*", choices=["kernels", "train", "nanogpt", "streaming"], default=[],
                    help="parts to leave out")
+    p.add_argument("--streaming", action="store_true",
+                   help="the streaming row in the cpu suite too (its token-by-token decoding takes minutes to tens of "
+                        "minutes there); the gpu suite and --stream-model include it unless --skip streaming")
     p.add_argument("--stream-model", default=None,
                    help="streaming row: a transformers folder (default: a random Llama of --n-layer/--n-head/--n-embd/--vocab)")
     p.add_argument("--stream-tokens", type=int, default=4096, help="streaming row: tokens streamed (default 4096)")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         cols = ["T", "B", "model", "step_ms", "best_ms", "tok_per_s", "mfu", "peak_mem_gb", "vs_softmax", "error"]
         print(("vs_softmax on the CPU: median over rounds of the paired ratio; best_ms: fastest step\n\n"
                if args.suite == "cpu" else "") + markdown([r for r in rows], cols) + "\n")
-    if "streaming" not in args.skip:
+    if "streaming" not in args.skip and (args.suite == "gpu" or args.streaming or args.stream_model is not None):
         shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab=args.vocab)
         folder = None if args.stream_model is None else Path(args.stream_model).expanduser()
         try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from eval.streaming import evaluate
 from model.gpt import GPT
-from model.hf_import import init_model
+from model.interop.hf_import import init_model
 from model.weights import load_state
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from data.config import DataConfig
 from data.images import ImageDataConfig
+from model import backends
 from model.config import GPTConfig
 from model.vit import ViTConfig
 
@@ -190,6 +191,10 @@ class RunConfig:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        try:
+            backends.check_name(self.model)  # model/ validates fields; the backend registry is checked here
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg) -> dict:
@@ -240,18 +245,27 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"{key}={value!r} has the wrong type; expected {names}{hint}")
 
 
+def upgrade_saved(values: dict) -> dict:
+    """A run config as older code wrote it (a run dir's config.yaml), in today's terms. The one place that
+    knows what older run dirs lack or hold besides the config: runs from before `task` existed are
+    language models; RECORDS keys say what ran, for the reader, and are not config. Keys a later version
+    adds need nothing here: a missing key takes its default."""
+    values = {k: v for k, v in values.items() if k not in RECORDS}
+    values.setdefault("task", "lm")
+    return values
+
+
 def _build(cls, values: dict, prefix: str):
     """Instantiate dataclass `cls` from a dict, recursing into nested dataclasses."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     if cls is RunConfig:
-        task = values.get("task", "lm")
+        values = upgrade_saved(values)
+        task = values["task"]
         if task not in TASKS:
             raise ConfigError(f"task={task!r} is not one of {list(TASKS)}")
         hints["model"], hints["data"] = TASKS[task]
-    if cls is RunConfig:
-        values = {k: v for k, v in values.items() if k not in RECORDS}
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():

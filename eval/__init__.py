@@ -5,7 +5,6 @@ The evaluations are sink, backcopy, spikes, streaming, activations, vit_artifact
 result dataclass (eval/result.py; `evaluate(...)` for most) and a thin `main(argv=None)` CLI that
 writes its JSON + PNG under `<run>/eval/`. What the CLIs share: cli.py (flags, loading each
 checkpoint, output dirs, the over-steps summary) and plots.py; sink_positions.py is a part of sink.
-eval/bench/ only keeps `python -m eval.bench` working (the benchmarks are the package bench/).
 This file holds the few helpers they share; it imports nothing heavy so `python -m eval.spikes`
 stays light.
 """
@@ -114,7 +113,7 @@ def _json_safe(obj):
 def write_text(path, text: str) -> Path:
     """Write a whole file atomically (temp file, then rename): a kill or a full disk mid-write
     leaves the previous file, never a truncated one."""
-    from trainer.rundir import write_atomic
+    from util import write_atomic
 
     path = Path(path)
     write_atomic(path, text)
@@ -123,20 +122,3 @@ def write_text(path, text: str) -> Path:
 
 def write_json(path, data: dict) -> Path:
     return write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
-
-
-def pick_device(name: str | None = None):
-    """`name` (cuda, cuda:1, cpu, mps), refused with the fix when this machine lacks it; default cuda if present."""
-    import torch
-
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name!r} is not a device name; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name} but this machine has no CUDA GPU; use --device cpu")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name} but MPS is not available here; use --device cpu")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

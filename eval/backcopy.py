@@ -32,7 +32,7 @@ from probes.sink import importance_per_sequence, sink_rate, text_attention
 from . import eval_dir, fail, nonnegative_int, positive_float, positive_int, write_json
 from .cli import check_paths, checkpoint_info, expand, load
 from .progress import progress
-from .sink import PROXY_NOTE
+from .result import PROXY_NOTE
 
 
 def _probs(layer) -> torch.Tensor:

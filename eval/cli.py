@@ -15,16 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 
 from configs import from_dict
 from data.prepare import prepare
 
-from . import fail, make_dir, pick_device, write_json, write_text
+from util import DTYPES, pick_device
+
+from . import fail, make_dir, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 def add_lm_arguments(ap, data: bool = True) -> None:
@@ -34,7 +34,7 @@ def add_lm_arguments(ap, data: bool = True) -> None:
                          "or hf:<hub id, transformers folder or GGUF file>")
     if data:
         ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: as saved, fp32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
@@ -69,7 +69,7 @@ def load(path: str, args, task: str = "lm"):
     """load_run with --device/--dtype/--data; a bad path or a run of the other kind is one clear error."""
     from runs.load import load_run
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "dtype", None))
+    dtype = DTYPES.get(getattr(args, "dtype", None))
     try:
         run = load_run(path, pick_device(args.device), task=task, dtype=dtype, data=getattr(args, "data", None),
                        image_size=getattr(args, "image_size", None))  # image_size: an hf: ViT's input size

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from data.boxes import BOX_FORMATS
+from model.denoiser import load_denoiser
 
 CORLOC_IOU = 0.5
 LOST_K = 100  # valeoai/LOST's k_patches
@@ -80,6 +81,17 @@ def patch_features(model, images: torch.Tensor, batch_size: int = 128) -> dict[s
     finally:
         handle.remove()
     return {"keys": torch.cat(grabbed), "tokens": torch.cat(tokens)}
+
+
+@torch.no_grad()
+def patch_tokens(model, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """(B, N, C) patch tokens after the final norm: what a denoiser (model/denoiser.py) reads."""
+    start, n = model.patch_start, model.config.n_patches
+    out = []
+    for x in images.split(batch_size):
+        h = model(x, return_hidden=True).hidden[-1]
+        out.append(model.norm(h[:, start : start + n]).float())
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------ LOST
@@ -437,7 +449,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
     add_image_args(ap)
     add_box_args(ap)
-    ap.add_argument("--denoiser", default=None, help="a folder written by python -m eval.vit_denoise: score the "
+    ap.add_argument("--denoiser", default=None, help="a folder written by python -m fixes.vit_denoise: score the "
                     "denoised features (LOST then runs on the features, as a denoiser has no keys)")
     args = ap.parse_args(argv)
     if is_boxed(args.data) or args.box_format is not None:
@@ -454,8 +466,6 @@ def main(argv=None) -> dict:
         if args.denoiser is None:
             result = dense_readouts(ctx.model, train_x, train_m, val_x, val_m, args.lost_k, args.batch_size)
         else:
-            from .vit_denoise import load_denoiser, patch_tokens
-
             den = load_denoiser(args.denoiser).to(val_x.device)
             with torch.no_grad():
                 feats = [den(patch_tokens(ctx.model, x, args.batch_size)) for x in (train_x, val_x)]

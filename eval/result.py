@@ -32,3 +32,9 @@ CHECKPOINT_DEFINITION = ("path: the checkpoint evaluated (an hf: import's transf
                          "tensor_types (tensors per GGML type), null for unquantised weights; ref, model_type, "
                          "format: an import's hf: reference, transformers model_type and gguf / transformers; "
                          "git_commit: HEAD of the code that ran the eval (null outside a git checkout)")
+
+# The attention weights that sink and backcopy report, in their definitions.
+PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
+              "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
+              "out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
+              "output_attentions returns them")

@@ -35,13 +35,9 @@ from trainer.metrics import read_rows
 from . import eval_dir, fail, positive_float, positive_int, write_json
 from .cli import add_lm_arguments, bos_id, expand, for_each_checkpoint
 from .progress import progress
-from .result import EvalResult
+from .backcopy import held_out_rows
+from .result import PROXY_NOTE, EvalResult
 from .sink_positions import PositionStats, classify_vocab
-
-PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
-              "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
-              "out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
-              "output_attentions returns them")
 
 N_SEQS = 100  # held-out sequences per length, as Gu et al.
 LENGTHS = (64, "block")  # Gu et al. measure at T = 64; "block" = the model's context
@@ -370,8 +366,6 @@ def main(argv=None) -> list[SinkResult]:
             check_length(T, args.k, args.eps)  # ValueError: one line, before any forward
         bos = None if args.no_bos else bos_id(run)
         if run.config.get("data", {}).get("source") == "bigram_backcopy" and bos is not None:
-            from .backcopy import held_out_rows  # here: eval.backcopy imports this module (PROXY_NOTE)
-
             seqs = held_out_rows(run, args.n_seqs, max(Ts))[0]
         else:
             seqs = held_out_sequences(run.val_tokens(), args.n_seqs, max(Ts), bos_id=bos)

@@ -42,7 +42,7 @@ from eval import fail, positive_int
 from eval.cli import add_lm_arguments, bos_id, checkpoint_info, expand, load
 from eval.streaming import evaluate
 from model.gpt import GPT
-from model.retrofit import complete_state
+from model.interop.retrofit import complete_state
 from model.scores import causal_mask, expand_kv
 from trainer.checkpoint import write_model_run
 

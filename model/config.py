@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import backends
 from .scores import ATTENTION_KINDS
 
 GATE_KINDS = ("none", "headwise", "elementwise")
@@ -51,7 +50,7 @@ class AttentionConfig:
     # softmax only: a per-head logit b_h in the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)).
     # zero: b_h = 0 (softmax + 1); learned: gpt-oss's per-head sinks, a parameter initialised at 0.0.
     sink_logit: str = "none"  # none | zero | learned
-    sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/retrofit.py)
+    sink_logit_init: float = 0.0  # learned: the value every b_h starts at (gpt-oss: 0; a retrofit: model/interop/retrofit.py)
     # learned logit only: the slot also carries a value v_h (head_dim) per KV head, shared by its query heads,
     # y_i = (sum_j exp(s_ij) v_j + exp(b_h) v_h) / (exp(b_h) + sum_j exp(s_ij)): a KV sink with no position that is
     # never evicted. Starts at 0 (then it is sink_logit alone); fixes/calibrate_sink.py fits it with no training.
@@ -98,12 +97,6 @@ class AttentionConfig:
         if self.sink_value and self.sink_logit != "learned":
             raise ValueError(f"model.sink_value=true gives the learned sink slot a value and needs model.sink_logit=learned, "
                              f"got model.sink_logit={self.sink_logit!r}")
-        allowed = backends.allowed(self.attention)  # the kernels that run this kind, plus auto and math
-        if self.backend not in allowed:
-            raise ValueError(
-                f"model.backend={self.backend!r} cannot run attention={self.attention!r}; "
-                f"allowed: {list(allowed)}"
-            )
         if self.attn_normalize and self.attention not in ("sigmoid", "elu1"):
             raise ValueError(
                 "model.attn_normalize=true only applies to attention=sigmoid or elu1 "

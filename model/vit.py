@@ -5,7 +5,7 @@ embedding (learned, or fixed 2-D sin-cos); registers get none (Darcet et al. 202
 off by default (`rope: false`), so a register is the same vector wherever it sits. The head
 reads the final CLS token (or the mean of the patch tokens), never the registers.
 
-The fields after `block_size` exist for pretrained ViTs (model/hf_vit.py: DINOv2, DINOv2 with
+The fields after `block_size` exist for pretrained ViTs (model/interop/hf_vit.py: DINOv2, DINOv2 with
 registers, ViT / DeiT, CLIP vision): LayerNorm with biases, GELU MLPs with biases, an o_proj
 bias, DINOv2's layer scale, CLIP's norm before the first block, a patch projection without bias,
 a learned position table stored at another grid (bicubic-resampled to this one at every forward,
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .attention import AttentionWeights, describe_backend, set_backend
 from .config import MLPS, NORMS, AttentionConfig, check_mlp_and_init, mlp_hidden
 from .flops import block_matmul_params
-from .gpt import Block, ModelOutput, init_weights, make_norm
+from .block import Block, ModelOutput, init_weights, make_norm
 
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos")

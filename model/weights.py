@@ -1,7 +1,7 @@
 """Full model weights on disk as one safetensors file, whatever parallelism trained them.
 
 A leaf of the model package: checkpoints (trainer/), run loading (runs/load.py) and HF import
-(model/hf_import.py) all read and write weights through these functions.
+(model/interop/hf_import.py) all read and write weights through these functions.
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from util import DTYPES
 
 WEIGHTS = "model.safetensors"
 TIED_KEY = "lm_head.weight"  # shares storage with embed_tokens.weight when tied
@@ -20,7 +22,6 @@ def save_weights(state_dict: dict, path: Path, tied: bool) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

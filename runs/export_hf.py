@@ -16,7 +16,7 @@ Everything else is refused with the reason: sigmoid / elu1 / linear attention (n
 architecture computes them), a gate without qk_norm (Qwen3-Next always normalises q and k),
 biases together with qk_norm or a gate (Qwen3 / Qwen3-Next would bias o_proj as well), rope=false.
 The folder then works with lm-eval-harness, vLLM, `AutoModelForCausalLM.from_pretrained` and
-sinklab's own `hf:` import (model/hf_import.py), all with the same logits.
+sinklab's own `hf:` import (model/interop/hf_import.py), all with the same logits.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import EOT
-from model.hf_import import to_hf_weights
+from model.interop.hf_import import to_hf_weights
 
 from .load import load_run
 

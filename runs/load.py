@@ -4,7 +4,7 @@ A checkpoint dir holds `model.safetensors` (full weights, whatever parallelism w
 `config.yaml` (the run's resolved config) and `tokenizer.json`, so it loads without
 Accelerate or DeepSpeed. A run dir's `latest` points at its newest checkpoint (the layout is
 trainer/rundir.py's). `hf:<hub id, transformers folder or GGUF file>` loads a pretrained model instead
-(model/hf_import.py).
+(model/interop/hf_import.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from configs import from_dict
+from configs import from_dict, upgrade_saved
 from data.config import DataConfig
 from data.loader import TokenSplit
 from data.prepare import prepare, split_documents
@@ -25,8 +25,8 @@ from data.sources import HUB_NAME, load_documents
 from data.tokenizer import EOT, load_tokenizer
 from model import backends
 from model.gpt import GPT
-from model.hf_import import is_hf, load_pretrained
-from model.hf_vit import load_pretrained_vit, pretrained_vision
+from model.interop.hf_import import is_hf, load_pretrained
+from model.interop.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
 from trainer.checkpoint import manifest_mismatch
@@ -41,17 +41,18 @@ IMPORT_EVAL_CONTEXT = 256
 READ_FILES = {WEIGHTS, "config.yaml", "tokenizer.json", "trainer_state.json"}
 
 
-def portable_backend(model_cfg, device, dtype) -> None:
-    """A run trained with a backend that cannot run here (flash or triton on a CPU, a missing
-    package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
+def portable_backend(model_cfg, device, dtype):
+    """The model config to build: a run trained with a backend that cannot run here (flash or triton on
+    a CPU, a missing package) loads with backend `auto` instead, with a note: the weights do not depend on it."""
     name = model_cfg.backend
     if name == "auto":
-        return
+        return model_cfg
     reason = backends.get(name).why_not(model_cfg, torch.device(device), dtype)
     if reason:
         print(f"note: the run trained with model.backend={name}, which cannot run here ({reason}); "
               "loading it with model.backend=auto", file=sys.stderr)
-        model_cfg.backend = "auto"
+        return dataclasses.replace(model_cfg, backend="auto")
+    return model_cfg
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -73,7 +74,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class LoadedRun:
     model: torch.nn.Module
     tokenizer: object  # tokenizers.Tokenizer (None for a ViT run)
-    config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/hf_import.py)
+    config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/interop/hf_import.py)
     checkpoint: Path  # the checkpoint dir, or the transformers folder of an import
     data: str | None = None  # text source for val_tokens; None = the run's own held-out split
     _val: object = dataclasses.field(default=None, repr=False)  # val_tokens, once read
@@ -156,7 +157,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
              dtype=None, data: str | None = None, image_size: int | None = None) -> LoadedRun:
     """Model (eval mode), tokenizer and config of a run or checkpoint, or of a pretrained
     model with path `hf:<hub id, transformers folder, GGUF file or folder holding one>` (a decoder,
-    model/hf_import.py, or a ViT, model/hf_vit.py). `task` ("lm" or "vit"): refuse, with a
+    model/interop/hf_import.py, or a ViT, model/interop/hf_vit.py). `task` ("lm" or "vit"): refuse, with a
     message, a run of the other kind (an LM eval pointed at a ViT run). `dtype`: fp32 / bf16 /
     fp16 or a torch dtype to cast the weights to (None: fp32). `data`: the text `val_tokens`
     returns (see `held_out_tokens`), or for a ViT the image source its evals read. `image_size`:
@@ -182,14 +183,14 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
     if mismatch:
         raise ValueError(f"{ckpt / mismatch[0]} is damaged ({mismatch[1]}); load another checkpoint of the run (a "
                          "step dir under its checkpoints/)")
-    config = yaml.safe_load((ckpt / "config.yaml").read_text())
-    kind = config.get("task", "lm")
+    config = upgrade_saved(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    kind = config["task"]
     if task is not None and kind != task:
         tool = "python -m eval.vit_artifacts" if kind == "vit" else "sample.py and the LM evals"
         raise ValueError(f"{ckpt} holds a {kind} run, not a {task} run; analyse it with {tool}")
     task = kind
     model_cfg = from_dict({"task": task, "model": config["model"]}).model
-    portable_backend(model_cfg, device, dtype)
+    model_cfg = portable_backend(model_cfg, device, dtype)
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device=device, dtype=dtype).eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import train
+import trainer.loop
 from trainer.checkpoint import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_train_write_failure_at_start_is_one_line(tmp_path, files, monkeypatch, 
     def disk_full(path, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train, "write_atomic", disk_full)
+    monkeypatch.setattr(trainer.loop, "write_atomic", disk_full)
     out_dir = tmp_path / "out"
     code = train.main([*TINY, f"data.source={files}/good", f"out_dir={out_dir}", f"data.cache_dir={tmp_path}/cache"])
     err = capsys.readouterr().err

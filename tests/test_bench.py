@@ -18,15 +18,15 @@ TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--lengths", "32", 
         "--warmup", "1", "--reps", "2"]
 
 
-def bench(*args, out: Path, command: str = "bench"):
+def bench(*args, out: Path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", command, *args, "--out", str(out)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_cpu_suite_runs_and_writes_json(tmp_path):
     proc = bench("--suite", "cpu", "--check", "--kinds", "softmax", "sigmoid", "linear", "--gates", "none",
-                 "elementwise", "--skip", "streaming", *TINY, out=tmp_path)
+                 "elementwise", *TINY, out=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(tmp_path.glob("bench-cpu-*.json"))
     assert len(files) == 1
@@ -41,6 +41,7 @@ def test_cpu_suite_runs_and_writes_json(tmp_path):
         assert r["tok_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
     assert rows["softmax/none"]["vs_softmax"] == 1.0
     assert "| nanogpt |" in proc.stdout
+    assert "streaming" not in result  # the slow token-by-token row only with --streaming
 
 
 def test_streaming_row(tmp_path, capsys):
@@ -48,7 +49,7 @@ def test_streaming_row(tmp_path, capsys):
     NLL agreement (parallel == token-by-token; ours == transformers' before the first eviction)."""
     from bench import __main__ as bench_cli
 
-    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", *TINY, "--stream-tokens", "80",
+    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", "--streaming", *TINY, "--stream-tokens", "80",
                            "--stream-window", "12", "--stream-chunk", "16", "--out", str(tmp_path)]) == 0
     row, = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())["streaming"]
     assert row["model"] == "random llama" and row["tokens"] == 80 and row["cache"] == "4+12"
@@ -85,9 +86,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("command", ["bench", "eval.bench"])  # eval.bench: the command's older name
-def test_bad_shape_is_a_clear_error(tmp_path, command):
-    proc = bench("--suite", "cpu", "--lengths", "0", out=tmp_path / "b", command=command)
+def test_bad_shape_is_a_clear_error(tmp_path):
+    proc = bench("--suite", "cpu", "--lengths", "0", out=tmp_path / "b")
     assert proc.returncode == 2 and "--lengths must be positive" in proc.stderr
     assert not (tmp_path / "b").exists()
 

@@ -129,7 +129,7 @@ def test_dense_cli_on_a_tiny_shapes_run(tmp_path, capsys):
 
 
 def test_dense_readouts_refuse_images_without_masks(tmp_path, capsys):
-    from eval.vit_distill_registers import save_vit_run
+    from fixes.vit_distill_registers import save_vit_run
     from model.vit import ViT, ViTConfig
 
     vit = ViT(ViTConfig(image_size=8, patch_size=2, in_channels=1, n_layer=1, n_head=2, n_embd=16, n_classes=10))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf_models import GGUF_ARCHITECTURES, save_tiny_gguf
 
-from model.hf_import import locate
+from model.interop.hf_import import locate
 from runs.load import load_run
 
 TEXT = "Shall I compare thee to a summer's day?"

@@ -7,7 +7,7 @@ import torch
 from hf_models import ARCHITECTURES, save_tiny
 
 from model import GPT
-from model.hf_import import init_model, write_tokenizer
+from model.interop.hf_import import init_model, write_tokenizer
 from runs.load import load_run
 from model.weights import load_state
 
@@ -180,7 +180,7 @@ def test_an_eval_runs_on_an_import_with_data(folders, tmp_path, monkeypatch):
     [result] = activations.main(["--ckpt", f"hf:{folders['qwen3']}", "--data", str(corpus), "--n-seqs", "2",
                                  "--length", "32"])
     assert result.checkpoint["path"] == str(folders["qwen3"])
-    from model.hf_import import locate
+    from model.interop.hf_import import locate
 
     name = locate(f"hf:{folders['qwen3']}").name
     assert name.startswith("qwen3-")  # the folder's name plus a hash of its path
@@ -191,7 +191,7 @@ def test_sliding_windows_cap_the_context():
     """No sliding-window mask in sinklab: the import's context stops where the window would start."""
     from transformers import AutoConfig
 
-    from model.hf_import import gpt_config
+    from model.interop.hf_import import gpt_config
 
     sizes = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
     windowed = AutoConfig.for_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0, **sizes)

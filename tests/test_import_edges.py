@@ -89,7 +89,7 @@ def test_2_only_the_files_transformers_reads_are_read(llama, tmp_path, monkeypat
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from model import hf_import
+    from model.interop import hf_import
     from runs.load import load_run
 
     folder = tmp_path / "stray"

@@ -142,7 +142,7 @@ def test_cli_on_an_import_writes_every_intervention(tmp_path, monkeypatch):
 
     from hf_models import save_tiny
 
-    from model.hf_import import locate
+    from model.interop.hf_import import locate
 
     folder = save_tiny("qwen2", tmp_path / "qwen2")
     corpus = tmp_path / "corpus"

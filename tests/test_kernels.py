@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs import ConfigError, load_config
 from model import GPT, GPTConfig, backends
 from model.attention import Attention
 from model.backends import packages
@@ -110,9 +111,11 @@ def test_triton_shapes_it_cannot_tile_fail_at_construction():
 
 def test_kernel_backends_refuse_kinds_they_cannot_run():
     with pytest.raises(ValueError, match="allowed"):
-        cfg_for("sigmoid", backend="flash").validate()
+        Attention(cfg_for("sigmoid", backend="flash"))
     with pytest.raises(ValueError, match="allowed"):
-        cfg_for("linear", backend="flex").validate()
+        Attention(cfg_for("linear", backend="flex"))
+    with pytest.raises(ConfigError, match=r"model.backend='flash' cannot run attention='sigmoid'; allowed"):
+        load_config(None, ["model.attention=sigmoid", "model.backend=flash"])
 
 
 def test_flex_training_on_cpu_is_a_clear_error():

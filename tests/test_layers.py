@@ -10,20 +10,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. Within a layer, a package imports only itself.
 LAYERS = (
+    ("util",),  # a leaf: dtype names, the device, the atomic write
     ("model",),  # the block, the decoders, caches, backends, weight I/O, transformers <-> GPT mappings
     ("data",),  # corpus sources, tokenizer, shards, loaders, images
     ("configs",),  # run configs (model and data configs inside them)
     ("probes",),  # what the trainer measures on fixed held-out inputs
     ("trainer",),  # the loop's pieces, the run-dir layout
     ("runs",),  # a run dir, checkpoint or hf: id loaded back; the transformers export
-    ("eval",),  # evaluations
-    ("fixes",),  # post-hoc fixes that write a model (they measure with eval/ and write runs with trainer/)
+    ("eval",),  # evaluations: they measure a model and write nothing but results
+    ("fixes",),  # post-hoc fixes that train or rewrite a model (they measure it through eval/)
     ("bench",),  # benchmarks and kernel tools (the streaming row times eval.streaming)
     ("train", "sample", "ablate"),  # entry points
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
-# Modules that are entry points although they sit in a lower package, with the reason.
-ENTRY_POINTS = {"eval.bench": "`python -m eval.bench`, the older name of `python -m bench`"}
 
 
 def project_files(root: Path) -> list[Path]:
@@ -73,8 +72,6 @@ def violations(root: Path) -> list[str]:
     bad = []
     for name, path in modules.items():
         mine = name.split(".")[0]
-        if any(name == e or name.startswith(e + ".") for e in ENTRY_POINTS):
-            mine = LAYERS[-1][0]
         for target, line in imported_names(name, path):
             theirs = target.split(".")[0]
             if theirs in tops and theirs != mine and RANK[theirs] >= RANK[mine]:
@@ -100,8 +97,6 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
     (tmp_path / "model" / "sub").mkdir()
     (tmp_path / "model" / "sub" / "__init__.py").write_text("from trainer import tasks\nfrom .. import gpt\n")
     (tmp_path / "eval" / "k.py").write_text("import bench\nfrom model import gpt\n")
-    (tmp_path / "eval" / "bench").mkdir()
-    (tmp_path / "eval" / "bench" / "__main__.py").write_text("from bench import k\n")  # an entry point: fine
     (tmp_path / "bench" / "ok.py").write_text("from eval.k import f\nfrom . import ok\n")
     bad = violations(tmp_path)
     assert len(bad) == 3, bad
@@ -111,6 +106,81 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
     (tmp_path / "tools").mkdir()
     (tmp_path / "tools" / "x.py").write_text("")
     assert violations(tmp_path) == ["tools: in no layer; add it to LAYERS in tests/test_layers.py and docs/design.md"]
+
+
+def module_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the modules of its own package that it imports (`from pkg import sub` counts as pkg.sub)."""
+    modules = project_modules(root)
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}".rstrip(".")
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+        top = name.split(".")[0]
+        graph[name] = {t for t in targets if t in modules and t != name and t.split(".")[0] == top}
+    return graph
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Every strongly connected group of two or more modules (Tarjan): modules that import each other,
+    at module level or inside a function."""
+    graph, index, low, stack, on_stack, found = module_graph(root), {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    assert import_cycles(ROOT) == [], "modules that import each other (move the shared definition down a module)"
+
+
+def test_the_circle_check_finds_one(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "__init__.py").write_text("")
+    (tmp_path / "eval" / "a.py").write_text("from .b import x\n")
+    (tmp_path / "eval" / "b.py").write_text("def f():\n    from eval import a\n")
+    (tmp_path / "eval" / "c.py").write_text("from . import a\n")
+    assert import_cycles(tmp_path) == [["eval.a", "eval.b"]]
+
+
+def test_the_model_core_does_not_import_interop():
+    """model/interop/ (transformers / GGUF mappings, the retrofit) builds on the core, never the other way."""
+    modules = project_modules(ROOT)
+    bad = [f"{name} imports {target}" for name, path in modules.items()
+           if name.startswith("model.") and not name.startswith("model.interop")
+           for target, _ in imported_names(name, path) if target.startswith("model.interop")]
+    assert not bad, bad
 
 
 def test_ignored_folders_are_not_project_code(tmp_path):

@@ -1,6 +1,6 @@
 """Sink fixes retrofitted onto an import (train.init_from=hf:<GGUF file> with model.gate,
 model.sink_logit or model.sink_tokens): at step 0 the model computes the import's function
-(model/retrofit.py says exactly what each fix starts as), and a retrofit run resumes like an
+(model/interop/retrofit.py says exactly what each fix starts as), and a retrofit run resumes like an
 uninterrupted one. The import is a tiny random Llama written as GGUF by the test."""
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_sink_logit_at_zero_changes_the_function_by_the_row_mass_it_takes(setup)
 
 def test_a_retrofit_the_import_already_has_differently_is_refused(setup):
     from configs import ConfigError
-    from model.retrofit import added_fields
+    from model.interop.retrofit import added_fields
 
     class Imported:
         sink_logit, sink_value, sink_tokens, gate = "none", False, 0, "elementwise"

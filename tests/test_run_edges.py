@@ -106,7 +106,7 @@ def test_6_sigterm_during_setup_requeues_under_slurm(base, tmp_path):
             f"out_dir={tmp_path / 'out'}", "name=preempted"]
     phases = {
         "data prep": ("data.prepare", "_build"),  # inside data prep's own temp-dir handler
-        "checkpoint load": ("train", "load_checkpoint"),
+        "checkpoint load": ("trainer.loop", "load_checkpoint"),
     }
     for phase, (module, function) in phases.items():
         done = run_script(f"""

@@ -130,7 +130,7 @@ def test_config_and_export_refusals(tmp_path):
 
 
 def test_retrofit_starts_the_slot_at_zero():
-    from model.retrofit import added_fields, complete_state
+    from model.interop.retrofit import added_fields, complete_state
 
     cfg = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=32, vocab_size=64, sink_logit="learned",
                     sink_value=True, sink_logit_init=-30.0)

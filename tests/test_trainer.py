@@ -96,3 +96,25 @@ def test_sink_interval_defaults_to_eval_and_evaluate_returns_the_logged_metrics(
     assert [r["step"] for r in rows(run, "val")] == [3, 4]
     last = rows(run, "val")[-1]
     assert trainer.evaluate() == {"val_loss": last["val_loss"]}  # the same fixed batches, all metrics in the dict
+
+
+def test_the_validated_config_stays_as_given_and_the_run_records_what_it_resolved(base, word_corpus):
+    """The micro batch that fits and the vocabulary the data decides are in the trainer's config and the
+    run's config.yaml; the config the trainer was given is not written into."""
+    import yaml
+
+    from configs import to_dict
+
+    cfg = load_config(None, [*base, "name=resolved", "train.max_steps=1", "train.batch_size=4",
+                             "train.micro_batch_size=3"])
+    assert cfg.model.vocab_size is None
+    given = to_dict(cfg)
+    trainer = train.Trainer(cfg)
+    try:
+        assert to_dict(cfg) == given
+        vocab = json.loads((trainer.task.data_dir / "meta.json").read_text())["vocab_size"]
+        assert trainer.cfg.model.vocab_size == vocab and trainer.cfg.train.micro_batch_size == 2  # 3 does not divide 4
+        saved = yaml.safe_load((word_corpus / "out" / "resolved" / "config.yaml").read_text())
+        assert saved["model"]["vocab_size"] == vocab and saved["train"]["micro_batch_size"] == 2
+    finally:
+        trainer.release_lock()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import model.attention
-import model.gpt
+import model.block
 from configs import ConfigError, load_config
 from data.images import ImageDataConfig, load_images
 from eval import vit_artifacts as va
@@ -83,7 +83,7 @@ def test_vit_is_the_decoder_block_and_matches_reference(ref, attention, gate):
     cfg = tiny(attention=attention, gate=gate, n_registers=2)
     vit = ref.randomize_(ViT(cfg)).double()
     for block in vit.layers:
-        assert type(block) is model.gpt.Block and type(block.self_attn) is model.attention.Attention
+        assert type(block) is model.block.Block and type(block.self_attn) is model.attention.Attention
         assert block.self_attn.causal is False
     images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     sd = dict(vit.state_dict())
@@ -140,7 +140,7 @@ def test_bad_vit_config_is_one_clear_error():
         load_config("configs/vit_digits.yaml", ["task=cnn"])
     with pytest.raises(ConfigError, match="multiple of model.patch_size"):
         load_config("configs/vit_digits.yaml", ["model.patch_size=3"])
-    assert isinstance(load_config(None).model, model.gpt.GPTConfig)  # the LM default is untouched
+    assert isinstance(load_config(None).model, model.GPTConfig)  # the LM default is untouched
 
 
 # ------------------------------------------------------------------------------ data

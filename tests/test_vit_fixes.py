@@ -1,5 +1,5 @@
-"""The post-hoc ViT fixes: Denoising ViTs (eval/vit_denoise.py) and self-distilled registers
-(eval/vit_distill_registers.py), on planted artifacts whose removal can be measured, and their CLIs
+"""The post-hoc ViT fixes: Denoising ViTs (fixes/vit_denoise.py) and self-distilled registers
+(fixes/vit_distill_registers.py), on planted artifacts whose removal can be measured, and their CLIs
 on a tiny shapes ViT and an hf: import."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import vit_denoise as dvt
-from eval import vit_distill_registers as phreg
+from fixes import vit_denoise as dvt
+from fixes import vit_distill_registers as phreg
+from model.denoiser import Denoiser, load_denoiser, save_denoiser
 from model.vit import ViT, ViTConfig
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -70,13 +71,13 @@ def test_denoiser_removes_a_planted_position_artifact():
 
 
 def test_denoiser_saves_and_loads(tmp_path):
-    den = dvt.Denoiser(WIDTH, GRID)
-    dvt.save_denoiser(den, tmp_path / "d", {"ckpt": "x"})
+    den = Denoiser(WIDTH, GRID)
+    save_denoiser(den, tmp_path / "d", {"ckpt": "x"})
     x = torch.randn(2, GRID * GRID, WIDTH)
     with torch.no_grad():
-        torch.testing.assert_close(dvt.load_denoiser(tmp_path / "d")(x), den.eval()(x))
+        torch.testing.assert_close(load_denoiser(tmp_path / "d")(x), den.eval()(x))
     with pytest.raises(FileNotFoundError, match="denoiser.json"):
-        dvt.load_denoiser(tmp_path)
+        load_denoiser(tmp_path)
 
 
 # ------------------------------------------------------------------------------ self-distilled registers

@@ -9,9 +9,15 @@ import torch
 from configs import ConfigError
 from model import backends
 
+# DeepSpeed (imported by accelerate and transformers when they need it) warns "Setting accelerator to CPU" in
+# every process of a machine without a GPU; naming the accelerator it would fall back to keeps logs quiet.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
 
 def make_accelerator(cfg):
-    """Returns (accelerator, gradient accumulation steps); the global batch is fixed by the config."""
+    """Returns (accelerator, micro batch, gradient accumulation steps); the global batch is fixed by the config,
+    the micro batch is train.micro_batch_size or, when that does not fit the processes, the one that does."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -36,12 +42,12 @@ def make_accelerator(cfg):
     acc = Accelerator(mixed_precision=mp, log_with=tracker, project_dir=str(cfg.run_dir),
                       kwargs_handlers=handlers, cpu=cpu_procs and not use_deepspeed)
     tcfg = cfg.train
-    tcfg.micro_batch_size = fit_micro_batch(tcfg.batch_size, tcfg.micro_batch_size, acc.num_processes, acc.print)
-    grad_accum = tcfg.batch_size // (tcfg.micro_batch_size * acc.num_processes)  # makes up for fewer processes
+    micro = fit_micro_batch(tcfg.batch_size, tcfg.micro_batch_size, acc.num_processes, acc.print)
+    grad_accum = tcfg.batch_size // (micro * acc.num_processes)  # makes up for fewer processes
     acc.gradient_accumulation_steps = grad_accum
     if acc.state.deepspeed_plugin is not None:
-        fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, tcfg, grad_accum)
-    return acc, grad_accum
+        fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, tcfg, micro, grad_accum)
+    return acc, micro, grad_accum
 
 
 def check_tracker(name: str) -> None:
@@ -69,13 +75,13 @@ def fit_micro_batch(batch_size: int, micro: int, world: int, say=print) -> int:
     return fitted
 
 
-def fill_deepspeed_config(ds: dict, tcfg, grad_accum: int) -> None:
+def fill_deepspeed_config(ds: dict, tcfg, micro: int, grad_accum: int) -> None:
     """Put the run config's batch, accumulation and clipping into the DeepSpeed config `ds`.
 
     The shipped JSONs say "auto" for these; Accelerate would otherwise take accumulation
     from the JSON (silently overriding ours) and clip at 1.0. Explicit values must agree.
     """
-    ours = {"train_micro_batch_size_per_gpu": tcfg.micro_batch_size, "gradient_accumulation_steps": grad_accum,
+    ours = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": grad_accum,
             "train_batch_size": tcfg.batch_size, "gradient_clipping": tcfg.grad_clip}
     for key, value in ours.items():
         theirs = ds.get(key, "auto")

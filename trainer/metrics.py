@@ -9,7 +9,7 @@ import secrets
 import warnings
 from pathlib import Path
 
-from .rundir import write_atomic
+from util import write_atomic
 
 
 def read_rows(path: Path) -> list[dict]:

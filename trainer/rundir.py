@@ -37,13 +37,6 @@ def newest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a hidden temp file beside `path`, then rename it over: a kill leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class RunLock:
     def __init__(self, run_dir: Path):
         """Take the lock or raise ConfigError naming the holder; creates the run dir and .lock only."""

@@ -1,7 +1,7 @@
 """What differs between training the decoder on text and the ViT on images, behind one interface.
 
     task = make_task(cfg)
-    task.prepare(acc)                  # load / prepare the data, fill and check the model config
+    cfg = task.prepare(acc)            # load / prepare the data; returns the run config with what the data fills in
     task.save_artifacts(run_dir)       # files a run dir needs besides config.yaml (the tokenizer)
     task.data_fingerprint()            # what the training data depends on (None: nothing to check)
     model = task.build_model()         # and task.flops_per_token
@@ -11,12 +11,15 @@
     task.probe_inputs()                # fixed held-out inputs for the sink measurement
     task.final_report(metrics, run_dir)
 
-prepare() raises ConfigError for data that does not fit the model, before the run dir is written.
+prepare() raises ConfigError for data that does not fit the model, before the run dir is written. The
+config it was given stays as it was validated; what the data decides (the vocabulary size, the classes, an
+import's model and tokenizer) is in the config it returns, which the task uses from then on.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +30,8 @@ from data.loader import TokenSplit, make_loader
 from data.prepare import fingerprint, prepare
 from model import GPT
 from model.flops import training_flops_per_token
-from model.hf_import import init_model, locate
-from model.retrofit import FIXES, added_fields, complete_state
+from model.interop.hf_import import init_model, locate
+from model.interop.retrofit import FIXES, added_fields, complete_state
 from model.vit import ViT
 from model.vit import training_flops_per_token as vit_flops_per_token
 from model.weights import load_state
@@ -95,13 +98,13 @@ class LMTask:
         self.initial_state = None  # train.init_from's state dict, until load_initial_weights
         self.sink_token_ids = []  # a retrofit's model.sink_tokens start as these tokens' embeddings
 
-    def prepare(self, acc) -> None:
-        cfg = self.cfg
+    def prepare(self, acc):
         resumed = None
-        if cfg.train.init_from is not None:
+        if self.cfg.train.init_from is not None:
             resumed = self.resumed_import(acc)
             if resumed is None:
                 self.import_model(acc)
+        cfg = self.cfg
         if resumed is not None and not Path(cfg.data.tokenizer).exists():
             self.data_dir = self.prepared_data_of(resumed)
         else:
@@ -110,7 +113,7 @@ class LMTask:
         self.meta = json.loads((self.data_dir / "meta.json").read_text())
         vocab = self.meta["vocab_size"]
         if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = vocab
+            self.cfg = cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
         elif cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({vocab}); set model.vocab_size={vocab} or leave it null")
@@ -119,6 +122,7 @@ class LMTask:
         if n < cfg.model.block_size + 1:
             raise ConfigError(f"the {split} split of {cfg.data.source} has {n} tokens, fewer than model.block_size "
                               f"+ 1 = {cfg.model.block_size + 1}; lower model.block_size or add data")
+        return cfg
 
     def import_model(self, acc) -> None:
         """train.init_from=hf:...: the model config and weights of the import, and its tokenizer for the data.
@@ -150,15 +154,15 @@ class LMTask:
         imported.backend = cfg.model.backend
         if cfg.model.block_size < imported.block_size:
             imported.block_size = cfg.model.block_size
-        for name, value in fixes.items():  # a retrofit: model/retrofit.py starts them as the identity
+        for name, value in fixes.items():  # a retrofit: model/interop/retrofit.py starts them as the identity
             setattr(imported, name, value)
         imported.sink_logit_init = cfg.model.sink_logit_init
         imported.validate()
         added = ", ".join(f"model.{k}={v}" for k, v in fixes.items())
         acc.print(f"init_from {ref}: model config and tokenizer from the import, block_size {imported.block_size}"
                   + (f"; retrofit {added}" if added else ""))
-        cfg.model = imported
-        cfg.data.tokenizer = tokenizer_spec
+        # The data is tokenised by the import's tokenizer: its folder, or the GGUF file (a run dir: its data's).
+        self.cfg = replace(cfg, model=imported, data=replace(cfg.data, tokenizer=tokenizer_spec))
 
     def resumed_import(self, acc) -> Path | None:
         """Resuming a train.init_from run: its checkpoint holds the model config, weights and tokenizer, so the
@@ -183,7 +187,7 @@ class LMTask:
         for k in RESUME_MAY_CHANGE:  # same math, other kernels
             if hasattr(model, k):
                 setattr(model, k, getattr(cfg.model, k))
-        cfg.model, cfg.data.tokenizer = model, saved["data"]["tokenizer"]
+        self.cfg = replace(cfg, model=model, data=replace(cfg.data, tokenizer=saved["data"]["tokenizer"]))
         acc.print(f"init_from {cfg.train.init_from}: resuming, model config and tokenizer from {ckpt}")
         return ckpt
 
@@ -205,7 +209,7 @@ class LMTask:
 
     def load_initial_weights(self, model: torch.nn.Module) -> None:
         """Copy train.init_from's weights into the freshly built model (then drop them), with a
-        retrofit's new parameters started as the identity (model/retrofit.py)."""
+        retrofit's new parameters started as the identity (model/interop/retrofit.py)."""
         if self.initial_state is not None:
             state = complete_state(self.initial_state, self.cfg.model, self.sink_token_ids)
             load_state(model, state, self.cfg.train.init_from)
@@ -252,7 +256,7 @@ class ViTTask:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def prepare(self, acc) -> None:
+    def prepare(self, acc):
         """Load the image splits and check them against the model (n_classes null = from the data)."""
         cfg = self.cfg
         self.images = load_images(cfg.data)
@@ -261,10 +265,11 @@ class ViTTask:
             raise ConfigError(f"data.source={cfg.data.source!r} has images of shape {self.images.shape} (C, H, W) but "
                               f"the model takes {want}; set model.in_channels and model.image_size to match")
         if cfg.model.n_classes is None:
-            cfg.model.n_classes = self.images.n_classes
+            self.cfg = cfg = replace(cfg, model=replace(cfg.model, n_classes=self.images.n_classes))
         elif cfg.model.n_classes < self.images.n_classes:
             raise ConfigError(f"model.n_classes={cfg.model.n_classes} is below the data's {self.images.n_classes} "
                               "classes; raise it or leave it null")
+        return cfg
 
     def save_artifacts(self, run_dir: Path) -> None:
         pass  # images need no tokenizer

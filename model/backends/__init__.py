@@ -18,8 +18,10 @@ import sys
 
 import torch
 
+from util import DTYPE_NAMES, DTYPES
+
 from . import selfcheck
-from .base import DTYPE_NAMES, Backend
+from .base import Backend
 from .chunked import BACKEND as _chunked
 from .flash import BACKEND as _flash
 from .flex import BACKEND as _flex
@@ -34,7 +36,7 @@ from .triton import BACKEND as _triton
 # (measured at about 5x flash softmax: docs/design.md). Elsewhere: materialised weights (flex has
 # no CPU backward) and chunked linear attention.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (_flash, _triton, _sdpa, _chunked, _flex, _math)}
-MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}
 
 
 def allowed(kind: str) -> tuple[str, ...]:
@@ -103,8 +105,17 @@ def fast(kind: str, device) -> list[str]:
     return [n for n, b in REGISTRY.items() if n != "math" and b.why_not(kind=kind, device=device) is None]
 
 
+def check_name(cfg) -> None:
+    """model.backend is a backend that runs model.attention (or auto / math); the config loader asks
+    this, and every model asks it when it is built."""
+    names = allowed(cfg.attention)  # the kernels that run this kind, plus auto and math
+    if cfg.backend not in names:
+        raise ValueError(f"model.backend={cfg.backend!r} cannot run attention={cfg.attention!r}; allowed: {list(names)}")
+
+
 def check_construction(cfg) -> None:
-    """At model construction: a named backend whose package is missing or that cannot take the
-    shapes fails here, not at the first step (the device is not known yet)."""
+    """At model construction: a named backend that cannot run the kind, whose package is missing or that
+    cannot take the shapes fails here, not at the first step (the device is not known yet)."""
+    check_name(cfg)
     if cfg.backend != "auto" and (reason := get(cfg.backend).why_not(cfg)):
         raise ValueError(reason)

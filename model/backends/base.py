@@ -7,7 +7,6 @@ from typing import Callable
 import torch
 
 ANY_DEVICE = None  # `devices` / `trains_on` value: every device type
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DTYPE_NAMES, Backend
+from util import DTYPE_NAMES
+
+from .base import Backend
 from .math import BACKEND as MATH
 
 # Relative error allowed against math in fp32, by the dtype the backend computes in: a few ulps of

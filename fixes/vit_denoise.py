@@ -29,12 +29,11 @@ steps are hundreds, not 20,000 per image, so the learning rate is 0.1 instead of
 divided by their standard deviation. The optimiser and its schedule are theirs (Adam, betas
 0.9/0.99, 10% linear warmup, x0.33 at 1/4, 1/2, 3/4, 9/10; stage 2 AdamW with cosine decay).
 
-    python -m eval.vit_denoise --ckpt out/<run> [--n-fit 256] [--fit-steps 400] [--denoiser-steps 600]
+    python -m fixes.vit_denoise --ckpt out/<run> [--n-fit 256] [--fit-steps 400] [--denoiser-steps 600]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -44,21 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DENOISER_FILE, DENOISER_CONFIG = "denoiser.safetensors", "denoiser.json"
-
+from eval.dense import patch_tokens
+from model.denoiser import Denoiser, save_denoiser
 
 # ------------------------------------------------------------------------------ features and views
-@torch.no_grad()
-def patch_tokens(model, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """(B, N, C) patch tokens after the final norm: the features DVT and the dense readouts read."""
-    start, n = model.patch_start, model.config.n_patches
-    out = []
-    for x in images.split(batch_size):
-        h = model(x, return_hidden=True).hidden[-1]
-        out.append(model.norm(h[:, start : start + n]).float())
-    return torch.cat(out)
-
-
 def patch_centres(grid: int) -> torch.Tensor:
     """(grid, grid, 2) patch centres in grid_sample's (x, y) coordinates, align_corners=False."""
     c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
@@ -237,35 +225,6 @@ def decompose_all(model, images: torch.Tensor, cfg: FitConfig, batch_size: int =
 
 
 # ------------------------------------------------------------------------------ stage 2
-def denoiser_block_config(width: int, grid: int, n_blocks: int = 1):
-    """DVT's denoiser as a config of the lab's block: timm's Block(dim, dim // 64 heads, mlp_ratio 4,
-    qkv bias, LayerNorm eps 1e-6, GELU) over the grid x grid patch tokens."""
-    from model.vit import ViTConfig
-
-    return ViTConfig(image_size=grid, patch_size=1, n_embd=width, n_head=max(1, width // 64), n_layer=n_blocks,
-                     intermediate_size=4 * width, norm="layernorm", norm_eps=1e-6, mlp="gelu", mlp_bias=True,
-                     o_proj_bias=True, attention_bias=True, attention="softmax", head="none")
-
-
-class Denoiser(nn.Module):
-    """raw patch features (B, N, C) -> clean ones: + a learned position embedding, then the blocks."""
-
-    def __init__(self, width: int, grid: int, n_blocks: int = 1):
-        super().__init__()
-        from model.gpt import Block, init_weights
-
-        self.cfg = denoiser_block_config(width, grid, n_blocks)
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, grid * grid, width))
-        self.blocks = nn.ModuleList(Block(self.cfg, causal=False) for _ in range(n_blocks))
-        init_weights(self.blocks, n_blocks, 0.02)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats + self.pos_embed.to(feats.dtype)
-        for block in self.blocks:
-            x, _ = block(x)
-        return x
-
-
 def feature_loss(pred, target):
     """MSE + (1 - cosine), DVT's (and PH-Reg's) feature-matching loss."""
     return F.mse_loss(pred, target) + 1 - F.cosine_similarity(pred, target, dim=-1).mean()
@@ -293,39 +252,6 @@ def train_denoiser(raw: torch.Tensor, clean: torch.Tensor, grid: int, steps: int
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             history.append({"step": step, "loss": loss.item()})
     return den.eval(), history
-
-
-def save_denoiser(den: Denoiser, folder: Path, info: dict) -> Path:
-    """denoiser.safetensors + denoiser.json (width, grid, blocks and where it came from), atomically."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"width": den.cfg.n_embd, "grid": den.cfg.grid, "n_blocks": den.cfg.n_layer, **info}
-    for name, write in ((DENOISER_FILE, lambda p: save_file({k: v.contiguous() for k, v in den.state_dict().items()},
-                                                              p)),
-                        (DENOISER_CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, folder / name)
-    return folder
-
-
-def load_denoiser(folder) -> Denoiser:
-    """A denoiser written by `save_denoiser` (a folder holding denoiser.json and denoiser.safetensors)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / DENOISER_CONFIG).is_file() or not (folder / DENOISER_FILE).is_file():
-        raise FileNotFoundError(f"{folder} holds no {DENOISER_CONFIG} + {DENOISER_FILE}; write one with "
-                                "python -m eval.vit_denoise --ckpt RUN")
-    meta = json.loads((folder / DENOISER_CONFIG).read_text())
-    den = Denoiser(meta["width"], meta["grid"], meta["n_blocks"])
-    den.load_state_dict(load_file(str(folder / DENOISER_FILE)))
-    return den.eval()
 
 
 # ------------------------------------------------------------------------------ measuring it
@@ -363,12 +289,12 @@ def main(argv=None) -> dict:
     from eval.dense import dense_readouts_on_features
     from eval.vit_images import add_image_args, load_for_vit_eval
 
-    from . import check_writable, fail, nonnegative_float, positive_float, positive_int, write_json
-    from .cli import checkpoint_info
-    from .progress import progress
-    from .result import CHECKPOINT_DEFINITION
+    from eval import check_writable, fail, nonnegative_float, positive_float, positive_int, write_json
+    from eval.cli import checkpoint_info
+    from eval.progress import progress
+    from eval.result import CHECKPOINT_DEFINITION
 
-    ap = argparse.ArgumentParser(prog="python -m eval.vit_denoise", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fixes.vit_denoise", description=__doc__.split("\n\n")[0])
     add_image_args(ap)
     ap.add_argument("--n-fit", type=positive_int, default=256, help="train images decomposed in stage 1")
     ap.add_argument("--views", type=positive_int, default=16)

@@ -20,7 +20,7 @@ Where this differs from their code (0raiser0/PH-Reg): one set of offsets and fli
 image; the fill is a pixel value (default 1.0, white, as their ImageNet-normalised constant) turned
 into the model's normalisation; steps are hundreds on small images, not 100 epochs of Flickr30k.
 
-    python -m eval.vit_distill_registers --ckpt out/<run> [--n-registers 4] [--steps 300] [--name NAME]
+    python -m fixes.vit_distill_registers --ckpt out/<run> [--n-registers 4] [--steps 300] [--name NAME]
 """
 from __future__ import annotations
 
@@ -207,12 +207,12 @@ def main(argv=None) -> dict:
     from eval.vit_artifacts import analyse
     from eval.vit_images import add_image_args, load_for_vit_eval, pixel_fill
 
-    from . import fail, nonnegative_float, positive_float, positive_int, unit_float, write_json
-    from .cli import checkpoint_info
-    from .progress import progress
-    from .result import CHECKPOINT_DEFINITION
+    from eval import fail, nonnegative_float, positive_float, positive_int, unit_float, write_json
+    from eval.cli import checkpoint_info
+    from eval.progress import progress
+    from eval.result import CHECKPOINT_DEFINITION
 
-    ap = argparse.ArgumentParser(prog="python -m eval.vit_distill_registers", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fixes.vit_distill_registers", description=__doc__.split("\n\n")[0])
     add_image_args(ap)
     ap.add_argument("--n-registers", type=positive_int, default=4, help="registers to add (PH-Reg: 16 on DINOv2)")
     ap.add_argument("--steps", type=positive_int, default=300)

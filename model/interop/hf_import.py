@@ -2,7 +2,7 @@
 
     from runs.load import load_run
     run = load_run("hf:HuggingFaceTB/SmolLM2-135M")      # a hub id, or hf:/path/to/a/saved/folder
-    run = load_run("hf:/models/SmolLM2-135M-Instruct.Q4_1.gguf")   # a GGUF file (model/gguf_file.py)
+    run = load_run("hf:/models/SmolLM2-135M-Instruct.Q4_1.gguf")   # a GGUF file (model/interop/gguf_file.py)
 
 Only architectures the decoder computes exactly are imported; anything else is refused with
 the feature the decoder lacks. Weights and tokenizer come from the same folder (or GGUF file).
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from . import gguf_file
-from .config import GPTConfig
-from .gpt import GPT
+from ..config import GPTConfig
+from ..gpt import GPT
 from .hf_folder import (CONFIG, HUB_METADATA, WEIGHT_NAMES, check_shapes, check_vocab, first_line, load_config,
                         load_tokenizer, read_json, read_weights, shard_names)
-from .weights import load_state
+from ..weights import load_state
 
 PREFIX = "hf:"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
@@ -277,7 +277,7 @@ def write_tokenizer(ref: str, path: str | Path) -> Path:
 
 def read_source(ref: str):
     """(Pretrained, transformers config, GPTConfig, tokenizer, state dict in sinklab's names) of an import,
-    with the checks every path shares: a damaged folder is one ValueError naming the file (model/hf_folder.py),
+    with the checks every path shares: a damaged folder is one ValueError naming the file (model/interop/hf_folder.py),
     and the vocabulary must cover the tokenizer's, for a folder and a GGUF file alike."""
     source = locate(ref)
     hf_cfg = source.config()
@@ -295,7 +295,7 @@ def init_model(ref: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     builds its GPT from (`load_state(GPT(cfg), state, ref)`, model/weights.py); train on text
     tokenised by the same model's tokenizer (`Pretrained.tokenizer_spec`). The state dict is in the
     checkpoint's dtype (fp32 for a dequantised GGUF); its shapes are checked against the config."""
-    from .gpt import GPT
+    from ..gpt import GPT
 
     source, _, cfg, _, state = read_source(ref)
     with torch.device("meta"):  # shapes only, no memory

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..vit import ViTConfig
 from .hf_folder import check_shapes, read_json
-from .vit import ViTConfig
 
 TYPES = ("dinov2", "dinov2_with_registers", "vit", "clip_vision_model", "clip")
 GAPS = {
@@ -59,7 +59,7 @@ def is_vision(model_type: str) -> bool:
 def pretrained_vision(ref: str):
     """The located model (hf_import.Pretrained) when `hf:<ref>` is a vision transformer's
     transformers folder (imported or refused here), else None (a decoder or a GGUF file, for
-    model/hf_import.py, which also names a missing one)."""
+    model/interop/hf_import.py, which also names a missing one)."""
     from .hf_import import locate
 
     try:
@@ -262,8 +262,8 @@ def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=N
     located. The ViT is built in `dtype` (None: fp32)."""
     import dataclasses
 
-    from .vit import ViT
-    from .weights import load_state
+    from ..vit import ViT
+    from ..weights import load_state
 
     hf_cfg = source.config()
     arch = hf_cfg.model_type
@@ -272,7 +272,7 @@ def load_pretrained_vit(ref: str, source, image_size: int | None = None, dtype=N
     except ValueError as e:
         raise ValueError(f"{source.folder}: {e}") from None
     pixels = normalisation(source.folder, arch, vision_config(hf_cfg).num_channels)
-    hf_state = source.weights()  # model/hf_folder.py's checked read
+    hf_state = source.weights()  # model/interop/hf_folder.py's checked read
     cfg = vit_config(hf_cfg, image_size, head_of(hf_state, arch))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)

@@ -5,7 +5,7 @@
 
 transformers reads the config and the tokenizer from the file's metadata and dequantises every
 tensor (`from_pretrained(folder, gguf_file=name)`, with the `gguf` package); the weights then go
-through the same mapping as a transformers folder (model/hf_import.py). A quantised file is not
+through the same mapping as a transformers folder (model/interop/hf_import.py). A quantised file is not
 the original model: `quantization` says which types its tensors have, and every eval records it.
 """
 from __future__ import annotations
