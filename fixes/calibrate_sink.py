@@ -15,9 +15,10 @@ and fits it from the model's own first token on a few held-out windows, per laye
          query heads of its group, as values are); `none`: zero (the logit alone)
 
 in the layers that have a sink (`--layers sink`: the mean weight on key 0 over heads and queries >= 1 at
-least `--min-weight`; chosen by the weight key 0 receives, not by its score, since a layer without a sink
-can score key 0 as high as any key) or in every layer (`--layers all`). Other layers get b_h = -1e4: their
-slot weighs exactly 0. The result is a new run dir (out/<name>/) that every eval, sample.py and
+least `--min-weight`), in the heads that have one (`--layers heads`: the same test per head), or in every
+layer (`--layers all`). Layers and heads are chosen by the weight key 0 receives, not by its score: where
+there is no sink, key 0 can score as high as any key, and a constant logit fitted there can take most of
+the weight. The others get b_h = -1e4: their slot weighs exactly 0. The result is a new run dir (out/<name>/) that every eval, sample.py and
 train.init_from read, with calibration.json recording what was fitted and the readout: window-only
 streaming of the calibrated model against the original with 4 kept sinks at the same token cache.
 
@@ -48,7 +49,7 @@ from trainer.checkpoint import write_model_run
 
 LOGIT_RULES = ("lme", "median")
 VALUE_RULES = ("mean", "none")
-LAYER_RULES = ("sink", "all")
+LAYER_RULES = ("sink", "heads", "all")
 OFF = -1e4  # a layer without a slot: e^{b} underflows to 0 next to any real score, the layer is unchanged
 SINK_WEIGHT = 0.3  # --min-weight default: Gu et al.'s eps, the weight that makes a head a sink head
 
@@ -86,8 +87,9 @@ def first_key_stats(model, windows: torch.Tensor) -> list[dict]:
 
 def fit_slots(stats: list[dict], logit_rule: str = "lme", value_rule: str = "mean", layers: str = "sink",
               min_weight: float = SINK_WEIGHT) -> list[dict]:
-    """Per layer: `on` (whether it gets a slot), `logit` (H,), `value` (Hkv, D) and `key0_weight`, the mean
-    weight on key 0 (what `--layers sink` compares with min_weight), as the module docstring defines them."""
+    """Per layer: `on` (whether any head gets a slot), `heads` (which do), `logit` (H,; -1e4 where no slot),
+    `value` (Hkv, D), `key0_weight` (the mean weight on key 0, what `--layers sink` compares with min_weight)
+    and `key0_weight_per_head` (what `--layers heads` compares), as the module docstring defines them."""
     fitted = []
     for st in stats:
         s, weight = st["score"], st["weight"]
@@ -102,11 +104,17 @@ def fit_slots(stats: list[dict], logit_rule: str = "lme", value_rule: str = "mea
         if value_rule not in VALUE_RULES:
             raise ValueError(f"value rule {value_rule!r} is not one of {VALUE_RULES}")
         value = st["value"].mean(0) if value_rule == "mean" else torch.zeros_like(st["value"][0])
-        key0 = weight.mean().item()
-        on = layers == "all" or key0 >= min_weight
-        fitted.append({"on": on, "logit": logit if on else torch.full_like(logit, OFF),
+        key0, per_head = weight.mean().item(), weight.mean(dim=(0, 2))
+        if layers == "heads":
+            heads = per_head >= min_weight
+        elif layers in LAYER_RULES:
+            heads = torch.full_like(per_head, layers == "all" or key0 >= min_weight, dtype=torch.bool)
+        else:
+            raise ValueError(f"layer rule {layers!r} is not one of {LAYER_RULES}")
+        on = bool(heads.any())
+        fitted.append({"on": on, "heads": heads.tolist(), "logit": torch.where(heads, logit, torch.full_like(logit, OFF)),
                        "value": value if on else torch.zeros_like(value), "key0_weight": key0,
-                       "key0_weight_per_head": weight.mean(dim=(0, 2)).tolist()})
+                       "key0_weight_per_head": per_head.tolist()})
     return fitted
 
 
@@ -151,13 +159,36 @@ def streaming_readout(original, calibrated, tokens: torch.Tensor, caches, n_sink
                "ppl_sinks_original": orig.modes["sinks"]["ppl"], "ppl_window_calibrated": cal.modes["window"]["ppl"]}
         row["ratio_original"] = row["ppl_window_original"] / row["ppl_sinks_original"]
         row["ratio_calibrated"] = row["ppl_window_calibrated"] / row["ppl_sinks_original"]
+        row["_curves"] = {f"original, window-only 0+{cache}": orig._curves["window"],
+                          f"original, {n_sink} sinks + {window}": orig._curves["sinks"],
+                          f"calibrated, window-only 0+{cache}": cal._curves["window"]}
         rows.append(row)
     return rows
 
 
+def plot_readout(rows: list[dict], title: str, path) -> None:
+    """Per cache, the NLL over the stream (bin means) of the three readout curves, eviction marked."""
+    from eval.plots import save, subplots
+
+    fig, axes = subplots(len(rows), 1, width=8, height=3.2)
+    for ax, row in zip(axes[:, 0], rows):
+        for label, nll in row["_curves"].items():
+            n = len(nll)
+            edges = np.unique(np.linspace(0, n, min(n, 100) + 1).round().astype(np.int64))
+            means = [np.nanmean(nll[lo:hi]) for lo, hi in zip(edges[:-1], edges[1:])]
+            ppl = math.exp(np.nanmean(nll))
+            ax.plot((edges[:-1] + edges[1:]) / 2, means, lw=1, label=f"{label}: ppl {ppl:.1f}")
+        ax.axvline(row["cache"], color="gray", ls="--", lw=0.8, label="eviction starts")
+        ax.set_xlabel("position in the stream (tokens)")
+        ax.set_ylabel("NLL (nats), bin mean")
+        ax.set_title(f"{title}: total cache {row['cache']} tokens", fontsize=9)
+        ax.legend(fontsize=7)
+    save(fig, path)
+
+
 def summary(fitted: list[dict]) -> list[dict]:
     """What calibration.json records per layer."""
-    return [{"layer": i, "slot": f["on"], "key0_weight": round(f["key0_weight"], 4),
+    return [{"layer": i, "slot": f["on"], "heads_with_slot": sum(f["heads"]), "key0_weight": round(f["key0_weight"], 4),
              "key0_weight_per_head": [round(w, 4) for w in f["key0_weight_per_head"]],
              "logit": [round(b, 4) for b in f["logit"].tolist()],
              "value_norm": [round(n, 4) for n in f["value"].norm(dim=-1).tolist()]} for i, f in enumerate(fitted)]
@@ -255,7 +286,8 @@ def main(argv=None) -> dict:
         "windows": {"n": args.windows, "length": length, "bos": bos,
                     "tokens": f"the last {args.windows} x {length - (bos is not None)} tokens of the held-out split"},
         "fit_seconds": round(fit_s, 2), "layers": summary(fitted),
-        "readout": {"tokens": args.tokens, "order": "reference", "n_sink_original": 4, "rows": readout},
+        "readout": {"tokens": args.tokens, "order": "reference", "n_sink_original": 4,
+                    "rows": [{k: v for k, v in r.items() if k != "_curves"} for r in readout]},
     }
     hf = run.config.get("hf")
     config = {"task": "lm", "model": dataclasses.asdict(calibrated.config),
@@ -269,6 +301,9 @@ def main(argv=None) -> dict:
                         {"calibration.json": json.dumps(record, indent=1) + "\n"})
     except FileExistsError as e:
         fail(str(e))
+    if readout:
+        plot_readout(readout, f"{Path(ckpts[0].removeprefix('hf:')).name}, {args.tokens} held-out tokens",
+                     run_dir / "readout.png")
     print(f"wrote {run_dir} (every eval, sample.py and train.init_from take it)")
     return record
 

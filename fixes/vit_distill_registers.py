@@ -27,9 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -174,32 +171,14 @@ def student_dir(name: str, out: Path = Path("out")) -> Path:
 
 
 def save_vit_run(student, run_dir: Path, config: dict, step: int) -> Path:
-    """A ViT (the student) as a new run every ViT eval loads: run_dir/checkpoints/step_X/{model.safetensors,
-    config.yaml, manifest.json} and `latest`, built in a hidden folder beside run_dir and renamed into
-    place; an existing run_dir is refused (FileExistsError), never replaced."""
-    import yaml
-
-    from model.weights import WEIGHTS, save_weights
-    from trainer.checkpoint import write_manifest
+    """A ViT (the student) as a new run every ViT eval loads (trainer/checkpoint.py's write_model_run: built
+    beside run_dir and renamed into place; an existing run_dir is refused, never replaced). Returns its
+    checkpoint dir."""
+    from trainer.checkpoint import write_model_run
     from trainer.rundir import CHECKPOINT_FMT
 
-    if run_dir.exists() or run_dir.is_symlink():
-        raise FileExistsError(f"{run_dir} already exists; a student is written only as a new run")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{run_dir.name}_", dir=run_dir.parent))
-    try:
-        final = tmp / "checkpoints" / CHECKPOINT_FMT.format(step)
-        final.mkdir(parents=True)
-        save_weights(student.state_dict(), final / WEIGHTS, tied=False)
-        (final / "config.yaml").write_text(yaml.safe_dump({**config, "model": dataclasses.asdict(student.config)},
-                                                          sort_keys=False))
-        write_manifest(final)  # sizes and content hashes, checked whenever the student is loaded
-        (final.parent / "latest").symlink_to(final.name)
-        os.rename(tmp, run_dir)  # fails when run_dir appeared meanwhile (a non-empty folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # only the hidden folder this call made
-        raise
-    return run_dir / "checkpoints" / final.name
+    run_dir = write_model_run(run_dir, student, {**config, "model": dataclasses.asdict(student.config)}, step=step)
+    return run_dir / "checkpoints" / CHECKPOINT_FMT.format(step)
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -60,6 +60,11 @@ def test_fitted_slot_equals_a_hand_computation(ref):
             ref.close(f["value"].double(), st["value"].mean(0), 1e-5, "mean first-token value")
         else:
             assert (f["logit"] == OFF).all() and not f["value"].any()
+    per_head = fit_slots(stats, "lme", "mean", "heads", threshold)
+    for f, st in zip(per_head, hand):
+        sink_heads = st["weight"].mean(dim=(0, 2)) >= threshold
+        assert f["heads"] == sink_heads.tolist() and f["on"] == bool(sink_heads.any())
+        assert ((f["logit"] == OFF) == ~sink_heads).all()
     median = fit_slots(stats, "median", "none", "all")
     for f, st in zip(median, hand):
         ref.close(f["logit"].double(), st["score"].transpose(0, 1).reshape(cfg.n_head, -1).median(1).values, 1e-5,
@@ -92,6 +97,7 @@ def test_cli_writes_a_run_every_reader_takes(tiny, capsys):
     record = calibrate_sink.main(cli(root, gguf, "tts", "--layers", "all"))
     run_dir = root / "out" / "tts"
     assert (run_dir / "checkpoints" / "latest").is_symlink() and (run_dir / "calibration.json").is_file()
+    assert (run_dir / "readout.png").stat().st_size > 1000
     saved = json.loads((run_dir / "calibration.json").read_text())
     assert saved["rule"] == {"logit": "lme", "value": "mean", "layers": "all", "min_weight": 0.3}
     assert all(layer["slot"] for layer in saved["layers"]) and saved["readout"]["rows"][0]["cache"] == 12

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from eval import vit_artifacts
-from eval import vit_denoise as dvt
-from eval import vit_distill_registers as phreg
+from fixes import vit_denoise as dvt
+from fixes import vit_distill_registers as phreg
 from model.vit import ViT, ViTConfig
 from runs.load import load_run
 

@@ -369,14 +369,15 @@ def settle_run_dir(cfg, ckpt: Path, state: TrainerState) -> None:
     # The schedule's notes (warmup, a changed max_steps) are said by the trainer for every start.
 
 
-def write_model_run(run_dir: Path, model, config: dict, tokenizer, files: dict[str, str] | None = None) -> Path:
+def write_model_run(run_dir: Path, model, config: dict, tokenizer=None, files: dict[str, str] | None = None,
+                    step: int = 0) -> Path:
     """A model that no training loop wrote (a post-hoc fix) as a run dir every eval, sample.py and
-    train.init_from read: run_dir/{config.yaml, tokenizer.json, *files} and checkpoints/step_0000000/ with the
+    train.init_from read: run_dir/{config.yaml, tokenizer.json, *files} and checkpoints/step_XXXXXXX/ with the
     weights, config, tokenizer, trainer_state.json and manifest.json, `latest` pointing at it.
 
     Built in a hidden temp dir beside run_dir and renamed into place, so a kill leaves no half run; an
-    existing run_dir is refused (FileExistsError), never replaced. `tokenizer` is a tokenizers.Tokenizer;
-    `files` maps extra file names in the run dir to their text."""
+    existing run_dir is refused (FileExistsError), never replaced. `tokenizer` is a tokenizers.Tokenizer
+    (None for a ViT); `files` maps extra file names in the run dir to their text."""
     import tempfile
 
     from model.weights import WEIGHTS, save_weights
@@ -389,14 +390,15 @@ def write_model_run(run_dir: Path, model, config: dict, tokenizer, files: dict[s
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tmp-", dir=run_dir.parent))
     try:
-        ckpt = tmp / "checkpoints" / CHECKPOINT_FMT.format(0)
+        ckpt = tmp / "checkpoints" / CHECKPOINT_FMT.format(step)
         ckpt.mkdir(parents=True)
         text = yaml.safe_dump(config, sort_keys=False)
         save_weights(model.state_dict(), ckpt / WEIGHTS, tied=getattr(model.config, "tie_embeddings", False))
         for where in (tmp, ckpt):
             (where / "config.yaml").write_text(text)
-            tokenizer.save(str(where / "tokenizer.json"))
-        TrainerState().write(ckpt)
+            if tokenizer is not None:
+                tokenizer.save(str(where / "tokenizer.json"))
+        TrainerState(step=step).write(ckpt)
         for name, body in (files or {}).items():
             (tmp / name).write_text(body)
         write_manifest(ckpt)
