@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,11 +38,27 @@ def newest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def temp_beside(path: Path) -> Path:
+    """A new hidden file `.<name>.<random>.tmp` in `path`'s folder, with the permissions a plain create
+    gives. Unique per call, so two writers of one file never write or rename each other's temp file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the file replaces one others may read
+    os.close(fd)
+    return Path(tmp)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a hidden temp file beside `path`, then rename it over: a kill leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `text` to a hidden temp file beside `path`, then rename it over: a kill leaves the old file
+    whole, and of two concurrent writers the last rename wins with a whole file."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class RunLock:
