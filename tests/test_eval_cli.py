@@ -296,7 +296,7 @@ def test_a_checkpoint_pruned_while_the_eval_runs_is_one_line(run_dir, tmp_path, 
     with pytest.raises(SystemExit) as e:
         activations.main(["--ckpt", str(ckpts / "step_*"), "--n-seqs", "2"])
     err = one_line_error(capsys, e)
-    assert "step_0000012 disappeared while the eval ran" in err and "keep_last" in err
+    assert "step_0000012 disappeared before the eval could read it" in err and "keep_last" in err
     assert json.loads((run / "eval" / "step_0000006" / "activations.json").read_text())["n_seqs"] == 2
 
 

@@ -61,3 +61,64 @@ def test_written_file_has_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_eval_of_a_run_dir_follows_a_checkpoint_pruned_mid_load(tmp_path, tiny_run_args, monkeypatch, capsys):
+    """The trainer (train.keep_last=1) saves step 3 and prunes step 2 right after the eval resolved the
+    run dir to step 2: the eval loads step 3 instead and records it, instead of a missing-file error."""
+    import json
+    import os
+    import shutil
+
+    import model.weights
+    import runs.load
+    import train
+    from eval import activations
+    from trainer.checkpoint import point_latest, prune
+
+    os.environ["WANDB_MODE"] = "disabled"
+    assert train.main([*tiny_run_args(2), f"out_dir={tmp_path}", "name=live"]) == 0
+    ckpts = tmp_path / "live" / "checkpoints"
+    real_load = model.weights.load_weights
+    saved = []
+
+    def trainer_saves_then_load(model_, path):
+        if not saved:  # what save_checkpoint does between two reads of the eval
+            shutil.copytree(ckpts / "step_0000002", ckpts / ".tmp_step_0000003")
+            os.replace(ckpts / ".tmp_step_0000003", ckpts / "step_0000003")
+            point_latest(ckpts, "step_0000003")
+            saved.extend(prune(ckpts, keep_last=1))
+        real_load(model_, path)
+
+    monkeypatch.setattr(runs.load, "load_weights", trainer_saves_then_load)
+    activations.main(["--ckpt", str(tmp_path / "live"), "--n-seqs", "2"])
+    assert [p.name for p in saved] == ["step_0000001", "step_0000002"]
+    result = json.loads((tmp_path / "live" / "eval" / "activations.json").read_text())
+    assert result["checkpoint"]["path"].endswith("step_0000003") and result["checkpoint"]["step"] == 2
+
+
+def test_a_named_checkpoint_pruned_mid_load_is_one_line(tmp_path, tiny_run_args, monkeypatch, capsys):
+    """A checkpoint dir names one checkpoint: never swapped for another, one line that says so."""
+    import os
+    import shutil
+
+    import pytest
+
+    import runs.load
+    import train
+    from eval import activations
+
+    os.environ["WANDB_MODE"] = "disabled"
+    assert train.main([*tiny_run_args(1), f"out_dir={tmp_path}", "name=one"]) == 0
+    step = tmp_path / "one" / "checkpoints" / "step_0000001"
+
+    def pruned(model_, path):
+        shutil.rmtree(step)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(runs.load, "load_weights", pruned)
+    with pytest.raises(SystemExit) as e:
+        activations.main(["--ckpt", str(step), "--n-seqs", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "step_0000001 disappeared before the eval could read it" in err
+    assert "never pruned" not in err and len(err.strip().splitlines()) == 1
