@@ -26,7 +26,8 @@ from data.sources import HUB_NAME, load_documents
 from data.tokenizer import EOT, load_tokenizer
 from model import backends
 from model.gpt import GPT
-from model.hf_import import is_hf, load_pretrained
+from model.hf_folder import CONFIG, read_json
+from model.hf_import import is_hf, load_pretrained, locate
 from model.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
@@ -50,6 +51,20 @@ def portable_backend(model_cfg, device, dtype) -> None:
         print(f"note: the run trained with model.backend={name}, which cannot run here ({reason}); "
               "loading it with model.backend=auto", file=sys.stderr)
         model_cfg.backend = "auto"
+
+
+def not_a_vision_model(ref: str, task: str) -> str:
+    """Why `hf:<ref>`, not a vision transformer, cannot be a `task` model: a GGUF file or a decoder's
+    folder is a language model; a folder whose config.json is missing or unreadable is said so (its
+    weights alone do not say what it is)."""
+    source = locate(ref)
+    if source.gguf is not None:
+        return f"{ref} is a GGUF language model, not a {task} model"
+    if not (source.folder / CONFIG).is_file():
+        return (f"{ref}: {source.folder / CONFIG} is missing, so what the folder holds is unknown; add the "
+                "config.json saved with its weights (save_pretrained writes both)")
+    model_type = read_json(source.folder / CONFIG).get("model_type")  # damaged: ValueError naming the file
+    return f"{ref} is a pretrained language model (model_type {model_type!r}), not a {task} model"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -163,7 +178,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
                          "was trained on")
     if is_hf(path):
         if task not in (None, "lm"):
-            raise ValueError(f"{path} is a pretrained language model, not a {task} run")
+            raise ValueError(not_a_vision_model(path, task))
         model, tokenizer, config, folder = load_pretrained(path, dtype)
         return LoadedRun(model.to(device).eval(), tokenizer, config, folder, data)
     for _ in range(PRUNED_RETRIES):
