@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from configs import from_dict
 from data.prepare import prepare
 
-from . import fail, make_dir, pick_device, write_json, write_text
+from . import (add_tag_argument, fail, flags_of, keep_other_result, make_dir, pick_device, with_flags, write_json,
+               write_text)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("fp32", "bf16", "fp16")
@@ -36,6 +37,7 @@ def add_lm_arguments(ap, data: bool = True) -> None:
         ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved, fp32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_tag_argument(ap)
 
 
 def expand(patterns) -> list[str]:
@@ -129,14 +131,15 @@ def checkpoint_info(run) -> dict:
     return info
 
 
-def output_dir(run, requested: str) -> Path:
-    """`<run>/eval/` for a run dir, `<run>/eval/<checkpoint name>/` for one checkpoint of it."""
+def output_dir(run, requested: str, tag: str | None = None) -> Path:
+    """`<run>/eval/` for a run dir, `<run>/eval/<checkpoint name>/` for one checkpoint of it; with --tag,
+    `<tag>/` below that."""
     req = Path(requested)
     whole_run = (req / "checkpoints").is_dir() or (req / "latest").exists() or requested.startswith("hf:")
     path = Path(run.run_dir) / "eval"
     if not whole_run:
         path = path / Path(run.checkpoint).name
-    return make_dir(path)
+    return make_dir(path / (tag or ""))
 
 
 def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...], task: str = "lm") -> list:
@@ -145,6 +148,7 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
     checkpoints also get `<name>_over_steps` with the `headline` fields per step."""
     paths = expand(args.ckpt)
     check_paths(paths)
+    flags, tag = flags_of(args), getattr(args, "tag", None)
     done = []
     for p in paths:
         run = load(p, args, task)
@@ -153,22 +157,23 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
                 run.val_tokens()  # the held-out data is there (its source may have moved) before anything is written
             except ValueError as e:
                 fail(str(e))
-        out = output_dir(run, p)
+        out = output_dir(run, p, tag)
+        keep_other_result(out / f"{name}.json", flags)
         try:
             result = evaluate_one(run, out)
         except ValueError as e:  # no held-out data (the source moved), too few tokens for the flags
             fail(str(e))
         result.checkpoint = checkpoint_info(run)
-        write_json(out / f"{name}.json", result.to_json())
+        write_json(out / f"{name}.json", with_flags(result.to_json(), flags))
         print(f"-> {out / (name + '.json')}")
         done.append((Path(run.run_dir), result))  # not the run: one model in memory at a time
         del run
     if len(done) > 1:
-        over_steps(done, name, headline)
+        over_steps(done, name, headline, tag)
     return [r for _, r in done]
 
 
-def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
+def over_steps(done, name: str, headline: tuple[str, ...], tag: str | None = None) -> Path:
     """One table (JSON + markdown) and one plot of the `headline` fields against the step, in
     the first run's eval dir; `done` is [(run dir, result)]."""
     from .plots import save, subplots
@@ -176,7 +181,7 @@ def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
     rows = sorted(({"step": r.checkpoint["step"], "tokens": r.checkpoint["tokens"], "checkpoint": r.checkpoint["path"],
                     **{k: getattr(r, k) for k in headline}} for _, r in done),
                   key=lambda row: (row["step"] is None, row["step"] or 0))
-    out = make_dir(done[0][0] / "eval")
+    out = make_dir(done[0][0] / "eval" / (tag or ""))
     defs = done[0][1].definitions()
     write_json(out / f"{name}_over_steps.json", {"rows": rows, "definitions": {k: defs.get(k, "") for k in headline}})
     lines = ["| step | tokens | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]

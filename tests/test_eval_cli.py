@@ -91,8 +91,8 @@ def test_activations_cli(run_dir):
     assert r["max_abs"] == max(l["top"][0]["value"] for l in r["layers"]) > 0
     assert r["max_top1"] == max(l["top_per_seq"][0] for l in r["layers"]) <= r["max_abs"]
     assert all("token_id" in t and "text" in t for l in r["layers"] for t in l["top"])
-    activations.main(["--ckpt", str(run_dir), "--n-seqs", "2", "--dtype", "bf16"])
-    half = outputs(run_dir, "activations.json", "activations.png")
+    activations.main(["--ckpt", str(run_dir), "--n-seqs", "2", "--dtype", "bf16", "--tag", "bf16"])
+    half = outputs(run_dir, "bf16/activations.json", "bf16/activations.png")  # other flags: its own folder
     assert half["max_top1"] == pytest.approx(r["max_top1"], rel=0.05)  # same model in bf16
 
 
@@ -116,19 +116,20 @@ def test_streaming_long_stream_beyond_context(run_dir, capsys):
     """A window past the model's context is refused in one line unless --beyond-context; a stream
     longer than the held-out split starts it again; the JSON keeps per-position NLL in bins."""
     with pytest.raises(SystemExit) as e:
-        streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks"])
+        streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks",
+                        "--tag", "long"])
     assert e.value.code == 2 and "--beyond-context" in capsys.readouterr().err
     n_val = len(load_run(str(run_dir)).val_tokens())
     result, = streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks",
-                              "--beyond-context", "--tokens", str(3 * n_val)])
-    r = outputs(run_dir, "streaming.json", "streaming.png")
+                              "--beyond-context", "--tokens", str(3 * n_val), "--tag", "long"])
+    r = outputs(run_dir, "long/streaming.json", "long/streaming.png")
     assert r["n_tokens"] == 3 * n_val and "3.00 times" in r["text"] and r["keys_per_query"] == 43
     assert r["modes"]["sinks"]["method"] == "parallel" and r["chunk"] == 256
     bins = r["nll_by_position"]
     assert bins["bin_end"][-1] == 3 * n_val - 1 and len(bins["nll"]["sinks"]) == len(bins["bin_start"])
     assert np.nanmean(np.array(bins["nll"]["sinks"], dtype=float)) == pytest.approx(r["modes"]["sinks"]["mean_nll"], rel=0.05)
     exact, = streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "8", "--modes", "sinks", "--exact-decode",
-                             "--tokens", "120"])
+                             "--tokens", "120", "--tag", "exact"])
     assert exact.modes["sinks"]["method"] == "exact-decode" and exact.chunk is None
 
 
@@ -305,7 +306,7 @@ def test_activations_default_is_plain_windows_as_sun_et_al(run_dir, capsys):
     saved = json.loads((run_dir / "eval" / "activations.json").read_text())
     assert saved["bos_first"] is False and "Sun et al." in saved["definitions"]["bos_first"]
     with pytest.raises(SystemExit) as e:
-        activations.main(["--ckpt", str(run_dir), "--bos"])
+        activations.main(["--ckpt", str(run_dir), "--bos", "--tag", "bos"])
     assert "--bos but" in one_line_error(capsys, e)
 
 
