@@ -48,7 +48,7 @@ def test_streaming_row(tmp_path, capsys):
     NLL agreement (parallel == token-by-token; ours == transformers' before the first eviction)."""
     from bench import __main__ as bench_cli
 
-    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", *TINY, "--stream-tokens", "80",
+    assert bench_cli.main(["--skip", "kernels", "train", "nanogpt", "--streaming", *TINY, "--stream-tokens", "80",
                            "--stream-window", "12", "--stream-chunk", "16", "--out", str(tmp_path)]) == 0
     row, = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())["streaming"]
     assert row["model"] == "random llama" and row["tokens"] == 80 and row["cache"] == "4+12"
@@ -60,6 +60,16 @@ def test_streaming_row(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_cli.main(["--skip", "kernels", "train", "nanogpt", "--stream-model", str(tmp_path / "nope")])
     assert e.value.code == 2 and "not a transformers folder" in capsys.readouterr().err
+
+
+def test_cpu_suite_leaves_out_the_streaming_row_unless_asked(tmp_path, capsys):
+    """The cpu suite's streaming row decodes token by token for 20+ minutes at its default shapes: only on request."""
+    from bench import __main__ as bench_cli
+
+    assert bench_cli.main(["--suite", "cpu", "--skip", "kernels", "nanogpt", "--kinds", "softmax", "--gates", "none",
+                           *TINY, "--out", str(tmp_path)]) == 0
+    assert "streaming" not in json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())
+    assert "add --streaming to run it" in capsys.readouterr().err
 
 
 def test_gpu_suite_shape_runs_on_cpu(tmp_path):
