@@ -162,7 +162,17 @@ def test_ablate_collects_runs(run_dir, tmp_path):
     row = data["rows"][0]
     val = [json.loads(l)["val_loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
     assert row["val_loss"] == pytest.approx(val[-1]) and row["steps"] == 12
-    assert row["sink_1"] == rows[0]["sink_1"] == json.loads((run_dir / "eval" / "sink.json").read_text())["sink_1"]
+    assert row["sink_1"] == rows[0]["sink_1"] == json.loads((run_dir / "eval" / "ablate" / "sink.json").read_text())["sink_1"]
+    # the unigram baseline: held-out tokens under the training split's add-one-smoothed counts
+    from collections import Counter
+
+    from data.loader import TokenSplit
+
+    train_ids = TokenSplit(next((run_dir.parent.parent / "cache").glob("*/train.bin")).parent, "train").tokens.tolist()
+    counts, vocab = Counter(train_ids), load_run(str(run_dir)).model.config.vocab_size
+    held = load_run(str(run_dir)).val_tokens().tolist()
+    expected = -sum(math.log((counts[t] + 1) / (len(train_ids) + vocab)) for t in held) / len(held)
+    assert row["unigram_loss"] == pytest.approx(expected, rel=1e-9) and "unigram loss" in header
     assert set(row["stream_ppl"]) == {"window", "sinks", "recompute"}
     with pytest.raises(SystemExit):
         ablate.main(["--runs", str(tmp_path / "missing"), "--out", str(out / "x")])
