@@ -35,7 +35,7 @@ from configs import ConfigError, from_dict, load_config
 from data.bigram_backcopy import load_chain
 from data.loader import TokenSplit
 from data.prepare import prepare
-from eval import (activations, backcopy, eval_dir, fail, make_dir, pick_device, positive_int, sink, spikes, streaming,
+from eval import (HelpFormatter, activations, backcopy, eval_dir, fail, make_dir, pick_device, positive_int, sink, spikes, streaming,
                   write_json, write_text)
 from eval.cli import bos_id, checkpoint_info, expand, git_commit
 from eval.plots import save, subplots
@@ -301,7 +301,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
     ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from model import backends
+from eval import HelpFormatter
 from model.config import ATTENTION_KINDS, GATE_KINDS
 
 from .kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table
@@ -54,7 +55,7 @@ def model_names(kinds, gates) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--suite", choices=["gpu", "cpu"], default=None,
                    help="gpu: kernels + GPT-2-124M training (default with CUDA); cpu: sinklab vs nanoGPT")
     p.add_argument("--cpu-nanogpt", action="store_true", help="same as --suite cpu")

@@ -11,6 +11,8 @@ stays light.
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import math
 import sys
@@ -46,7 +48,6 @@ NOT_FLAGS = ("ckpt", "device", "tag")  # where and on what it ran, not how: neve
 
 def tag_name(text: str) -> str:
     """argparse type of --tag: one folder name."""
-    import argparse
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
@@ -87,10 +88,33 @@ def keep_other_result(path, flags: dict) -> None:
          f"{path.parent}/NAME/ and keep both, or remove {path.name} to replace it")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default (the description as written): appended where the help does not
+    say it already; flags without a default (None, off) stay as written."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        d = action.default
+        return bool(action.option_strings) and d is not None and d is not False and d != argparse.SUPPRESS \
+            and not (isinstance(d, (list, tuple, str)) and len(d) == 0)
+
+    def _format_action(self, action):
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)  # a flag without help text still shows its default
+            action.help = "default: " + (" ".join(map(str, action.default)) if isinstance(action.default, (list, tuple))
+                                         else "%(default)s")
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not self._shows_default(action):
+            return text
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
 # argparse types: a bad flag is refused when the command line is parsed, before any work.
 def _number(kind, text: str, ok, what: str):
-    import argparse
-
     try:
         value = kind(text)
     except ValueError:

@@ -29,7 +29,7 @@ from data.loader import make_loader
 from data.prepare import prepare
 from probes.sink import importance_per_sequence, sink_rate, text_attention
 
-from . import (add_tag_argument, eval_dir, fail, flags_of, keep_other_result, nonnegative_int, positive_float,
+from . import (HelpFormatter, add_tag_argument, eval_dir, fail, flags_of, keep_other_result, nonnegative_int, positive_float,
                positive_int, with_flags, write_json)
 from .cli import check_paths, checkpoint_info, expand, load
 from .progress import progress
@@ -185,7 +185,8 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="run dirs, checkpoint dirs or globs such as 'out/<run>/checkpoints/step_*' (for dynamics)")
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)

@@ -193,7 +193,10 @@ def over_steps(done, name: str, headline: tuple[str, ...], tag: str | None = Non
         pts = [(row["step"], row[key]) for row in rows if row["step"] is not None and row[key] is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o")
+            if min(v for _, v in pts) >= 0:
+                ax.set_ylim(bottom=0)  # rates, %, ppl: never a negative axis (a constant 0 would get one)
         ax.set_xlabel("training step")
+        ax.set_ylabel(done[0][1].AXES.get(key, key))
         ax.set_title(key)
     save(fig, out / f"{name}_over_steps.png")
     print(f"-> {out / (name + '_over_steps.md')}")

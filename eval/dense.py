@@ -204,12 +204,13 @@ def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, p
 
 
 def main(argv=None) -> dict:
-    from . import fail, write_json
+    from . import HelpFormatter, fail, write_json
     from .cli import checkpoint_info
     from .result import CHECKPOINT_DEFINITION
     from .vit_images import add_image_args, load_for_vit_eval
 
-    ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_image_args(ap)
     ap.add_argument("--denoiser", default=None, help="a folder written by python -m eval.vit_denoise: score the "
                     "denoised features (LOST then runs on the features, as a denoiser has no keys)")

@@ -28,7 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from data.tokenizer import EOT
 
-from . import fail, make_dir, nonnegative_int, positive_int, write_json
+from . import HelpFormatter, fail, make_dir, nonnegative_int, positive_int, write_json
 from .cli import add_lm_arguments, bos_id, check_paths, checkpoint_info, expand, load, output_dir
 from .progress import progress
 from .result import CHECKPOINT_DEFINITION
@@ -226,7 +226,8 @@ def output_path(requested: str | None, run, path: str, several: bool, tag: str |
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap, data=False)  # the tasks bring their own data
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     ap.add_argument("--num-fewshot", type=nonnegative_int, default=None)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import (add_tag_argument, eval_dir, fail, flags_of, keep_other_result, positive_float, positive_int, with_flags,
+from . import (HelpFormatter, add_tag_argument, eval_dir, fail, flags_of, keep_other_result, positive_float, positive_int, with_flags,
                write_json)
 from .result import EvalResult
 
@@ -220,7 +220,8 @@ def metrics_info(run_dir) -> dict:
 def main(argv=None) -> list[SpikesResult]:
     from .cli import expand
 
-    ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--run", "--ckpt", dest="run", nargs="+", required=True,
                     help="run directories (or globs such as 'out/ablate/*') with metrics.jsonl")
     ap.add_argument("--window", type=positive_int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")

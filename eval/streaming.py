@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fail, flags_of, keep_other_result, nonnegative_int, positive_int, with_flags, write_json
+from . import HelpFormatter, fail, flags_of, keep_other_result, nonnegative_int, positive_int, with_flags, write_json
 from .cli import add_lm_arguments, bos_id, checkpoint_info, for_each_checkpoint
 from .progress import progress
 from .result import EvalResult
@@ -203,6 +203,8 @@ class StreamingResult(EvalResult):
     dtype: str | None = None
     parallel_tolerance_nats: float | None = None
     _curves: dict = field(default_factory=dict, repr=False)  # mode -> per-token NLL array
+
+    AXES = {"ppl_window": "window-only perplexity", "ppl_sinks": "sinks perplexity"}
 
     DEFINITIONS = {
         "ppl": "exp(mean NLL of each next token) over the scored positions",
@@ -392,7 +394,7 @@ def auto_stride(n_predictions: int, keys: int) -> int:
 
 def main(argv=None) -> list[StreamingResult]:
     ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap)
     ap.add_argument("--n-sink", type=nonnegative_int, default=4, help="S: first tokens kept (sinks mode)")
     ap.add_argument("--window", type=positive_int, default=None,
@@ -410,7 +412,7 @@ def main(argv=None) -> list[StreamingResult]:
                     help="window / sinks token by token (the reference) instead of the exact parallel form")
     ap.add_argument("--chunk", type=positive_int, default=256, help="queries per forward in the parallel form")
     ap.add_argument("--recompute-stride", type=stride_arg, default="auto",
-                    help=f"score every k-th position in recompute; auto: k for about {RECOMPUTE_WINDOWS} windows "
+                    help=f"score every k-th position in recompute; auto (the default): k for about {RECOMPUTE_WINDOWS} windows "
                          "(20 at the default --tokens), so the default run takes minutes on a CPU; 1: every position")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward in recompute")
     args = ap.parse_args(argv)

@@ -407,10 +407,11 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
 
 
 def main(argv=None) -> list[dict]:
-    from . import add_tag_argument, fail, positive_int
+    from . import HelpFormatter, add_tag_argument, fail, positive_int
     from .cli import check_paths, expand
 
-    ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*', or hf:<id or "
                     "folder> of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")

@@ -243,7 +243,7 @@ def test_sink_refuses_lengths_where_the_metric_says_nothing(argv, says, capsys, 
 
 def test_sink_refuses_k_beyond_the_models_block(run_dir, capsys):
     with pytest.raises(SystemExit) as e:  # "block" = 32 here: known once the model is loaded
-        sink.main(["--ckpt", str(run_dir), "--k", "33", "--lengths", "block", "--n-seqs", "2"])
+        sink.main(["--ckpt", str(run_dir), "--k", "33", "--lengths", "block", "--n-seqs", "2", "--tag", "k33"])
     assert "--k 33 is beyond the sequence length T=32" in one_line_error(capsys, e)
 
 
