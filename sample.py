@@ -18,20 +18,17 @@ from pathlib import Path
 
 import torch
 
-from eval import pick_device
+from eval import HelpFormatter, pick_device
 from model.gpt import sample_next
 from runs.load import load_run
 
 
 def parse_args(argv=None):
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass  # the docstring as written, and every flag's default in --help
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)  # every flag's default shown
     p.add_argument("--ckpt", required=True, help="run dir (uses its latest checkpoint), a checkpoint dir, or "
                                                  "hf:<hub id, transformers folder or GGUF file>")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="\n", help="text to continue")
+    src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
