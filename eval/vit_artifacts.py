@@ -462,9 +462,9 @@ def evaluate_checkpoint(path: str, args) -> dict:
     if run.config.get("task", "lm") != "vit":
         raise ValueError(f"{path} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
     model = run.model.eval()
-    out = output_dir(run, path, args.tag)
-    keep_other_result(out / "vit_artifacts.json", flags_of(args))  # before the work, as every eval
     images, _, classifies = model_images(run, model, args.data, args.n_images)
+    out = output_dir(run, path, args.tag)
+    keep_other_result(out / "vit_artifacts.json", flags_of(args))  # before the analysis, as every eval
     x, n = images.val_x, len(images.val_x)
     y = images.val_y if classifies else None  # an import's head does not predict these labels
     dense_data = None
