@@ -92,7 +92,7 @@ def test_streaming_default_recompute_is_strided(lm_run, capsys):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_parallel_and_exact_decode_agree_within_the_stated_dtype_tolerance(lm_run, dtype):
+def test_parallel_and_exact_decode_agree_within_the_stated_dtype_tolerance(lm_run, dtype, capsys):
     from eval import streaming
 
     runs = {}
@@ -100,6 +100,7 @@ def test_parallel_and_exact_decode_agree_within_the_stated_dtype_tolerance(lm_ru
         argv = ["--ckpt", str(lm_run), "--tokens", "400", "--n-sink", "2", "--window", "12", "--modes", "sinks",
                 "--dtype", dtype, "--chunk", "64", "--tag", f"{dtype}-{exact}"] + (["--exact-decode"] if exact else [])
         (runs[exact],) = streaming.main(argv)
+    assert "the parallel form is within" in capsys.readouterr().out
     tol = runs[False].parallel_tolerance_nats
     assert tol == {"fp32": 1e-5, "bf16": 5e-3}[dtype] and runs[False].dtype == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     assert abs(runs[False].modes["sinks"]["mean_nll"] - runs[True].modes["sinks"]["mean_nll"]) <= tol
