@@ -187,11 +187,20 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
             return _load_checkpoint(ckpt, device, task, dtype, data)
         except (FileNotFoundError, ValueError):
             # A run dir follows its newest checkpoint; a trainer with train.keep_last prunes the one just
-            # resolved once it saves a newer one. Load that one; a named checkpoint dir is never swapped.
-            if (ckpt / WEIGHTS).is_file() or not follows_newest(path):
+            # resolved once it saves a newer one (file by file: any read may miss). Load the newer one; a
+            # named checkpoint dir is never swapped.
+            if not (follows_newest(path) and superseded(path, ckpt)):
                 raise
     raise FileNotFoundError(f"{path}: each checkpoint it pointed at was pruned before it could be read "
                             f"({PRUNED_RETRIES} tries); evaluate again, or a copy of the run")
+
+
+def superseded(path, ckpt: Path) -> bool:
+    """A newer checkpoint than `ckpt` is what `path` resolves to now (or `ckpt` is gone)."""
+    try:
+        return resolve_checkpoint(path) != ckpt
+    except FileNotFoundError:
+        return True
 
 
 def follows_newest(path) -> bool:

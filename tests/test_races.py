@@ -6,6 +6,8 @@ import multiprocessing
 import threading
 from pathlib import Path
 
+import pytest
+
 from trainer.rundir import write_atomic
 
 TEXTS = [f"{w}\n" * 2000 for w in ("alpha", "beta")]  # 12 kB each: each write takes a while
@@ -63,9 +65,11 @@ def test_written_file_has_the_usual_permissions(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
 
 
-def test_eval_of_a_run_dir_follows_a_checkpoint_pruned_mid_load(tmp_path, tiny_run_args, monkeypatch, capsys):
+@pytest.mark.parametrize("pruned", ["whole", "half"])
+def test_eval_of_a_run_dir_follows_a_checkpoint_pruned_mid_load(tmp_path, tiny_run_args, monkeypatch, capsys, pruned):
     """The trainer (train.keep_last=1) saves step 3 and prunes step 2 right after the eval resolved the
-    run dir to step 2: the eval loads step 3 instead and records it, instead of a missing-file error."""
+    run dir to step 2 (whole, or half-way: rmtree removes file by file, here tokenizer.json first): the
+    eval loads step 3 instead and records it, instead of a missing-file error."""
     import json
     import os
     import shutil
@@ -87,7 +91,11 @@ def test_eval_of_a_run_dir_follows_a_checkpoint_pruned_mid_load(tmp_path, tiny_r
             shutil.copytree(ckpts / "step_0000002", ckpts / ".tmp_step_0000003")
             os.replace(ckpts / ".tmp_step_0000003", ckpts / "step_0000003")
             point_latest(ckpts, "step_0000003")
-            saved.extend(prune(ckpts, keep_last=1))
+            if pruned == "whole":
+                saved.extend(prune(ckpts, keep_last=1))
+            else:
+                (ckpts / "step_0000002" / "tokenizer.json").unlink()
+                saved.extend([ckpts / "step_0000001", ckpts / "step_0000002"])
         real_load(model_, path)
 
     monkeypatch.setattr(runs.load, "load_weights", trainer_saves_then_load)
