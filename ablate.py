@@ -6,7 +6,10 @@ the evals on each and write one markdown table plus JSON and plots (docs/design.
 
 Training goes through `python train.py` in a subprocess per variant (so each run is exactly
 what a user gets from the command line); a variant already trained to `--steps` is reused
-(train.resume=auto), so an interrupted ablation continues where it stopped. Each run's checkpoint
+(train.resume=auto), so an interrupted ablation continues where it stopped. `--steps` shorter than
+10x a config's warmup scales the warmup to a tenth of the steps (said; `--set train.warmup_steps=N`
+chooses). The table has a no-context baseline beside val loss: the unigram loss of the held-out
+tokens under the training split's token counts. Each run's checkpoint
 and held-out tokens are loaded once and every eval's library function runs on them. Per run: final
 val loss, Sink_1 and F-Attn on renormalised and raw weights (eval.sink, T=64), max |h|
 (eval.activations, plain held-out windows as its CLI), OLMo-core's total spike score (eval.spikes,
@@ -28,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs import ConfigError, load_config
+from configs import ConfigError, from_dict, load_config
 from data.bigram_backcopy import load_chain
-from eval import (activations, backcopy, eval_dir, fail, make_dir, positive_int, sink, spikes, streaming,
+from data.loader import TokenSplit
+from data.prepare import prepare
+from eval import (HelpFormatter, activations, backcopy, eval_dir, fail, make_dir, positive_int, sink, spikes, streaming,
                   write_json, write_text)
 from eval.cli import bos_id, checkpoint_info, expand, git_commit
 from eval.plots import save, subplots
@@ -44,13 +49,26 @@ ROOT = Path(__file__).resolve().parent
 BIGRAM_BACKCOPY = "bigram_backcopy"  # data.source of Guo et al.'s task: eval.backcopy's measures join the table
 
 
+def scaled_warmup(warmup: int, steps: int) -> int:
+    """--steps shorter than 10x the config's warmup: warm up over a tenth of them (at least one step), so
+    a short ablation is not all warmup (50 warmup steps of 20 never reach the peak lr)."""
+    return min(warmup, max(1, steps // 10))
+
+
 def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]]:
-    """(run dir, train.py argv) per config; every config is validated before any training."""
+    """(run dir, train.py argv) per config; every config is validated before any training. With
+    --steps, warmup scales down (`scaled_warmup`) unless --set names train.warmup_steps."""
     plans = []
     for c in configs:
         ov = [f"out_dir={out_dir}", *([f"train.max_steps={steps}"] if steps else []), *overrides]
         try:
             cfg = load_config(c, ov)
+            warmup = scaled_warmup(cfg.train.warmup_steps, steps) if steps else cfg.train.warmup_steps
+            if warmup != cfg.train.warmup_steps and not any(o.startswith("train.warmup_steps=") for o in overrides):
+                print(f"{c}: train.warmup_steps={warmup} (the config's {cfg.train.warmup_steps}, scaled to --steps "
+                      f"{steps}; --set train.warmup_steps=N to choose)", flush=True)
+                ov.insert(2, f"train.warmup_steps={warmup}")
+                cfg = load_config(c, ov)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             fail(f"{c}: {e}")
         plans.append((Path(cfg.out_dir) / cfg.name, ["--config", str(c), *ov]))
@@ -91,14 +109,15 @@ def read_run_metrics(run_dir: Path) -> dict:
 
 def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], recompute_stride: int) -> dict:
     """Every eval on one run, loading its checkpoint and held-out tokens once; each eval's JSON
-    and plot go under <run>/eval/ as its CLI writes them."""
+    and plot go under <run>/eval/ablate/ as its CLI writes them with --tag ablate."""
     print(f"== evaluating {run_dir.name}", flush=True)
     try:
         run = load_run(run_dir, pick_device(), task="lm")
         val = run.val_tokens()
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    model, out, info = run.model, eval_dir(run_dir), checkpoint_info(run)
+    # its own folder (as --tag ablate): the CLIs' results of other flags in <run>/eval/ stay as they are
+    model, out, info = run.model, eval_dir(run_dir, "ablate"), checkpoint_info(run)
     cfg = model.config
 
     def save(name, result):
@@ -140,6 +159,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "variant": run_dir.name,
         "attention": st.attention,
         **read_run_metrics(run_dir),
+        "unigram_loss": unigram_loss(run, val),
         "sink_1": s.sink_1,
         "sink_1_raw": s.sink_1_raw,
         "f_attn": s.f_attn,
@@ -162,6 +182,21 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     }
 
 
+def unigram_loss(run, val) -> float | None:
+    """Cross-entropy (nats/token) of the held-out tokens under the training split's token frequencies,
+    add-one smoothed over the vocabulary: the loss of a model that ignores the context. None for an
+    import (no training split)."""
+    if "hf" in run.config:
+        return None
+    try:
+        train_tokens = TokenSplit(prepare(from_dict({"data": run.config["data"]}).data, progress=False), "train").tokens
+    except (OSError, ValueError):
+        return None  # the data source moved: the column says n/a
+    vocab = run.model.config.vocab_size
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab).astype(np.float64) + 1.0
+    return float(-np.log(counts[np.asarray(val, dtype=np.int64)] / counts.sum()).mean())
+
+
 def _fmt(v, spec=".3f"):
     return "n/a" if v is None else format(v, spec)
 
@@ -176,6 +211,9 @@ COLUMNS = [
     ("attention", lambda r: r["attention"]["kind"], None, "model.attention"),
     ("gate", lambda r: r["attention"]["gate"], None, "model.gate"),
     ("val loss", lambda r: r["val_loss"], ".3f", "last val_loss row of metrics.jsonl (nats/token)"),
+    ("unigram loss", lambda r: r.get("unigram_loss"), ".3f",
+     "baseline: cross-entropy of the held-out tokens under the training split's token frequencies (add-one "
+     "smoothed), a model that ignores the context; a val loss above it learned less than the token counts"),
     ("Sink_1 %", lambda r: r["sink_1"], ".1f",
      "Gu et al. Sink_1^0.3 in % at T=64, per sequence then averaged (eval.sink), on the renormalised weights "
      "(rows over the text keys sum to 1: sigmoid's proxy w/sum w, the sink logit's slot and sink tokens left out)"),
@@ -264,7 +302,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python ablate.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--configs", nargs="+", default=[], help="YAML configs to train, e.g. configs/ablate/*.yaml")
     ap.add_argument("--runs", nargs="+", default=[], help="already-trained run dirs to collect instead")
     ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")
@@ -318,6 +357,8 @@ def main(argv=None) -> list[dict]:
         "settings": settings,
         "definitions": {
             "val_loss": "last val_loss row of metrics.jsonl (nats/token)",
+            "unigram_loss": "cross-entropy of the held-out tokens under the training split's token frequencies, "
+                            "add-one smoothed (nats/token): the no-context baseline for val_loss",
             "sink_1": "Gu et al. Sink_1^0.3 at T=64 in %, per sequence then averaged (eval.sink), renormalised weights",
             "sink_1_raw": "the same on the raw weights (what the model puts on the first token)",
             "f_attn": "Qiu et al. first-token attention at T=64 (eval.sink), renormalised weights",

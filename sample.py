@@ -2,8 +2,12 @@
 
     python sample.py --ckpt out/default --prompt "ROMEO:"
     python sample.py --ckpt out/default --prompt-file prompt.txt --num-samples 3 --top-p 0.9
-    python sample.py --ckpt out/default --sink-cache 4 --window 252 --max-new-tokens 5000   # no length limit
+    python sample.py --ckpt out/default --n-sink 4 --window 252 --max-new-tokens 5000   # streaming, no length limit
     python sample.py --ckpt hf:HuggingFaceTB/SmolLM2-135M --dtype bf16 --prompt "The sink"  # a pretrained model
+
+Past the context (prompt plus new tokens longer than block_size) without --n-sink, each token is
+predicted from the last block_size tokens, recomputed (nanoGPT's crop); --n-sink S --window W
+streams with a sink cache instead, one token per step.
 """
 from __future__ import annotations
 
@@ -14,28 +18,32 @@ from pathlib import Path
 
 import torch
 
+from eval import HelpFormatter
+from model.gpt import sample_next
 from runs.load import load_run
 from util import DTYPES, pick_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)  # every flag's default shown
     p.add_argument("--ckpt", required=True, help="run dir (uses its latest checkpoint), a checkpoint dir, or "
                                                  "hf:<hub id, transformers folder or GGUF file>")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--sink-cache", type=int, default=None, metavar="S",
-                   help="keep S first tokens + --window recent ones (StreamingLLM): generate past the context")
-    p.add_argument("--window", type=int, default=None, help="recent tokens kept with --sink-cache")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast the weights (default fp32)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (none: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (none: off)")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
+    # --n-sink as eval.streaming names S; --sink-cache is its older name here
+    p.add_argument("--n-sink", "--sink-cache", dest="n_sink", type=int, default=None, metavar="S",
+                   help="keep S first tokens + --window recent ones (StreamingLLM's sink cache); none: crop "
+                        "to the last block_size tokens past the context")
+    p.add_argument("--window", type=int, default=None, help="recent tokens kept with --n-sink")
+    p.add_argument("--device", default=None, help="cpu or cuda (none: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast the weights (none: fp32)")
     return p.parse_args(argv)
 
 
@@ -51,8 +59,8 @@ def check_flags(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
-    if (args.sink_cache is None) != (args.window is None):
-        raise ValueError("--sink-cache S and --window W go together")
+    if (args.n_sink is None) != (args.window is None):
+        raise ValueError("--n-sink S and --window W go together")
 
 
 def check_args(args, block_size: int, n_prompt: int):
@@ -60,13 +68,20 @@ def check_args(args, block_size: int, n_prompt: int):
     check_flags(args)
     if n_prompt == 0:
         raise ValueError("the prompt is empty; pass --prompt with some text")
-    if args.sink_cache is not None:
-        if args.sink_cache < 0 or args.window < 1 or args.sink_cache + args.window > block_size:
-            raise ValueError(f"need --sink-cache >= 0, --window >= 1 and their sum <= the context ({block_size})")
-    elif n_prompt + args.max_new_tokens > block_size:
-        raise ValueError(f"prompt ({n_prompt} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the model's "
-                         f"context of {block_size} tokens; shorten them, or generate without a limit with "
-                         f"--sink-cache 4 --window {block_size - 4}")
+    if args.n_sink is not None:
+        if args.n_sink < 0 or args.window < 1 or args.n_sink + args.window > block_size:
+            raise ValueError(f"need --n-sink >= 0, --window >= 1 and their sum <= the context ({block_size})")
+
+
+def generate_cropped(model, idx, max_new_tokens: int, block: int, generator, on_token, **sampling):
+    """nanoGPT's generation past the context: each token from a full forward over the last `block`
+    tokens (no cache: cropping shifts every position, so cached keys would be at the wrong ones)."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -block:]).logits[:, -1]
+        nxt = sample_next(logits, generator=generator, **sampling)
+        idx = torch.cat((idx, nxt), dim=1)
+        on_token(nxt[:, 0])
+    return idx
 
 
 class TextStream:
@@ -113,10 +128,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tok = run.tokenizer
+    block = run.model.config.block_size
+    crop = args.n_sink is None and len(ids) + args.max_new_tokens > block
+    if crop:
+        print(f"note: prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the context of "
+              f"{block}; each token is predicted from the last {block} (cropped, as nanoGPT), or stream with "
+              f"--n-sink 4 --window {block - 4}", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for i in range(args.num_samples):
         idx = torch.tensor([ids], device=args.device)
-        cache = None if args.sink_cache is None else run.model.make_cache(args.sink_cache, args.window)
+        cache = None if args.n_sink is None else run.model.make_cache(args.n_sink, args.window)
         stream = TextStream(tok, ids)
 
         def show(token):
@@ -124,8 +145,11 @@ def main(argv=None) -> int:
             sys.stdout.flush()
 
         sys.stdout.write(prompt)
-        run.model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, cache=cache, generator=generator, on_token=show)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if cache is None and crop:
+            generate_cropped(run.model, idx, args.max_new_tokens, block, generator, show, **sampling)
+        else:
+            run.model.generate(idx, args.max_new_tokens, cache=cache, generator=generator, on_token=show, **sampling)
         sys.stdout.write(stream.flush() + "\n")
         if i + 1 < args.num_samples:
             sys.stdout.write("-" * 40 + "\n")

@@ -5,7 +5,8 @@ nanoGPT's model. This module is the command line; it prints markdown and writes 
     python -m bench --check                       # verify fast paths against math, then time them
     python -m bench --lengths 1024 4096 --kinds softmax sigmoid
     python -m bench --suite cpu                   # CPU: sinklab vs nanoGPT, every kind (no streaming row)
-    python -m bench --skip kernels train nanogpt --streaming   # the streaming row (a random Llama, or --stream-model)
+    python -m bench --skip kernels train nanogpt --stream-model /path/to/hf_folder   # the streaming row
+    python -m bench --suite cpu --streaming       # the cpu suite with the streaming row (20+ minutes)
 
 `--check` runs every fast backend against the `math` backend (forward and gradients, relative
 error ||fast - ref|| / ||ref|| with the reference in fp32 on the same inputs) and exits non-zero
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from model import backends
+from eval import HelpFormatter
 from model.config import ATTENTION_KINDS, GATE_KINDS
 
 from .kernels import HEADS, HEAD_DIM, TOKENS, check, kernel_table
@@ -53,7 +55,7 @@ def model_names(kinds, gates) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--suite", choices=["gpu", "cpu"], default=None,
                    help="gpu: kernels + GPT-2-124M training (default with CUDA); cpu: sinklab vs nanoGPT")
     p.add_argument("--cpu-nanogpt", action="store_true", help="same as --suite cpu")
@@ -67,8 +69,8 @@ def parse_args(argv):
     p.add_argument("--skip", nargs="*", choices=["kernels", "train", "nanogpt", "streaming"], default=[],
                    help="parts to leave out")
     p.add_argument("--streaming", action="store_true",
-                   help="the streaming row in the cpu suite too (its token-by-token decoding takes minutes to tens of "
-                        "minutes there); the gpu suite and --stream-model include it unless --skip streaming")
+                   help="run the streaming row in the cpu suite too (it decodes token by token: 20+ minutes at the "
+                        "default shapes on a CPU); the gpu suite always runs it unless --skip streaming")
     p.add_argument("--stream-model", default=None,
                    help="streaming row: a transformers folder (default: a random Llama of --n-layer/--n-head/--n-embd/--vocab)")
     p.add_argument("--stream-tokens", type=int, default=4096, help="streaming row: tokens streamed (default 4096)")
@@ -114,6 +116,10 @@ def parse_args(argv):
         if v is not None and any(x <= 0 for x in (v if isinstance(v, list) else [v])):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
     gpu = args.suite == "gpu"
+    if not gpu and not (args.streaming or args.stream_model) and "streaming" not in args.skip:
+        args.skip.append("streaming")  # the cpu suite's rows take minutes; the streaming row is asked for
+        print("note: the cpu suite leaves out the streaming row (token-by-token decoding, 20+ minutes here); "
+              "add --streaming to run it", file=sys.stderr)
     defaults = dict(lengths=[1024, 4096, 8192] if gpu else [256], n_layer=12 if gpu else 4,
                     n_head=12 if gpu else 4, n_embd=768 if gpu else 256, vocab=50304 if gpu else 4096,
                     warmup=3 if gpu else 1, reps=10 if gpu else 5,

@@ -110,6 +110,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.lr_schedule != "wsd" and self.decay_fraction != TrainConfig.decay_fraction:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction} applies to lr_schedule=wsd only and would "
+                              f"be ignored with lr_schedule={self.lr_schedule}; remove it or set train.lr_schedule=wsd")
         if self.lr_schedule == "wsd" and self.warmup_steps > self.max_steps * (1 - self.decay_fraction):
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} runs into the wsd decay, which starts at step "
                               f"{self.max_steps * (1 - self.decay_fraction):g} (max_steps x (1 - decay_fraction)); "

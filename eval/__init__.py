@@ -10,6 +10,8 @@ stays light.
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import math
 import sys
@@ -61,15 +63,86 @@ def check_writable(path, flag: str = "--out") -> Path:
     return path
 
 
-def eval_dir(run_dir) -> Path:
-    """`<run>/eval/`, created on demand: every eval writes its outputs there."""
-    return make_dir(Path(run_dir) / "eval")
+def eval_dir(run_dir, tag: str | None = None) -> Path:
+    """`<run>/eval/`, or `<run>/eval/<tag>/` with --tag, created on demand: every eval writes its outputs there."""
+    return make_dir(Path(run_dir) / "eval" / (tag or ""))
+
+
+# Outputs never replace a differently configured result: each JSON records the eval's flags
+# (`flags_of`), and an eval whose output JSON holds other flags stops before any work
+# (`keep_other_result`), naming --tag, which writes under <eval dir>/<tag>/ instead.
+NOT_FLAGS = ("ckpt", "device", "tag")  # where and on what it ran, not how: never part of a result's flags
+
+
+def tag_name(text: str) -> str:
+    """argparse type of --tag: one folder name."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a folder name: letters, digits, '.', '_', '-'")
+    return text
+
+
+def add_tag_argument(ap) -> None:
+    ap.add_argument("--tag", type=tag_name, default=None,
+                    help="write the outputs under <eval dir>/TAG/ (default: <eval dir>/ itself); an eval refuses to "
+                         "replace a result made with other flags, so name differently configured evals apart")
+
+
+def flags_of(args, paths: tuple[str, ...] = ()) -> dict:
+    """The eval's options as its JSON records them (without the paths it read, the device and --tag)."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in (*NOT_FLAGS, *paths)}))
+
+
+def with_flags(data: dict, flags: dict) -> dict:
+    """A result's JSON with the flags that made it (and their definition)."""
+    defs = {**data.get("definitions", {}), "flags": "the eval's options (not the checkpoint paths, device or --tag); "
+                                                     "an eval refuses to replace a result of other flags"}
+    return {**data, "flags": flags, "definitions": defs}
+
+
+def keep_other_result(path, flags: dict) -> None:
+    """Stop (one line, exit 2) when `path` holds a result made with other flags; the same flags replace it."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text()).get("flags") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        old = None  # unreadable or not ours: nothing to compare (the write replaces it atomically)
+    if old is None or old == flags:
+        return
+    diff = [k for k in sorted(set(old) | set(flags)) if old.get(k) != flags.get(k)]
+    said = "; ".join(f"{k}: {old.get(k)!r} there, {flags.get(k)!r} now" for k in diff[:3])
+    fail(f"{path} holds a result made with other flags ({said}); pass --tag NAME to write this one under "
+         f"{path.parent}/NAME/ and keep both, or remove {path.name} to replace it")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default (the description as written): appended where the help does not
+    say it already; flags without a default (None, off) stay as written."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        d = action.default
+        return bool(action.option_strings) and d is not None and d is not False and d != argparse.SUPPRESS \
+            and not (isinstance(d, (list, tuple, str)) and len(d) == 0)
+
+    def _format_action(self, action):
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)  # a flag without help text still shows its default
+            action.help = "default: " + (" ".join(map(str, action.default)) if isinstance(action.default, (list, tuple))
+                                         else "%(default)s")
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not self._shows_default(action):
+            return text
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
 
 
 # argparse types: a bad flag is refused when the command line is parsed, before any work.
 def _number(kind, text: str, ok, what: str):
-    import argparse
-
     try:
         value = kind(text)
     except ValueError:

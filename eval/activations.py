@@ -28,7 +28,7 @@ import torch
 
 from probes.sequences import held_out_sequences
 
-from . import positive_int
+from . import HelpFormatter, positive_int
 from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 from .progress import progress
 from .result import EvalResult
@@ -137,6 +137,8 @@ class ActivationsResult(EvalResult):
     value_norms: list
     min_value_norm_ratio: float
 
+    AXES = {"max_top1": "largest |h| (mean over sequences)", "max_ratio": "max |h| / median |h|"}
+
     DEFINITIONS = {
         "layers": "one entry per block, hidden state (residual stream) after that block",
         "top_per_seq": "per sequence the 3 largest |h| over positions and channels, averaged over sequences",
@@ -204,13 +206,16 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int 
         value_norms=values, min_value_norm_ratio=min(v["first_token_value_norm_ratio"] for v in values))
 
 
+LAYER_AXIS = "layer (0-indexed, as layers.N)"
+
+
 def plot(result: ActivationsResult, path) -> None:
     """Sun et al.-style: top-1/2/3 and median |h| per layer (log scale), the first-token
     norm ratio per layer, and the first token's value norm next to the other tokens'."""
     from .plots import save, subplots
 
     layers = result.layers
-    x = list(range(1, len(layers) + 1))
+    x = list(range(len(layers)))  # 0-indexed, as the JSON's lists, layers.N and eval.sink's heatmap
     fig, axes = subplots(1, 3, width=5.5, height=3.8)
     ax = axes[0, 0]
     for r in range(len(layers[0]["top_per_seq"])):
@@ -218,7 +223,7 @@ def plot(result: ActivationsResult, path) -> None:
     ax.plot(x, [l["median_per_seq"] for l in layers], marker="o", color="gray", label="median")
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("|h|")
     ax.set_title("largest |h| per sequence, mean over sequences")
     ax.legend(fontsize=8)
@@ -226,13 +231,13 @@ def plot(result: ActivationsResult, path) -> None:
     ax.bar(x, [l["first_token_norm_ratio"] for l in layers])
     ax.axhline(1.0, color="gray", ls="--")
     ax.set_xticks(x)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_title("first-token norm / mean norm of other tokens")
     ax = axes[0, 2]
     ax.plot(x, [v["first_token_value_norm"] for v in result.value_norms], marker="o", label="first token")
     ax.plot(x, [v["other_tokens_value_norm"] for v in result.value_norms], marker="o", label="other tokens (mean)")
     ax.set_xticks(x)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("|v| per head")
     ax.set_title("value-state norm")
     ax.legend(fontsize=8)
@@ -240,7 +245,8 @@ def plot(result: ActivationsResult, path) -> None:
 
 
 def main(argv=None) -> list[ActivationsResult]:
-    ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.activations", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap)
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
     ap.add_argument("--length", type=positive_int, default=None,

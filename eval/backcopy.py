@@ -29,7 +29,8 @@ from data.loader import make_loader
 from data.prepare import prepare
 from probes.sink import importance_per_sequence, sink_rate, text_attention
 
-from . import eval_dir, fail, nonnegative_int, positive_float, positive_int, write_json
+from . import (HelpFormatter, add_tag_argument, eval_dir, fail, flags_of, keep_other_result, nonnegative_int, positive_float,
+               positive_int, with_flags, write_json)
 from .cli import check_paths, checkpoint_info, expand, load
 from .progress import progress
 from .result import PROXY_NOTE
@@ -184,7 +185,8 @@ def length_arg(text: str) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="run dirs, checkpoint dirs or globs such as 'out/<run>/checkpoints/step_*' (for dynamics)")
     ap.add_argument("--n-seqs", type=positive_int, default=N_SEQS)
@@ -192,7 +194,9 @@ def main(argv=None) -> list[dict]:
                     help='sequence length T >= 2, or "block" for the model\'s block size')
     ap.add_argument("--eps", type=positive_float, default=0.3)
     ap.add_argument("--device", default=None)
+    add_tag_argument(ap)
     args = ap.parse_args(argv)
+    flags = flags_of(args)
     paths = expand(args.ckpt)
     for path in paths:
         if path.startswith("hf:"):
@@ -209,10 +213,12 @@ def main(argv=None) -> list[dict]:
             x, trigger_ids = held_out_rows(run, args.n_seqs, T)
         except ValueError as e:
             fail(f"{path}: {e}")
-        result = evaluate(model, x, trigger_ids, eps=args.eps)
         info = checkpoint_info(run)
+        target = eval_dir(run.run_dir, args.tag) / f"backcopy_step_{info['step']}.json"
+        keep_other_result(target, flags)
+        result = evaluate(model, x, trigger_ids, eps=args.eps)
         result.update(checkpoint=info, step=info["step"])
-        out = write_json(eval_dir(run.run_dir) / f"backcopy_step_{info['step']}.json", result)
+        out = write_json(target, with_flags(result, flags))
         print(f"{run.run_dir.name} step {info['step']}: Sink_1^{args.eps} {result['sink_1']:.1f}% "
               f"(raw {result['sink_1_raw']:.1f}%)  BOS attention: non-trigger "
               f"{result['bos_attention_non_trigger_mean']:.3f} (raw {result['bos_attention_non_trigger_raw_mean']:.3f}), "

@@ -22,7 +22,8 @@ from data.prepare import prepare
 
 from util import DTYPES, pick_device
 
-from . import fail, make_dir, write_json, write_text
+from . import (add_tag_argument, fail, flags_of, keep_other_result, make_dir, with_flags, write_json,
+               write_text)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,7 @@ def add_lm_arguments(ap, data: bool = True) -> None:
         ap.add_argument("--data", default=None, help="text source for the held-out tokens (default: the run's own data)")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: as saved, fp32)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_tag_argument(ap)
 
 
 def expand(patterns) -> list[str]:
@@ -87,9 +89,10 @@ def load(path: str, args, task: str = "lm"):
 
 def vanished(path) -> None:
     """A checkpoint that was there when the flags were checked and is gone now: pruned by a training
-    run that keeps its last few (train.keep_last), or moved."""
-    fail(f"{path} disappeared while the eval ran (a training run pruning old checkpoints, train.keep_last?); "
-         "evaluate a checkpoint the run keeps, or the run dir, whose newest checkpoint is never pruned")
+    run that keeps its last few (train.keep_last), or moved. A run dir never ends here: load_run
+    follows it to the newest checkpoint again when the one it resolved is pruned."""
+    fail(f"{path} disappeared before the eval could read it (pruned by a training run with train.keep_last, or "
+         "moved); evaluate the run dir, which follows its newest checkpoint, or a copy of this checkpoint")
 
 
 def bos_id(run) -> int | None:
@@ -116,14 +119,10 @@ def git_commit() -> str | None:
 
 
 def checkpoint_info(run) -> dict:
-    """Path, step and tokens seen (from trainer_state.json) of the loaded checkpoint, the git commit, and
+    """Path, step and tokens seen (from trainer_state.json, as loaded) of the loaded checkpoint, the git commit, and
     the weights' quantisation (a GGUF import's, eval/result.py CHECKPOINT_DEFINITION); an import also
     names its hf: ref and model_type."""
-    state_file = Path(run.checkpoint) / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    except (OSError, ValueError):  # pruned or replaced between is_file and the read
-        vanished(run.checkpoint)
+    state = run.trainer_state or {}  # read when the checkpoint was loaded: it may be pruned by now
     hf = run.config.get("hf")
     info = {"path": str(run.checkpoint), "step": state.get("step"), "tokens": state.get("tokens"),
             "quantization": (hf or {}).get("quantization"), "git_commit": git_commit()}
@@ -132,14 +131,15 @@ def checkpoint_info(run) -> dict:
     return info
 
 
-def output_dir(run, requested: str) -> Path:
-    """`<run>/eval/` for a run dir, `<run>/eval/<checkpoint name>/` for one checkpoint of it."""
+def output_dir(run, requested: str, tag: str | None = None) -> Path:
+    """`<run>/eval/` for a run dir, `<run>/eval/<checkpoint name>/` for one checkpoint of it; with --tag,
+    `<tag>/` below that."""
     req = Path(requested)
     whole_run = (req / "checkpoints").is_dir() or (req / "latest").exists() or requested.startswith("hf:")
     path = Path(run.run_dir) / "eval"
     if not whole_run:
         path = path / Path(run.checkpoint).name
-    return make_dir(path)
+    return make_dir(path / (tag or ""))
 
 
 def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...], task: str = "lm") -> list:
@@ -148,6 +148,7 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
     checkpoints also get `<name>_over_steps` with the `headline` fields per step."""
     paths = expand(args.ckpt)
     check_paths(paths)
+    flags, tag = flags_of(args), getattr(args, "tag", None)
     done = []
     for p in paths:
         run = load(p, args, task)
@@ -156,22 +157,23 @@ def for_each_checkpoint(args, name: str, evaluate_one, headline: tuple[str, ...]
                 run.val_tokens()  # the held-out data is there (its source may have moved) before anything is written
             except ValueError as e:
                 fail(str(e))
-        out = output_dir(run, p)
+        out = output_dir(run, p, tag)
+        keep_other_result(out / f"{name}.json", flags)
         try:
             result = evaluate_one(run, out)
         except ValueError as e:  # no held-out data (the source moved), too few tokens for the flags
             fail(str(e))
         result.checkpoint = checkpoint_info(run)
-        write_json(out / f"{name}.json", result.to_json())
+        write_json(out / f"{name}.json", with_flags(result.to_json(), flags))
         print(f"-> {out / (name + '.json')}")
         done.append((Path(run.run_dir), result))  # not the run: one model in memory at a time
         del run
     if len(done) > 1:
-        over_steps(done, name, headline)
+        over_steps(done, name, headline, tag)
     return [r for _, r in done]
 
 
-def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
+def over_steps(done, name: str, headline: tuple[str, ...], tag: str | None = None) -> Path:
     """One table (JSON + markdown) and one plot of the `headline` fields against the step, in
     the first run's eval dir; `done` is [(run dir, result)]."""
     from .plots import save, subplots
@@ -179,7 +181,7 @@ def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
     rows = sorted(({"step": r.checkpoint["step"], "tokens": r.checkpoint["tokens"], "checkpoint": r.checkpoint["path"],
                     **{k: getattr(r, k) for k in headline}} for _, r in done),
                   key=lambda row: (row["step"] is None, row["step"] or 0))
-    out = make_dir(done[0][0] / "eval")
+    out = make_dir(done[0][0] / "eval" / (tag or ""))
     defs = done[0][1].definitions()
     write_json(out / f"{name}_over_steps.json", {"rows": rows, "definitions": {k: defs.get(k, "") for k in headline}})
     lines = ["| step | tokens | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]
@@ -191,7 +193,10 @@ def over_steps(done, name: str, headline: tuple[str, ...]) -> Path:
         pts = [(row["step"], row[key]) for row in rows if row["step"] is not None and row[key] is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o")
+            if min(v for _, v in pts) >= 0:
+                ax.set_ylim(bottom=0)  # rates, %, ppl: never a negative axis (a constant 0 would get one)
         ax.set_xlabel("training step")
+        ax.set_ylabel(done[0][1].AXES.get(key, key))
         ax.set_title(key)
     save(fig, out / f"{name}_over_steps.png")
     print(f"-> {out / (name + '_over_steps.md')}")

@@ -441,12 +441,13 @@ def main_boxed(args) -> dict:
 def main(argv=None) -> dict:
     from data.boxes import is_boxed
 
-    from . import fail, write_json
+    from . import HelpFormatter, fail, write_json
     from .cli import checkpoint_info
     from .result import CHECKPOINT_DEFINITION
     from .vit_images import add_image_args, load_for_vit_eval
 
-    ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_image_args(ap)
     add_box_args(ap)
     ap.add_argument("--denoiser", default=None, help="a folder written by python -m fixes.vit_denoise: score the "

@@ -28,7 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from data.tokenizer import EOT
 
-from . import fail, make_dir, nonnegative_int, positive_int, write_json
+from . import HelpFormatter, fail, make_dir, nonnegative_int, positive_int, write_json
 from .cli import add_lm_arguments, bos_id, check_paths, checkpoint_info, expand, load, output_dir
 from .progress import progress
 from .result import CHECKPOINT_DEFINITION
@@ -213,11 +213,11 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
-def output_path(requested: str | None, run, path: str, several: bool) -> Path:
+def output_path(requested: str | None, run, path: str, several: bool, tag: str | None = None) -> Path:
     """harness.json where every eval writes, or under --output-path: a .json file (one checkpoint)
     or a folder (harness.json, or harness_<run>_<checkpoint>.json with several checkpoints)."""
     if requested is None:
-        return output_dir(run, path) / "harness.json"
+        return output_dir(run, path, tag) / "harness.json"
     req = Path(requested)
     if req.suffix == ".json":
         return make_dir(req.parent) / req.name
@@ -226,7 +226,8 @@ def output_path(requested: str | None, run, path: str, several: bool) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap, data=False)  # the tasks bring their own data
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     ap.add_argument("--num-fewshot", type=nonnegative_int, default=None)
@@ -268,7 +269,7 @@ def main(argv=None) -> list[dict]:
             "samples": "with --log-samples: every request lm-eval made and the model's response, per task",
             "checkpoint": CHECKPOINT_DEFINITION,
         }}
-        out = output_path(args.output_path, run, path, len(paths) > 1)
+        out = output_path(args.output_path, run, path, len(paths) > 1, args.tag)
         write_json(out, result)
         for task, metrics in result["results"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

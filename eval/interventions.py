@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from probes.sequences import held_out_sequences
 
-from . import fail, positive_int, streaming
+from . import HelpFormatter, fail, positive_int, streaming
 from .activations import MASSIVE_ABS, MASSIVE_REL
 from .cli import add_lm_arguments, bos_id, for_each_checkpoint
 from .result import EvalResult
@@ -267,7 +267,8 @@ class InterventionsResult(EvalResult):
 
 
 def main(argv=None) -> list[InterventionsResult]:
-    ap = argparse.ArgumentParser(prog="python -m eval.interventions", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.interventions", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap)
     ap.add_argument("--run", nargs="+", choices=INTERVENTIONS, default=list(INTERVENTIONS), help="which interventions")
     ap.add_argument("--sink-text", default="\n", help="sink content: the text of one replacement token (default newline)")

@@ -17,8 +17,10 @@ def subplots(nrows: int = 1, ncols: int = 1, width: float = 6.0, height: float =
 
 def save(fig, path) -> Path:
     """Save to a temp file in the same folder, then rename: a kill mid-write leaves the old plot."""
+    from util import temp_beside
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_beside(path)  # unique: two evals saving one plot never collide
     fig.tight_layout()
     try:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")

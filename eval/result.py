@@ -13,6 +13,7 @@ from typing import ClassVar
 @dataclass
 class EvalResult:
     DEFINITIONS: ClassVar[dict] = {}
+    AXES: ClassVar[dict] = {}  # headline field -> its axis label with the unit (the over-steps plot)
     checkpoint: dict | None = field(default=None, kw_only=True)
 
     def to_json(self) -> dict:

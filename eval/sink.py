@@ -32,7 +32,7 @@ from probes.sink import (MAX_K, TRACKED, first_token_attention, importance_per_s
                          text_attention)
 from trainer.metrics import read_rows
 
-from . import eval_dir, fail, positive_float, positive_int, write_json
+from . import HelpFormatter, add_tag_argument, eval_dir, fail, positive_float, positive_int, write_json
 from .cli import add_lm_arguments, bos_id, expand, for_each_checkpoint
 from .progress import progress
 from .backcopy import held_out_rows
@@ -141,6 +141,8 @@ class SinkResult(EvalResult):
     attention: dict
     by_length: dict
     notes: str = PROXY_NOTE
+    AXES = {"sink_1": "Sink_1^0.3 at headline_T (% of heads)", "sink_any": "Sink^0.3 at any position (% of heads)",
+            "f_attn": "F-Attn at headline_T (weight on token 1)"}
 
     def definitions(self) -> dict:
         k = self.k
@@ -267,11 +269,18 @@ def emergence(run_dir) -> dict:
     return curves
 
 
+def probe_lengths(run_dir) -> list[int]:
+    """The sequence lengths the training probe measured at (its rows' probe_T; none in older runs)."""
+    from pathlib import Path
+
+    return sorted({int(r["probe_T"]) for r in read_rows(Path(run_dir) / "metrics.jsonl") if r.get("probe_T")})
+
+
 EMERGENCE_AXES = {"sink_1": "Sink_1^0.3 (%)", "f_attn": "F-Attn (mean weight on the first token)",
                   "max_h_ratio": "max |h| / median |h|"}
 
 
-def plot_emergence(curves: dict, path, run_name: str = "") -> None:
+def plot_emergence(curves: dict, path, run_name: str = "", probe_T: list[int] | None = None) -> None:
     """One panel per tracked quantity over the training step; Sink_1 in % from 0 to 100, F-Attn from
     0, the |h| ratio on a log axis only when it spans more than two decades."""
     from .plots import save, subplots
@@ -282,7 +291,7 @@ def plot_emergence(curves: dict, path, run_name: str = "") -> None:
             ax.plot(*zip(*curves[key]), marker=".")
         ax.set_xlabel("training step")
         ax.set_ylabel(EMERGENCE_AXES[key])
-        ax.set_title(key)
+        ax.set_title(key + (f" (training probe, T={', '.join(map(str, probe_T))})" if probe_T else ""))
     axes[0, 0].set_ylim(0, 100)
     axes[0, 1].set_ylim(bottom=0)
     ratios = [v for _, v in curves["max_h_ratio"] if v > 0 and v != float("inf")]
@@ -314,8 +323,8 @@ def plot_heatmap(result: SinkResult, path) -> None:
         ax.set_title(f"alpha_{k}, T={p['T']}: Sink_{k}^{result.eps} = {p[f'sink_{k}']:.1f}%")
         ax.set_xticks(range(H))
         ax.set_yticks(range(L))
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
+        ax.set_xlabel("head (0-indexed)")
+        ax.set_ylabel("layer (0-indexed, as layers.N)")
         fig.colorbar(im, ax=ax)
     ax = axes[0, -1]
     for p in panels:
@@ -339,7 +348,7 @@ def main(argv=None) -> list[SinkResult]:
     if any(a == "--run" or a.startswith("--run=") for a in argv):  # the emergence curve from the rows logged in training
         return main_emergence(argv)
     ap = argparse.ArgumentParser(prog="python -m eval.sink", description=__doc__.split("\n\n")[0],
-                                 epilog="python -m eval.sink --run RUN plots the sink rows logged during training "
+                                 formatter_class=HelpFormatter, epilog="python -m eval.sink --run RUN plots the sink rows logged during training "
                                         "(the emergence curve) to RUN/eval/sink_emergence.png")
     add_lm_arguments(ap)
     ap.add_argument("--eps", type=positive_float, default=0.3)
@@ -389,6 +398,7 @@ def main_emergence(argv) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m eval.sink --run", description="Sink_1, F-Attn and max |h| ratio "
                                  "logged during training (metrics.jsonl), plotted over steps")
     ap.add_argument("--run", nargs="+", required=True, help="run directories (or globs) with metrics.jsonl")
+    add_tag_argument(ap)
     args = ap.parse_args(argv)
     runs = expand(args.run)
     for run in runs:  # every run is checked before anything is written
@@ -403,14 +413,17 @@ def main_emergence(argv) -> list[dict]:
             fail(f"{metrics}: {e}")
         if not any(curves.values()):
             fail(f"{metrics} has no rows with {', '.join(TRACKED)}; they are logged when training tracks sinks")
-        out = eval_dir(run)
+        out = eval_dir(run, args.tag)
         result = {"run": str(run), "curves": {k: [list(p) for p in v] for k, v in curves.items()},
-                  "definitions": {"sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (probes.sink.measure)",
+                  "probe_T": probe_lengths(run),
+                  "definitions": {"probe_T": "the sequence lengths the training probe measured at (block_size); "
+                                             "eval.sink's sink_1 / f_attn headline is at T=64, so they differ",
+                                  "sink_1": "Gu et al. Sink_1^0.3 in %, per sequence then averaged (probes.sink.measure)",
                                   "f_attn": "Qiu et al. F-Attn: mean attention on the first token",
                                   "max_h_ratio": "largest over layers of max |h| / median |h| of the residual stream",
                                   "curves": "per key, [step, value] rows from metrics.jsonl"}}
         write_json(out / "sink_emergence.json", result)
-        plot_emergence(curves, out / "sink_emergence.png", Path(run).resolve().name)
+        plot_emergence(curves, out / "sink_emergence.png", Path(run).resolve().name, result["probe_T"])
         print(f"-> {out / 'sink_emergence.png'}")
         results.append(result)
     return results

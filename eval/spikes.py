@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import eval_dir, fail, positive_float, positive_int, write_json
+from . import (HelpFormatter, add_tag_argument, eval_dir, fail, flags_of, keep_other_result, positive_float, positive_int, with_flags,
+               write_json)
 from .result import EvalResult
 
 METRICS = ("loss", "grad_norm")
@@ -219,18 +220,22 @@ def metrics_info(run_dir) -> dict:
 def main(argv=None) -> list[SpikesResult]:
     from .cli import expand
 
-    ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.spikes", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--run", "--ckpt", dest="run", nargs="+", required=True,
                     help="run directories (or globs such as 'out/ablate/*') with metrics.jsonl")
     ap.add_argument("--window", type=positive_int, default=128, help="128 = OLMo-core, 1000 = OLMo 2")
     ap.add_argument("--k", type=positive_float, default=6.0, help="6 = OLMo-core, 7 = OLMo 2")
     ap.add_argument("--two-sided", action="store_true", help="OLMo 2's rule: |value - mean| >= k std")
+    add_tag_argument(ap)
     args = ap.parse_args(argv)
+    flags = flags_of(args, paths=("run",))
 
     runs = [Path(r) for r in expand(args.run)]
     for run_dir in runs:  # every run is checked before anything is written
         if not (run_dir / "metrics.jsonl").exists():
             fail(f"{run_dir / 'metrics.jsonl'} not found: --run must be a training run directory")
+        keep_other_result(run_dir / "eval" / (args.tag or "") / "spikes.json", flags)
     results = []
     for run_dir in runs:
         try:
@@ -238,8 +243,8 @@ def main(argv=None) -> list[SpikesResult]:
             result.checkpoint = metrics_info(run_dir)
         except (OSError, ValueError) as e:
             fail(str(e))
-        out = eval_dir(run_dir)
-        write_json(out / "spikes.json", result.to_json())
+        out = eval_dir(run_dir, args.tag)
+        write_json(out / "spikes.json", with_flags(result.to_json(), flags))
         plot(result._series, result.metrics, out / "spikes.png")
         for m, r in result.metrics.items():
             score = "n/a" if r["spike_score"] is None else f"{r['spike_score']:.3f}%"

@@ -12,7 +12,10 @@ token is recorded. Modes, all at the same total cache of S+W tokens:
 * `recompute` sliding window with recomputation, the quality reference: each token is predicted
               by a fresh forward over as many recent tokens as a streaming query sees, placed
               at positions 0..n-1. Windows are batched; `--recompute-stride k` scores every k-th
-              position only.
+              position only. The default, auto, picks k for about 1,000 windows (k = 20 at the
+              default 20,000 tokens), so the default run takes minutes on a CPU rather than half
+              an hour; every mode's JSON then also has its ppl on the positions recompute scored.
+              `--recompute-stride 1` scores every position.
 
 Order (`--order`): the reference feeds a token with the cache as it is and trims the cache to
 S+W after the forward, so each query sees S+W+1 keys (`reference`, the default). `evict-first`
@@ -26,12 +29,18 @@ whole text (one mode, `recurrent`), fed in chunks (one token at a time with --ex
 defaults to the largest window whose queries stay inside the trained context: block_size - S - 1
 (reference order) or block_size - S (evict-first); a larger one needs --beyond-context.
 
+Each mode is printed as it finishes, and while others remain the finished ones are saved to
+`streaming.partial.json` (marked `partial`), so Ctrl-C keeps them; the whole result replaces it.
+The parallel form and --exact-decode agree up to float rounding: 1e-5 nats of mean NLL in fp32,
+5e-3 in bf16 / fp16 (up to 3.3e-3 measured); the JSON states it as `parallel_tolerance_nats`.
+
     python -m eval.streaming --ckpt out/<run> [--n-sink 4] [--window W] [--tokens 20000] [--bos]
 """
 from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -39,12 +48,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fail, nonnegative_int, positive_int
-from .cli import add_lm_arguments, bos_id, for_each_checkpoint
+from . import HelpFormatter, fail, flags_of, keep_other_result, nonnegative_int, positive_int, with_flags, write_json
+from .cli import add_lm_arguments, bos_id, checkpoint_info, for_each_checkpoint
 from .progress import progress
 from .result import EvalResult
 
 MODES = ("window", "sinks", "recompute")
+# How far the parallel form's mean NLL may sit from --exact-decode's, per weights dtype: float rounding
+# only (the two sum the same terms in another order). Measured: fp32 1.4e-6 nats at most over 324
+# cases; bf16 / fp16 up to 3.3e-3. A ppl difference inside exp(tolerance) is no result.
+PARALLEL_TOLERANCE = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 5e-3, "float16": 5e-3}
+RECOMPUTE_WINDOWS = 1000  # --recompute-stride auto: about this many recomputed windows
 ORDERS = ("reference", "evict-first")
 
 
@@ -186,7 +200,11 @@ class StreamingResult(EvalResult):
     notes: str | None = None
     text: str | None = None
     process_peak_rss_mb: float | None = None
+    dtype: str | None = None
+    parallel_tolerance_nats: float | None = None
     _curves: dict = field(default_factory=dict, repr=False)  # mode -> per-token NLL array
+
+    AXES = {"ppl_window": "window-only perplexity", "ppl_sinks": "sinks perplexity"}
 
     DEFINITIONS = {
         "ppl": "exp(mean NLL of each next token) over the scored positions",
@@ -212,6 +230,13 @@ class StreamingResult(EvalResult):
                            f"log-spaced past {LOG_SCALE_FROM}x keys_per_query predictions; at most {MAX_BINS} bins); "
                            "minus_baseline: each mode's NLL minus the baseline's (recompute when run, else sinks) "
                            "on the positions the baseline scored",
+        "dtype": "the weights' dtype the modes ran in",
+        "parallel_tolerance_nats": "how far the parallel form's mean NLL may differ from --exact-decode's at this "
+                                   "dtype (float rounding: 1e-5 nats in fp32, 5e-3 in bf16 / fp16, where up to "
+                                   "3.3e-3 was measured); ppl ratios inside exp(this) between modes or runs are noise",
+        "recompute_stride": "recompute scores every k-th prediction (the first keys_per_query all); the CLI's "
+                            f"default (auto) picks k for about {RECOMPUTE_WINDOWS} windows, 1 scores every one",
+        "partial": "only in <name>.partial.json: the modes finished before the eval stopped, of those asked for",
         "ppl_window": "ppl of the window mode (null when not run)",
         "ppl_sinks": "ppl of the sinks mode (null when not run)",
     }
@@ -232,10 +257,12 @@ def default_window(block_size: int, n_sink: int, order: str = "reference") -> in
 
 def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = None, modes=MODES,
              recompute_stride: int = 1, batch_size: int = 16, order: str = "reference",
-             bos_id: int | None = None, exact_decode: bool = False, chunk: int = 256) -> StreamingResult:
+             bos_id: int | None = None, exact_decode: bool = False, chunk: int = 256,
+             on_mode=None) -> StreamingResult:
     """Run each mode over `tokens` (1-D ids, BOS prepended when `bos_id` is given); the
     per-token NLL curves are in `result._curves`. window and sinks run in the parallel form,
-    `chunk` queries per forward, unless `exact_decode`."""
+    `chunk` queries per forward, unless `exact_decode`. `on_mode(result so far, mode)` is called
+    as each mode finishes (the CLI prints and saves it there, so an interrupt keeps it)."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
     cfg = model.config
@@ -249,6 +276,7 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
     step = 1 if exact_decode else chunk
     if cfg.attention == "linear":
         modes = ("recurrent",)
+    result_of = _result(model, tokens, n_sink, window, order, keys, bos_id, recompute_stride, exact_decode, chunk)
     results, curves = {}, {}
     for mode in modes:
         if device.type == "cuda":
@@ -274,19 +302,32 @@ def evaluate(model, tokens: torch.Tensor, n_sink: int = 4, window: int | None = 
         if device.type == "cuda":
             results[mode]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         curves[mode] = res["nll"]
-    if "recompute" in curves and recompute_stride > 1:  # every mode on the positions recompute scored
-        scored = np.isfinite(curves["recompute"])
-        for mode, nll in curves.items():
-            results[mode]["ppl_on_recompute_positions"] = float(np.exp(nll[scored].mean()))
+        if on_mode is not None:
+            on_mode(result_of(dict(results), dict(curves)), mode)
+    return result_of(results, curves)
+
+
+def _result(model, tokens, n_sink, window, order, keys, bos_id, recompute_stride, exact_decode, chunk):
+    """Builds the StreamingResult of the modes run so far: `(results, curves) -> StreamingResult`."""
+    cfg = model.config
     n = int(tokens.shape[0]) - 1
-    return StreamingResult(
-        n_tokens=n + 1, n_predictions=n, n_sink=n_sink, window=window,
-        order=order, keys_per_query=keys, first_eviction=keys, bos_first=bos_id is not None,
-        block_size=cfg.block_size, recompute_stride=recompute_stride,
-        attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
-        modes=results, nll_by_position=binned_nll(curves, n, keys), chunk=None if exact_decode else chunk,
-        _curves=curves,
-        notes="linear attention runs its exact recurrent state: no eviction, one mode" if cfg.attention == "linear" else None)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def result_of(results: dict, curves: dict) -> StreamingResult:
+        if "recompute" in curves and recompute_stride > 1:  # every mode on the positions recompute scored
+            scored = np.isfinite(curves["recompute"])
+            for mode, nll in curves.items():
+                results[mode]["ppl_on_recompute_positions"] = float(np.exp(nll[scored].mean()))
+        return StreamingResult(
+            n_tokens=n + 1, n_predictions=n, n_sink=n_sink, window=window,
+            order=order, keys_per_query=keys, first_eviction=keys, bos_first=bos_id is not None,
+            block_size=cfg.block_size, recompute_stride=recompute_stride,
+            attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
+            modes=results, nll_by_position=binned_nll(curves, n, keys), chunk=None if exact_decode else chunk,
+            _curves=curves, dtype=dtype, parallel_tolerance_nats=PARALLEL_TOLERANCE[dtype],
+            notes="linear attention runs its exact recurrent state: no eviction, one mode" if cfg.attention == "linear" else None)
+
+    return result_of
 
 
 def plot(result: StreamingResult, path) -> None:
@@ -342,8 +383,18 @@ def long_stream(val, n_tokens: int, keys_per_query: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(tokens.astype(np.int64)), text
 
 
+def stride_arg(text: str) -> str | int:
+    return text if text == "auto" else positive_int(text)
+
+
+def auto_stride(n_predictions: int, keys: int) -> int:
+    """The recompute stride for about RECOMPUTE_WINDOWS windows past the first `keys` predictions."""
+    return max(1, -(-(n_predictions - keys) // RECOMPUTE_WINDOWS))
+
+
 def main(argv=None) -> list[StreamingResult]:
-    ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.streaming", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap)
     ap.add_argument("--n-sink", type=nonnegative_int, default=4, help="S: first tokens kept (sinks mode)")
     ap.add_argument("--window", type=positive_int, default=None,
@@ -360,7 +411,9 @@ def main(argv=None) -> list[StreamingResult]:
     ap.add_argument("--exact-decode", action="store_true",
                     help="window / sinks token by token (the reference) instead of the exact parallel form")
     ap.add_argument("--chunk", type=positive_int, default=256, help="queries per forward in the parallel form")
-    ap.add_argument("--recompute-stride", type=positive_int, default=1, help="score every k-th position in recompute")
+    ap.add_argument("--recompute-stride", type=stride_arg, default="auto",
+                    help=f"score every k-th position in recompute; auto (the default): k for about {RECOMPUTE_WINDOWS} windows "
+                         "(20 at the default --tokens), so the default run takes minutes on a CPU; 1: every position")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward in recompute")
     args = ap.parse_args(argv)
 
@@ -389,14 +442,43 @@ def main(argv=None) -> list[StreamingResult]:
         if len(val) < 2:
             fail(f"the held-out split of {run.run_dir} has {len(val)} tokens; nothing to stream")
         tokens, text = long_stream(val, args.tokens, keys)
-        result = evaluate(run.model, tokens, args.n_sink, window, args.modes, args.recompute_stride, args.batch_size,
-                          args.order, bos, args.exact_decode, args.chunk)
+        stride = args.recompute_stride
+        if stride == "auto":
+            stride = auto_stride(len(tokens) - 1 + (bos is not None), keys)
+            if "recompute" in args.modes and stride > 1 and not linear:
+                print(f"recompute scores one prediction in {stride} (--recompute-stride auto); "
+                      "--recompute-stride 1 scores all of them, about that many times slower", flush=True)
+        partial, wrote = out / "streaming.partial.json", []
+        keep_other_result(partial, flags_of(args))  # an interrupted run's modes, made with other flags
+
+        def finished(result, mode):
+            """Print the mode and save what has finished, so an interrupt keeps it."""
+            r = result.modes[mode]
+            print(f"{mode:>10} [{r['cache']}, {r['method']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
+                  f"peak cache {r['cache_tokens_peak']} tokens", flush=True)
+            if len(result.modes) < len(modes):
+                result.text, result.checkpoint = text, checkpoint_info(run)
+                write_json(partial, with_flags({**result.to_json(), "partial": {"modes_done": list(result.modes),
+                                                                                "modes_asked": list(modes)}},
+                                               flags_of(args)))
+                wrote.append(partial)
+
+        modes = ("recurrent",) if linear else tuple(args.modes)
+        try:
+            result = evaluate(run.model, tokens, args.n_sink, window, args.modes, stride, args.batch_size,
+                              args.order, bos, args.exact_decode, args.chunk, on_mode=finished)
+        except KeyboardInterrupt:
+            kept = f"the finished modes are in {partial}" if partial.is_file() else "no mode had finished"
+            print(f"interrupted: {kept}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         result.text = text
         result.process_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if not args.exact_decode and not linear and {"window", "sinks"} & set(result.modes):
+            print(f"the parallel form is within {result.parallel_tolerance_nats:g} nats of mean NLL of --exact-decode "
+                  f"in {result.dtype} (float rounding); smaller ppl differences are noise", flush=True)
         plot(result, out / "streaming.png")
-        for mode, r in result.modes.items():
-            print(f"{mode:>10} [{r['cache']}, {r['method']}]: ppl {r['ppl']:.3f}  {r['tokens_per_s']:.0f} tok/s  "
-                  f"peak cache {r['cache_tokens_peak']} tokens")
+        for p in wrote[-1:]:  # this run's own partial file: the whole result follows
+            p.unlink(missing_ok=True)
         return result
 
     return for_each_checkpoint(args, "streaming", one, headline=("ppl_window", "ppl_sinks"))

@@ -421,10 +421,11 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
 
 
 def main(argv=None) -> list[dict]:
-    from . import fail, nonnegative_float, positive_int
+    from . import HelpFormatter, add_tag_argument, fail, nonnegative_float, positive_int
     from .cli import check_paths, expand
 
-    ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.vit_artifacts", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", nargs="+", required=True,
                     help="ViT run dirs, checkpoint dirs or globs, e.g. out/vit_digits or 'out/vit/*', or hf:<id or "
                     "folder> of a pretrained Dinov2 / Dinov2 with registers / ViT / CLIP vision model")
@@ -437,6 +438,7 @@ def main(argv=None) -> list[dict]:
                     f"(default: mean + {SIGMAS:g} std of each layer's patch norms)")
     ap.add_argument("--n-images", type=positive_int, default=None, help="held-out images to use (default: all)")
     ap.add_argument("--n-maps", type=positive_int, default=4, help="images to draw attention maps for")
+    add_tag_argument(ap)
     ap.add_argument("--test-time-register", action="store_true", help="also run the test-time register intervention")
     ap.add_argument("--ttr-layer", type=int, default=None, help="search MLP units in blocks 0..L (default: all)")
     ap.add_argument("--ttr-detect-layer", type=int, default=-1,
@@ -466,7 +468,7 @@ def main(argv=None) -> list[dict]:
 
 def evaluate_checkpoint(path: str, args) -> dict:
     """The CLI's work on one ViT checkpoint: analyse, plot, write vit_artifacts.json."""
-    from . import write_json
+    from . import flags_of, keep_other_result, with_flags, write_json
     from .cli import checkpoint_info, load, output_dir
     from .result import CHECKPOINT_DEFINITION
     from .vit_images import model_images
@@ -476,6 +478,8 @@ def evaluate_checkpoint(path: str, args) -> dict:
         raise ValueError(f"{path} is a language-model run; vit_artifacts needs a ViT run (task: vit)")
     model = run.model.eval()
     images, _, classifies = model_images(run, model, args.data, args.n_images)
+    out = output_dir(run, path, args.tag)
+    keep_other_result(out / "vit_artifacts.json", flags_of(args))  # before the analysis, as every eval
     x, n = images.val_x, len(images.val_x)
     y = images.val_y if classifies else None  # an import's head does not predict these labels
     dense_data = None
@@ -486,7 +490,6 @@ def evaluate_checkpoint(path: str, args) -> dict:
                      args.ttr_top_k if args.test_time_register else None, args.batch_size,
                      args.fixed_threshold, args.ttr_rule, args.ttr_detect_layer, dense_data)
     c = model.config
-    out = output_dir(run, path)
     result["checkpoint"] = checkpoint_info(run)
     result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
     hidden, attn = result.pop("_hidden"), result.pop("_attn")
@@ -496,7 +499,7 @@ def evaluate_checkpoint(path: str, args) -> dict:
     plot_attention_maps(shown.view_as(x), attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
     if "test_time_register" in result:
         plot_ttr(result["layers"], result["test_time_register"]["layers_with"], out / "vit_ttr.png")
-    write_json(out / "vit_artifacts.json", result)
+    write_json(out / "vit_artifacts.json", with_flags(result, flags_of(args)))
     fr = ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in result["layers"])
     acc = "n/a (no class head for these labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
     print(f"accuracy {acc} on {n} held-out images; outlier % per block: {fr}")

@@ -98,7 +98,8 @@ def make_student(teacher, n_registers: int, seed: int = 0):
 
     c = teacher.config
     cfg = dataclasses.replace(c, n_registers=c.n_registers + n_registers, block_size=0,
-                              sigmoid_bias=c.resolved_sigmoid_bias)  # the bias must not follow the token count
+                              # a sigmoid's bias must not follow the token count (other kinds have none)
+                              sigmoid_bias=c.resolved_sigmoid_bias if c.attention == "sigmoid" else None)
     student = ViT(cfg)
     state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
     new = torch.randn(1, n_registers, c.n_embd, generator=torch.Generator().manual_seed(seed)) / math.sqrt(c.n_embd)

@@ -121,6 +121,7 @@ class AttentionConfig:
         if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
             raise ValueError("model.rope_scaling=llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
                              f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
+        self.refuse_ignored()
         if self.n_kv_head is not None and self.n_kv_head <= 0:
             raise ValueError(f"model.n_kv_head must be null (= n_head) or a positive integer, got {self.n_kv_head}")
         if not math.isfinite(self.sink_logit_init):
@@ -129,6 +130,21 @@ class AttentionConfig:
             raise ValueError(f"model.rope_theta and model.norm_eps must be > 0, got {self.rope_theta}, {self.norm_eps}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
+
+
+    def refuse_ignored(self) -> None:
+        """A field that the chosen variant never reads, set away from its default, would train as if unset:
+        refused. Defaults always pass, so every saved config.yaml (which lists them all) still loads."""
+        defaults = AttentionConfig()
+        ignored = {"sigmoid_bias": ("attention=sigmoid", self.attention != "sigmoid"),
+                   "rope_scaling_factor": ("rope_scaling=linear or llama3", self.rope_scaling == "none"),
+                   **{name: ("rope_scaling=llama3", self.rope_scaling != "llama3")
+                      for name in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")}}
+        for name, (needs, unused) in ignored.items():
+            if unused and getattr(self, name) != getattr(defaults, name):
+                raise ValueError(f"model.{name}={getattr(self, name)} applies to {needs} only and would be ignored "
+                                 f"here (attention={self.attention}, rope_scaling={self.rope_scaling}); remove it "
+                                 f"or set it back to {getattr(defaults, name)}")
 
 
 def check_mlp_and_init(cfg) -> None:

@@ -104,7 +104,7 @@ class GPT(nn.Module):
                 raise ValueError(
                     f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                     f"context of {self.config.block_size}; shorten them or use a sink cache "
-                    "(sample.py --sink-cache S --window W)")
+                    "(sample.py --n-sink S --window W)")
             cache = self.make_cache()
         logits = self._prefill(idx, cache)
         out = [idx]

@@ -84,7 +84,9 @@ def measure(model, sequences, eps: float = 0.3) -> dict:
     """The in-training tracker: one forward of `sequences` (B, T) with attention and hidden states.
 
     Returns {"sink_1": Gu et al.'s per-sequence Sink_1 in %, "f_attn": Qiu et al.'s F-Attn,
-    "max_h_ratio": largest over layers of max |h| / median |h| of the residual stream}. The
+    "max_h_ratio": largest over layers of max |h| / median |h| of the residual stream, "probe_T": the
+    sequence length they were measured at (block_size: both depend on T, so eval.sink's T=64
+    headline differs from them)}. The
     caller logs these as a metrics.jsonl row; `python -m eval.sink --run RUN` plots them.
     """
     was_training = model.training
@@ -100,4 +102,5 @@ def measure(model, sequences, eps: float = 0.3) -> dict:
         median = h.median()
         ratios.append(float(h.max() / median) if median > 0 else float("inf"))
     return {"sink_1": sink_rate(importance_per_sequence(a, 1)[0], eps),
-            "f_attn": first_token_attention(a)[1], "max_h_ratio": max(ratios)}
+            "f_attn": first_token_attention(a)[1], "max_h_ratio": max(ratios),
+            "probe_T": int(sequences.shape[1])}  # the T of these numbers: eval.sink's headline is at T=64

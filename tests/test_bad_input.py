@@ -135,11 +135,29 @@ def trained(tmp_path_factory, files) -> Path:
     return out / "r"
 
 
-def test_sample_rejects_a_prompt_longer_than_the_context(trained):
-    res = run(["sample.py", "--ckpt", str(trained), "--prompt", "the fox " * 40, "--max-new-tokens", "5"])
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "exceed the model's context of 32 tokens" in res.stderr and "--sink-cache" in res.stderr
-    assert res.stdout == ""  # nothing generated
+def test_sample_crops_a_prompt_longer_than_the_context_as_nanogpt(trained):
+    """Past block_size each greedy token is the argmax of a forward over the last 32 tokens."""
+    import torch
+
+    from runs.load import load_run
+
+    prompt = "the fox " * 40
+    res = run(["sample.py", "--ckpt", str(trained), "--prompt", prompt, "--max-new-tokens", "5", "--temperature", "0"])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "exceed the context of 32" in res.stderr and "cropped" in res.stderr and "--n-sink 4" in res.stderr
+    loaded = load_run(trained)
+    ids = loaded.tokenizer.encode(prompt).ids
+    assert len(ids) > 32
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(loaded.model(torch.tensor([ids[-32:]])).logits[0, -1].argmax()))
+    assert res.stdout == loaded.tokenizer.decode(ids) + "\n"
+
+
+def test_sample_takes_n_sink_and_its_older_name_sink_cache(trained):
+    outs = [run(["sample.py", "--ckpt", str(trained), name, "2", "--window", "20", "--max-new-tokens", "40",
+                 "--temperature", "0"]) for name in ("--n-sink", "--sink-cache")]
+    assert [r.returncode for r in outs] == [0, 0] and outs[0].stdout == outs[1].stdout
 
 
 def test_sample_rejects_a_missing_run_and_prompt_file(tmp_path, trained):

@@ -63,6 +63,16 @@ def test_streaming_row(tmp_path, capsys):
     assert e.value.code == 2 and "not a transformers folder" in capsys.readouterr().err
 
 
+def test_cpu_suite_leaves_out_the_streaming_row_unless_asked(tmp_path, capsys):
+    """The cpu suite's streaming row decodes token by token for 20+ minutes at its default shapes: only on request."""
+    from bench import __main__ as bench_cli
+
+    assert bench_cli.main(["--suite", "cpu", "--skip", "kernels", "nanogpt", "--kinds", "softmax", "--gates", "none",
+                           *TINY, "--out", str(tmp_path)]) == 0
+    assert "streaming" not in json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())
+    assert "add --streaming to run it" in capsys.readouterr().err
+
+
 def test_gpu_suite_shape_runs_on_cpu(tmp_path):
     """The GPU suite's code path (kernel table, training rows) at tiny shapes on the CPU."""
     proc = bench("--suite", "gpu", "--device", "cpu", "--kinds", "softmax", "linear", "--gates", "none", "headwise",

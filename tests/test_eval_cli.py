@@ -91,8 +91,8 @@ def test_activations_cli(run_dir):
     assert r["max_abs"] == max(l["top"][0]["value"] for l in r["layers"]) > 0
     assert r["max_top1"] == max(l["top_per_seq"][0] for l in r["layers"]) <= r["max_abs"]
     assert all("token_id" in t and "text" in t for l in r["layers"] for t in l["top"])
-    activations.main(["--ckpt", str(run_dir), "--n-seqs", "2", "--dtype", "bf16"])
-    half = outputs(run_dir, "activations.json", "activations.png")
+    activations.main(["--ckpt", str(run_dir), "--n-seqs", "2", "--dtype", "bf16", "--tag", "bf16"])
+    half = outputs(run_dir, "bf16/activations.json", "bf16/activations.png")  # other flags: its own folder
     assert half["max_top1"] == pytest.approx(r["max_top1"], rel=0.05)  # same model in bf16
 
 
@@ -116,19 +116,20 @@ def test_streaming_long_stream_beyond_context(run_dir, capsys):
     """A window past the model's context is refused in one line unless --beyond-context; a stream
     longer than the held-out split starts it again; the JSON keeps per-position NLL in bins."""
     with pytest.raises(SystemExit) as e:
-        streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks"])
+        streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks",
+                        "--tag", "long"])
     assert e.value.code == 2 and "--beyond-context" in capsys.readouterr().err
     n_val = len(load_run(str(run_dir)).val_tokens())
     result, = streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "40", "--modes", "window", "sinks",
-                              "--beyond-context", "--tokens", str(3 * n_val)])
-    r = outputs(run_dir, "streaming.json", "streaming.png")
+                              "--beyond-context", "--tokens", str(3 * n_val), "--tag", "long"])
+    r = outputs(run_dir, "long/streaming.json", "long/streaming.png")
     assert r["n_tokens"] == 3 * n_val and "3.00 times" in r["text"] and r["keys_per_query"] == 43
     assert r["modes"]["sinks"]["method"] == "parallel" and r["chunk"] == 256
     bins = r["nll_by_position"]
     assert bins["bin_end"][-1] == 3 * n_val - 1 and len(bins["nll"]["sinks"]) == len(bins["bin_start"])
     assert np.nanmean(np.array(bins["nll"]["sinks"], dtype=float)) == pytest.approx(r["modes"]["sinks"]["mean_nll"], rel=0.05)
     exact, = streaming.main(["--ckpt", str(run_dir), "--n-sink", "2", "--window", "8", "--modes", "sinks", "--exact-decode",
-                             "--tokens", "120"])
+                             "--tokens", "120", "--tag", "exact"])
     assert exact.modes["sinks"]["method"] == "exact-decode" and exact.chunk is None
 
 
@@ -161,7 +162,17 @@ def test_ablate_collects_runs(run_dir, tmp_path):
     row = data["rows"][0]
     val = [json.loads(l)["val_loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
     assert row["val_loss"] == pytest.approx(val[-1]) and row["steps"] == 12
-    assert row["sink_1"] == rows[0]["sink_1"] == json.loads((run_dir / "eval" / "sink.json").read_text())["sink_1"]
+    assert row["sink_1"] == rows[0]["sink_1"] == json.loads((run_dir / "eval" / "ablate" / "sink.json").read_text())["sink_1"]
+    # the unigram baseline: held-out tokens under the training split's add-one-smoothed counts
+    from collections import Counter
+
+    from data.loader import TokenSplit
+
+    train_ids = TokenSplit(next((run_dir.parent.parent / "cache").glob("*/train.bin")).parent, "train").tokens.tolist()
+    counts, vocab = Counter(train_ids), load_run(str(run_dir)).model.config.vocab_size
+    held = load_run(str(run_dir)).val_tokens().tolist()
+    expected = -sum(math.log((counts[t] + 1) / (len(train_ids) + vocab)) for t in held) / len(held)
+    assert row["unigram_loss"] == pytest.approx(expected, rel=1e-9) and "unigram loss" in header
     assert set(row["stream_ppl"]) == {"window", "sinks", "recompute"}
     with pytest.raises(SystemExit):
         ablate.main(["--runs", str(tmp_path / "missing"), "--out", str(out / "x")])
@@ -235,7 +246,7 @@ def test_sink_refuses_lengths_where_the_metric_says_nothing(argv, says, capsys, 
 
 def test_sink_refuses_k_beyond_the_models_block(run_dir, capsys):
     with pytest.raises(SystemExit) as e:  # "block" = 32 here: known once the model is loaded
-        sink.main(["--ckpt", str(run_dir), "--k", "33", "--lengths", "block", "--n-seqs", "2"])
+        sink.main(["--ckpt", str(run_dir), "--k", "33", "--lengths", "block", "--n-seqs", "2", "--tag", "k33"])
     assert "--k 33 is beyond the sequence length T=32" in one_line_error(capsys, e)
 
 
@@ -299,7 +310,7 @@ def test_a_checkpoint_pruned_while_the_eval_runs_is_one_line(run_dir, tmp_path, 
     with pytest.raises(SystemExit) as e:
         activations.main(["--ckpt", str(ckpts / "step_*"), "--n-seqs", "2"])
     err = one_line_error(capsys, e)
-    assert "step_0000012 disappeared while the eval ran" in err and "keep_last" in err
+    assert "step_0000012 disappeared before the eval could read it" in err and "keep_last" in err
     assert json.loads((run / "eval" / "step_0000006" / "activations.json").read_text())["n_seqs"] == 2
 
 
@@ -308,7 +319,7 @@ def test_activations_default_is_plain_windows_as_sun_et_al(run_dir, capsys):
     saved = json.loads((run_dir / "eval" / "activations.json").read_text())
     assert saved["bos_first"] is False and "Sun et al." in saved["definitions"]["bos_first"]
     with pytest.raises(SystemExit) as e:
-        activations.main(["--ckpt", str(run_dir), "--bos"])
+        activations.main(["--ckpt", str(run_dir), "--bos", "--tag", "bos"])
     assert "--bos but" in one_line_error(capsys, e)
 
 

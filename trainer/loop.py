@@ -33,11 +33,13 @@ from .metrics import MetricsLog, wandb_run_id
 from .optim import lr_at, make_optimizer, schedule_notes
 from .progress import progress_line
 from .rundir import check_out_dir, newest_checkpoint, take_run_lock
-from .signals import StopFlag, requeue_if_slurm
+from .signals import UNDO_SETUP, StopFlag, requeue_if_slurm
 from .tasks import make_task
 
 # Accelerate warns at every save that the tied lm_head is stored once; that is what we want.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+SETUP_FILES = (".lock", "config.yaml", "tokenizer.json")  # what set-up writes into the run dir
 
 
 class Trainer:
@@ -56,14 +58,29 @@ class Trainer:
         acc.print(f"attention backend: {self.attention_backend}")
         # Folders this run creates (the lock makes the run dir): removed again if writing it fails.
         self.created = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]
+        # In a run dir that was there: the files set-up writes that it did not hold yet.
+        self.created_files = [cfg.run_dir / n for n in SETUP_FILES if not (cfg.run_dir / n).exists()]
         self.lock = take_run_lock(cfg, acc)
+        UNDO_SETUP.append(self.undo_setup)  # a SIGTERM during set-up removes them too
         try:
             self._setup()
         except BaseException:
             self.release_lock()
-            if self.created and self.acc.is_main_process:
-                shutil.rmtree(self.created[-1], ignore_errors=True)
+            self.undo_setup()
             raise
+        finally:
+            UNDO_SETUP.remove(self.undo_setup)
+
+    def undo_setup(self) -> None:
+        """Remove what set-up made and nothing else: the run dir when this run created it, else the files
+        it added to an existing one (a resumed run's config.yaml and checkpoints stay)."""
+        if not self.acc.is_main_process:
+            return
+        if self.created:
+            shutil.rmtree(self.created[-1], ignore_errors=True)
+            return
+        for p in self.created_files:
+            p.unlink(missing_ok=True)
 
     def release_lock(self) -> None:
         if self.lock is not None:

@@ -86,6 +86,11 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
             continue
         scale = next((f for part, f in scales.items() if part in name), 1.0)
         groups.setdefault((p.dim() >= 2, scale), []).append(p)  # (decays, lr scale): 2 groups without lr_scale
+    unmatched = [part for part in scales if not any(part in name for name, p in model.named_parameters() if p.requires_grad)]
+    if unmatched:
+        raise ConfigError(f"train.lr_scale part {unmatched[0]!r} matches no trained parameter of this model, so its "
+                          f"factor would be ignored (names look like {', '.join(n for n, _ in list(model.named_parameters())[:3])}, "
+                          "...; train.train_only freezes the others); fix the part or remove it")
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "lr_scale": scale}
                     for (decays, scale), ps in groups.items()]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")

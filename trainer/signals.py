@@ -37,13 +37,22 @@ def requeue_if_slurm(signal_name: str | None) -> str | None:
     return f"requeued SLURM job {job}"
 
 
+UNDO_SETUP: list = []  # callables that remove what set-up wrote so far; run before a set-up exit
+
+
 def exit_during_setup() -> dict:
-    """Until StopFlag takes over: SIGTERM / SIGINT exit at once (nothing trained to save yet); a SIGTERM under
-    SLURM requeues the job first (the main process, RANK 0, only). Returns the handlers it replaced."""
+    """Until StopFlag takes over: SIGTERM / SIGINT exit at once (nothing trained to save yet), after the
+    UNDO_SETUP callables removed what set-up wrote; a SIGTERM under SLURM requeues the job first (the main
+    process, RANK 0, only). Returns the handlers it replaced."""
 
     def leave(signum, frame):
         name = signal.Signals(signum).name
         print(f"received {name} during set-up, before any step: nothing to save", file=sys.stderr, flush=True)
+        for undo in UNDO_SETUP:
+            try:
+                undo()
+            except OSError as e:  # never keeps the exit from happening
+                print(f"could not remove what set-up wrote ({e})", file=sys.stderr, flush=True)
         if os.environ.get("RANK", "0") == "0" and (requeued := requeue_if_slurm(name)):
             print(requeued, file=sys.stderr, flush=True)
         os._exit(128 + signum)  # a SystemExit raised here can be swallowed (a handler inside a weakref callback)
