@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.rundir import write_atomic
+from util import write_atomic
 
 TEXTS = [f"{w}\n" * 2000 for w in ("alpha", "beta")]  # 12 kB each: each write takes a while
 
