@@ -11,8 +11,9 @@
 * Qiu et al. 2025 ("Gated Attention", Table 4): F-Attn = mean attention probability that
   queries put on the first token, next to the uniform-attention value H_T / T.
 
-For kinds without row normalisation (sigmoid, elu1) the model returns Gu et al.'s proxy
-weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind.
+For kinds without row normalisation (sigmoid, elu1, softpick) the model returns Gu et al.'s proxy
+weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind; a softpick
+row whose scores are all <= 0 has no weight at all and counts as attending to nothing (proxy 0).
 When the run's data starts documents with BOS, every sequence starts with BOS here too.
 The definitions shared with the in-training probe (probes/sink.py) are imported from there.
 
@@ -39,8 +40,8 @@ from .result import EvalResult
 from .sink_positions import PositionStats, classify_vocab
 
 PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
-              "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
-              "out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
+              "for sigmoid / elu1 without attn_normalize and softpick, a zero-mass softpick row as 0; the sink "
+              "logit's slot and the learned sink tokens left out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
               "output_attentions returns them")
 
 N_SEQS = 100  # held-out sequences per length, as Gu et al.
