@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense")
+EVALS = ("sink", "spikes", "streaming", "activations", "quantize", "backcopy", "interventions", "harness", "vit_artifacts", "dense")
 
 
 def main(argv=None) -> int:
