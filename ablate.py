@@ -28,6 +28,7 @@ of the process with BOS only at its start (eval.backcopy.long_stream).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -86,7 +87,7 @@ def plan_runs(configs, steps, out_dir, overrides, points=None, several_threads=F
                 pov = [*ov, *point_overrides(cfg, point, several_threads)]
                 run_cfg = load_config(c, pov)
                 plans.append((Path(run_cfg.out_dir) / run_cfg.name, ["--config", str(c), *pov],
-                              {**point, "base": cfg.name}))
+                              {**point, "base": cfg.name, "max_steps": run_cfg.train.max_steps}))
         except (ConfigError, FileNotFoundError, ValueError) as e:
             fail(f"{c}: {e}")
     names = [p[0] for p in plans]
@@ -95,7 +96,7 @@ def plan_runs(configs, steps, out_dir, overrides, points=None, several_threads=F
     return plans
 
 
-def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
+def train(run_dir: Path, argv: list[str], threads: int | None = None, max_steps: int | None = None) -> None:
     print(f"== training {run_dir.name}: python train.py {' '.join(argv)}", flush=True)
     env = dict(os.environ)
     if threads:  # on a shared CPU, oversubscribed threads spin: 1 thread was ~15x faster here
@@ -103,6 +104,18 @@ def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
     rc = subprocess.call([sys.executable, str(ROOT / "train.py"), *argv, "logging.progress=false"], cwd=ROOT, env=env)
     if rc != 0:
         fail(f"training {run_dir} failed with exit code {rc}; see its output above")
+    if max_steps is not None and (reached := trained_steps(run_dir)) < max_steps:  # stopped by a signal: exit 0, unfinished
+        fail(f"training {run_dir} stopped at step {reached} of {max_steps} (interrupted); "
+             "run the same command again to continue it")
+
+
+def trained_steps(run_dir: Path) -> int:
+    """The step of the run's newest checkpoint (trainer_state.json), 0 when it has none."""
+    try:
+        state = Path(resolve_checkpoint(run_dir)) / "trainer_state.json"
+        return int(json.loads(state.read_text()).get("step") or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def read_run_metrics(run_dir: Path) -> dict:
@@ -427,7 +440,7 @@ def main(argv=None) -> list[dict]:
     plans = plan_runs(args.configs, args.steps, out, args.set, grid(args.lrs, args.seeds, args.threads),
                       several_threads)
     for run_dir, train_argv, point in plans:
-        train(run_dir, train_argv, point["threads"])
+        train(run_dir, train_argv, point["threads"], point["max_steps"])
     run_dirs = [Path(r) for r in args.runs] + [p[0] for p in plans]
     points = [{"base": Path(r).name} for r in args.runs] + [p[2] for p in plans]
     if args.threads:
@@ -494,6 +507,7 @@ def main(argv=None) -> list[dict]:
             "lr": "--lrs: the run's train.lr", "seed": "--seeds: the run's seed",
             "threads": "the run's OMP_NUM_THREADS (a grid axis with several --threads)",
             "base": "the config's own name (the variant a grid point belongs to)",
+            "max_steps": "train.max_steps the run was trained to (checked against its newest checkpoint)",
         },
     })
     plot(rows, out)

@@ -55,3 +55,17 @@ def test_grid_flags_refused_with_collected_runs_and_repeats(tmp_path):
             ablate.main([*argv, "--out", str(tmp_path / "x")])
         assert e.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_that_stopped_early_is_refused_not_evaluated(tiny_run_args, tmp_path, monkeypatch, capsys):
+    """train.py exits 0 after a SIGTERM saved a checkpoint mid-run; ablate must not take that run as done."""
+    out = tmp_path / "ablate"
+    overrides = [a for a in tiny_run_args(2) if not a.startswith(("train.max_steps", "logging.progress"))]
+    argv = ["--configs", "configs/default.yaml", "--threads", "1", "--out", str(out), "--stream-tokens", "40",
+            "--set", *overrides, "train.eval_interval=2"]
+    ablate.main(["--steps", "2", *argv])
+    monkeypatch.setattr(ablate.subprocess, "call", lambda *a, **k: 0)  # a training that stops at once, exit 0
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["--steps", "4", *argv])
+    assert e.value.code == 2
+    assert "stopped at step 2 of 4" in capsys.readouterr().err
