@@ -3,6 +3,15 @@ the evals on each and write one markdown table plus JSON and plots (docs/design.
 
     python ablate.py --configs configs/ablate/*.yaml --steps 300 [--out out/ablate]
     python ablate.py --runs out/a out/b [--out out/ablate]
+    python ablate.py --configs configs/ablate/*.yaml --lrs 1e-3 3e-3 1e-2   # each variant at its best lr
+    python ablate.py --configs configs/sinks/*.yaml --seeds 1 2 3 --threads 1 2   # mean and spread
+
+A grid (`--lrs`, `--seeds`, several `--threads`) trains every config at every combination, as
+`<name>_lr<lr>_s<seed>_t<threads>` (only the parts given); with --lrs the schedule is scaled with
+the peak (min_lr / lr kept). The table then shows each variant at the lr whose mean held-out loss
+over its seeds and thread counts is lowest, names that lr and lists the others' losses; with
+several seeds or thread counts, a second table gives each variant's mean, standard deviation and
+range over them.
 
 Training goes through `python train.py` in a subprocess per variant (so each run is exactly
 what a user gets from the command line); a variant already trained to `--steps` is reused
@@ -22,6 +31,7 @@ of the process with BOS only at its start (eval.backcopy.long_stream).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -35,8 +45,8 @@ from configs import ConfigError, from_dict, load_config
 from data.bigram_backcopy import load_chain
 from data.loader import TokenSplit
 from data.prepare import prepare
-from eval import (HelpFormatter, activations, backcopy, eval_dir, fail, make_dir, positive_int, sink, spikes, streaming,
-                  write_json, write_text)
+from eval import (HelpFormatter, activations, backcopy, eval_dir, fail, make_dir, nonnegative_int, positive_float,
+                  positive_int, quantize, sink, spikes, streaming, write_json, write_text)
 from eval.cli import bos_id, checkpoint_info, expand, git_commit
 from eval.plots import save, subplots
 from eval.progress import progress
@@ -55,9 +65,31 @@ def scaled_warmup(warmup: int, steps: int) -> int:
     return min(warmup, max(1, steps // 10))
 
 
-def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]]:
-    """(run dir, train.py argv) per config; every config is validated before any training. With
-    --steps, warmup scales down (`scaled_warmup`) unless --set names train.warmup_steps."""
+def grid(lrs=None, seeds=None, threads=None) -> list[dict]:
+    """Every combination of the given lrs, seeds and thread counts, as {"lr", "seed", "threads"}
+    (None where that axis is not given); one empty point without a grid."""
+    return [{"lr": lr, "seed": seed, "threads": t}
+            for lr in (lrs or [None]) for seed in (seeds or [None]) for t in (threads or [None])]
+
+
+def point_overrides(cfg, point: dict, several_threads: bool) -> list[str]:
+    """train.py overrides and the run name of one grid point: lr with min_lr scaled alike (the
+    schedule's shape kept), seed, and a name suffix per axis given."""
+    ov, name = [], cfg.name
+    if point["lr"] is not None:
+        ov += [f"train.lr={point['lr']:g}", f"train.min_lr={cfg.train.min_lr * point['lr'] / cfg.train.lr:g}"]
+        name += f"_lr{point['lr']:g}"
+    if point["seed"] is not None:
+        ov.append(f"seed={point['seed']}")
+        name += f"_s{point['seed']}"
+    if several_threads:
+        name += f"_t{point['threads']}"
+    return [*ov, f"name={name}"] if name != cfg.name else ov
+
+
+def plan_runs(configs, steps, out_dir, overrides, points=None, several_threads=False) -> list[tuple[Path, list[str], dict]]:
+    """(run dir, train.py argv, grid point with the config's own name as "base") per config and grid
+    point; every config is validated before any training."""
     plans = []
     for c in configs:
         ov = [f"out_dir={out_dir}", *([f"train.max_steps={steps}"] if steps else []), *overrides]
@@ -69,16 +101,20 @@ def plan_runs(configs, steps, out_dir, overrides) -> list[tuple[Path, list[str]]
                       f"{steps}; --set train.warmup_steps=N to choose)", flush=True)
                 ov.insert(2, f"train.warmup_steps={warmup}")
                 cfg = load_config(c, ov)
+            for point in points or grid():
+                pov = [*ov, *point_overrides(cfg, point, several_threads)]
+                run_cfg = load_config(c, pov)
+                plans.append((Path(run_cfg.out_dir) / run_cfg.name, ["--config", str(c), *pov],
+                              {**point, "base": cfg.name, "max_steps": run_cfg.train.max_steps}))
         except (ConfigError, FileNotFoundError, ValueError) as e:
             fail(f"{c}: {e}")
-        plans.append((Path(cfg.out_dir) / cfg.name, ["--config", str(c), *ov]))
     names = [p[0] for p in plans]
     if len(set(names)) != len(names):
         fail(f"two configs write the same run dir ({names}); give each config a distinct `name:`")
     return plans
 
 
-def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
+def train(run_dir: Path, argv: list[str], threads: int | None = None, max_steps: int | None = None) -> None:
     print(f"== training {run_dir.name}: python train.py {' '.join(argv)}", flush=True)
     env = dict(os.environ)
     if threads:  # on a shared CPU, oversubscribed threads spin: 1 thread was ~15x faster here
@@ -86,6 +122,18 @@ def train(run_dir: Path, argv: list[str], threads: int | None = None) -> None:
     rc = subprocess.call([sys.executable, str(ROOT / "train.py"), *argv, "logging.progress=false"], cwd=ROOT, env=env)
     if rc != 0:
         fail(f"training {run_dir} failed with exit code {rc}; see its output above")
+    if max_steps is not None and (reached := trained_steps(run_dir)) < max_steps:  # stopped by a signal: exit 0, unfinished
+        fail(f"training {run_dir} stopped at step {reached} of {max_steps} (interrupted); "
+             "run the same command again to continue it")
+
+
+def trained_steps(run_dir: Path) -> int:
+    """The step of the run's newest checkpoint (trainer_state.json), 0 when it has none."""
+    try:
+        state = Path(resolve_checkpoint(run_dir)) / "trainer_state.json"
+        return int(json.loads(state.read_text()).get("step") or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def read_run_metrics(run_dir: Path) -> dict:
@@ -146,6 +194,7 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
     sink.plot_heatmap(s, out / "sink_heatmap.png")
     act = save("activations", activations.evaluate(model, act_rows, tokenizer=run.tokenizer))
     activations.plot(act, out / "activations.png")
+    quant = save("quantize", quantize.evaluate(model, act_rows))
     st = save("streaming", streaming.evaluate(model, stream, modes=stream_modes, recompute_stride=recompute_stride))
     streaming.plot(st, out / "streaming.png")
     sp = spikes.evaluate(run_dir / "metrics.jsonl")
@@ -170,6 +219,9 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "extra_sink_mass_non_trigger": guo and guo.get("extra_sink_mass_non_trigger_mean"),
         "max_abs_activation": act.max_top1,
         "max_h_ratio": act.max_ratio,
+        "min_matrix_entropy": act.min_matrix_entropy_normalised,
+        "entropy_valley_layer": act.entropy_valley_layer,
+        "quant_ppl_ratio": {m: quant.modes[m]["ppl_ratio"] for m in quantize.MODES},
         "spike_score_loss": sp.metrics.get("loss", {}).get("spike_score"),
         "spike_score_grad_norm": sp.metrics.get("grad_norm", {}).get("spike_score"),
         "spike_score_olmo_core": sp.olmo_core_spike_score,
@@ -210,6 +262,12 @@ COLUMNS = [
     ("variant", lambda r: r["variant"], None, "the run's name"),
     ("attention", lambda r: r["attention"]["kind"], None, "model.attention"),
     ("gate", lambda r: r["attention"]["gate"], None, "model.gate"),
+    ("lr", lambda r: r.get("lr"), ".0e", "--lrs: train.lr of this run, the lr whose mean held-out loss over the "
+     "variant's seeds and thread counts was lowest (min_lr scaled alike)"),
+    ("val loss by lr", lambda r: r.get("val_loss_by_lr"), None,
+     "--lrs: the variant's mean held-out loss at every lr tried (lr: loss)"),
+    ("seed", lambda r: r.get("seed"), None, "--seeds: the run's seed"),
+    ("threads", lambda r: r.get("threads"), None, "--threads with several values: the run's OMP_NUM_THREADS"),
     ("val loss", lambda r: r["val_loss"], ".3f", "last val_loss row of metrics.jsonl (nats/token)"),
     ("unigram loss", lambda r: r.get("unigram_loss"), ".3f",
      "baseline: cross-entropy of the held-out tokens under the training split's token frequencies (add-one "
@@ -233,6 +291,15 @@ COLUMNS = [
      "(eval.activations max_top1, Sun et al.); learned sink tokens left out"),
     ("max h / median", lambda r: r.get("max_h_ratio"), ".0f",
      "largest over layers of max |h| / median |h| per sequence, averaged (eval.activations max_ratio)"),
+    ("entropy valley", lambda r: r.get("min_matrix_entropy"), ".3f",
+     "Queipo-de-Llano et al.'s matrix-based entropy of the hidden states (eigenvalues of X X^T / tr, uncentred), "
+     "divided by log min(T, C), at the block where it is lowest (eval.activations, the same windows)"),
+    ("W4 ppl / fp32", lambda r: (r.get("quant_ppl_ratio") or {}).get("w4"), ".3f",
+     "eval.quantize: held-out perplexity with every block linear's weights int4 (per output channel, symmetric "
+     "round-to-nearest) over the fp32 perplexity, on the same windows"),
+    ("W8A8 ppl / fp32", lambda r: (r.get("quant_ppl_ratio") or {}).get("w8a8"), ".3f",
+     "the same with int8 weights and int8 inputs at every block linear (dynamic per-tensor absmax scale): "
+     "where massive activations hurt"),
     ("OLMo-core spike score %", lambda r: r.get("spike_score_olmo_core"), ".2f",
      "OLMo-core's SpikeScore (total): % of all logged steps where loss or grad norm exceeds mean + 6 std of its "
      "previous 128 values (eval.spikes); n/a below 128 steps"),
@@ -249,7 +316,69 @@ COLUMNS = [
 ]
 
 
-def markdown(rows: list[dict], settings: dict | None = None) -> str:
+def best_lr(rows: list[dict]) -> list[dict]:
+    """The rows of each variant (row["base"]) at the lr whose mean val loss over the variant's runs
+    at that lr is lowest; each kept row gets "val_loss_by_lr". Rows without an lr pass through."""
+    by_base: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if r.get("lr") is not None and r["val_loss"] is not None:
+            by_base.setdefault(r["base"], {}).setdefault(r["lr"], []).append(r["val_loss"])
+    kept = []
+    for r in rows:
+        losses = by_base.get(r.get("base"))
+        if r.get("lr") is None or not losses:
+            kept.append(r)
+            continue
+        means = {lr: statistics.mean(v) for lr, v in losses.items()}
+        if r["lr"] == min(means, key=means.get):
+            kept.append({**r, "val_loss_by_lr": ", ".join(f"{lr:g}: {m:.3f}" for lr, m in sorted(means.items()))})
+    return kept
+
+
+SPREAD = [  # (key, header, format): what the spread table summarises over seeds and thread counts
+    ("sink_1", "Sink_1 %", ".1f"),
+    ("bos_attention_non_trigger", "BOS att. non-trigger", ".3f"),
+    ("f_attn", "F-Attn", ".3f"),
+    ("val_loss", "val loss", ".3f"),
+]
+SINK_AIM = 20.0  # Sink_1 % a run must reach to count as "formed a sink" in the spread table
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """Per variant (row["base"]): how many runs, and mean, sample standard deviation, min and max
+    of each SPREAD quantity over them; runs with Sink_1 >= SINK_AIM counted."""
+    out = []
+    for base in dict.fromkeys(r["base"] for r in rows):
+        group = [r for r in rows if r["base"] == base]
+        entry = {"variant": base, "runs": len(group), "sink_ge_aim": sum(r["sink_1"] >= SINK_AIM for r in group),
+                 "seeds": sorted({r.get("seed") for r in group} - {None}),
+                 "threads": sorted({r.get("threads") for r in group} - {None})}
+        for key, _, _ in SPREAD:
+            vals = [r[key] for r in group if r.get(key) is not None]
+            if vals:
+                entry[key] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                              "min": min(vals), "max": max(vals)}
+        out.append(entry)
+    return out
+
+
+def spread_markdown(entries: list[dict]) -> list[str]:
+    keys = [k for k in SPREAD if any(k[0] in e for e in entries)]
+    lines = ["", "Over seeds and thread counts (mean ± sample sd [min, max]):", "",
+             "| variant | runs | seeds | threads | " + " | ".join(h for _, h, _ in keys) + f" | runs with Sink_1 >= {SINK_AIM:g}% |",
+             "|" + "|".join(["---"] * (5 + len(keys))) + "|"]
+    for e in entries:
+        cells = []
+        for key, _, f in keys:
+            v = e.get(key)
+            cells.append("n/a" if v is None else
+                         f"{v['mean']:{f}} ± {v['sd']:{f}} [{v['min']:{f}}, {v['max']:{f}}]")
+        lines.append(f"| {e['variant']} | {e['runs']} | {' '.join(map(str, e['seeds'])) or '-'} | "
+                     f"{' '.join(map(str, e['threads'])) or '-'} | " + " | ".join(cells) + f" | {e['sink_ge_aim']} / {e['runs']} |")
+    return lines
+
+
+def markdown(rows: list[dict], settings: dict | None = None, spread_entries: list[dict] | None = None) -> str:
     """ablation.md: what was run, one table (columns that are n/a for every row left out), and the
     definition of every column shown."""
     cols = [c for c in COLUMNS if any(c[1](r) is not None for r in rows)]
@@ -262,10 +391,14 @@ def markdown(rows: list[dict], settings: dict | None = None) -> str:
                   f"- overrides: {' '.join(settings['overrides']) or 'none'}",
                   f"- streaming: {settings['stream_tokens']} tokens, modes {', '.join(settings['stream_modes'])}, "
                   f"recompute stride {settings['recompute_stride']}",
+                  *([f"- grid: lrs {settings.get('lrs')}, seeds {settings.get('seeds')}, threads {settings.get('threads')}"]
+                    if settings.get("lrs") or settings.get("seeds") or len(settings.get("threads") or []) > 1 else []),
                   f"- commit: {settings['git_commit'] or 'unknown'}", ""]
     lines += ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(str(c[1](r)) if c[2] is None else _fmt(c[1](r), c[2]) for c in cols) + " |")
+    if spread_entries:
+        lines += spread_markdown(spread_entries)
     if settings:
         lines += ["", "Columns:", ""] + [f"- **{c[0]}**: {c[3]}" for c in cols]
     return "\n".join(lines) + "\n"
@@ -309,8 +442,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=positive_int, default=None, help="train.max_steps for every config (default: the config's)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra dotted overrides applied to every config, e.g. train.batch_size=8")
-    ap.add_argument("--threads", type=positive_int, default=None,
-                    help="torch threads for training (OMP_NUM_THREADS) and evals (default: torch's); 1 on a busy CPU")
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=None,
+                    help="torch threads for training (OMP_NUM_THREADS) and evals (default: torch's); 1 on a busy CPU. "
+                         "Several values train every config at each (a grid axis); the evals use the first")
+    ap.add_argument("--lrs", type=positive_float, nargs="+", default=None,
+                    help="train every config at each peak lr (min_lr scaled alike); the table keeps each variant "
+                         "at its best mean held-out loss and says which lr won")
+    ap.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None,
+                    help="train every config at each seed; a second table gives mean and spread over them")
     ap.add_argument("--out", default="out/ablate", help="out_dir of the trained runs and the report")
     # The eval flags are checked here, when parsing, not after hours of training.
     ap.add_argument("--stream-tokens", type=positive_int, default=2000, help="held-out tokens for eval.streaming")
@@ -323,6 +462,11 @@ def main(argv=None) -> list[dict]:
     if args.stream_tokens < 2:
         fail(f"--stream-tokens must be >= 2 (one prediction needs two tokens), got {args.stream_tokens}")
     args.configs, args.runs = expand(args.configs), expand(args.runs)
+    if args.runs and (args.lrs or args.seeds or len(args.threads or []) > 1):
+        fail("--lrs, --seeds and several --threads train a grid of --configs; collected --runs are not part of one")
+    for flag, values in (("--lrs", args.lrs), ("--seeds", args.seeds), ("--threads", args.threads)):
+        if values and len(set(values)) != len(values):
+            fail(f"{flag} {' '.join(map(str, values))} repeats a value; give each once")
     for r in args.runs:
         try:
             resolve_checkpoint(r)
@@ -331,29 +475,37 @@ def main(argv=None) -> list[dict]:
         if not (Path(r) / "metrics.jsonl").is_file():
             fail(f"--runs {r}: no metrics.jsonl; pass run dirs (out/<run>), not checkpoint dirs")
     out = Path(args.out)
-    plans = plan_runs(args.configs, args.steps, out, args.set)
-    for run_dir, train_argv in plans:
-        train(run_dir, train_argv, args.threads)
+    several_threads = len(args.threads or []) > 1
+    plans = plan_runs(args.configs, args.steps, out, args.set, grid(args.lrs, args.seeds, args.threads),
+                      several_threads)
+    for run_dir, train_argv, point in plans:
+        train(run_dir, train_argv, point["threads"], point["max_steps"])
     run_dirs = [Path(r) for r in args.runs] + [p[0] for p in plans]
+    points = [{"base": Path(r).name} for r in args.runs] + [p[2] for p in plans]
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
 
     rows = []
     bar = progress(len(run_dirs), "ablate", unit="run")
-    for r in run_dirs:
-        rows.append(evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride))
+    for r, point in zip(run_dirs, points):
+        rows.append({**evaluate_run(r, args.stream_tokens, args.stream_modes, args.recompute_stride), **point})
         bar.update(1)
     bar.close()
+    all_rows = rows
+    spread_entries = spread(best_lr(rows)) if args.seeds or several_threads else None
+    rows = best_lr(rows)
     make_dir(out)
     settings = {"command": " ".join(["python ablate.py", *(argv if argv is not None else sys.argv[1:])]),
                 "steps": args.steps, "overrides": args.set, "configs": args.configs, "runs": args.runs,
                 "run_dirs": [str(r) for r in run_dirs], "stream_tokens": args.stream_tokens,
                 "stream_modes": args.stream_modes, "recompute_stride": args.recompute_stride,
-                "git_commit": git_commit()}
-    table = markdown(rows, settings)
+                "lrs": args.lrs, "seeds": args.seeds, "threads": args.threads, "git_commit": git_commit()}
+    table = markdown(rows, settings, spread_entries)
     write_text(out / "ablation.md", table)
     write_json(out / "ablation.json", {
         "rows": rows,
+        "all_rows": all_rows,
+        "spread": spread_entries,
         "settings": settings,
         "definitions": {
             "val_loss": "last val_loss row of metrics.jsonl (nats/token)",
@@ -383,7 +535,20 @@ def main(argv=None) -> list[dict]:
                                                        "(recompute_stride > 1 scores every k-th one)",
             "train_tok_per_s": "median training tokens/s over steps after the first 10%",
             "settings": "what was run: the command, configs, collected runs, steps, overrides, streaming "
-                        "settings and the git commit",
+                        "settings, the grid (lrs, seeds, threads) and the git commit",
+            "rows": "one per variant; with --lrs only each variant's runs at its best lr (lowest mean val_loss over "
+                    "its seeds and thread counts), with val_loss_by_lr",
+            "all_rows": "every run evaluated, every lr included",
+            "spread": "with several seeds or thread counts: per variant (at its best lr) the number of runs and the "
+                      "mean, sample standard deviation, min and max of sink_1, bos_attention_non_trigger, f_attn and "
+                      f"val_loss; sink_ge_aim = runs with Sink_1 >= {SINK_AIM:g}%",
+            "min_matrix_entropy": "eval.activations min_matrix_entropy_normalised: the compression valley's bottom",
+            "entropy_valley_layer": "the block (1-indexed) where it is",
+            "quant_ppl_ratio": "eval.quantize: perplexity per mode (fp32, w8, w4, w8a8) over the fp32 perplexity",
+            "lr": "--lrs: the run's train.lr", "seed": "--seeds: the run's seed",
+            "threads": "the run's OMP_NUM_THREADS (a grid axis with several --threads)",
+            "base": "the config's own name (the variant a grid point belongs to)",
+            "max_steps": "train.max_steps the run was trained to (checked against its newest checkpoint)",
         },
     })
     plot(rows, out)

@@ -1,6 +1,6 @@
 """Evaluations of trained runs (docs/design.md, "Evals"): `python -m eval.<name> --ckpt out/<run>`.
 
-The evaluations are sink, backcopy, spikes, streaming, activations, vit_artifacts and harness
+The evaluations are sink, backcopy, spikes, streaming, activations, quantize, vit_artifacts and harness
 (lm-eval). Each has pure metric functions on tensors / lists, one library function returning a
 result dataclass (eval/result.py; `evaluate(...)` for most) and a thin `main(argv=None)` CLI that
 writes its JSON + PNG under `<run>/eval/`. What the CLIs share: cli.py (flags, loading each

@@ -7,8 +7,8 @@ import sys
 
 from . import run_main
 
-EVALS = ("sink", "spikes", "streaming", "activations", "backcopy", "interventions", "harness", "vit_artifacts", "dense",
-         "vit_row")
+EVALS = ("sink", "spikes", "streaming", "activations", "quantize", "backcopy", "interventions", "harness", "vit_artifacts",
+         "dense", "vit_row")
 
 
 def main(argv=None) -> int:

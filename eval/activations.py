@@ -13,6 +13,14 @@ Value states (Gu et al. 2025, "When Attention Sink Emerges": the sink token's va
 so the attention it absorbs adds little to the output): per layer the L2 norm of v = v_proj(x)
 per key/value head at the first text token, against the mean over the other text tokens.
 
+The compression valley (Queipo-de-Llano et al. 2025, "Attention sinks and compression valleys in
+LLMs are two sides of the same coin"): per layer and sequence, the matrix-based (von Neumann /
+Shannon, alpha = 1) entropy of the token representations X (T x C, uncentred, the hidden state
+after the block): H = -sum_i p_i log p_i with p_i the eigenvalues of K / tr(K), K = X X^T, i.e.
+p_i = sigma_i^2 / ||X||_F^2 for the singular values of X; averaged over sequences, in nats and
+divided by log min(T, C), its largest value. Uncentred, as in their bound: a BOS row of norm M
+takes at least M^2 / ||X||_F^2 of the spectrum, so a massive activation forces the entropy down.
+
 Sequences are plain windows of the held-out text, as Sun et al.'s (no BOS; `--bos` puts the
 run's BOS first); model.sink_tokens' learned tokens are left out of every statistic.
 
@@ -74,8 +82,20 @@ def massive_activations(hidden, top: int = 3, tokens=None) -> list[dict]:
             "first_token_norm": first_norm,
             "other_tokens_mean_norm": rest_norm,
             "first_token_norm_ratio": first_norm / rest_norm if rest_norm > 0 else float("nan"),
+            "matrix_entropy": float(matrix_entropy(h).mean()),
         })
+        stats[-1]["matrix_entropy_normalised"] = stats[-1]["matrix_entropy"] / np.log(min(T, C)) if min(T, C) > 1 else 0.0
     return stats
+
+
+def matrix_entropy(h: torch.Tensor) -> torch.Tensor:
+    """Per sequence of h (B, T, C): the Shannon entropy (nats) of the eigenvalues of K / tr(K),
+    K = X X^T of the uncentred token representations X (T, C). A zero X has entropy 0."""
+    x = h.detach().double()
+    gram = x @ x.transpose(-2, -1) if x.shape[-2] <= x.shape[-1] else x.transpose(-2, -1) @ x  # same nonzero spectrum
+    lam = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    p = lam / lam.sum(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
+    return -(p * torch.log(torch.where(p > 0, p, 1.0))).sum(-1)
 
 
 @torch.no_grad()
@@ -136,6 +156,9 @@ class ActivationsResult(EvalResult):
     attention: dict
     value_norms: list
     min_value_norm_ratio: float
+    entropy_valley_layer: int
+    min_matrix_entropy_normalised: float
+    massive_activation_layer: int
 
     AXES = {"max_top1": "largest |h| (mean over sequences)", "max_ratio": "max |h| / median |h|"}
 
@@ -162,6 +185,15 @@ class ActivationsResult(EvalResult):
         "first_token_value_norm_ratio": "first token's value norm / mean value norm of the other tokens",
         "sink_tokens_value_norm": "mean value norm of the learned sink tokens (model.sink_tokens only)",
         "min_value_norm_ratio": "smallest first_token_value_norm_ratio over layers (headline)",
+        "matrix_entropy": "per block: Queipo-de-Llano et al.'s matrix-based entropy of the hidden states, per "
+                          "sequence -sum_i p_i log p_i (nats), p_i the eigenvalues of K / tr(K), K = X X^T of the "
+                          "uncentred (T x C) token representations X; averaged over sequences",
+        "matrix_entropy_normalised": "matrix_entropy / log min(T, C): 1 = a flat spectrum, 0 = rank one",
+        "entropy_valley_layer": "the block (1-indexed) with the lowest matrix_entropy_normalised: the compression "
+                                "valley's bottom",
+        "min_matrix_entropy_normalised": "matrix_entropy_normalised at entropy_valley_layer",
+        "massive_activation_layer": "the block (1-indexed) with the largest top_per_seq[0]: where the massive "
+                                    "activation is largest, to set beside entropy_valley_layer",
         "bos_first": "sequences start with BOS (--bos); the default, as Sun et al., is plain windows of the "
                      "held-out text without BOS",
         "sink_tokens": "model.sink_tokens' learned tokens in front of every sequence: left out of every number "
@@ -203,7 +235,10 @@ def evaluate(model, sequences, batch_size: int = 8, tokenizer=None, bos_id: int 
         n_seqs=int(per_layer[0].shape[0]), T=int(per_layer[0].shape[1]),
         bos_first=bos_id is not None and bool((sequences[:, 0] == bos_id).all()), sink_tokens=n_sink,
         attention={"kind": cfg.attention, "attn_normalize": cfg.attn_normalize, "gate": cfg.gate},
-        value_norms=values, min_value_norm_ratio=min(v["first_token_value_norm_ratio"] for v in values))
+        value_norms=values, min_value_norm_ratio=min(v["first_token_value_norm_ratio"] for v in values),
+        entropy_valley_layer=1 + int(np.argmin([l["matrix_entropy_normalised"] for l in layers])),
+        min_matrix_entropy_normalised=min(l["matrix_entropy_normalised"] for l in layers),
+        massive_activation_layer=1 + int(np.argmax([l["top_per_seq"][0] for l in layers])))
 
 
 LAYER_AXIS = "layer (0-indexed, as layers.N)"
@@ -216,7 +251,7 @@ def plot(result: ActivationsResult, path) -> None:
 
     layers = result.layers
     x = list(range(len(layers)))  # 0-indexed, as the JSON's lists, layers.N and eval.sink's heatmap
-    fig, axes = subplots(1, 3, width=5.5, height=3.8)
+    fig, axes = subplots(1, 4, width=5.5, height=3.8)
     ax = axes[0, 0]
     for r in range(len(layers[0]["top_per_seq"])):
         ax.plot(x, [l["top_per_seq"][r] for l in layers], marker="o", label=f"top {r + 1}")
@@ -241,6 +276,12 @@ def plot(result: ActivationsResult, path) -> None:
     ax.set_ylabel("|v| per head")
     ax.set_title("value-state norm")
     ax.legend(fontsize=8)
+    ax = axes[0, 3]
+    ax.plot(x, [l["matrix_entropy_normalised"] for l in layers], marker="o")
+    ax.set_xticks(x)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_title("matrix entropy / log min(T, C)")
     save(fig, path)
 
 
@@ -266,7 +307,10 @@ def main(argv=None) -> list[ActivationsResult]:
         result = evaluate(run.model, seqs, args.batch_size, tokenizer=run.tokenizer, bos_id=bos)
         plot(result, out / "activations.png")
         print(f"max |h| {result.max_top1:.1f} (per sequence, averaged), max top1/median {result.max_ratio:.0f}x, "
-              f"first-token value norm / others: min over layers {result.min_value_norm_ratio:.2f}")
+              f"first-token value norm / others: min over layers {result.min_value_norm_ratio:.2f}; "
+              f"matrix entropy valley at block {result.entropy_valley_layer} "
+              f"({result.min_matrix_entropy_normalised:.3f} of its maximum), largest |h| at block "
+              f"{result.massive_activation_layer}")
         return result
 
     return for_each_checkpoint(args, "activations", one, headline=("max_top1", "max_ratio"))

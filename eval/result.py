@@ -36,6 +36,6 @@ CHECKPOINT_DEFINITION = ("path: the checkpoint evaluated (an hf: import's transf
 
 # The attention weights that sink and backcopy report, in their definitions.
 PROXY_NOTE = ("renormalised weights: each row divided by its sum over the text keys (Gu et al.'s proxy w/sum(w) "
-              "for sigmoid / elu1 without attn_normalize; the sink logit's slot and the learned sink tokens left "
-              "out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
+              "for sigmoid / elu1 without attn_normalize and softpick, a zero-mass softpick row as 0; the sink "
+              "logit's slot and the learned sink tokens left out); raw weights (*_raw): what the model applies to each text key's value, as transformers' "
               "output_attentions returns them")

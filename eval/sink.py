@@ -11,8 +11,9 @@
 * Qiu et al. 2025 ("Gated Attention", Table 4): F-Attn = mean attention probability that
   queries put on the first token, next to the uniform-attention value H_T / T.
 
-For kinds without row normalisation (sigmoid, elu1) the model returns Gu et al.'s proxy
-weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind.
+For kinds without row normalisation (sigmoid, elu1, softpick) the model returns Gu et al.'s proxy
+weights w_ij / sum_j w_ij, so the metrics mean the same thing for every attention kind; a softpick
+row whose scores are all <= 0 has no weight at all and counts as attending to nothing (proxy 0).
 When the run's data starts documents with BOS, every sequence starts with BOS here too.
 The definitions shared with the in-training probe (probes/sink.py) are imported from there.
 

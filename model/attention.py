@@ -27,7 +27,8 @@ class AttentionWeights:
     """What `return_attn` gives per layer.
 
     probs: (B, H, Tq, Tk) row-normalised weights. For kinds without row normalisation this is
-           Gu et al.'s proxy w / sum_j(w), so sink metrics mean the same thing for every kind.
+           Gu et al.'s proxy w / sum_j(w), so sink metrics mean the same thing for every kind
+           (softpick: a row of zero mass, every score <= 0, stays 0).
     mass:  (B, H, Tq) raw row mass sum_j(w) actually applied to the values (1 for softmax,
            linear and the normalised variants).
     sink_slot: (B, H, Tq) the weight of sink_logit's virtual key, exp(b_h) / (exp(b_h) + sum_j exp(s_ij))
@@ -184,7 +185,9 @@ class Attention(nn.Module):
             return y, None
         mass = w.sum(-1)
         sink_slot = None if sink is None else 1 - mass
-        return y, AttentionWeights(probs=w / mass.unsqueeze(-1), mass=mass, sink_slot=sink_slot)
+        # a softpick row with every score <= 0 has mass 0: its proxy row is 0 too (it attends to nothing)
+        probs = w / mass.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(-1)
+        return y, AttentionWeights(probs=probs, mass=mass, sink_slot=sink_slot)
 
     def attend_band(self, q, k, v, store):
         """The sink cache's parallel form (model/cache.py's BandKVCache): query i sees the sinks

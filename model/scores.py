@@ -7,6 +7,9 @@ With s = q.k / sqrt(d) over the (masked) keys of each query:
     elu1      w_ij = elu(s_ij) + 1                (Gu et al. 2025)
     linear    w_ij = phi(q_i).phi(k_j) / sum_j phi(q_i).phi(k_j),  phi = elu + 1
               (Katharopoulos et al. 2020; computed in linear time, never as a T x T matrix)
+    softpick  w_ij = relu(e^{s_ij} - 1) / (sum_j |e^{s_ij} - 1| + eps)   (Zuhri et al. 2025, eps = 1e-8)
+              rows sum to at most 1; a key with s_ij <= 0 gets exactly 0, and a row with every
+              s_ij <= 0 attends to nothing (its output is 0)
 
 `attn_normalize` divides sigmoid / elu1 rows by their sum. `sink_logit` (softmax only) adds a
 virtual key with logit b_h per head to the denominator, w_ij = exp(s_ij) / (exp(b_h) + sum_j exp(s_ij)):
@@ -21,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear")
+ATTENTION_KINDS = ("softmax", "sigmoid", "elu1", "linear", "softpick")
+SOFTPICK_EPS = 1e-8  # Zuhri et al.'s eps: only matters when every |e^s - 1| of a row is ~0
 
 
 def row_normalised(cfg) -> bool:
@@ -116,12 +120,34 @@ def weights_from_scores(s, mask, cfg, sink=None, with_slot: bool = False):
         if sink is None:
             return w
         return (w[..., :-1], w[..., -1]) if with_slot else w[..., :-1]
+    if cfg.attention == "softpick":
+        return softpick(s, mask).to(s.dtype)
     w = s if cfg.attention == "linear" else unnormalised_weights(s, cfg.attention, cfg.resolved_sigmoid_bias)
     if mask is not None:
         w = w.masked_fill(~mask, 0.0)
     if row_normalised(cfg):
         w = w / w.sum(dim=-1, keepdim=True)
     return w
+
+
+def softpick(s, mask=None, eps: float = SOFTPICK_EPS):
+    """Softpick weights (Zuhri et al. 2025) of scores s (..., Tq, Tk); mask: bool, True = visible.
+
+    relu(e^s - 1) / (sum_j |e^s - 1| + eps), with m = max(0, max_j s_ij) factored out of the
+    numerator and the denominator as their code does, (e^{s-m} - e^{-m}) / (sum_j |e^{s-m} - e^{-m}| +
+    eps e^{-m}): nothing overflows. Their code adds eps after the rescaling (eps e^m in the formula's
+    terms); here eps stays where the formula puts it, so the online and flex forms, which never see m,
+    compute the same thing. m >= 0 also keeps e^{-m} finite in a row whose scores are all very
+    negative (its weights are 0 either way). m is a constant of the formula, so it carries no gradient."""
+    s = at_least_fp32(s)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m = s.detach().amax(dim=-1, keepdim=True).clamp_min(0.0)
+    e_m = torch.exp(-m)
+    x = torch.exp(s - m) - e_m  # a masked key: -e^{-m}, dropped from both sums below
+    num = F.relu(x)
+    den = torch.where(torch.isfinite(s), x.abs(), 0.0).sum(dim=-1, keepdim=True) + eps * e_m
+    return num / den
 
 
 # --------------------------------------------------------------------------------------------

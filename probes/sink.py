@@ -34,7 +34,7 @@ def text_attention(out, raw: bool = False) -> torch.Tensor:
     learned tokens come first and are left out, so key 0 is the first text token.
 
     renormalised (default): each row divided by its sum over the text keys, so rows sum to 1
-    whatever the fix: Gu et al.'s proxy w / sum w for sigmoid / elu1, the sink logit's slot and
+    whatever the fix: Gu et al.'s proxy w / sum w for sigmoid / elu1 / softpick, the sink logit's slot and
     the sink tokens' columns left out. raw: the weight the model actually applies to each text
     key's value (w for sigmoid, 1 - slot mass shared out for the sink logit, the sink tokens'
     columns cut without renormalising), what transformers' output_attentions returns."""

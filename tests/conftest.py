@@ -127,6 +127,9 @@ def ref_attention(x, P, cfg, causal: bool = True, drop_key0: int = 0):
             w = ref_sigmoid(s + b) * allowed
         elif cfg.attention == "elu1":
             w = ref_elu1(s) * allowed
+        elif cfg.attention == "softpick":  # Zuhri et al.'s formula as written, no max subtracted
+            e = torch.expm1(s) * allowed
+            w = e.clamp_min(0) / (e.abs().sum(-1, keepdim=True) + 1e-8)
         else:
             raise AssertionError(cfg.attention)
     applied = w
