@@ -82,7 +82,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 elsewhere; no | bf16 | fp16
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    init_from: str | None = None  # hf:<hub id, transformers folder or GGUF file>: start from that model and its tokenizer
+    # hf:<hub id, transformers folder or GGUF file>, or a run dir a post-hoc fix wrote: start from that model and
+    # its tokenizer
+    init_from: str | None = None
     # Comma-separated parts of parameter names: only parameters whose name contains one train (e.g.
     # "sinks,g_proj,sink_tokens": a retrofit's new parameters); null = every parameter.
     train_only: str | None = None
@@ -117,9 +119,9 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} runs into the wsd decay, which starts at step "
                               f"{self.max_steps * (1 - self.decay_fraction):g} (max_steps x (1 - decay_fraction)); "
                               "lower train.warmup_steps or train.decay_fraction")
-        if self.init_from is not None and not self.init_from.startswith("hf:") and not Path(self.init_from).is_dir():
-            raise ConfigError(f"train.init_from={self.init_from!r} must look like hf:<hub id, transformers folder or GGUF file> "
-                              "or name a run dir (a post-hoc fix's output); to continue a sinklab run use train.resume")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("train.init_from is empty; give hf:<hub id, transformers folder or GGUF file>, a run dir "
+                              "that a post-hoc fix wrote, or null")
         if self.train_only is not None and not [p for p in self.train_only.split(",") if p.strip()]:
             raise ConfigError(f"train.train_only={self.train_only!r} names no parameter; give comma-separated parts of "
                               "parameter names (e.g. sinks,g_proj) or null to train every parameter")

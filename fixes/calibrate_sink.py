@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval import fail, positive_int
+from eval import HelpFormatter, fail, positive_int, run_main
 from eval.cli import add_lm_arguments, bos_id, checkpoint_info, expand, load
 from eval.streaming import evaluate
 from model.gpt import GPT
@@ -211,7 +211,7 @@ def calibration_windows(val, n: int, length: int, bos: int | None, reserved: int
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m fixes.calibrate_sink", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     add_lm_arguments(ap)
     ap.add_argument("--name", required=True, help="the new run: out/<name>/ (refused if it exists)")
     ap.add_argument("--out-dir", default="out", help="where the new run dir goes")
@@ -309,4 +309,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # Ctrl-C: one line, exit 130

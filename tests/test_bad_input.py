@@ -89,7 +89,7 @@ CASES = {  # id: (arguments, words the message must contain)
     "base cycle": (["--config", "{files}/cycle_a.yaml"], ["cycle_a.yaml is its own base", "closes the cycle"]),
     "out_dir a file": (["out_dir={files}/tokenizer.json"], ["tokenizer.json is a file, not a folder"]),
     "cache_dir a file": (["data.cache_dir={files}/tokenizer.json"], ["tokenizer.json is a file, not a directory"]),
-    "init_from not hf": (["train.init_from=out/other"], ["train.init_from='out/other' must look like hf:"]),
+    "init_from not hf": (["train.init_from=out/other"], ["train.init_from: out/other holds no checkpoint"]),
     "init_from missing folder": (["train.init_from=hf:{files}/nope"], ["train.init_from: hf:", "no such file or folder"]),
     "lr_scale malformed": (["train.lr_scale=sinks:100"], ["train.lr_scale entry 'sinks:100' must look like part=factor"]),
     "train_only unmatched": (["train.train_only=no_such_param"], ["train.train_only='no_such_param' matches no parameter"]),

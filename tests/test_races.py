@@ -44,7 +44,7 @@ def test_two_threads_writing_one_file_never_fail(tmp_path):
 
 def test_two_processes_writing_one_file_never_fail(tmp_path):
     path = tmp_path / "metrics.json"
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # plain file writes: no re-import of the test module per process
     procs = [ctx.Process(target=_write_many, args=(str(path), t, 200)) for t in TEXTS]
     for p in procs:
         p.start()

@@ -15,10 +15,11 @@ def sigterm_in_setup(argv: list[str]) -> subprocess.CompletedProcess:
     script = f"""
         import os, signal, sys, time
         import train
+        import trainer.loop
         def preempted(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # the handler leaves before this ends
-        train.make_optimizer = preempted
+        trainer.loop.make_optimizer = preempted
         sys.exit(train.main({argv!r}))
         """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
