@@ -72,8 +72,8 @@ def test_flex_forward_matches_math(causal):
 def test_backends_without_softpick_refuse_it_in_one_line():
     for name in ("sdpa", "chunked"):
         with pytest.raises(ValueError, match=f"model.backend={name!r} cannot run attention='softpick'"):
-            AttentionConfig(attention="softpick", backend=name).validate()
-    AttentionConfig(attention="softpick", backend="flex").validate()  # flex runs it
+            backends.check_name(AttentionConfig(attention="softpick", backend=name))
+    backends.check_name(AttentionConfig(attention="softpick", backend="flex"))  # flex runs it
     assert backends.resolve(AttentionConfig(attention="softpick"), torch.device("cpu")) == "math"
 
 
