@@ -15,8 +15,10 @@ and fits it from the model's own first token on a few held-out windows, per laye
          query heads of its group, as values are); `none`: zero (the logit alone)
 
 in the layers that have a sink (`--layers sink`: the mean weight on key 0 over heads and queries >= 1 at
-least `--min-weight`), in the heads that have one (`--layers heads`: the same test per head), or in every
-layer (`--layers all`). Layers and heads are chosen by the weight key 0 receives, not by its score: where
+least `--min-weight`), in the heads that have one (`--layers heads`: the same test per head), in every
+layer (`--layers all`), or (`--layers auto`, the default) by whichever of those, at min weights 0.3 and
+0.1, gives the lowest loss on the calibration windows with key 0 removed (every query >= 1 sees the slot
+in its place), the job the slot has to do once streaming evicts the first token. Layers and heads are chosen by the weight key 0 receives, not by its score: where
 there is no sink, key 0 can score as high as any key, and a constant logit fitted there can take most of
 the weight. The others get b_h = -1e4: their slot weighs exactly 0. The result is a new run dir (out/<name>/) that every eval, sample.py and
 train.init_from read, with calibration.json recording what was fitted and the readout: window-only
@@ -47,11 +49,14 @@ from model.interop.retrofit import complete_state
 from model.scores import causal_mask, expand_kv
 from trainer.checkpoint import write_model_run
 
+OFF = -1e4  # a layer without a slot: e^{b} underflows to 0 next to any real score, the layer is unchanged
+SINK_WEIGHT = 0.3  # --min-weight default: Gu et al.'s eps, the weight that makes a head a sink head
 LOGIT_RULES = ("lme", "median")
 VALUE_RULES = ("mean", "none")
 LAYER_RULES = ("sink", "heads", "all")
-OFF = -1e4  # a layer without a slot: e^{b} underflows to 0 next to any real score, the layer is unchanged
-SINK_WEIGHT = 0.3  # --min-weight default: Gu et al.'s eps, the weight that makes a head a sink head
+# --layers auto tries these (rule, min weight) and keeps the one whose key-0-free loss on the calibration
+# windows is lowest: no single choice was best on both models measured (docs/results_pretrained.md, section 7).
+AUTO_CANDIDATES = (("all", SINK_WEIGHT), ("sink", SINK_WEIGHT), ("sink", 0.1), ("heads", SINK_WEIGHT), ("heads", 0.1))
 
 
 @torch.no_grad()
@@ -116,6 +121,33 @@ def fit_slots(stats: list[dict], logit_rule: str = "lme", value_rule: str = "mea
                        "value": value if on else torch.zeros_like(value), "key0_weight": key0,
                        "key0_weight_per_head": per_head.tolist()})
     return fitted
+
+
+@torch.no_grad()
+def key0_free_nll(model, windows: torch.Tensor) -> float:
+    """Mean next-token NLL on `windows` with key 0 removed for every query >= 1 in every layer."""
+    import torch.nn.functional as F
+
+    from eval.interventions import knock_out_key0
+
+    with knock_out_key0(model, from_query=1):
+        logits = model(windows[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1)).item()
+
+
+def choose_slots(model: GPT, stats: list[dict], windows: torch.Tensor, logit_rule: str = "lme",
+                 value_rule: str = "mean") -> tuple[list[dict], list[dict]]:
+    """--layers auto: (the fitted slots of the AUTO_CANDIDATES rule with the lowest key-0-free NLL on the
+    calibration windows, one row per candidate: rule, min_weight, heads with a slot, nll)."""
+    best, rows = None, []
+    for layers, min_weight in AUTO_CANDIDATES:
+        fitted = fit_slots(stats, logit_rule, value_rule, layers, min_weight)
+        heads = sum(sum(f["heads"]) for f in fitted)
+        nll = key0_free_nll(with_slots(model, fitted), windows) if heads else math.inf
+        rows.append({"layers": layers, "min_weight": min_weight, "heads_with_slot": heads, "key0_free_nll": nll})
+        if best is None or nll < best[0]:
+            best = (nll, fitted)
+    return best[1], rows
 
 
 def with_slots(model: GPT, fitted: list[dict]) -> GPT:
@@ -219,7 +251,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--length", type=positive_int, default=128, help="tokens per calibration window")
     ap.add_argument("--logit", choices=LOGIT_RULES, default="lme", help="rule for the slot's logit b_h")
     ap.add_argument("--value", choices=VALUE_RULES, default="mean", help="rule for the slot's value v_h")
-    ap.add_argument("--layers", choices=LAYER_RULES, default="sink", help="which layers get a slot")
+    ap.add_argument("--layers", choices=("auto", *LAYER_RULES), default="auto", help="which layers / heads get a slot")
     ap.add_argument("--min-weight", type=float, default=SINK_WEIGHT,
                     help="--layers sink: the mean weight on key 0 that makes a layer a sink layer")
     ap.add_argument("--tokens", type=int, default=2000, help="readout: tokens streamed (0: no readout)")
@@ -255,14 +287,26 @@ def main(argv=None) -> dict:
         fail(str(e))
     device = next(model.parameters()).device
     started = time.perf_counter()
-    fitted = fit_slots(first_key_stats(model, windows.to(device)), args.logit, args.value, args.layers,
-                       args.min_weight)
+    windows = windows.to(device)
+    stats = first_key_stats(model, windows)
+    per_head = [(st["weight"].mean(dim=(0, 2)).max().item(), i) for i, st in enumerate(stats)]
+    most, where = max(per_head)
+    if args.layers != "all" and most < args.min_weight:
+        fail(f"{ckpts[0]} has no first-token sink: no head gives key 0 a mean weight >= {args.min_weight} (the most "
+             f"is {most:.3f}, layer {where}); nothing to move into a slot (--layers all forces one everywhere)")
+    candidates = []
+    if args.layers == "auto":
+        fitted, candidates = choose_slots(model, stats, windows, args.logit, args.value)
+        chosen = min(candidates, key=lambda r: r["key0_free_nll"])
+        print("--layers auto: key-0-free NLL on the calibration windows: " + ", ".join(
+            f"{r['layers']} >= {r['min_weight']} {r['key0_free_nll']:.4f}" for r in candidates)
+            + f" -> {chosen['layers']} >= {chosen['min_weight']}")
+    else:
+        fitted = fit_slots(stats, args.logit, args.value, args.layers, args.min_weight)
     fit_s = time.perf_counter() - started
     if not any(f["on"] for f in fitted):
-        best = max(range(len(fitted)), key=lambda i: fitted[i]["key0_weight"])
-        fail(f"{ckpts[0]} has no first-token sink: no layer gives key 0 a mean weight >= {args.min_weight} "
-             f"(the most is {fitted[best]['key0_weight']:.3f}, layer {best}); nothing to move into a slot "
-             "(--layers all forces one everywhere)")
+        fail(f"{ckpts[0]}: --layers {args.layers} --min-weight {args.min_weight} gives no layer a slot (the most a layer "
+             f"gives key 0 is {max(f['key0_weight'] for f in fitted):.3f}); lower --min-weight or use --layers heads")
     calibrated = with_slots(model, fitted)
     on = [i for i, f in enumerate(fitted) if f["on"]]
     print(f"calibrated {len(on)}/{len(fitted)} layers ({args.logit} logit, {args.value} value) on {args.windows} "
@@ -282,7 +326,8 @@ def main(argv=None) -> dict:
 
     record = {
         "source": checkpoint_info(run), "data": args.data, "rule": {
-            "logit": args.logit, "value": args.value, "layers": args.layers, "min_weight": args.min_weight},
+            "logit": args.logit, "value": args.value, "layers": args.layers, "min_weight": args.min_weight,
+            "auto_candidates": candidates},
         "windows": {"n": args.windows, "length": length, "bos": bos,
                     "tokens": f"the last {args.windows} x {length - (bos is not None)} tokens of the held-out split"},
         "fit_seconds": round(fit_s, 2), "layers": summary(fitted),

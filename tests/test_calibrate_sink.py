@@ -99,7 +99,7 @@ def test_cli_writes_a_run_every_reader_takes(tiny, capsys):
     assert (run_dir / "checkpoints" / "latest").is_symlink() and (run_dir / "calibration.json").is_file()
     assert (run_dir / "readout.png").stat().st_size > 1000
     saved = json.loads((run_dir / "calibration.json").read_text())
-    assert saved["rule"] == {"logit": "lme", "value": "mean", "layers": "all", "min_weight": 0.3}
+    assert saved["rule"] == {"logit": "lme", "value": "mean", "layers": "all", "min_weight": 0.3, "auto_candidates": []}
     assert all(layer["slot"] for layer in saved["layers"]) and saved["readout"]["rows"][0]["cache"] == 12
     assert record["layers"] == saved["layers"]
 
@@ -135,6 +135,24 @@ def test_cli_writes_a_run_every_reader_takes(tiny, capsys):
     start = dict(run.model.named_parameters())
     assert torch.equal(trained["layers.0.self_attn.q_proj.weight"], start["layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(trained["layers.0.self_attn.sink_values"], start["layers.0.self_attn.sink_values"])
+
+
+def test_auto_keeps_the_candidate_with_the_lowest_key0_free_loss(ref, tiny):
+    root, gguf = tiny
+    run = load_run(f"hf:{gguf}", data=f"{root}/corpus")
+    windows = calibrate_sink.calibration_windows(run.val_tokens(), 2, 16, None, 60)
+    stats = first_key_stats(run.model, windows)
+    fitted, rows = calibrate_sink.choose_slots(run.model, stats, windows)
+    assert [(r["layers"], r["min_weight"]) for r in rows] == list(calibrate_sink.AUTO_CANDIDATES)
+    best = min(rows, key=lambda r: r["key0_free_nll"])
+    expected = fit_slots(stats, "lme", "mean", best["layers"], best["min_weight"])
+    assert all(torch.equal(f["logit"], e["logit"]) for f, e in zip(fitted, expected))
+    # each candidate's loss is the model's own NLL with key 0 masked for queries >= 1 (the reference decoder)
+    cal = with_slots(run.model, expected).double()
+    sd = {k: v.double() for k, v in cal.state_dict().items()}
+    logits = ref.gpt(windows[:, :-1], sd, cal.config, drop_key0_layers=range(cal.config.n_layer), drop_from=1)[0]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item()
+    assert abs(nll - best["key0_free_nll"]) < 1e-4
 
 
 def test_refusals_write_nothing(tiny, capsys):
