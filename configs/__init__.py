@@ -29,7 +29,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 # `task` picks the classes of the model and data sections.
 TASKS = {"lm": (GPTConfig, DataConfig), "vit": (ViTConfig, ImageDataConfig)}
 # What train.py records at the top of a run's config.yaml next to the config; reading it back ignores them.
-RECORDS = ("attention_backend",)
+RECORDS = ("attention_backend", "eos_token_id", "eval_context", "calibrated_from")  # what ran and where it came from
 LR_SCHEDULES = ("cosine", "constant", "wsd")  # train.lr_schedule; trainer/optim.py computes them
 
 

@@ -88,14 +88,17 @@ def test_a_kill_mid_write_leaves_the_old_file(kind, tmp_path):
     proc = ctx.Process(target=child, args=(kind, str(target), started))
     proc.start()
     assert started.wait(10)
-    temp = target.with_name(f".{target.name}.tmp")
+    def temps():  # write_atomic's temp files: unique per write, hidden, beside the target
+        return list(tmp_path.glob(f".{target.name}.*.tmp"))
+
     deadline = time.time() + 10
-    while not (temp.exists() and temp.stat().st_size > 0) and time.time() < deadline:
+    while not (temps() and temps()[0].stat().st_size > 0) and time.time() < deadline:
         time.sleep(0.005)  # the new version is being written next to the old one
     proc.kill()
     proc.join()
-    assert temp.exists() and proc.exitcode == -9, "the kill did not land mid-write"
+    assert len(temps()) == 1 and proc.exitcode == -9, "the kill did not land mid-write"
+    [temp] = temps()
     assert 0 < temp.stat().st_size, "nothing was written before the kill"
     assert intact(kind, target, old) == "old"
-    WRITERS[kind](target, True)  # the next write replaces the file and its leftover temp
-    assert intact(kind, target, old) == "new" and not temp.exists()
+    WRITERS[kind](target, True)  # the next write replaces the file and leaves no temp of its own
+    assert intact(kind, target, old) == "new" and temps() == [temp]  # the killed writer's stays, hidden

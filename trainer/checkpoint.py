@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from configs import ConfigError, to_dict
+from configs import ConfigError, from_dict, to_dict
 from data.prepare import check_fingerprint
 from model import weights
 
@@ -203,8 +203,13 @@ def find_resume_checkpoint(cfg, data_fingerprint: dict | None = None) -> Path | 
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot resume from {ckpt}: its config.yaml is unreadable ({e})") from None
-    # What fixes the weights' shapes and the data order must match; how kernels run may change.
+    # What fixes the weights' shapes and the data order must match; how kernels run may change. The saved
+    # config is read in today's terms first: a key added since it was written takes its default.
     ours, saved = to_dict(cfg), saved if isinstance(saved, dict) else {}
+    try:
+        saved = to_dict(from_dict(saved))
+    except (ConfigError, ValueError, TypeError):
+        pass  # compared as written: the differences are named below
     changed = [f"seed: {saved.get('seed')!r} -> {cfg.seed!r}"] if saved.get("seed") != cfg.seed else []
     changed += [f"{section}.{k}: {(saved.get(section) or {}).get(k)!r} -> {v!r}"
                 for section in ("model", "data") for k, v in ours[section].items()

@@ -49,7 +49,9 @@ class Trainer:
         self.acc, micro, self.grad_accum = make_accelerator(cfg)
         # The run config as this run resolves it, built beside the validated one: the micro batch that fits
         # the processes, then what the data decides (trainer/tasks.py). config.yaml records this one.
+        given = getattr(cfg, "model_fields_given", frozenset())  # load_config's record: not a field, so carried over
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro))
+        cfg.model_fields_given = given
         self.task = make_task(cfg)
         acc, task = self.acc, self.task
         check_out_dir(cfg)
