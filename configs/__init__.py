@@ -253,11 +253,9 @@ def _coerce(key: str, value, tp):
 def upgrade_saved(values: dict) -> dict:
     """A run config as older code wrote it (a run dir's config.yaml), in today's terms. The one place that
     knows what older run dirs lack or hold besides the config: runs from before `task` existed are
-    language models; RECORDS keys say what ran, for the reader, and are not config. Keys a later version
-    adds need nothing here: a missing key takes its default."""
-    values = {k: v for k, v in values.items() if k not in RECORDS}
-    values.setdefault("task", "lm")
-    return values
+    language models; RECORDS keys say what ran, for the reader, and are not config (kept here, skipped
+    when the config is built). Keys a later version adds need nothing here: a missing key takes its default."""
+    return {"task": "lm", **values}
 
 
 def _build(cls, values: dict, prefix: str):
@@ -266,7 +264,7 @@ def _build(cls, values: dict, prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     if cls is RunConfig:
-        values = upgrade_saved(values)
+        values = {k: v for k, v in upgrade_saved(values).items() if k not in RECORDS}
         task = values["task"]
         if task not in TASKS:
             raise ConfigError(f"task={task!r} is not one of {list(TASKS)}")

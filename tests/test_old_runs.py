@@ -81,14 +81,15 @@ def test_an_old_run_resumes_as_if_never_stopped(old_run, tmp_path):
 
 
 def test_an_old_config_is_upgraded_in_one_place():
-    """configs.upgrade_saved: a config.yaml from before `task` existed is a language model's, and the keys a run
-    records beside its config (attention_backend) are dropped; what it has stays as it was."""
+    """configs.upgrade_saved: a config.yaml from before `task` existed is a language model's; the keys a run
+    records beside its config (attention_backend) stay for the readers and are skipped when the config is
+    built; what it has stays as it was."""
     from configs import from_dict, upgrade_saved
 
     saved = yaml.safe_load((FIXTURE / "config.yaml").read_text())
     assert saved["attention_backend"].startswith("sdpa")
     old = {k: v for k, v in saved.items() if k != "task"}
     new = upgrade_saved(old)
-    assert new["task"] == "lm" and "attention_backend" not in new and "attention_backend" in old
-    assert {k: v for k, v in new.items() if k != "task"} == {k: v for k, v in old.items() if k != "attention_backend"}
-    assert from_dict(old).model.n_embd == 32
+    assert new["task"] == "lm" and new["attention_backend"] == old["attention_backend"]
+    assert {k: v for k, v in new.items() if k != "task"} == old
+    assert from_dict(old).model.n_embd == 32 and from_dict(new).model.n_embd == 32
