@@ -154,9 +154,9 @@ def check(onnx_path: Path, folder: Path, image_size: int, seed: int = 0) -> floa
     bias = next(t.name for t in g.initializer if t.name.endswith("layernorm.bias") and "encoder" not in t.name)
     node = next(n for n in g.node if n.op_type == "Add" and bias in n.input)
     g.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    runtime = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(seed).standard_normal((1, 3, image_size, image_size)).astype(np.float32)
-    want = session.run([node.output[0]], {g.input[0].name: x})[0]
+    want = runtime.run([node.output[0]], {g.input[0].name: x})[0]
     model = Dinov2Model.from_pretrained(folder).eval()
     with torch.no_grad():
         got = model(torch.from_numpy(x)).last_hidden_state.numpy()
