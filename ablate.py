@@ -182,9 +182,8 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         sink_rows, trigger_ids = backcopy.held_out_rows(run, sink.N_SEQS, max(Ts))
         stream = backcopy.long_stream(load_chain(backcopy.data_dir(run)), stream_tokens)
         # the same rows as `python -m eval.backcopy` (its default count), so the numbers agree
-        guo = backcopy.evaluate(model, backcopy.held_out_rows(run, backcopy.N_SEQS, cfg.block_size)[0], trigger_ids)
-        guo["checkpoint"] = info
-        write_json(out / "backcopy.json", guo)
+        guo_rows = backcopy.held_out_rows(run, backcopy.N_SEQS, cfg.block_size)[0]
+        guo = save("backcopy", backcopy.evaluate(model, guo_rows, trigger_ids))
     else:
         sink_rows = held_out_sequences(val, sink.N_SEQS, max(Ts), bos_id=bos)
         stream = torch.from_numpy(np.asarray(val[:stream_tokens]).astype(np.int64))
@@ -214,9 +213,9 @@ def evaluate_run(run_dir: Path, stream_tokens: int, stream_modes: list[str], rec
         "f_attn": s.f_attn,
         "f_attn_raw": s.f_attn_raw,
         "sink_T": s.headline_T,
-        "bos_attention_non_trigger": guo and guo["bos_attention_non_trigger_mean"],
-        "bos_attention_non_trigger_raw": guo and guo["bos_attention_non_trigger_raw_mean"],
-        "extra_sink_mass_non_trigger": guo and guo.get("extra_sink_mass_non_trigger_mean"),
+        "bos_attention_non_trigger": guo and guo.bos_attention_non_trigger_mean,
+        "bos_attention_non_trigger_raw": guo and guo.bos_attention_non_trigger_raw_mean,
+        "extra_sink_mass_non_trigger": guo and guo.extra_sink_mass_non_trigger_mean,
         "max_abs_activation": act.max_top1,
         "max_h_ratio": act.max_ratio,
         "min_matrix_entropy": act.min_matrix_entropy_normalised,

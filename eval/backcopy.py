@@ -20,6 +20,7 @@ mean attention from every query on key 0 exceeds eps, averaged over sequences (i
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +34,7 @@ from . import (HelpFormatter, add_tag_argument, eval_dir, fail, flags_of, keep_o
                positive_int, with_flags, write_json)
 from .cli import check_paths, checkpoint_info, expand, load
 from .progress import progress
-from .result import PROXY_NOTE
+from .result import PROXY_NOTE, EvalResult
 
 
 def _probs(layer) -> torch.Tensor:
@@ -88,22 +89,51 @@ def sink_1(attn, eps: float = 0.3) -> float:
     return sink_rate(importance_per_sequence([_probs(layer) for layer in attn], max_k=1)[0], eps)
 
 
-DEFINITIONS = {
-    "bos_attention_non_trigger": "Guo et al.: mean attention on key 0 (BOS) of every query whose token is not a "
-                                 "trigger, the BOS query itself included; renormalised weights; list [layer][head]",
-    "bos_attention_non_trigger_raw": "the same on the raw weights (what the model puts on BOS)",
-    "bos_attention_trigger": "the same for queries whose token is a trigger (they must copy)",
-    "extra_sink_mass_non_trigger": "raw weight of the same queries on model.sink_tokens' learned tokens "
-                                   "(summed) or on model.sink_logit's virtual key; list [layer][head]",
-    "sink_1": "Gu et al. Sink_1^eps per sequence: % of (layer, head) pairs with mean attention of all "
-              "queries on key 0 above eps, averaged over sequences (eval.sink's definition); renormalised weights",
-    "sink_1_raw": "the same on the raw weights",
-    "weights": PROXY_NOTE,
-}
+@dataclass
+class BackcopyResult(EvalResult):
+    """Guo et al.'s BOS attention by query kind and Sink_1 of one model; lists are [layer][head]."""
+
+    sink_1: float
+    sink_1_raw: float
+    eps: float
+    n_seqs: int
+    T: int
+    trigger_ids: list
+    bos_attention_non_trigger: list
+    bos_attention_non_trigger_mean: float
+    bos_attention_non_trigger_raw: list
+    bos_attention_non_trigger_raw_mean: float
+    n_queries_non_trigger: int
+    bos_attention_trigger: list
+    bos_attention_trigger_mean: float
+    bos_attention_trigger_raw: list
+    bos_attention_trigger_raw_mean: float
+    n_queries_trigger: int
+    # only with model.sink_tokens or model.sink_logit
+    extra_sink_mass_non_trigger: list | None = None
+    extra_sink_mass_non_trigger_mean: float | None = None
+    extra_sink_mass_trigger: list | None = None
+    extra_sink_mass_trigger_mean: float | None = None
+    step: int | None = None  # the checkpoint's training step, set by the CLI beside `checkpoint`
+    OPTIONAL = ("extra_sink_mass_non_trigger", "extra_sink_mass_non_trigger_mean", "extra_sink_mass_trigger",
+                "extra_sink_mass_trigger_mean", "step")
+
+    DEFINITIONS = {
+        "bos_attention_non_trigger": "Guo et al.: mean attention on key 0 (BOS) of every query whose token is not a "
+                                     "trigger, the BOS query itself included; renormalised weights; list [layer][head]",
+        "bos_attention_non_trigger_raw": "the same on the raw weights (what the model puts on BOS)",
+        "bos_attention_trigger": "the same for queries whose token is a trigger (they must copy)",
+        "extra_sink_mass_non_trigger": "raw weight of the same queries on model.sink_tokens' learned tokens "
+                                       "(summed) or on model.sink_logit's virtual key; list [layer][head]",
+        "sink_1": "Gu et al. Sink_1^eps per sequence: % of (layer, head) pairs with mean attention of all "
+                  "queries on key 0 above eps, averaged over sequences (eval.sink's definition); renormalised weights",
+        "sink_1_raw": "the same on the raw weights",
+        "weights": PROXY_NOTE,
+    }
 
 
 @torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_size: int = 16) -> dict:
+def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_size: int = 16) -> BackcopyResult:
     """BOS attention by query kind and Sink_1 of `model` on (N, T) BOS-first sequences, each on the
     renormalised and on the raw weights (probes.sink.text_attention)."""
     if tokens.dim() != 2 or tokens.shape[1] < 2:
@@ -130,21 +160,20 @@ def evaluate(model, tokens: torch.Tensor, trigger_ids, eps: float = 0.3, batch_s
                 extra_sums[kind] = extra_sums[kind] + s
         bar.update(batch.numel())
     bar.close()
-    result = {"sink_1": sink_sum[""] / tokens.shape[0], "sink_1_raw": sink_sum["_raw"] / tokens.shape[0], "eps": eps,
+    values = {"sink_1": sink_sum[""] / tokens.shape[0], "sink_1_raw": sink_sum["_raw"] / tokens.shape[0], "eps": eps,
               "n_seqs": int(tokens.shape[0]), "T": int(tokens.shape[1]), "trigger_ids": list(trigger_ids)}
     nan = torch.full_like(sums["non_trigger", ""], float("nan"))
     for kind in QUERY_KINDS:
         for sc in SCALES:
             mean = sums[kind, sc] / counts[kind] if counts[kind] else nan
-            result[f"bos_attention_{kind}{sc}"] = mean.tolist()
-            result[f"bos_attention_{kind}{sc}_mean"] = float(mean.mean())
-        result[f"n_queries_{kind}"] = counts[kind]
+            values[f"bos_attention_{kind}{sc}"] = mean.tolist()
+            values[f"bos_attention_{kind}{sc}_mean"] = float(mean.mean())
+        values[f"n_queries_{kind}"] = counts[kind]
         if torch.is_tensor(extra_sums[kind]):
             extra = extra_sums[kind] / counts[kind] if counts[kind] else nan
-            result[f"extra_sink_mass_{kind}"] = extra.tolist()
-            result[f"extra_sink_mass_{kind}_mean"] = float(extra.mean())
-    result["definitions"] = dict(DEFINITIONS)
-    return result
+            values[f"extra_sink_mass_{kind}"] = extra.tolist()
+            values[f"extra_sink_mass_{kind}_mean"] = float(extra.mean())
+    return BackcopyResult(**values)
 
 
 def data_dir(run):
@@ -184,7 +213,7 @@ def length_arg(text: str) -> str:
     return text
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> list[BackcopyResult]:
     ap = argparse.ArgumentParser(prog="python -m eval.backcopy", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", nargs="+", required=True,
@@ -217,12 +246,12 @@ def main(argv=None) -> list[dict]:
         target = eval_dir(run.run_dir, args.tag) / f"backcopy_step_{info['step']}.json"
         keep_other_result(target, flags)
         result = evaluate(model, x, trigger_ids, eps=args.eps)
-        result.update(checkpoint=info, step=info["step"])
-        out = write_json(target, with_flags(result, flags))
-        print(f"{run.run_dir.name} step {info['step']}: Sink_1^{args.eps} {result['sink_1']:.1f}% "
-              f"(raw {result['sink_1_raw']:.1f}%)  BOS attention: non-trigger "
-              f"{result['bos_attention_non_trigger_mean']:.3f} (raw {result['bos_attention_non_trigger_raw_mean']:.3f}), "
-              f"trigger {result['bos_attention_trigger_mean']:.3f} (mean over layers and heads)\n-> {out}")
+        result.checkpoint, result.step = info, info["step"]
+        out = write_json(target, with_flags(result.to_json(), flags))
+        print(f"{run.run_dir.name} step {info['step']}: Sink_1^{args.eps} {result.sink_1:.1f}% "
+              f"(raw {result.sink_1_raw:.1f}%)  BOS attention: non-trigger "
+              f"{result.bos_attention_non_trigger_mean:.3f} (raw {result.bos_attention_non_trigger_raw_mean:.3f}), "
+              f"trigger {result.bos_attention_trigger_mean:.3f} (mean over layers and heads)\n-> {out}")
         results.append(result)
         del run  # one model in memory at a time
     return results

@@ -39,6 +39,7 @@ predicted box is mapped back to the image's pixels, where the ground truth lives
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 
 from data.boxes import BOX_FORMATS
 from model.denoiser import load_denoiser
+
+from .result import EvalResult
 
 CORLOC_IOU = 0.5
 LOST_K = 100  # valeoai/LOST's k_patches
@@ -338,34 +341,76 @@ def linear_probe(train_feats, train_masks, val_feats, val_masks, steps: int = PR
 
 
 # ------------------------------------------------------------------------------ both on a model
-DEFINITIONS = {
-    "corloc": "share of held-out images whose LOST box (last-block patch keys) has IoU >= 0.5 with some object's box",
-    "mask_iou": "pixel IoU of the LOST mask with the object it overlaps most, mean over held-out images",
-    "corloc_ceiling": "CorLoc of the box of the patches each object touches (the best a patch-level box can do)",
-    "seed_on_object": "share of images whose LOST seed patch holds object pixels",
-    "miou": "linear probe on the frozen final patch tokens, object/background, mean of the two IoUs, held-out pixels",
-}
+@dataclass
+class DenseResult(EvalResult):
+    """LOST (lost_scores) and the linear probe (linear_probe) on held-out images with object masks."""
+
+    lost: dict
+    probe: dict
+
+    DEFINITIONS = {
+        "corloc": "share of held-out images whose LOST box (last-block patch keys) has IoU >= 0.5 with some object's "
+                  "box",
+        "mask_iou": "pixel IoU of the LOST mask with the object it overlaps most, mean over held-out images",
+        "corloc_ceiling": "CorLoc of the box of the patches each object touches (the best a patch-level box can do)",
+        "seed_on_object": "share of images whose LOST seed patch holds object pixels",
+        "miou": "linear probe on the frozen final patch tokens, object/background, mean of the two IoUs, held-out "
+                "pixels",
+    }
+
+    def readouts(self) -> dict:
+        """The JSON without a checkpoint: what a result holding these readouts (vit_artifacts, fixes/) nests."""
+        out = self.to_json()
+        del out["checkpoint"], out["definitions"]["checkpoint"]
+        return out
+
+
+@dataclass
+class DenseOnFeaturesResult(DenseResult):
+    """The readouts on given patch features (a denoiser's output, or the raw ones beside it)."""
+
+    lost_on: str = "features"  # there are no keys after a denoiser
+    denoiser: str | None = None  # the denoiser's folder, set by the CLI
+    OPTIONAL = ("denoiser",)
+
+
+@dataclass
+class DenseBoxesResult(DenseResult):
+    """LOST CorLoc (corloc_summary) on images with boxes, and the linear probe where they have instance
+    masks (probe None without)."""
+
+    data: str
+    split: str | None
+    fit: str
+    image_size: int
+    patch_size: int
+
+    DEFINITIONS = {
+        "corloc": "share of images whose LOST box (last-block patch keys, valeoai/LOST's box and bbox_iou) has IoU "
+                  ">= 0.5 with some ground-truth box; images without a box count as misses",
+        "miou": "linear probe on the frozen final patch tokens, object (any instance of SegmentationObject) / "
+                "background, mean of the two IoUs over held-out masked images; VOC's void border and the padding "
+                "not scored; null without masks",
+    }
 
 
 def dense_readouts(model, train_x, train_masks, val_x, val_masks, lost_k: int | None = None,
-                   batch_size: int = 128) -> dict:
+                   batch_size: int = 128) -> DenseResult:
     """LOST on the held-out images and the linear probe (trained on train_x, scored on val_x);
     images are normalised (N, C, H, W), masks (N, H, W) instance ids, 0 = background."""
     patch = model.config.patch_size
     val = patch_features(model, val_x, batch_size)
     train = patch_features(model, train_x, batch_size)
-    return {"lost": lost_scores(val["keys"], val_masks, patch, lost_k),
-            "probe": linear_probe(train["tokens"], train_masks, val["tokens"], val_masks),
-            "definitions": DEFINITIONS}
+    return DenseResult(lost=lost_scores(val["keys"], val_masks, patch, lost_k),
+                       probe=linear_probe(train["tokens"], train_masks, val["tokens"], val_masks))
 
 
 def dense_readouts_on_features(train_feats, train_masks, val_feats, val_masks, patch: int,
-                               lost_k: int | None = None) -> dict:
+                               lost_k: int | None = None) -> DenseOnFeaturesResult:
     """The same readouts on given patch features (B, N, C), e.g. a denoiser's output: LOST then runs on
     the features themselves (there are no keys after a denoiser)."""
-    return {"lost": lost_scores(val_feats.cpu(), val_masks, patch, lost_k),
-            "probe": linear_probe(train_feats.cpu(), train_masks, val_feats.cpu(), val_masks),
-            "lost_on": "features", "definitions": DEFINITIONS}
+    return DenseOnFeaturesResult(lost=lost_scores(val_feats.cpu(), val_masks, patch, lost_k),
+                                 probe=linear_probe(train_feats.cpu(), train_masks, val_feats.cpu(), val_masks))
 
 
 def add_box_args(ap) -> None:
@@ -397,11 +442,10 @@ def load_boxed_items(args) -> list:
     return items[: args.n_images] if args.n_images else items
 
 
-def main_boxed(args) -> dict:
+def main_boxed(args) -> DenseBoxesResult:
     """eval.dense on a VOC folder or a COCO json: LOST CorLoc."""
     from . import fail, write_json
     from .cli import checkpoint_info, load, output_dir
-    from .result import CHECKPOINT_DEFINITION
 
     try:
         items = load_boxed_items(args)
@@ -411,26 +455,19 @@ def main_boxed(args) -> dict:
         model = run.model.eval()
         norm = box_normalisation(run.config, model, items, args.fit)
         k = args.lost_k or LOST_K
-        result = lost_on_boxed(model, items, norm["image_mean"], norm["image_std"], k, args.fit, args.batch_size)
+        lost = lost_on_boxed(model, items, norm["image_mean"], norm["image_std"], k, args.fit, args.batch_size)
         probe = probe_on_boxed(model, items, norm["image_mean"], norm["image_std"], args.n_probe_train, args.fit,
                                args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     out = output_dir(run, args.ckpt)
-    result = {"lost": result, "probe": probe, "data": str(args.data), "split": args.split, "fit": args.fit,
-              "image_size": model.config.image_size, "patch_size": model.config.patch_size,
-              "checkpoint": checkpoint_info(run),
-              "definitions": {"corloc": "share of images whose LOST box (last-block patch keys, valeoai/LOST's "
-                              "box and bbox_iou) has IoU >= 0.5 with some ground-truth box; images without a box "
-                              "count as misses", "checkpoint": CHECKPOINT_DEFINITION,
-                              "miou": "linear probe on the frozen final patch tokens, object (any instance of "
-                              "SegmentationObject) / background, mean of the two IoUs over held-out masked images; "
-                              "VOC's void border and the padding not scored; null without masks"}}
-    write_json(out / "dense_boxes.json", result)
-    lo = result["lost"]
-    print(f"LOST: CorLoc {100 * lo['corloc']:.1f}% ({lo['hits']}/{lo['n_images']}) on {args.data}, "
+    result = DenseBoxesResult(lost=lost, probe=probe, data=str(args.data), split=args.split, fit=args.fit,
+                              image_size=model.config.image_size, patch_size=model.config.patch_size,
+                              checkpoint=checkpoint_info(run))
+    write_json(out / "dense_boxes.json", result.to_json())
+    print(f"LOST: CorLoc {100 * lost['corloc']:.1f}% ({lost['hits']}/{lost['n_images']}) on {args.data}, "
           f"{model.config.image_size}px ({model.config.grid}x{model.config.grid} patches of {model.config.patch_size}), "
-          f"fit {args.fit}, k {lo['k']}; {100 * lo['positive_share']:.0f}% of patch-key pairs correlate positively")
+          f"fit {args.fit}, k {lost['k']}; {100 * lost['positive_share']:.0f}% of patch-key pairs correlate positively")
     if probe is not None:
         print(f"linear probe mIoU {probe['miou']:.3f} (object {probe['iou_object']:.3f}), trained on {probe['n_train']} "
               f"and scored on {probe['n_val']} images with segmentation masks")
@@ -438,12 +475,11 @@ def main_boxed(args) -> dict:
     return result
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> DenseResult:
     from data.boxes import is_boxed
 
     from . import HelpFormatter, fail, write_json
     from .cli import checkpoint_info
-    from .result import CHECKPOINT_DEFINITION
     from .vit_images import add_image_args, load_for_vit_eval
 
     ap = argparse.ArgumentParser(prog="python -m eval.dense", description=__doc__.split("\n\n")[0],
@@ -472,14 +508,13 @@ def main(argv=None) -> dict:
                 feats = [den(patch_tokens(ctx.model, x, args.batch_size)) for x in (train_x, val_x)]
             result = dense_readouts_on_features(feats[0], train_m, feats[1], val_m, ctx.model.config.patch_size,
                                                 args.lost_k)
-            result["denoiser"] = args.denoiser
+            result.denoiser = args.denoiser
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))  # one line, exit code 2, as every eval
     run, out = ctx.run, ctx.out
-    result["checkpoint"] = checkpoint_info(run)
-    result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
-    write_json(out / ("dense_denoised.json" if args.denoiser else "dense.json"), result)
-    lo, pr = result["lost"], result["probe"]
+    result.checkpoint = checkpoint_info(run)
+    write_json(out / ("dense_denoised.json" if args.denoiser else "dense.json"), result.to_json())
+    lo, pr = result.lost, result.probe
     print(f"LOST: CorLoc {100 * lo['corloc']:.1f}% (grid ceiling {100 * lo['corloc_ceiling']:.1f}%), mask IoU "
           f"{lo['mask_iou']:.3f}, seed on an object {100 * lo['seed_on_object']:.1f}% | linear probe mIoU "
           f"{pr['miou']:.3f} (object {pr['iou_object']:.3f}) on {lo['n_images']} held-out images")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from data.tokenizer import EOT
 from . import HelpFormatter, fail, make_dir, nonnegative_int, positive_int, write_json
 from .cli import add_lm_arguments, bos_id, check_paths, checkpoint_info, expand, load, output_dir
 from .progress import progress
-from .result import CHECKPOINT_DEFINITION
+from .result import EvalResult
 
 
 class SinklabLM(TemplateLM):
@@ -146,10 +147,32 @@ class SinklabLM(TemplateLM):
         return texts
 
 
+@dataclass
+class HarnessResult(EvalResult):
+    """lm-eval's results on one model. The JSON has lm-eval's keys at its top level, as lm-eval writes them
+    (some, such as n-shot, are not Python names, so they stay in `lm_eval`)."""
+
+    tasks: list
+    lm_eval: dict  # results, versions, n-shot, higher_is_better, n-samples; groups and samples when lm-eval has them
+    seed: int | None
+
+    DEFINITIONS = {
+        "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
+        "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one "
+                        "or the run's data starts documents with it, else from end-of-text",
+        "seed": "lm-eval's python / numpy / torch / few-shot seed (null: lm-eval's defaults 0/1234/1234/1234)",
+        "samples": "with --log-samples: every request lm-eval made and the model's response, per task",
+    }
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        return {**out.pop("lm_eval"), **out}
+
+
 def evaluate(run, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
              batch_size: int = 8, include_path: str | None = None, log_samples: bool = False,
-             manager=None, seed: int | None = None) -> dict:
-    """Run lm-eval tasks on a LoadedRun; returns lm-eval's result dict (JSON-safe parts).
+             manager=None, seed: int | None = None) -> HarnessResult:
+    """Run lm-eval tasks on a LoadedRun; lm-eval's result dict (its JSON-safe parts) is the result's `lm_eval`.
     `manager`: a `task_manager(tasks, include_path)` to reuse (building one can take 20 s).
     `seed`: lm-eval's python, numpy, torch and few-shot seeds all set to it (None: lm-eval's
     defaults, 0 / 1234 / 1234 / 1234). A task whose dataset cannot be loaded (offline, missing
@@ -171,7 +194,8 @@ def evaluate(run, tasks: list[str], num_fewshot: int | None = None, limit: float
                                  "(HF_DATASETS_CACHE), or give a task YAML whose dataset_path is local via "
                                  "--include-path") from e
     keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "samples")
-    return json.loads(json.dumps({k: out[k] for k in keep if k in out}, default=str))
+    kept = json.loads(json.dumps({k: out[k] for k in keep if k in out}, default=str))
+    return HarnessResult(tasks=tasks, lm_eval=kept, seed=seed)
 
 
 class DatasetUnavailable(RuntimeError):
@@ -225,7 +249,7 @@ def output_path(requested: str | None, run, path: str, several: bool, tag: str |
     return make_dir(req) / name
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> list[HarnessResult]:
     ap = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
     add_lm_arguments(ap, data=False)  # the tasks bring their own data
@@ -261,17 +285,10 @@ def main(argv=None) -> list[dict]:
                               log_samples=args.log_samples, manager=manager, seed=args.seed)
         except DatasetUnavailable as e:
             fail(str(e))
-        result = {"tasks": tasks, **result, "seed": args.seed, "checkpoint": checkpoint_info(run), "definitions": {
-            "results": "lm-eval's metrics per task (acc, acc_norm, word_perplexity, ...) as lm-eval defines them",
-            "prefix token": "empty contexts and rolling windows start from BOS when the tokenizer adds one "
-                            "or the run's data starts documents with it, else from end-of-text",
-            "seed": "lm-eval's python / numpy / torch / few-shot seed (null: lm-eval's defaults 0/1234/1234/1234)",
-            "samples": "with --log-samples: every request lm-eval made and the model's response, per task",
-            "checkpoint": CHECKPOINT_DEFINITION,
-        }}
+        result.checkpoint = checkpoint_info(run)
         out = output_path(args.output_path, run, path, len(paths) > 1, args.tag)
-        write_json(out, result)
-        for task, metrics in result["results"].items():
+        write_json(out, result.to_json())
+        for task, metrics in result.lm_eval["results"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown}")
         print(f"-> {out}")

@@ -1,7 +1,8 @@
 """The result every eval returns: a dataclass whose `to_json()` is what lands in its JSON file.
 
 Subclasses declare their fields and a `DEFINITIONS` dict (field name -> what it means); fields
-whose name starts with "_" (per-token curves, raw tensors) stay out of the JSON. `checkpoint`
+whose name starts with "_" (per-token curves, raw tensors) stay out of the JSON, and so do the
+fields named in `OPTIONAL` while they are None (numbers only some models or flags have). `checkpoint`
 is filled in by the CLI with where the numbers came from (see eval/cli.py).
 """
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import ClassVar
 class EvalResult:
     DEFINITIONS: ClassVar[dict] = {}
     AXES: ClassVar[dict] = {}  # headline field -> its axis label with the unit (the over-steps plot)
+    OPTIONAL: ClassVar[tuple] = ()  # fields left out of the JSON while None
     checkpoint: dict | None = field(default=None, kw_only=True)
 
     def to_json(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
+               and not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
         out["definitions"] = {**self.definitions(), "checkpoint": CHECKPOINT_DEFINITION}
         return out
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
-from .dense import dense_readouts, object_patches
+from .dense import DenseResult, dense_readouts, object_patches
+from .result import EvalResult
 
 SIGMAS = 3.0  # outliers: norm > mean + SIGMAS * std of the layer's patch-token norms
 HIGH_NORM_FACTOR = 2.0  # the high-norm mode: patch norm > this x the layer's median patch norm
@@ -335,9 +337,59 @@ def plot_ttr(base: list[dict], ttr: list[dict], path) -> None:
 
 
 # ------------------------------------------------------------------------------ the whole analysis
+@dataclass
+class VitArtifactsResult(EvalResult):
+    """Everything eval.vit_artifacts reports on one ViT (the module docstring): per-layer norm and outlier
+    statistics (artifact_stats), CLS's attention split, the dense readouts on images with masks, and the
+    test-time register's effect when it ran."""
+
+    n_images: int
+    accuracy: float | None  # None: the model's head does not predict these labels (an import)
+    threshold_rule: str
+    border_share_of_patches: float
+    background_share_of_patches: float | None  # None without object masks
+    layers: list
+    cls_attention_last_layer: dict
+    dense: DenseResult | None  # None without object masks
+    model: dict
+    test_time_register: dict | None = None  # with ttr_top_k: the neurons moved and the numbers with them
+    _hidden: list | None = field(default=None, repr=False)  # per layer (N, T, C): the norm plot
+    _attn: torch.Tensor | None = field(default=None, repr=False)  # last layer (N, H, T, T): the attention maps
+    OPTIONAL = ("test_time_register",)
+
+    DEFINITIONS = {
+        "outlier_fraction": "patch tokens whose norm exceeds the layer's threshold (threshold_rule) / all patch tokens",
+        "outlier_fraction_fixed": "the same against the absolute norm --fixed-threshold (present when given)",
+        "high_norm_fraction": f"patch tokens with norm > {HIGH_NORM_FACTOR:g} x the layer's median patch norm / all "
+                              "patch tokens; high_norm_over_median: their mean norm / that median",
+        "background_share": "outlier_/high_norm_background_share: share of those tokens on patches without any "
+                            "object pixel (images with masks); background_share_of_patches: the base rate",
+        "rule": "test-time register: ours = units of blocks <= ttr_layer ranked by mean |activation| over "
+                "outlier patches pooled over images, each moved as its patch value of largest magnitude, patches "
+                "zeroed; reference = Jiang et al.: outliers = tokens with norm > fixed threshold at "
+                "ttr_detect_layer, scores averaged per image then over images with outliers, units of blocks "
+                "<= ttr_layer; the register gets, per image and layer, one scalar: the signed value of largest "
+                "magnitude over all tokens and the layer's units; every token between CLS and the register "
+                "(patches, trained registers) zeroed",
+    }
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        # the dense readouts nest without a checkpoint: this result's is theirs
+        out["dense"] = _readouts(self.dense)
+        if self.test_time_register is not None:
+            out["test_time_register"] = {**self.test_time_register,
+                                         "dense_with": _readouts(self.test_time_register["dense_with"])}
+        return out
+
+
+def _readouts(dense: DenseResult | None) -> dict | None:
+    return None if dense is None else dense.readouts()
+
+
 def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None, ttr_top_k: int | None = None,
             batch_size: int = 128, fixed_threshold: float | None = None, ttr_rule: str = "ours",
-            ttr_detect_layer: int = -1, dense_data: tuple | None = None) -> dict:
+            ttr_detect_layer: int = -1, dense_data: tuple | None = None) -> VitArtifactsResult:
     """Everything the CLI reports, on normalised `images` (N, C, H, W) with `labels` (N,).
     ttr_top_k set = also run the test-time-register intervention (units of blocks 0..ttr_layer).
     `fixed_threshold`: also report each layer's outlier fraction against that absolute norm.
@@ -359,18 +411,19 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
     if fixed_threshold is not None:
         for layer, mask in zip(layers, find_outliers(base["hidden"], sl["patches"], fixed_threshold)):
             layer["outlier_fraction_fixed"] = float(mask.float().mean())
-    result = {
-        "n_images": len(images),
-        "accuracy": base["accuracy"],
-        "threshold_rule": f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
-        "border_share_of_patches": float(border_mask(c.grid).float().mean()),
-        "background_share_of_patches": None if background is None else float(background.float().mean()),
-        "layers": layers,
-        "cls_attention_last_layer": cls_attention_split(base["attn"], c.n_registers, c.n_patches),
-        "dense": None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size),
-        "model": {"attention": c.attention, "gate": c.gate, "n_registers": c.n_registers, "n_layer": c.n_layer,
-                  "grid": c.grid, "pool": c.pool},
-    }
+    result = VitArtifactsResult(
+        n_images=len(images),
+        accuracy=base["accuracy"],
+        threshold_rule=f"fixed {threshold}" if threshold is not None else f"mean + {SIGMAS:g} std of patch norms",
+        border_share_of_patches=float(border_mask(c.grid).float().mean()),
+        background_share_of_patches=None if background is None else float(background.float().mean()),
+        layers=layers,
+        cls_attention_last_layer=cls_attention_split(base["attn"], c.n_registers, c.n_patches),
+        dense=None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size),
+        model={"attention": c.attention, "gate": c.gate, "n_registers": c.n_registers, "n_layer": c.n_layer,
+               "grid": c.grid, "pool": c.pool},
+        _hidden=base["hidden"], _attn=base["attn"],
+    )
     if ttr_top_k:
         layer = c.n_layer - 1 if ttr_layer is None else ttr_layer
         if not 0 <= layer < c.n_layer:
@@ -391,7 +444,7 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
             ttr = run_model(model, images, labels, batch_size, attn=False)
             ttr_dense = None if dense_data is None else dense_readouts(model, *dense_data, batch_size=batch_size)
         ttr_layers = artifact_stats(ttr["hidden"], c.n_registers, c.grid, thresholds, background)
-        result["test_time_register"] = {
+        result.test_time_register = {
             "ttr_layer": layer, "top_k": ttr_top_k, "rule": ttr_rule, "neurons": neurons,
             **({"ttr_detect_layer": detect} if ttr_rule == "reference" else {}),
             "n_outlier_positions": int(positions.sum()),
@@ -401,26 +454,10 @@ def analyse(model, images, labels, threshold=None, ttr_layer: int | None = None,
             "layers_with": ttr_layers,
             "dense_with": ttr_dense,
         }
-    result["definitions"] = {
-        "outlier_fraction": "patch tokens whose norm exceeds the layer's threshold (threshold_rule) / all patch tokens",
-        "outlier_fraction_fixed": "the same against the absolute norm --fixed-threshold (present when given)",
-        "high_norm_fraction": f"patch tokens with norm > {HIGH_NORM_FACTOR:g} x the layer's median patch norm / all "
-                              "patch tokens; high_norm_over_median: their mean norm / that median",
-        "background_share": "outlier_/high_norm_background_share: share of those tokens on patches without any "
-                            "object pixel (images with masks); background_share_of_patches: the base rate",
-        "rule": "test-time register: ours = units of blocks <= ttr_layer ranked by mean |activation| over "
-                "outlier patches pooled over images, each moved as its patch value of largest magnitude, patches "
-                "zeroed; reference = Jiang et al.: outliers = tokens with norm > fixed threshold at "
-                "ttr_detect_layer, scores averaged per image then over images with outliers, units of blocks "
-                "<= ttr_layer; the register gets, per image and layer, one scalar: the signed value of largest "
-                "magnitude over all tokens and the layer's units; every token between CLS and the register "
-                "(patches, trained registers) zeroed",
-    }
-    result["_hidden"], result["_attn"] = base["hidden"], base["attn"]
     return result
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> list[VitArtifactsResult]:
     from . import HelpFormatter, add_tag_argument, fail, nonnegative_float, positive_int
     from .cli import check_paths, expand
 
@@ -466,11 +503,10 @@ def main(argv=None) -> list[dict]:
     return results
 
 
-def evaluate_checkpoint(path: str, args) -> dict:
+def evaluate_checkpoint(path: str, args) -> VitArtifactsResult:
     """The CLI's work on one ViT checkpoint: analyse, plot, write vit_artifacts.json."""
     from . import flags_of, keep_other_result, with_flags, write_json
     from .cli import checkpoint_info, load, output_dir
-    from .result import CHECKPOINT_DEFINITION
     from .vit_images import model_images
 
     run = load(path, args, task="vit")
@@ -490,30 +526,28 @@ def evaluate_checkpoint(path: str, args) -> dict:
                      args.ttr_top_k if args.test_time_register else None, args.batch_size,
                      args.fixed_threshold, args.ttr_rule, args.ttr_detect_layer, dense_data)
     c = model.config
-    result["checkpoint"] = checkpoint_info(run)
-    result["definitions"]["checkpoint"] = CHECKPOINT_DEFINITION
-    hidden, attn = result.pop("_hidden"), result.pop("_attn")
-    plot_norms(hidden, c.n_registers, c.grid, result["layers"], out / "vit_norms.png")
+    result.checkpoint = checkpoint_info(run)
+    plot_norms(result._hidden, c.n_registers, c.grid, result.layers, out / "vit_norms.png")
     shown = x.cpu().flatten(1)  # normalised images back to [0, 1] per image, for the plot
     shown = (shown - shown.amin(1, keepdim=True)) / (shown.amax(1, keepdim=True) - shown.amin(1, keepdim=True)).clamp_min(1e-6)
-    plot_attention_maps(shown.view_as(x), attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
-    if "test_time_register" in result:
-        plot_ttr(result["layers"], result["test_time_register"]["layers_with"], out / "vit_ttr.png")
-    write_json(out / "vit_artifacts.json", with_flags(result, flags_of(args)))
-    fr = ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in result["layers"])
-    acc = "n/a (no class head for these labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
+    plot_attention_maps(shown.view_as(x), result._attn, c.n_registers, c.grid, out / "vit_attention.png", args.n_maps)
+    result._hidden = result._attn = None  # drawn: the results main returns, one per checkpoint, hold no tensors
+    ttr = result.test_time_register
+    if ttr is not None:
+        plot_ttr(result.layers, ttr["layers_with"], out / "vit_ttr.png")
+    write_json(out / "vit_artifacts.json", with_flags(result.to_json(), flags_of(args)))
+    fr = ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in result.layers)
+    acc = "n/a (no class head for these labels)" if result.accuracy is None else f"{result.accuracy:.4f}"
     print(f"accuracy {acc} on {n} held-out images; outlier % per block: {fr}")
-    if "test_time_register" in result:
-        t = result["test_time_register"]
-        fr = ", ".join(f"{100 * f:.1f}" for f in t["outlier_fraction_with"])
-        acc = "n/a" if t["accuracy_with"] is None else f"{t['accuracy_with']:.4f}"
-        print(f"test-time register ({len(t['neurons'])} units): accuracy {acc}; "
+    if ttr is not None:
+        fr = ", ".join(f"{100 * f:.1f}" for f in ttr["outlier_fraction_with"])
+        acc = "n/a" if ttr["accuracy_with"] is None else f"{ttr['accuracy_with']:.4f}"
+        print(f"test-time register ({len(ttr['neurons'])} units): accuracy {acc}; "
               f"outlier % per block: {fr}")
-    for name, d in (("dense", result["dense"]), ("dense with test-time register",
-                                                 result.get("test_time_register", {}).get("dense_with"))):
+    for name, d in (("dense", result.dense), ("dense with test-time register", ttr and ttr["dense_with"])):
         if d:
-            print(f"{name}: LOST CorLoc {100 * d['lost']['corloc']:.1f}%, mask IoU {d['lost']['mask_iou']:.3f}; "
-                  f"linear probe mIoU {d['probe']['miou']:.3f}")
+            print(f"{name}: LOST CorLoc {100 * d.lost['corloc']:.1f}%, mask IoU {d.lost['mask_iou']:.3f}; "
+                  f"linear probe mIoU {d.probe['miou']:.3f}")
     print(f"-> {out / 'vit_artifacts.json'}")
     return result
 

@@ -346,9 +346,10 @@ def main(argv=None) -> dict:
     if data.val_masks is not None:
         patch = model.config.patch_size
         masks = (data.train_masks[: args.n_probe_train], data.val_masks)
-        result["dense_raw"] = dense_readouts_on_features(train_raw, masks[0], raw_val, masks[1], patch, args.lost_k)
+        result["dense_raw"] = dense_readouts_on_features(train_raw, masks[0], raw_val, masks[1], patch,
+                                                         args.lost_k).readouts()
         result["dense_denoised"] = dense_readouts_on_features(den_train, masks[0], den_val, masks[1], patch,
-                                                              args.lost_k)
+                                                              args.lost_k).readouts()
     result["checkpoint"] = checkpoint_info(ctx.run)
     result["denoiser"] = str(out_dir)
     result["definitions"] = {

@@ -237,14 +237,15 @@ def main(argv=None) -> dict:
     dense = ctx.dense_data(args.n_probe_train)
     x, y = data.val_x, data.val_y
     base = analyse(teacher, x, y, batch_size=args.batch_size, dense_data=dense)
-    thresholds = [layer["threshold"] for layer in base["layers"]]  # the teacher's yardstick for both
+    thresholds = [layer["threshold"] for layer in base.layers]  # the teacher's yardstick for both
     new = analyse(student, x, y, threshold=thresholds, batch_size=args.batch_size, dense_data=dense)
     lat_x = x[: min(64, len(x))]
     keep = ("accuracy", "layers", "dense", "cls_attention_last_layer")
+    teacher_eval, student_eval = base.to_json(), new.to_json()
     result = {
         "student": str(ckpt), "seconds": seconds, "history": history,
         "trained_parameters": sum(p.numel() for p in trainable_parameters(student, parts)),
-        "teacher": {k: base[k] for k in keep}, "student_eval": {k: new[k] for k in keep},
+        "teacher": {k: teacher_eval[k] for k in keep}, "student_eval": {k: student_eval[k] for k in keep},
         "latency_ms_per_image": {"teacher": latency_ms(lambda v: teacher(v), lat_x),
                                  "student": latency_ms(lambda v: student(v), lat_x)},
         "checkpoint": checkpoint_info(ctx.run),
@@ -256,12 +257,12 @@ def main(argv=None) -> dict:
     for p in student.parameters():
         p.requires_grad_(True)
     write_json(ctx.out / "vit_distill_registers.json", result)
-    fr = lambda r: ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in r["layers"])  # noqa: E731
+    fr = lambda r: ", ".join(f"{100 * l['outlier_fraction']:.1f}" for l in r.layers)  # noqa: E731
     print(f"outlier % per block: teacher {fr(base)} | student ({args.n_registers} registers) {fr(new)}")
-    if base.get("dense") and new.get("dense"):
-        a, b = base["dense"], new["dense"]
-        print(f"LOST CorLoc {100 * a['lost']['corloc']:.1f}% -> {100 * b['lost']['corloc']:.1f}%, probe mIoU "
-              f"{a['probe']['miou']:.3f} -> {b['probe']['miou']:.3f}")
+    if base.dense and new.dense:
+        a, b = base.dense, new.dense
+        print(f"LOST CorLoc {100 * a.lost['corloc']:.1f}% -> {100 * b.lost['corloc']:.1f}%, probe mIoU "
+              f"{a.probe['miou']:.3f} -> {b.probe['miou']:.3f}")
     lat = result["latency_ms_per_image"]
     print(f"{seconds:.0f} s distilling; {lat['teacher']:.3f} -> {lat['student']:.3f} ms/image; student -> {ckpt}")
     return result

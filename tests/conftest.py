@@ -1,9 +1,10 @@
 """Shared helpers for the model tests: an independent reference implementation of the
 attention block and of the Llama-style decoder, written from the formulas in docs/design.md
-("The decoder", "The attention block") with plain tensor math. Nothing here calls model/ code.
+("The decoder", "The attention block") with plain tensor math: the reference calls no model/ code.
 
 The reference is exposed through the `ref` fixture (a namespace of functions) so the test
-modules do not import conftest directly.
+modules do not import conftest directly. Below it are the fixtures several test modules share;
+`shapes_run`, the one that builds a model, imports the project inside its function.
 """
 from __future__ import annotations
 
@@ -251,3 +252,18 @@ def tiny_run_args(word_corpus):
                 "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1", f"train.max_steps={steps}",
                 "train.ckpt_interval=1", "train.eval_interval=100", "train.eval_windows=2", "logging.progress=false"]
     return args
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """An untrained small ViT on the shapes images, written as a loadable run dir."""
+    from data.images import ImageDataConfig
+    from fixes.vit_distill_registers import save_vit_run
+    from model.vit import ViT, ViTConfig
+
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=32, patch_size=4, in_channels=3, n_layer=2, n_head=2, n_embd=32, n_classes=7))
+    data = {**ImageDataConfig(source="shapes", shapes_train=24, shapes_val=12).__dict__}
+    save_vit_run(vit, root / "tiny", {"task": "vit", "data": data}, 0)
+    return root / "tiny"

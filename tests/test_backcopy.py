@@ -54,10 +54,10 @@ def test_evaluate_on_a_model():
     with torch.no_grad():
         attn = model(tokens, return_attn=True).attn
     want = bos_attention(attn, tokens, [3, 4])
-    assert torch.allclose(torch.tensor(result["bos_attention_non_trigger"]), want["non_trigger"], atol=1e-6)
-    assert result["sink_1"] == pytest.approx(sink_1(attn))
-    assert result["n_queries_trigger"] == int(torch.isin(tokens, torch.tensor([3, 4])).sum())
-    assert result["n_queries_non_trigger"] == tokens.numel() - result["n_queries_trigger"]  # BOS query included
+    assert torch.allclose(torch.tensor(result.bos_attention_non_trigger), want["non_trigger"], atol=1e-6)
+    assert result.sink_1 == pytest.approx(sink_1(attn))
+    assert result.n_queries_trigger == int(torch.isin(tokens, torch.tensor([3, 4])).sum())
+    assert result.n_queries_non_trigger == tokens.numel() - result.n_queries_trigger  # BOS query included
 
 
 def test_extra_sink_mass_is_the_weight_outside_the_text():
@@ -80,7 +80,7 @@ def test_extra_sink_mass_is_the_weight_outside_the_text():
             outside = torch.stack([1 - m for m in out.attn_mass])
         non_trigger = ~torch.isin(tokens, torch.tensor([3, 4]))
         want = (outside * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
-        assert torch.allclose(torch.tensor(result["extra_sink_mass_non_trigger"]), want, atol=1e-5)
+        assert torch.allclose(torch.tensor(result.extra_sink_mass_non_trigger), want, atol=1e-5)
         assert 0.05 < float(want.mean()) < 0.95  # the measure sees real weight, not a constant
         # BOS is the first text key: its weight is read past the sink tokens. Raw: the weight the
         # model puts on it (probs times the row mass that reaches the values); renormalised: that
@@ -90,8 +90,8 @@ def test_extra_sink_mass_is_the_weight_outside_the_text():
         text_total = torch.stack([a[:, :, n:, n:].sum(-1) for a in out.attn]) * mass
         for name, bos in (("bos_attention_non_trigger_raw", bos_raw), ("bos_attention_non_trigger", bos_raw / text_total)):
             want_bos = (bos * non_trigger[None, :, None]).sum((1, 3)) / non_trigger.sum()
-            assert torch.allclose(torch.tensor(result[name]), want_bos, atol=1e-5)
-        assert result["bos_attention_non_trigger_raw_mean"] < result["bos_attention_non_trigger_mean"]
+            assert torch.allclose(torch.tensor(getattr(result, name)), want_bos, atol=1e-5)
+        assert result.bos_attention_non_trigger_raw_mean < result.bos_attention_non_trigger_mean
 
 
 def test_long_stream_has_bos_only_first_and_follows_the_process():

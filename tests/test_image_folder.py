@@ -73,5 +73,5 @@ def test_vit_artifacts_on_a_voc_folder_of_mixed_sizes(tmp_path, capsys):
     voc = write_voc(tmp_path / "voc", {f"i{k}": (img(20 + 7 * k, 30, 40 * k), f"i{k}.jpg", [(1, 1, 5, 5, 0)])
                                        for k in range(5)})
     (r,) = vit_artifacts.main(["--ckpt", f"hf:{tmp_path / 'dino'}", "--data", str(voc), "--n-maps", "1"])
-    assert r["n_images"] == 1 and len(r["layers"]) == 2  # 5 images, val_fraction 0.2
+    assert r.n_images == 1 and len(r.layers) == 2  # 5 images, val_fraction 0.2
     assert "outlier % per block" in capsys.readouterr().out

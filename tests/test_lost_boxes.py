@@ -163,7 +163,7 @@ def test_dense_cli_on_a_voc_folder_matches_lost_on_transformers_keys(tmp_path, v
     result = dense.main(["--ckpt", f"hf:{tmp_path / 'dino'}", "--data", str(voc), "--batch-size", "1"])
     assert "CorLoc" in capsys.readouterr().out
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    for item, got in zip(read_voc(voc), result["lost"]["per_image"]):
+    for item, got in zip(read_voc(voc), result.lost["per_image"]):
         from data.image_folder import read_image
 
         x, scale, extent = dense.fit_image(read_image(item.path), 32, mean, std, "pad")
@@ -177,7 +177,7 @@ def test_dense_cli_on_a_voc_folder_matches_lost_on_transformers_keys(tmp_path, v
         box = (x0 * 4 / scale[0], y0 * 4 / scale[1], min(x1 * 4, extent[0]) / scale[0], min(y1 * 4, extent[1]) / scale[1])
         assert got["box"] == [round(v, 1) for v in box], item.name
         assert got["hit"] == bool((dense.bbox_iou(box, item.boxes) >= 0.5).any())
-    assert result["lost"]["corloc"] == sum(p["hit"] for p in result["lost"]["per_image"]) / 2
+    assert result.lost["corloc"] == sum(p["hit"] for p in result.lost["per_image"]) / 2
 
 
 def test_vit_row_with_registers_and_a_forced_search(tmp_path, voc, capsys):
@@ -265,7 +265,7 @@ def test_dense_cli_probes_voc_instance_masks(tmp_path, capsys):
     mask = read_mask(voc / "SegmentationObject" / "i0.png")
     assert mask[5, 5] == 1 and mask[1, 30] == -1 and mask[25, 30] == 0
     r = dense.main(["--ckpt", f"hf:{tmp_path / 'dino'}", "--data", str(voc), "--n-probe-train", "8"])
-    assert r["probe"]["n_train"] == 2 and r["probe"]["n_val"] == 2 and 0.0 <= r["probe"]["miou"] <= 1.0
+    assert r.probe["n_train"] == 2 and r.probe["n_val"] == 2 and 0.0 <= r.probe["miou"] <= 1.0
     assert "linear probe mIoU" in capsys.readouterr().out
     fitted = dense.fit_mask(mask, 32, "pad")  # 36 x 32 -> 32 x 28 inside 32 x 32, the rest -1
     assert (fitted[28:] == -1).all() and fitted[5, 5] == 1
@@ -287,9 +287,9 @@ def test_an_hf_dataset_with_boxes(tmp_path, capsys):
     assert read_hf_boxes(str(folder), box_format="xyxy")[0].boxes.tolist() == [[2, 3, 10, 5]]
     tiny_dinov2(tmp_path / "dino")
     r = dense.main(["--ckpt", f"hf:{tmp_path / 'dino'}", "--data", str(folder), "--box-format", "xywh"])
-    assert r["lost"]["n_images"] == 2 and r["probe"] is None
+    assert r.lost["n_images"] == 2 and r.probe is None
     # b's box is the whole image: LOST's box, clipped to the image, is inside it -> IoU = its area share
-    b = r["lost"]["per_image"][1]
+    b = r.lost["per_image"][1]
     x0, y0, x1, y1 = b["box"]
     assert b["best_iou"] == pytest.approx((x1 - x0) * (y1 - y0) / 1000, rel=1e-3)
 

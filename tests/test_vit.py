@@ -185,7 +185,7 @@ def test_digits_training_reaches_accuracy_and_eval_runs(tmp_path, capsys):
 
     (result,) = va.main(["--ckpt", str(tmp_path / "v"), "--test-time-register", "--ttr-top-k", "2"])
     # the eval sees the same 359 held-out images as training's eval: the accuracies agree
-    assert result["n_images"] == 359 and result["accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert result.n_images == 359 and result.accuracy == pytest.approx(acc, abs=1e-6)
     out = tmp_path / "v" / "eval"
     saved = json.loads((out / "vit_artifacts.json").read_text())
     assert len(saved["layers"]) == 2 and len(saved["test_time_register"]["outlier_fraction_with"]) == 2
@@ -351,7 +351,7 @@ def test_test_time_register_moves_the_planted_outlier():
     assert va.run_model(vit, images, labels)["hidden"][0].shape[1] == 17
 
     result = va.analyse(vit, images, labels, ttr_layer=0, ttr_top_k=1)
-    t = result["test_time_register"]
+    t = result.test_time_register
     assert t["outlier_fraction_without"][0] == pytest.approx(6 / 96) and t["outlier_fraction_with"] == [0.0]
     assert t["accuracy_with"] == t["accuracy_without"]  # the head reads CLS, which did not move
 
@@ -382,8 +382,8 @@ def test_reference_register_neuron_search_and_intervention():
     assert not va.find_outliers([ttr["hidden"][0]], patches, cutoff)[0].any()
     result = va.analyse(vit, images, labels, ttr_layer=0, ttr_top_k=1, fixed_threshold=cutoff, ttr_rule="reference",
                         ttr_detect_layer=0)
-    assert result["layers"][0]["outlier_fraction_fixed"] == pytest.approx(5 / 96)
-    assert result["test_time_register"]["rule"] == "reference" and "rule" in result["definitions"]
+    assert result.layers[0]["outlier_fraction_fixed"] == pytest.approx(5 / 96)
+    assert result.test_time_register["rule"] == "reference" and "rule" in result.definitions()
 
 
 def test_hub_image_dataset_path(monkeypatch):

@@ -139,19 +139,6 @@ def test_unknown_trainable_part_is_named():
 
 
 # ------------------------------------------------------------------------------ CLIs
-@pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    """An untrained small ViT on the shapes images, written as a loadable run dir."""
-    from data.images import ImageDataConfig
-
-    root = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(0)
-    vit = ViT(ViTConfig(image_size=32, patch_size=4, in_channels=3, n_layer=2, n_head=2, n_embd=32, n_classes=7))
-    data = {**ImageDataConfig(source="shapes", shapes_train=24, shapes_val=12).__dict__}
-    phreg.save_vit_run(vit, root / "tiny", {"task": "vit", "data": data}, 0)
-    return root / "tiny"
-
-
 def test_cli_denoise_and_distill_write_what_the_readouts_score(shapes_run, tmp_path, monkeypatch, capsys):
     from eval import dense
     from runs.load import load_run
@@ -163,7 +150,7 @@ def test_cli_denoise_and_distill_write_what_the_readouts_score(shapes_run, tmp_p
     assert set(r["latency_ms_per_image"]) == {"vit", "vit_plus_denoiser"} and "dense_denoised" in r
     assert (shapes_run / "eval" / "vit_denoise.json").is_file()
     d = dense.main(["--ckpt", str(shapes_run), "--denoiser", r["denoiser"], "--n-probe-train", "8"])
-    assert d["lost_on"] == "features" and 0 <= d["probe"]["miou"] <= 1
+    assert d.lost_on == "features" and 0 <= d.probe["miou"] <= 1
 
     s = phreg.main(["--ckpt", str(shapes_run), "--steps", "2", "--train-batch", "4", "--counts", "3",
                     "--n-registers", "2", "--n-probe-train", "8", "--name", "tiny_phreg"])
@@ -182,7 +169,7 @@ def test_vit_evals_take_an_hf_import_with_data(tmp_path, monkeypatch, capsys):
     save_tiny_vit("dinov2_registers", tmp_path / "d2r")
     [r] = vit_artifacts.main(["--ckpt", f"hf:{tmp_path / 'd2r'}", "--data", "digits", "--image-size", "14",
                               "--n-images", "16"])
-    assert r["accuracy"] is None and len(r["layers"]) == 2 and r["model"]["n_registers"] == 3
+    assert r.accuracy is None and len(r.layers) == 2 and r.model["n_registers"] == 3
     assert "n/a" in capsys.readouterr().out
     assert len(list((tmp_path / "out" / "hf").glob("d2r-*/eval/vit_artifacts.json"))) == 1
     with pytest.raises(SystemExit):

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from eval import vit_artifacts
 from fixes import vit_denoise as dvt
@@ -16,19 +15,6 @@ from runs.load import load_run
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    """An untrained small ViT on the shapes images, written as a loadable run dir."""
-    from data.images import ImageDataConfig
-
-    root = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(0)
-    vit = ViT(ViTConfig(image_size=32, patch_size=4, in_channels=3, n_layer=2, n_head=2, n_embd=32, n_classes=7))
-    data = {**ImageDataConfig(source="shapes", shapes_train=24, shapes_val=12).__dict__}
-    phreg.save_vit_run(vit, root / "tiny", {"task": "vit", "data": data}, 0)
-    return root / "tiny"
 
 
 def snapshot(folder) -> dict:
