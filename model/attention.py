@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import backends
 from .backends.base import needs_backward
 from .config import AttentionConfig, block_option
+from .norm import RMSNorm
 from .rope import apply_rope, rope_cos_sin, scaled_rope_frequencies
 from .scores import add_slot_value, expand_kv, linear_attention_chunked, math_attention, weights_from_scores
 
@@ -60,8 +61,8 @@ class Attention(nn.Module):
         if cfg.gate != "none":
             self.g_proj = nn.Linear(cfg.n_embd, H if cfg.gate == "headwise" else H * D, bias=False)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(D, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(D, eps=cfg.norm_eps)
         if cfg.sink_logit == "learned":  # initialised at sink_logit_init (0.0: softmax + 1 until training moves it)
             self.sinks = nn.Parameter(torch.full((H,), float(cfg.sink_logit_init)))
         if cfg.sink_value:  # zero: the slot adds nothing but its share of the denominator until fitted or trained

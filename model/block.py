@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .attention import Attention
 from .config import block_option, mlp_hidden
+from .norm import make_norm
 
 
 ACTIVATIONS = {  # transformers' hidden_act names: gelu (erf), gelu_pytorch_tanh / gelu_new, quick_gelu
@@ -37,13 +38,6 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(ACTIVATIONS[self.kind](self.up_proj(x)))
-
-
-def make_norm(cfg) -> nn.Module:
-    """RMSNorm (the decoder's), or LayerNorm with a bias (`norm: layernorm`, pretrained ViTs)."""
-    if block_option(cfg, "norm") == "layernorm":
-        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):

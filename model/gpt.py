@@ -13,6 +13,7 @@ from .attention import AttentionWeights, describe_backend, set_backend
 from .block import Block, ModelOutput, init_weights
 from .cache import Cache, make_cache
 from .config import GPTConfig
+from .norm import RMSNorm
 
 
 class GPT(nn.Module):
@@ -26,7 +27,7 @@ class GPT(nn.Module):
         if config.sink_tokens:  # learned, prepended to every sequence; initialised like the embeddings
             self.sink_tokens = nn.Parameter(torch.zeros(1, config.sink_tokens, config.n_embd))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         init_weights(self, config.n_layer, config.init_std)
         if config.tie_embeddings:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .attention import AttentionWeights, describe_backend, set_backend
 from .config import MLPS, NORMS, AttentionConfig, check_mlp_and_init, mlp_hidden
 from .flops import block_matmul_params
-from .block import Block, ModelOutput, init_weights, make_norm
+from .block import Block, ModelOutput, init_weights
+from .norm import make_norm
 
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos")
