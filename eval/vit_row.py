@@ -24,11 +24,31 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from .dense import LOST_K, box_batches, box_normalisation, corloc_summary, lost_on_batch
+from .result import EvalResult
 from .vit_artifacts import HIGH_NORM_FACTOR, register_neuron_scores, test_time_register, top_register_neurons
+
+
+@dataclass
+class VitRowResult(EvalResult):
+    DEFINITIONS = {"row": __doc__.split("\n\n")[1]}
+    OPTIONAL = ("data", "split", "device")
+    n_images: int
+    n_norm_images: int
+    image_size: int
+    patch_size: int
+    n_registers: int
+    fit: str
+    k: int
+    ttr: dict  # the test-time register's threshold rule, search and units; latency_added when it ran
+    variants: dict  # as_is / test_time_register / without_registers -> CorLoc, hits, norm shares, ms per image
+    data: str | None = None  # what the CLI read (the library function leaves these unset)
+    split: str | None = None
+    device: str | None = None
 
 
 @contextmanager
@@ -122,7 +142,7 @@ def norm_summary(norms: torch.Tensor, medians: torch.Tensor, threshold: float | 
 
 def vit_row(model, items, norm: dict, fit: str = "pad", batch_size: int = 8, k: int = LOST_K,
             threshold: float | None = None, detect_layer: int = -1, highest_layer: int | None = None,
-            top_k: int = 50, n_search: int = 100, n_norm: int = 256, threshold_factor: float = HIGH_NORM_FACTOR) -> dict:
+            top_k: int = 50, n_search: int = 100, n_norm: int = 256, threshold_factor: float = HIGH_NORM_FACTOR) -> VitRowResult:
     """Everything the CLI prints (module docstring) for a ViT on BoxedImage `items`."""
     c = model.config
     mean, std = norm["image_mean"], norm["image_std"]
@@ -145,31 +165,28 @@ def vit_row(model, items, norm: dict, fit: str = "pad", batch_size: int = 8, k: 
     if c.n_registers:
         variants["without_registers"] = measure(model, items, mean, std, fit, batch_size, k, n_norm,
                                                 lambda: without_registers(model))
-    result = {"n_images": len(items), "n_norm_images": int(base["norms"].shape[1]), "image_size": c.image_size, "patch_size": c.patch_size,
-              "n_registers": c.n_registers, "fit": fit, "k": k,
-              "ttr": {"threshold_rule": rule, "threshold": threshold, "detect_layer": detect, "highest_layer": highest,
-                      "top_k": top_k, **search},
-              "variants": {}}
+    ttr = {"threshold_rule": rule, "threshold": threshold, "detect_layer": detect, "highest_layer": highest,
+           "top_k": top_k, **search}
+    rows = {}
     for name, v in variants.items():
-        result["variants"][name] = {"corloc": v["lost"]["corloc"], "hits": v["lost"]["hits"],
+        rows[name] = {"corloc": v["lost"]["corloc"], "hits": v["lost"]["hits"],
                                     "positive_share": v["lost"]["positive_share"],
                                     "ms_per_image": 1000 * v["seconds_per_image"],
                                     **norm_summary(v["norms"], medians, threshold), "per_image": v["lost"]["per_image"]}
     if "test_time_register" in variants:
-        t, b = variants["test_time_register"]["seconds_per_image"], base["seconds_per_image"]
-        result["ttr"]["latency_added"] = t / b - 1
-    return result
+        ttr["latency_added"] = variants["test_time_register"]["seconds_per_image"] / base["seconds_per_image"] - 1
+    return VitRowResult(n_images=len(items), n_norm_images=int(base["norms"].shape[1]), image_size=c.image_size,
+                        patch_size=c.patch_size, n_registers=c.n_registers, fit=fit, k=k, ttr=ttr, variants=rows)
 
 
 def _layers(xs, pct: bool = True) -> str:
     return " ".join(f"{100 * x:.1f}" if pct else f"{x:.1f}" for x in xs)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> VitRowResult:
     from . import fail, positive_int, write_json
     from .cli import checkpoint_info, load, output_dir
     from .dense import add_box_args, load_boxed_items
-    from .result import CHECKPOINT_DEFINITION
     from .vit_images import add_image_args
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_row", description=__doc__.split("\n\n")[0])
@@ -207,19 +224,18 @@ def main(argv=None) -> dict:
                          args.threshold_factor)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    result.update({"data": str(args.data), "split": args.split, "checkpoint": checkpoint_info(run),
-                   "device": str(next(model.parameters()).device),
-                   "definitions": {"checkpoint": CHECKPOINT_DEFINITION, "row": __doc__.split("\n\n")[1]}})
+    result.data, result.split, result.device = str(args.data), args.split, str(next(model.parameters()).device)
+    result.checkpoint = checkpoint_info(run)
     out = output_dir(run, args.ckpt)
-    write_json(out / "vit_row.json", result)
-    v, t = result["variants"], result["ttr"]
+    write_json(out / "vit_row.json", result.to_json())
+    v, t = result.variants, result.ttr
     cols = {"as_is": "as is", "test_time_register": "+ test-time register", "without_registers": "- its registers"}
-    print(f"{args.ckpt} on {args.data}: {result['n_images']} images at {result['image_size']}px, patch "
-          f"{result['patch_size']}, {result['n_registers']} registers; outliers: norm > {t['threshold_rule']}, "
+    print(f"{args.ckpt} on {args.data}: {result.n_images} images at {result.image_size}px, patch "
+          f"{result.patch_size}, {result.n_registers} registers; outliers: norm > {t['threshold_rule']}, "
           f"{len(t['neurons'])} units of blocks 0-{t['highest_layer']} "
           f"({t['images_with_outliers']}/{t['n_search']} search images had outliers)")
     for name, r in v.items():
-        print(f"  {cols[name]:<22} CorLoc {100 * r['corloc']:5.1f}% ({r['hits']}/{result['n_images']})  "
+        print(f"  {cols[name]:<22} CorLoc {100 * r['corloc']:5.1f}% ({r['hits']}/{result.n_images})  "
               f"{r['ms_per_image']:.1f} ms/image; positive patch-key pairs {100 * r['positive_share']:.0f}%")
         print(f"    high-norm % per block (> {HIGH_NORM_FACTOR:g}x median): {_layers(r['high_norm_share'])}")
         print(f"    above {t['threshold']:.1f} % per block:            {_layers(r['above_threshold_share'])}")

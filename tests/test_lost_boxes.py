@@ -5,6 +5,7 @@ LOST on transformers' own keys."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,20 +181,25 @@ def test_dense_cli_on_a_voc_folder_matches_lost_on_transformers_keys(tmp_path, v
     assert result.lost["corloc"] == sum(p["hit"] for p in result.lost["per_image"]) / 2
 
 
-def test_vit_row_with_registers_and_a_forced_search(tmp_path, voc, capsys):
+def test_vit_row_with_registers_and_a_forced_search(tmp_path, voc, capsys, monkeypatch):
     from eval import vit_row
+
+    monkeypatch.chdir(tmp_path)  # the hf: import's results go to ./out/hf/
 
     tiny_dinov2(tmp_path / "dino_reg", registers=2)
     r = vit_row.main(["--ckpt", f"hf:{tmp_path / 'dino_reg'}", "--data", str(voc), "--threshold", "0",
                       "--top-k", "3", "--batch-size", "1", "--n-norm-images", "1"])
-    assert r["n_norm_images"] == 1 and r["n_images"] == 2
+    assert r.n_norm_images == 1 and r.n_images == 2
     out = capsys.readouterr().out
-    assert set(r["variants"]) == {"as_is", "test_time_register", "without_registers"}
-    assert len(r["ttr"]["neurons"]) == 3 and r["ttr"]["images_with_outliers"] == 2  # threshold 0: every token
-    for v in r["variants"].values():
+    assert set(r.variants) == {"as_is", "test_time_register", "without_registers"}
+    assert len(r.ttr["neurons"]) == 3 and r.ttr["images_with_outliers"] == 2  # threshold 0: every token
+    for v in r.variants.values():
         assert len(v["high_norm_share"]) == 2 and v["above_threshold_share"] == [1.0, 1.0]
         assert 0.0 <= v["corloc"] <= 1.0 and v["ms_per_image"] > 0
     assert "- its registers" in out and "latency added" in out
+    saved = json.loads(Path(out.strip().splitlines()[-1].removeprefix("-> ")).read_text())
+    assert saved["variants"] == json.loads(json.dumps(r.variants)) and saved["data"] == str(voc)
+    assert set(saved["definitions"]) == {"row", "checkpoint"} and saved["checkpoint"]["format"] == "transformers"
 
 
 def test_without_registers_is_the_model_without_them(tmp_path):
