@@ -442,17 +442,24 @@ def load_boxed_items(args) -> list:
     return items[: args.n_images] if args.n_images else items
 
 
+def load_boxed_vit(args, prog: str):
+    """The images with boxes that --data names and the ViT that --ckpt names: (items, run, model in eval mode)."""
+    from .cli import load
+
+    items = load_boxed_items(args)
+    run = load(args.ckpt, args, task="vit")
+    if run.config.get("task", "lm") != "vit":
+        raise ValueError(f"{args.ckpt} is a language-model run; {prog} needs a ViT (task: vit or hf: ViT)")
+    return items, run, run.model.eval()
+
+
 def main_boxed(args) -> DenseBoxesResult:
     """eval.dense on a VOC folder or a COCO json: LOST CorLoc."""
     from . import fail, write_json
-    from .cli import checkpoint_info, load, output_dir
+    from .cli import checkpoint_info, output_dir
 
     try:
-        items = load_boxed_items(args)
-        run = load(args.ckpt, args, task="vit")
-        if run.config.get("task", "lm") != "vit":
-            raise ValueError(f"{args.ckpt} is a language-model run; a ViT eval needs a ViT (task: vit or hf: ViT)")
-        model = run.model.eval()
+        items, run, model = load_boxed_vit(args, "eval.dense")
         norm = box_normalisation(run.config, model, items, args.fit)
         k = args.lost_k or LOST_K
         lost = lost_on_boxed(model, items, norm["image_mean"], norm["image_std"], k, args.fit, args.batch_size)

@@ -185,8 +185,8 @@ def _layers(xs, pct: bool = True) -> str:
 
 def main(argv=None) -> VitRowResult:
     from . import fail, positive_int, write_json
-    from .cli import checkpoint_info, load, output_dir
-    from .dense import add_box_args, load_boxed_items
+    from .cli import checkpoint_info, output_dir
+    from .dense import add_box_args, load_boxed_vit
     from .vit_images import add_image_args
 
     ap = argparse.ArgumentParser(prog="python -m eval.vit_row", description=__doc__.split("\n\n")[0])
@@ -210,11 +210,7 @@ def main(argv=None) -> VitRowResult:
         fail("--data must name a Pascal VOC folder, a COCO json or an HF dataset with boxes (--box-format): the "
              "images LOST is scored on")
     try:
-        items = load_boxed_items(args)
-        run = load(args.ckpt, args, task="vit")
-        if run.config.get("task", "lm") != "vit":
-            raise ValueError(f"{args.ckpt} is a language-model run; eval.vit_row needs a ViT")
-        model = run.model.eval()
+        items, run, model = load_boxed_vit(args, "eval.vit_row")
         if not -model.config.n_layer <= args.detect_layer < model.config.n_layer:
             raise ValueError(f"--detect-layer {args.detect_layer} is not a block index of this "
                              f"{model.config.n_layer}-block model")
