@@ -40,9 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from eval import HelpFormatter, fail, positive_int, run_main
 from eval.cli import add_lm_arguments, bos_id, checkpoint_info, expand, load
+from eval.interventions import knock_out_key0
 from eval.streaming import evaluate
 from model.gpt import GPT
 from model.interop.retrofit import complete_state
@@ -126,10 +128,6 @@ def fit_slots(stats: list[dict], logit_rule: str = "lme", value_rule: str = "mea
 @torch.no_grad()
 def key0_free_nll(model, windows: torch.Tensor) -> float:
     """Mean next-token NLL on `windows` with key 0 removed for every query >= 1 in every layer."""
-    import torch.nn.functional as F
-
-    from eval.interventions import knock_out_key0
-
     with knock_out_key0(model, from_query=1):
         logits = model(windows[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1)).item()
